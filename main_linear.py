@@ -1,0 +1,219 @@
+"""Linear evaluation: train a linear classifier on a frozen pretrained encoder.
+
+Same flags and defaults as the reference ``main_linear.py``; the encoder comes
+from ``--ckpt`` (ours or the reference's), stays in eval mode and is checked to
+be unchanged at the end. The classifier and its TensorBoard logs are saved under
+``save/SupCon/{dataset}_linear_models/`` and ``..._linear_tensorboard/``.
+"""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+import data
+import util
+from networks.resnet_big import MODEL_NAMES, LinearClassifier, SupConResNet
+from util import AverageMeter
+
+
+def parse_option(argv=None):
+    parser = argparse.ArgumentParser('argument for training')
+
+    parser.add_argument('--print_freq', type=int, default=10, help='print frequency')
+    parser.add_argument('--save_freq', type=int, default=50, help='save frequency')
+    parser.add_argument('--batch_size', type=int, default=256,
+                        help='global batch size (summed over GPUs and processes)')
+    parser.add_argument('--num_workers', type=int, default=16,
+                        help='data loading workers per process, capped at the CPUs present')
+    parser.add_argument('--epochs', type=int, default=100, help='number of training epochs')
+
+    # optimization
+    parser.add_argument('--learning_rate', type=float, default=0.1, help='learning rate')
+    parser.add_argument('--lr_decay_epochs', type=str, default='60,75,90',
+                        help='where to decay lr, can be a list')
+    parser.add_argument('--lr_decay_rate', type=float, default=0.2, help='decay rate for learning rate')
+    parser.add_argument('--weight_decay', type=float, default=0, help='weight decay')
+    parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
+
+    # model
+    parser.add_argument('--model', type=str, default=None,
+                        help=', '.join(MODEL_NAMES) + '; default: the checkpoint\'s (resnet50'
+                             ' for a checkpoint that does not say)')
+
+    # other setting
+    parser.add_argument('--cosine', action='store_true', help='using cosine annealing')
+    parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
+    parser.add_argument('--ckpt', type=str, default='', help='path to pre-trained model')
+
+    util.add_data_arguments(parser, test_folder=True)
+    util.add_runtime_arguments(parser)
+    opt = parser.parse_args(argv)
+
+    util.check_common_options(opt)
+    if not opt.ckpt:
+        raise util.UserError('--ckpt is required: pass the pretraining checkpoint to evaluate,'
+                             ' e.g. ./save/SupCon/cifar10_models/<run>/last.pth')
+    if opt.dataset == 'path' and (opt.data_folder is None or opt.test_folder is None):
+        raise util.UserError('--dataset path needs --data_folder and --test_folder (one'
+                             ' sub-folder per class each) and --mean/--std')
+    if opt.data_folder is None:
+        opt.data_folder = './datasets/'
+    opt.lr_decay_epochs = util.parse_decay_epochs(opt.lr_decay_epochs)
+
+    # the checkpoint says which encoder it holds; --model, when given, must agree
+    opt.pretrained = util.load_checkpoint(opt.ckpt)
+    saved = opt.pretrained['opt']
+    if opt.model is None:
+        opt.model = saved.get('model', 'resnet50')
+    util.check_choice(opt.model, MODEL_NAMES, '--model')
+    if saved.get('model') not in (None, opt.model):
+        raise util.UserError(f'--ckpt {opt.ckpt} holds a {saved["model"]} encoder, not'
+                             f' --model {opt.model}; pass --model {saved["model"]}')
+    opt.stem = saved.get('stem', 'cifar')
+
+    opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.\
+        format(opt.dataset, opt.model, opt.learning_rate, opt.weight_decay, opt.batch_size)
+    if opt.cosine:
+        opt.model_name = '{}_cosine'.format(opt.model_name)
+    # warm-up stays opt-in here, as in the reference's linear script
+    util.configure_warmup(opt, large_batch=None)
+
+    # one folder per evaluated checkpoint, so evaluating several never mixes them
+    ckpt_path = os.path.abspath(opt.ckpt)
+    pretrain_run = os.path.basename(os.path.dirname(ckpt_path))
+    ckpt_name = os.path.splitext(os.path.basename(ckpt_path))[0]
+    run_dir = os.path.join(pretrain_run, ckpt_name, opt.model_name)
+    opt.save_folder = os.path.join('./save/SupCon/{}_linear_models'.format(opt.dataset), run_dir)
+    opt.tb_folder = os.path.join('./save/SupCon/{}_linear_tensorboard'.format(opt.dataset),
+                                 run_dir)
+    return opt
+
+
+def set_loader(opt):
+    mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+    with util.main_process_first():
+        train_dataset = data.build_dataset(
+            opt.dataset, 'train', data.train_transform(opt.size, mean, std),
+            data_folder=opt.data_folder, test_folder=opt.test_folder)
+        val_dataset = data.build_dataset(
+            opt.dataset, 'test', data.test_transform(opt.size, mean, std),
+            data_folder=opt.data_folder, test_folder=opt.test_folder)
+    opt.n_cls = data.check_num_classes(train_dataset, val_dataset, opt.num_classes)
+
+    train_loader, train_sampler = data.build_loader(
+        train_dataset, opt.local_batch_size, shuffle=True, seed=opt.seed, rank=opt.rank,
+        world_size=opt.world_size, num_workers=opt.num_workers, pin_memory=opt.pin_memory)
+    val_loader, _ = data.build_loader(
+        val_dataset, opt.local_batch_size_val, shuffle=False, seed=opt.seed, rank=opt.rank,
+        world_size=opt.world_size, num_workers=opt.num_workers, pin_memory=opt.pin_memory,
+        pad=False)
+    opt.steps_per_epoch = len(train_loader)
+    return train_loader, train_sampler, val_loader
+
+
+def set_model(opt):
+    encoder = SupConResNet(name=opt.model, stem=opt.stem).encoder
+    util.load_encoder(encoder, opt.pretrained['model'], opt.ckpt, opt.model)
+    # the frozen encoder: no gradients, BatchNorm statistics never updated
+    encoder.requires_grad_(False)
+    encoder.eval()
+    opt.encoder_state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    del opt.pretrained
+
+    classifier = LinearClassifier(name=opt.model, num_classes=opt.n_cls)
+    criterion = nn.CrossEntropyLoss()
+
+    encoder = util.prepare_model(encoder, opt, parallel='')
+    classifier = util.prepare_model(classifier, opt, parallel=None)
+    return encoder, classifier, criterion
+
+
+def train(train_loader, encoder, classifier, criterion, optimizer, scaler, epoch, opt, run):
+    """One epoch of the classifier on frozen features; returns (loss, acc, stopped_at)."""
+    encoder.eval()
+    classifier.train()
+
+    def forward(images):
+        with torch.no_grad():
+            features = encoder(images)
+        return classifier(features.detach())
+
+    return util.train_classifier(train_loader, forward, criterion, optimizer, scaler, epoch,
+                                 opt, run)
+
+
+def check_encoder_unchanged(encoder, opt):
+    """Linear evaluation is only meaningful if the encoder stayed exactly as loaded."""
+    for key, value in util.bare_state_dict(encoder).items():
+        if not torch.equal(value.cpu(), opt.encoder_state[key]):
+            raise RuntimeError(f'the frozen encoder changed during linear evaluation ({key})')
+
+
+def main():
+    best_acc = 0
+    opt = parse_option()
+    util.setup_runtime(opt)
+    run = util.Run(opt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
+    util.print_options(opt)
+
+    # build data loader
+    train_loader, train_sampler, val_loader = set_loader(opt)
+
+    # build model and criterion
+    encoder, classifier, criterion = set_model(opt)
+
+    # build optimizer: the classifier's weight and bias, nothing else
+    optimizer = util.set_optimizer(opt, classifier)
+    assert len(optimizer.param_groups[0]['params']) == 2
+    scaler = util.make_scaler(opt)
+
+    start_epoch = run.restore(classifier, optimizer, scaler)
+    best_acc = run.extra.get('best_acc', best_acc)
+    logger = run.logger
+
+    def evaluate(images):
+        return util.unwrap(classifier)(encoder(images))
+
+    # training routine
+    for epoch in range(start_epoch, opt.epochs + 1):
+        run.begin_epoch(epoch, train_sampler)
+
+        # train for one epoch
+        time1 = time.time()
+        loss, acc, stopped_at = train(train_loader, encoder, classifier, criterion, optimizer,
+                                      scaler, epoch, opt, run)
+        if stopped_at is not None:
+            run.interrupted(epoch, stopped_at)
+        time2 = time.time()
+        if util.is_main_process():
+            print('Train epoch {}, total time {:.2f}, accuracy:{:.2f}'.format(
+                epoch, time2 - time1, acc), flush=True)
+
+        # eval for one epoch
+        util.unwrap(classifier).eval()
+        val_loss, val_acc, _ = util.validate(val_loader, evaluate, criterion, opt)
+        if val_acc > best_acc:
+            best_acc = val_acc
+
+        logger.log_value('train_loss', loss, epoch)
+        logger.log_value('train_acc', acc, epoch)
+        logger.log_value('val_loss', val_loss, epoch)
+        logger.log_value('val_acc', val_acc, epoch)
+        logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
+        logger.flush()
+
+        run.extra = {'best_acc': best_acc, 'val_acc': val_acc,
+                     'encoder_ckpt': os.path.abspath(opt.ckpt)}
+        run.end_epoch(epoch)
+
+    run.save('last.pth', opt.epochs)
+    run.close()
+    check_encoder_unchanged(encoder, opt)
+    if util.is_main_process():
+        print('best accuracy: {:.2f}'.format(best_acc))
+
+
+if __name__ == '__main__':
+    util.run_main(main)

@@ -1,0 +1,217 @@
+"""t-SNE figure of a trained encoder's features on the test split.
+
+Reads a checkpoint of main_supcon.py (SupCon or SimCLR) or main_ce.py (ours or
+the reference's), embeds a fixed, class-balanced subset of the test images with
+the frozen encoder (or, with ``--features head``, the projection head), and
+draws the 2-D t-SNE map one colour per class. Default output: next to the
+checkpoint, ``<ckpt name>_tsne_<features>.png``.
+"""
+import argparse
+import os
+import time
+
+import matplotlib
+matplotlib.use('Agg')  # files only: no display needed on a training machine
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
+
+import data  # noqa: E402
+import util  # noqa: E402
+from features import build_encoder, build_head, checkpoint_method, extract_features  # noqa: E402
+from networks.resnet_big import MODEL_NAMES  # noqa: E402
+
+FIGSIZE, DPI = (5, 5), 100  # 500x500 px: small enough to commit next to the code
+
+
+def parse_option(argv=None):
+    parser = argparse.ArgumentParser('argument for the t-SNE figure')
+
+    parser.add_argument('--ckpt', type=str, default='', help='path to a pre-trained model')
+    parser.add_argument('--model', type=str, default=None,
+                        help=', '.join(MODEL_NAMES) + '; default: the checkpoint\'s')
+    parser.add_argument('--features', type=str, default='encoder', choices=['encoder', 'head'],
+                        help='encoder: the pooled features linear evaluation uses; head: the'
+                             ' L2-normalised projections the contrastive loss saw'
+                             ' (SupCon/SimCLR checkpoints only)')
+    parser.add_argument('--max_samples', type=int, default=2000,
+                        help='test images embedded at most (a fixed class-balanced subset);'
+                             ' t-SNE time grows quickly with it')
+    parser.add_argument('--perplexity', type=float, default=30.0,
+                        help='t-SNE perplexity (capped at the number of points - 1)')
+    parser.add_argument('--out', type=str, default=None,
+                        help='PNG to write; default: <ckpt dir>/<ckpt name>_tsne_<features>.png')
+    parser.add_argument('--num_workers', type=int, default=16,
+                        help='data loading workers, capped at the CPUs present')
+
+    util.add_data_arguments(parser, test_folder=True)
+    group = parser.add_argument_group('runtime')
+    group.add_argument('--device', type=str, default='auto',
+                       help='auto (CUDA when present, else CPU), cpu, cuda or cuda:N')
+    group.add_argument('--amp', action='store_true',
+                       help='mixed precision for the encoder (features are kept in float32)')
+    group.add_argument('--seed', type=int, default=0,
+                       help='picks the subset of test images and seeds t-SNE')
+    opt = parser.parse_args(argv)
+
+    if opt.max_samples < 2:
+        raise util.UserError(f'--max_samples must be at least 2 (t-SNE needs two points),'
+                             f' got {opt.max_samples}')
+    if opt.perplexity <= 0:
+        raise util.UserError(f'--perplexity must be positive, got {opt.perplexity}')
+    for name in ('size', 'batch_size_val'):
+        if getattr(opt, name) < 1:
+            raise util.UserError(f'--{name} must be a positive integer, got {getattr(opt, name)}')
+    if opt.num_workers < 0:
+        raise util.UserError(f'--num_workers must be 0 or more, got {opt.num_workers}')
+    if not opt.ckpt:
+        raise util.UserError('--ckpt is required: pass the checkpoint to draw, e.g.'
+                             ' ./save/SupCon/cifar10_models/<run>/last.pth')
+    if opt.dataset == 'path' and opt.test_folder is None:
+        raise util.UserError('--dataset path needs --test_folder (one sub-folder per class)'
+                             ' and --mean/--std')
+    if opt.data_folder is None:
+        opt.data_folder = './datasets/'
+
+    # what util.setup_runtime reads; the flags that would do nothing here are not offered
+    opt.batch_size = opt.batch_size_val
+    opt.amp_dtype, opt.channels_last, opt.compile = 'auto', None, False
+
+    opt.pretrained = util.load_checkpoint(opt.ckpt)
+    if opt.out is None:
+        stem = os.path.splitext(os.path.basename(opt.ckpt))[0]
+        opt.out = os.path.join(os.path.dirname(os.path.abspath(opt.ckpt)),
+                               f'{stem}_tsne_{opt.features}.png')
+    return opt
+
+
+def stratified_subset(targets, max_samples, seed):
+    """At most ``max_samples`` indices, each class in proportion to its size, fixed by the seed.
+
+    Every class's images are shuffled and spread evenly over [0, 1); the
+    smallest positions win, so a class of share p gets about p * max_samples.
+    """
+    targets = np.asarray(targets)
+    if len(targets) <= max_samples:
+        return np.arange(len(targets))
+    rng = np.random.default_rng(seed)
+    position = np.empty(len(targets))
+    for label in np.unique(targets):
+        members = np.flatnonzero(targets == label)
+        position[rng.permutation(members)] = (np.arange(len(members)) + 0.5) / len(members)
+    tie_break = rng.permutation(len(targets))
+    chosen = np.lexsort((tie_break, position))[:max_samples]
+    return np.sort(chosen)
+
+
+def set_loader(opt):
+    mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+    with util.main_process_first():
+        test_dataset = data.build_dataset(
+            opt.dataset, 'test', data.test_transform(opt.size, mean, std),
+            data_folder=opt.data_folder, test_folder=opt.test_folder)
+    opt.class_names = list(test_dataset.classes)
+    if opt.num_classes is not None and opt.num_classes != len(opt.class_names):
+        raise util.UserError(f'--num_classes {opt.num_classes} does not match the'
+                             f' {len(opt.class_names)} classes of the test data; drop'
+                             f' --num_classes or fix it')
+    subset = stratified_subset(test_dataset.targets, opt.max_samples, opt.seed)
+    opt.num_points = len(subset)
+    loader, _ = data.build_loader(
+        torch.utils.data.Subset(test_dataset, subset.tolist()), opt.local_batch_size_val,
+        shuffle=False, seed=opt.seed, rank=opt.rank, world_size=opt.world_size,
+        num_workers=opt.num_workers, pin_memory=opt.pin_memory, pad=False)
+    return loader
+
+
+def set_model(opt):
+    ckpt = opt.pretrained
+    opt.method = checkpoint_method(ckpt)
+    opt.epoch = ckpt.get('epoch')
+    encoder, opt.model = build_encoder(ckpt, opt.ckpt, opt.model)
+    head = build_head(ckpt, opt.ckpt, opt.model) if opt.features == 'head' else None
+    del opt.pretrained
+    # frozen: nothing to train, so no DDP wrapper under torchrun either
+    encoder.requires_grad_(False)
+    encoder = util.prepare_model(encoder, opt, parallel=None)
+    if head is not None:
+        head = head.requires_grad_(False).to(opt.device)
+    return encoder, head
+
+
+def embed(features, opt):
+    """2-D t-SNE coordinates of the features."""
+    perplexity = min(opt.perplexity, features.shape[0] - 1)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init='pca', random_state=opt.seed)
+    return tsne.fit_transform(features.numpy().astype(np.float64))
+
+
+def plot(points, labels, opt):
+    names = opt.class_names
+    n = len(names)
+    if n <= 10:
+        colours = plt.get_cmap('tab10').colors
+    elif n <= 20:
+        colours = plt.get_cmap('tab20').colors
+    else:
+        colours = plt.get_cmap('turbo')(np.linspace(0, 1, n))
+
+    fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
+    for c in range(n):
+        mask = labels == c
+        if mask.any():
+            ax.scatter(points[mask, 0], points[mask, 1], s=6, color=colours[c], label=names[c],
+                       linewidths=0, alpha=0.8)
+    epoch = '?' if opt.epoch is None else opt.epoch
+    ax.set_title(f'{opt.method} · {opt.model} · epoch {epoch}', fontsize=11, pad=14)
+    ax.text(0.5, 1.01, f'{opt.dataset} test, {len(labels)} images, {opt.features} features',
+            transform=ax.transAxes, ha='center', va='bottom', fontsize=7, color='0.4')
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if n <= 20:  # beyond that a legend is unreadable; the colours still separate classes
+        fig.subplots_adjust(left=0.02, right=0.80, top=0.90, bottom=0.02)
+        ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5), fontsize=7, markerscale=2,
+                  frameon=False, handletextpad=0.2)
+    else:
+        fig.subplots_adjust(left=0.02, right=0.98, top=0.90, bottom=0.02)
+    return fig
+
+
+def main():
+    opt = parse_option()
+    util.setup_runtime(opt)
+
+    # build data loader
+    loader = set_loader(opt)
+
+    # build model
+    encoder, head = set_model(opt)
+
+    # extract features (every rank's share, gathered) and embed them on the main process
+    if util.is_main_process():
+        print(f'extracting {opt.features} features of {opt.num_points} {opt.dataset} test images'
+              f' with {opt.ckpt}', flush=True)
+    features, labels = extract_features(encoder, loader, opt, head=head, desc='test split')
+    if not util.is_main_process():
+        return
+    start = time.time()
+    print(f'running t-SNE on {features.shape[0]} x {features.shape[1]} features', flush=True)
+    points = embed(features, opt)
+    print(f't-SNE done in {time.time() - start:.1f} s', flush=True)
+
+    fig = plot(points, labels.numpy(), opt)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(opt.out)), exist_ok=True)
+        fig.savefig(opt.out, dpi=DPI)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise util.UserError(f'--out {opt.out}: cannot write the figure ({reason}); pass a'
+                             f' writable path ending in .png') from None
+    finally:
+        plt.close(fig)
+    print(f'wrote {opt.out}', flush=True)
+
+
+if __name__ == '__main__':
+    util.run_main(main)
