@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -251,15 +252,19 @@ def setup_runtime(opt):
         opt.device = torch.device(want)
     except RuntimeError:
         raise UserError(f'--device must be auto, cpu, cuda or cuda:N, got {opt.device!r}') from None
+    # checked before the process group starts, so every rank fails at once
+    if opt.batch_size % opt.world_size:
+        raise UserError(f'--batch_size {opt.batch_size} does not divide by the {opt.world_size}'
+                        f' processes; --batch_size is the global batch, pick a multiple of'
+                        f' {opt.world_size}')
+    if opt.distributed and getattr(opt, 'syncBN', False) and opt.device.type != 'cuda':
+        raise UserError(f'--syncBN needs CUDA devices (PyTorch\'s SyncBatchNorm does not run on'
+                        f' {opt.device.type}); drop --syncBN or run with --device cuda')
     if opt.device.type == 'cuda':
         torch.cuda.set_device(opt.device)
         torch.backends.cudnn.benchmark = True
     if opt.distributed and not dist.is_initialized():
         dist.init_process_group(backend='nccl' if opt.device.type == 'cuda' else 'gloo')
-    if opt.batch_size % opt.world_size:
-        raise UserError(f'--batch_size {opt.batch_size} does not divide by the {opt.world_size}'
-                        f' processes; --batch_size is the global batch, pick a multiple of'
-                        f' {opt.world_size}')
     opt.local_batch_size = opt.batch_size // opt.world_size
     opt.local_batch_size_val = max(1, getattr(opt, 'batch_size_val', 256) // opt.world_size)
     local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
@@ -272,6 +277,11 @@ def setup_runtime(opt):
               ' the whole batch); start with torchrun to synchronise BatchNorm across GPUs')
     if opt.seed is None:
         opt.seed = random.SystemRandom().randrange(2 ** 31)
+        if opt.distributed:
+            # the samplers shard one shared permutation: every rank must draw it from one seed
+            seed = torch.tensor([opt.seed], dtype=torch.long, device=opt.device)
+            dist.broadcast(seed, src=0)
+            opt.seed = int(seed.item())
         opt.seed_given = False
     else:
         opt.seed_given = True
@@ -354,7 +364,8 @@ def unwrap(model):
             return model
 
 
-_WRAPPER_KEY = re.compile(r'(^|\.)(module|_orig_mod)\.')
+# the look-behind leaves the dot unconsumed, so nested wrappers (module._orig_mod.) all go
+_WRAPPER_KEY = re.compile(r'(^|(?<=\.))(module|_orig_mod)\.')
 
 
 def strip_wrapper_keys(state_dict):
@@ -422,6 +433,10 @@ def save_checkpoint(state, path):
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
                                dir=folder)
     try:
+        # mkstemp makes the file private (0600); give it what torch.save's open() would
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, 'wb') as f:
             torch.save(state, f)
             f.flush()
@@ -522,7 +537,8 @@ class Run:
 
     #: Options that define the run: resuming with another value is refused.
     FIXED = ('model', 'dataset', 'method', 'batch_size', 'size', 'stem', 'head', 'feat_dim',
-             'temp', 'ckpt', 'seed', 'learning_rate', 'cosine', 'num_classes')
+             'temp', 'ckpt', 'seed', 'learning_rate', 'cosine', 'num_classes', 'weight_decay',
+             'momentum', 'lr_decay_rate', 'lr_decay_epochs', 'warm')
 
     def __init__(self, opt, meters=None):
         """Find and read the ``--resume`` checkpoint; call before building loaders.
@@ -539,8 +555,8 @@ class Run:
         self.stop = GracefulStop()
         self._writer = None
         self._ckpt, self._ckpt_path = None, None
+        self._remove_stale_temporaries()  # left by a kill during a save; never loaded
         if opt.resume is None:
-            self._remove_stale_temporaries()
             return
         path = opt.resume
         if path == 'auto':
@@ -592,8 +608,16 @@ class Run:
             seed_everything(opt.seed + opt.rank)
         for key in self.FIXED:
             if key in saved and hasattr(opt, key) and saved[key] != getattr(opt, key):
-                raise UserError(f'--resume {path}: --{key} {getattr(opt, key)} differs from the'
-                                f' run\'s {saved[key]}; resume with --{key} {saved[key]} or start'
+                now, then = getattr(opt, key), saved[key]
+                if isinstance(then, bool):  # a switch such as --cosine
+                    raise UserError(f'--resume {path}: the run was trained'
+                                    f' {"with" if then else "without"} --{key}; resume'
+                                    f' {"with" if then else "without"} it or start a new run'
+                                    f' (another --trial)')
+                if isinstance(then, (list, tuple)):  # --lr_decay_epochs
+                    now, then = ','.join(map(str, now)), ','.join(map(str, then))
+                raise UserError(f'--resume {path}: --{key} {now} differs from the'
+                                f' run\'s {then}; resume with --{key} {then} or start'
                                 f' a new run (another --trial)')
 
     def _remove_stale_temporaries(self):
@@ -651,10 +675,10 @@ class Run:
         """Save the position after a signal and exit non-zero with how to resume."""
         path = self.save('checkpoint.pth', epoch - 1, step)
         if is_main_process():
-            command = ' '.join([os.path.basename(sys.argv[0])] + [
-                a for a in sys.argv[1:]])
+            command = shlex.join([sys.argv[0]] + without_resume(sys.argv[1:])
+                                 + ['--resume', 'auto'])
             print(f'stopped by {self.stop.name} at epoch {epoch}, step {step}; saved {path}.'
-                  f' Continue with: python {command} --resume auto', flush=True)
+                  f' Continue with: python {command}', flush=True)
         self.close()
         cleanup_runtime()
         sys.exit(128 + self.stop.signum)
@@ -678,9 +702,24 @@ def newest_checkpoint(folder):
         try:
             load_checkpoint(path, flag='--resume')
         except UserError:
+            if is_main_process():
+                print(f'note: --resume auto skips {path}: not a readable checkpoint')
             continue
         return path
     return None
+
+
+def without_resume(args):
+    """Command-line arguments less any ``--resume X`` / ``--resume=X``."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == '--resume':
+            skip = True
+        elif not arg.startswith('--resume='):
+            kept.append(arg)
+    return kept
 
 
 class GracefulStop:

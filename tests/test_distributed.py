@@ -1,0 +1,413 @@
+"""torchrun / DDP: exact equivalence with one process, and the three scripts under torchrun.
+
+Two gloo processes on CPU stand in for GPUs. The SyncBatchNorm case needs CUDA (PyTorch's
+SyncBatchNorm does not run on CPU); on a machine with one GPU both processes share it.
+"""
+import argparse
+import datetime
+import glob
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import util
+from data import SeededDataset, build_loader
+from losses import SupConLoss
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORLD_SIZE = 2
+BATCH = 8  # global batch of the one-step tests: 4 samples x 2 views per rank
+LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3])  # every rank holds positives of the other's anchors
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- one SGD step, 1 vs 2 processes
+
+class TinyNet(nn.Module):
+    """Conv encoder + projection head, small enough for float64; BatchNorm optional."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6) if bn else nn.Identity()
+        self.head = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8) if bn else nn.Identity(),
+                                  nn.ReLU(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        return F.normalize(self.head(x), dim=1)
+
+
+CASES = {  # name: (BatchNorm, SupCon labels)
+    'supcon': (False, True),
+    'simclr': (False, False),
+    'supcon_syncbn': (True, True),
+    'simclr_syncbn': (True, False),
+}
+
+
+def make_case(name):
+    bn, _ = CASES[name]
+    torch.manual_seed(sorted(CASES).index(name))
+    model = TinyNet(bn).double()
+    view1, view2 = torch.randn(2, BATCH, 3, 6, 6, dtype=torch.float64)
+    return model.state_dict(), view1, view2
+
+
+def sgd_steps(model, view1, view2, labels, steps=2):
+    """main_supcon's step: the model runs once on cat([view1, view2]) of the (local) batch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+    criterion = SupConLoss(temperature=0.1)
+    model.train()
+    bsz = view1.shape[0]
+    for _ in range(steps):  # the second step also exercises momentum
+        features = model(torch.cat([view1, view2], dim=0))
+        f1, f2 = torch.split(features, [bsz, bsz], dim=0)
+        features = torch.cat([f1.unsqueeze(1), f2.unsqueeze(1)], dim=1)
+        loss = criterion(features, labels) if labels is not None else criterion(features)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().cpu().clone() for k, v in util.bare_state_dict(model).items()}
+
+
+def _init_gloo(rank, port):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
+                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
+
+
+def _worker(rank, port, names, device_name, out_file):
+    """One-step cases on ``device_name``, then (on CPU) distributed evaluation; rank 0 saves."""
+    _init_gloo(rank, port)
+    try:
+        device = torch.device(device_name)
+        results = {}
+        for name in names:
+            bn, supervised = CASES[name]
+            state, view1, view2 = make_case(name)
+            model = TinyNet(bn).double()
+            model.load_state_dict(state)
+            if bn:
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = model.to(device)
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == 'cuda' else None)
+            half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+            labels = LABELS[half].to(device) if supervised else None
+            results[name] = sgd_steps(model, view1[half].to(device), view2[half].to(device), labels)
+        if device.type == 'cpu':
+            result, indices = _validate(rank, WORLD_SIZE)
+            shares = [None] * WORLD_SIZE
+            dist.all_gather_object(shares, indices)
+            results['validate'] = {'result': result, 'shares': shares}
+        if rank == 0:
+            torch.save(results, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_ranks(names, device, out_file):
+    # fork skips re-importing torch in the children (CPU only: a forked child cannot use CUDA)
+    start_method = 'fork' if device == 'cpu' else 'spawn'
+    mp.start_processes(_worker, args=(free_port(), names, device, out_file), nprocs=WORLD_SIZE,
+                       join=True, start_method=start_method)
+    return torch.load(out_file)
+
+
+def relative_error(got, want, start):
+    """|got - want| / |want - start| over all tensors: the error relative to the update itself."""
+    keys = [k for k in want if want[k].is_floating_point()]
+    diff = torch.cat([(got[k] - want[k]).reshape(-1) for k in keys]).norm()
+    update = torch.cat([(want[k] - start[k]).reshape(-1) for k in keys]).norm()
+    return float(diff / update)
+
+
+# DataLoader forks the same way; Python 3.12 warns about any fork of a threaded process
+FORK_OK = pytest.mark.filterwarnings('ignore:This process .* is multi-threaded:DeprecationWarning')
+
+
+@pytest.fixture(scope='module')
+def cpu_ranks(tmp_path_factory):
+    out_file = str(tmp_path_factory.mktemp('ranks') / 'cpu.pt')
+    return run_two_ranks(['supcon', 'simclr'], 'cpu', out_file)
+
+
+def check_one_step_equivalence(ddp, names, device):
+    for name in names:
+        bn, supervised = CASES[name]
+        state, view1, view2 = make_case(name)
+        model = TinyNet(bn).double().to(device)
+        model.load_state_dict(state)
+        single = sgd_steps(model, view1.to(device), view2.to(device),
+                           LABELS.to(device) if supervised else None)
+        params = {k for k, _ in model.named_parameters()}
+        weights = {k: v for k, v in single.items() if k in params}
+        assert relative_error(ddp[name], weights, state) < 1e-6, name
+        if bn:
+            buffers = {k: v for k, v in single.items() if k not in params}
+            assert any('running_var' in k for k in buffers)
+            assert relative_error(ddp[name], buffers, state) < 1e-6, name
+            for key in buffers:
+                if not buffers[key].is_floating_point():  # num_batches_tracked
+                    assert torch.equal(ddp[name][key], buffers[key]), key
+
+
+@FORK_OK
+def test_one_step_ddp_equals_single_process_supcon_and_simclr(cpu_ranks):
+    check_one_step_equivalence(cpu_ranks, ['supcon', 'simclr'], 'cpu')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="PyTorch's SyncBatchNorm runs only on CUDA")
+def test_one_step_ddp_syncbn_equals_single_process_batchnorm(tmp_path):
+    names = ['supcon_syncbn', 'simclr_syncbn']
+    check_one_step_equivalence(run_two_ranks(names, 'cuda:0', str(tmp_path / 'cuda.pt')),
+                               names, 'cuda:0')
+
+
+# ---------------------------------------------------------------- distributed evaluation
+
+N_TEST = 11  # not divisible by the 2 ranks
+
+
+def _validation_case():
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(N_TEST, 4, generator=generator)
+    labels = torch.randint(0, 6, (N_TEST,), generator=generator)
+    torch.manual_seed(4)
+    classifier = nn.Linear(4, 6)
+    dataset = torch.utils.data.TensorDataset(features, labels)
+    return dataset, classifier
+
+
+def _validate(rank, world_size):
+    dataset, classifier = _validation_case()
+    loader, sampler = build_loader(dataset, 2, shuffle=False, seed=0, rank=rank,
+                                   world_size=world_size, pad=False)
+    opt = argparse.Namespace(n_cls=6, device=torch.device('cpu'), print_freq=1000,
+                             amp_torch_dtype=None, channels_last=False)
+    classifier.eval()
+    return util.validate(loader, classifier, nn.CrossEntropyLoss(), opt), sampler.rank_indices()
+
+
+@FORK_OK
+def test_distributed_validate_counts_each_sample_once(cpu_ranks):
+    got = cpu_ranks['validate']
+    shares = got['shares']
+    assert sorted(i for share in shares for i in share) == list(range(N_TEST))
+    assert sorted(len(share) for share in shares) == [5, 6]
+    (loss, top1, top5), _ = _validate(0, 1)
+    d_loss, d_top1, d_top5 = got['result']
+    assert d_top1 == pytest.approx(top1, rel=1e-12) and d_top5 == pytest.approx(top5, rel=1e-12)
+    assert d_loss == pytest.approx(loss, rel=1e-6)
+    # 11 samples: each accuracy is a whole number of samples out of 11
+    assert round(top1 * N_TEST / 100, 6) == round(top1 * N_TEST / 100)
+
+
+# ---------------------------------------------------------------- set-up checks in one process
+
+def _runtime_opt(**kw):
+    values = dict(device='cpu', batch_size=8, batch_size_val=4, num_workers=0, amp=False,
+                  amp_dtype='auto', channels_last=None, compile=False, seed=0, syncBN=False)
+    values.update(kw)
+    return argparse.Namespace(**values)
+
+
+def _torchrun_env(monkeypatch, world_size):
+    for key, value in dict(WORLD_SIZE=world_size, LOCAL_RANK=0, RANK=0,
+                           LOCAL_WORLD_SIZE=world_size).items():
+        monkeypatch.setenv(key, str(value))
+
+
+def test_syncbn_without_torchrun_prints_a_note(monkeypatch, capsys):
+    for key in ('WORLD_SIZE', 'LOCAL_RANK', 'RANK'):
+        monkeypatch.delenv(key, raising=False)
+    opt = _runtime_opt(syncBN=True)
+    with torch.random.fork_rng():
+        util.setup_runtime(opt)
+    assert not opt.distributed and opt.local_batch_size == 8
+    assert 'note: --syncBN has no effect without torchrun' in capsys.readouterr().out
+
+
+def test_odd_global_batch_and_cpu_syncbn_fail_before_the_process_group(monkeypatch):
+    _torchrun_env(monkeypatch, 2)
+    with pytest.raises(util.UserError, match=r'--batch_size 7 does not divide by the 2 processes'):
+        util.setup_runtime(_runtime_opt(batch_size=7))
+    with pytest.raises(util.UserError, match=r'--syncBN needs CUDA'):
+        util.setup_runtime(_runtime_opt(syncBN=True))
+    assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize('batch', [2, 4, 6, 8, 16])
+def test_steps_per_epoch_and_warmup_do_not_depend_on_world_size(batch):
+    """Same global batch -> same steps per epoch on every rank, so warm-up and schedule match."""
+    for num_samples in range(batch, 70):
+        data = list(range(num_samples))
+        single = len(build_loader(data, batch, shuffle=True, seed=0)[0])
+        for rank in range(WORLD_SIZE):
+            loader, sampler = build_loader(data, batch // WORLD_SIZE, shuffle=True, seed=0,
+                                           rank=rank, world_size=WORLD_SIZE)
+            assert len(loader) == single, (num_samples, rank)
+    # each global step of 2 ranks covers exactly the single process's batch
+    data = list(range(32))
+    single = list(build_loader(data, batch, shuffle=True, seed=5)[1].rank_indices())
+    shards = [build_loader(data, batch // 2, shuffle=True, seed=5, rank=r, world_size=2)[1]
+              .rank_indices() for r in range(2)]
+    for step in range(32 // batch):
+        local = slice(step * batch // 2, (step + 1) * batch // 2)
+        assert sorted(shards[0][local] + shards[1][local]) == sorted(
+            single[step * batch:(step + 1) * batch])
+    assert isinstance(build_loader(data, 2, shuffle=True, seed=0)[0].dataset, SeededDataset)
+
+
+# ---------------------------------------------------------------- the scripts under torchrun
+
+def _write_images(folder, counts, seed):
+    rng = np.random.default_rng(seed)
+    for label, count in enumerate(counts):
+        os.makedirs(os.path.join(folder, f'class{label}'), exist_ok=True)
+        for i in range(count):
+            base = np.array([80 * label, 255 - 80 * label, 128], dtype=float)
+            pixels = np.clip(base + rng.normal(0, 40, (8, 8, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, f'class{label}', f'{i:03d}.png'))
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tiny')
+    _write_images(str(root / 'train'), [8, 8, 8], seed=0)  # 24 images: 3 full steps of 8
+    _write_images(str(root / 'test'), [4, 4, 3], seed=1)  # 11: not divisible by 2
+    return root
+
+
+def data_args(root, batch=8):
+    return ['--dataset', 'path', '--data_folder', str(root / 'train'),
+            '--test_folder', str(root / 'test'), '--mean', '(0.5, 0.5, 0.5)',
+            '--std', '(0.25, 0.25, 0.25)', '--size', '8', '--batch_size', str(batch),
+            '--batch_size_val', '4', '--epochs', '1', '--num_workers', '0', '--device', 'cpu',
+            '--seed', '1']
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
+                        'MASTER_PORT')}
+    env['OMP_NUM_THREADS'] = '1'
+    env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+    return env
+
+
+def torchrun(script, args, cwd, rdzv=False):
+    """``torchrun --nproc_per_node 2`` as the README shows it (or its multi-machine form)."""
+    port = free_port()
+    launcher = [sys.executable, '-m', 'torch.distributed.run']
+    if rdzv:  # README's multi-machine command, on one machine
+        launcher += ['--nnodes', '1', '--nproc_per_node', str(WORLD_SIZE), '--rdzv_backend',
+                     'c10d', '--rdzv_id', 'supcon', '--rdzv_endpoint', f'127.0.0.1:{port}']
+    else:
+        launcher += ['--nproc_per_node', str(WORLD_SIZE), '--master_port', str(port)]
+    return subprocess.run(launcher + [os.path.join(REPO, script)] + args, cwd=str(cwd),
+                          env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def single(script, args, cwd):
+    return subprocess.run([sys.executable, os.path.join(REPO, script)] + args, cwd=str(cwd),
+                          env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def check_run(proc, cwd, expect_best):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count('epoch 1, total time') == 1, out
+    assert out.count('options:') == 1, out
+    assert out.count('best accuracy:') == (1 if expect_best else 0), out
+    checkpoints = glob.glob(os.path.join(str(cwd), 'save', '**', '*.pth'), recursive=True)
+    assert sorted(os.path.basename(p) for p in checkpoints) == ['checkpoint.pth', 'last.pth']
+    for path in checkpoints:
+        state = torch.load(path, map_location='cpu', weights_only=True)['model']
+        assert not [k for k in state if 'module.' in k or '_orig_mod.' in k], list(state)[:5]
+    events = glob.glob(os.path.join(str(cwd), 'save', '**', 'events.out.tfevents.*'),
+                       recursive=True)
+    assert len(events) == 1, events  # rank 0 alone writes TensorBoard
+    return {os.path.basename(p): p for p in checkpoints}
+
+
+@pytest.fixture(scope='module')
+def supcon_run(tiny_data, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp('supcon')
+    proc = torchrun('main_supcon.py', data_args(tiny_data) + ['--model', 'resnet18'], cwd,
+                    rdzv=True)
+    return proc, cwd
+
+
+def test_main_supcon_under_torchrun_rendezvous(supcon_run):
+    proc, cwd = supcon_run
+    check_run(proc, cwd, expect_best=False)
+
+
+def test_main_ce_under_torchrun(tiny_data, tmp_path):
+    proc = torchrun('main_ce.py', data_args(tiny_data) + ['--model', 'resnet18'], tmp_path)
+    check_run(proc, tmp_path, expect_best=True)
+    assert proc.stdout.count(' * Acc@1') == 1
+
+
+def _acc_line(out):
+    lines = [line for line in out.splitlines() if line.startswith(' * Acc@1')]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+def test_main_linear_under_torchrun_matches_one_process(supcon_run, tiny_data, tmp_path):
+    proc, cwd = supcon_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = glob.glob(os.path.join(str(cwd), 'save', '**', 'last.pth'), recursive=True)[0]
+    args = data_args(tiny_data) + ['--ckpt', ckpt]
+    (tmp_path / 'ddp').mkdir()
+    (tmp_path / 'one').mkdir()
+    ddp = torchrun('main_linear.py', args, tmp_path / 'ddp')
+    saved = check_run(ddp, tmp_path / 'ddp', expect_best=True)
+    one = single('main_linear.py', args, tmp_path / 'one')
+    assert one.returncode == 0, one.stderr[-3000:]
+    # same global batch, seeded sampler, exact gradient averaging: the same classifier...
+    want = torch.load(glob.glob(os.path.join(str(tmp_path / 'one'), 'save', '**', 'last.pth'),
+                                recursive=True)[0], weights_only=True)['model']
+    got = torch.load(saved['last.pth'], weights_only=True)['model']
+    assert sorted(got) == ['fc.bias', 'fc.weight']
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+    # ...and the same accuracy over all 11 test images, each counted once
+    assert _acc_line(ddp.stdout) == _acc_line(one.stdout)
+    best = re.findall(r'best accuracy: ([\d.]+)', ddp.stdout)
+    assert best == re.findall(r'best accuracy: ([\d.]+)', one.stdout)
+    assert math.isclose(float(best[0]) * 11 / 100, round(float(best[0]) * 11 / 100), abs_tol=0.01)
+
+
+def test_odd_global_batch_under_torchrun_fails_with_one_line(tiny_data, tmp_path):
+    # one script suffices: all three call util.setup_runtime, tested in-process above
+    torch.save({'model': {'encoder.w': torch.zeros(1)}, 'opt': {'model': 'resnet18'}},
+               str(tmp_path / 'encoder.pth'))  # read while parsing, before the batch check
+    proc = torchrun('main_linear.py', data_args(tiny_data, batch=7) + ['--ckpt', 'encoder.pth'],
+                    tmp_path)
+    assert proc.returncode != 0
+    message = ('error: --batch_size 7 does not divide by the 2 processes; --batch_size is the'
+               ' global batch, pick a multiple of 2')
+    assert message + '\n' in proc.stderr, proc.stderr[-3000:]
+    assert not glob.glob(os.path.join(str(tmp_path), 'save', '**', '*.pth'), recursive=True)
