@@ -1,0 +1,332 @@
+"""SupConLoss against two independent statements of the formula, its gradients, autocast and 2-rank gloo."""
+import datetime
+import math
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from losses import LeanSupConFunction, PositivePairs, SupConLoss, gather_with_grad  # noqa: E402
+
+
+def loop_supcon_loss(features, labels=None, mask=None, temperature=0.07, contrast_mode='all',
+                     base_temperature=0.07):
+    """The paper's per-anchor sum in float64 Python arithmetic, one anchor and one pair at a time."""
+    bsz, n_views = features.shape[:2]
+    z = features.detach().double().reshape(bsz, n_views, -1)
+    rows = [(view, sample) for view in range(n_views) for sample in range(bsz)]
+
+    def positive_weight(anchor_sample, other_sample):
+        if mask is not None:
+            return float(mask[anchor_sample, other_sample])
+        if labels is not None:
+            return float(labels[anchor_sample] == labels[other_sample])
+        return float(anchor_sample == other_sample)
+
+    anchors = rows if contrast_mode == 'all' else [(0, sample) for sample in range(bsz)]
+    per_anchor = []
+    for anchor in anchors:
+        others = [row for row in rows if row != anchor]
+        logits = [float(z[anchor[1], anchor[0]] @ z[row[1], row[0]]) / temperature for row in others]
+        log_denominator = math.log(math.fsum(math.exp(logit) for logit in logits))
+        weights = [positive_weight(anchor[1], row[1]) for row in others]
+        positive_total = math.fsum(weights)
+        if positive_total < 1e-6:
+            positive_total = 1.0
+        mean_log_prob = math.fsum(w * (logit - log_denominator) for w, logit in zip(weights, logits)) / positive_total
+        per_anchor.append(-(temperature / base_temperature) * mean_log_prob)
+    return math.fsum(per_anchor) / len(per_anchor)
+
+
+def reference_supcon_loss(features, labels=None, mask=None, temperature=0.07, contrast_mode='all',
+                          base_temperature=0.07):
+    """The vectorised formula of the original repository (after its Dec 2023 fix), N x N matrices and all."""
+    bsz, n_views = features.shape[:2]
+    features = features.reshape(bsz, n_views, -1)
+    if mask is None and labels is None:
+        mask = torch.eye(bsz, dtype=features.dtype, device=features.device)
+    elif labels is not None:
+        labels = labels.reshape(-1, 1)
+        mask = (labels == labels.t()).to(features.dtype)
+    else:
+        mask = mask.to(features.dtype)
+    contrast = torch.cat(torch.unbind(features, 1))
+    anchor, anchor_views = (features[:, 0], 1) if contrast_mode == 'one' else (contrast, n_views)
+    logits = anchor @ contrast.t() / temperature
+    logits = logits - logits.max(1, keepdim=True).values.detach()
+    mask = mask.repeat(anchor_views, n_views)
+    not_self = torch.ones_like(mask).scatter(1, torch.arange(bsz * anchor_views, device=mask.device)[:, None], 0)
+    mask = mask * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+    positive_total = mask.sum(1)
+    positive_total = torch.where(positive_total < 1e-6, torch.ones_like(positive_total), positive_total)
+    return (-(temperature / base_temperature) * (mask * log_prob).sum(1) / positive_total).mean()
+
+
+def normalized_features(*shape, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(*shape, generator=generator, dtype=dtype)
+    flat = F.normalize(features.reshape(shape[0], shape[1], -1), dim=-1)
+    return flat.reshape(shape)
+
+
+def positives(kind, bsz, seed=0):
+    """(labels, mask) for a named way of choosing positives."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == 'labels':
+        return torch.randint(0, 3, (bsz,), generator=generator), None
+    if kind == 'labels-with-singletons':
+        # the last two samples have a label of their own: with one view they have no positive at all
+        return torch.tensor([0, 0, 1, 1] + [7 + i for i in range(bsz - 4)]), None
+    if kind == 'mask-symmetric':
+        labels = torch.randint(0, 2, (bsz,), generator=generator)
+        return None, (labels[:, None] == labels[None, :]).double()
+    if kind == 'mask-asymmetric-weighted':
+        mask = torch.rand(bsz, bsz, generator=generator, dtype=torch.float64)
+        mask[1] = 0.0  # an anchor sample with no positive
+        mask[mask < 0.3] = 0.0
+        return None, mask
+    if kind == 'simclr':
+        return None, None
+    raise AssertionError(kind)
+
+
+POSITIVE_KINDS = ['labels', 'labels-with-singletons', 'mask-symmetric', 'mask-asymmetric-weighted', 'simclr']
+
+
+def assert_close_relative(got, expected, rel=1e-5):
+    """Equal up to rel relative to the largest entry of `expected`, so near-zero entries do not dominate."""
+    got, expected = got.detach().double(), expected.detach().double()
+    scale = max(expected.abs().max().item(), 1e-12)
+    assert (got - expected).abs().max().item() <= rel * scale, (got, expected)
+
+
+# ---------------------------------------------------------------------------------------------------- value
+@pytest.mark.parametrize('temperature, base_temperature', [(0.07, 0.07), (0.5, 0.07), (0.1, 1.0)])
+@pytest.mark.parametrize('kind', POSITIVE_KINDS)
+@pytest.mark.parametrize('n_views', [1, 2, 3])
+@pytest.mark.parametrize('contrast_mode', ['all', 'one'])
+def test_value_matches_per_anchor_loop(contrast_mode, n_views, kind, temperature, base_temperature):
+    bsz = 6
+    features = normalized_features(bsz, n_views, 5)
+    labels, mask = positives(kind, bsz)
+    criterion = SupConLoss(temperature, contrast_mode, base_temperature)
+    expected = loop_supcon_loss(features, labels, mask, temperature, contrast_mode, base_temperature)
+    got = criterion(features, labels=labels, mask=mask)
+    assert got.dim() == 0 and got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+
+def test_features_with_more_than_three_dims_are_flattened():
+    features = normalized_features(5, 2, 3, 4)
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    expected = loop_supcon_loss(features, labels, temperature=0.2)
+    assert SupConLoss(0.2)(features, labels).item() == pytest.approx(expected, rel=1e-5)
+    assert SupConLoss(0.2, chunk_size=3)(features, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_labels_may_be_any_comparable_values():
+    features = normalized_features(6, 2, 4, seed=6)
+    labels = torch.tensor([2.5, -3.0, 2.5, 100.0, -3.0, 7.0])
+    expected = loop_supcon_loss(features, labels, temperature=0.3)
+    assert SupConLoss(0.3)(features, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_positive_anywhere_gives_zero_not_nan():
+    loss = SupConLoss()(normalized_features(4, 1, 6))  # SimCLR with a single view: nobody has a positive
+    assert loss.item() == 0.0
+
+
+# ------------------------------------------------------------------------------------- value and gradient
+@pytest.mark.parametrize('chunk_size', [None, 1, 4, 7])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('kind', POSITIVE_KINDS)
+@pytest.mark.parametrize('contrast_mode', ['all', 'one'])
+def test_value_and_gradient_match_vectorised_reference(contrast_mode, kind, dtype, chunk_size):
+    bsz, n_views = 6, 2
+    features = normalized_features(bsz, n_views, 16, dtype=dtype, seed=3).requires_grad_()
+    labels, mask = positives(kind, bsz, seed=3)
+    mask = None if mask is None else mask.to(dtype)
+
+    expected = reference_supcon_loss(features, labels, mask, 0.1, contrast_mode, 0.07)
+    expected_grad, = torch.autograd.grad(expected, features)
+    got = SupConLoss(0.1, contrast_mode, 0.07, chunk_size)(features, labels=labels, mask=mask)
+    got_grad, = torch.autograd.grad(got, features)
+
+    assert got.dtype == dtype
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert_close_relative(got_grad, expected_grad)
+
+
+def test_gradient_matches_reference_on_a_larger_float32_batch():
+    features = normalized_features(128, 2, 32, dtype=torch.float32, seed=5).requires_grad_()
+    labels = torch.randint(0, 4, (128,), generator=torch.Generator().manual_seed(5))
+    expected_grad, = torch.autograd.grad(reference_supcon_loss(features, labels), features)
+    for chunk_size in (None, 64):
+        got_grad, = torch.autograd.grad(SupConLoss(chunk_size=chunk_size)(features, labels), features)
+        assert_close_relative(got_grad, expected_grad)
+
+
+@pytest.mark.parametrize('chunk_size', [None, 2])
+@pytest.mark.parametrize('weighted', [False, True])
+def test_gradcheck_lean_function(weighted, chunk_size):
+    generator = torch.Generator().manual_seed(0)
+    # anchors are 3 of the 6 contrast rows (contrast_mode='one' on 3 samples x 2 views), unnormalised on purpose
+    anchor = torch.randn(3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    contrast = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    sample = torch.tensor([0, 1, 2])
+    contrast_sample = sample.repeat(2)
+    if weighted:
+        weight = torch.rand(3, 3, generator=generator, dtype=torch.float64)
+        pairs = PositivePairs(sample, contrast_sample, sample, weight=weight)
+    else:
+        group = torch.tensor([0, 1, 0])
+        pairs = PositivePairs(group[sample], group[contrast_sample], sample, num_groups=2)
+
+    def loss(anchor, contrast):
+        return LeanSupConFunction.apply(anchor, contrast, pairs, 0.5, 0.7, chunk_size)
+
+    assert torch.autograd.gradcheck(loss, (anchor, contrast))
+
+
+def test_gradcheck_through_the_module():
+    features = normalized_features(4, 2, 3, seed=2).requires_grad_()
+    labels = torch.tensor([0, 1, 0, 0])
+    assert torch.autograd.gradcheck(lambda f: SupConLoss(0.3, chunk_size=3)(f, labels), (features,))
+
+
+# ------------------------------------------------------------------------------------------ precision
+def test_bf16_features_under_autocast_are_computed_in_float32():
+    features32 = normalized_features(8, 2, 16, dtype=torch.float32, seed=4)
+    labels = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(4))
+    features16 = features32.bfloat16().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = SupConLoss()(features16, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert features16.grad.dtype == torch.bfloat16
+    exact_on_rounded = SupConLoss()(features16.detach().float(), labels)
+    assert loss.item() == pytest.approx(exact_on_rounded.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(SupConLoss()(features32, labels).item(), rel=2e-2)
+
+
+# --------------------------------------------------------------------------------------------- errors
+def test_labels_and_mask_together_raise():
+    with pytest.raises(ValueError, match='not both'):
+        SupConLoss()(normalized_features(4, 2, 3), labels=torch.arange(4), mask=torch.eye(4))
+
+
+def test_unknown_contrast_mode_raises():
+    with pytest.raises(ValueError, match='contrast_mode'):
+        SupConLoss(contrast_mode='some')
+
+
+def test_two_dim_features_raise():
+    with pytest.raises(ValueError, match='at least 3 dims'):
+        SupConLoss()(F.normalize(torch.randn(4, 8), dim=1))
+
+
+def test_wrong_label_count_raises():
+    with pytest.raises(ValueError, match='3 labels for a batch of 4'):
+        SupConLoss()(normalized_features(4, 2, 3), labels=torch.tensor([0, 1, 0]))
+
+
+def test_wrong_mask_shape_raises():
+    with pytest.raises(ValueError, match='mask must be'):
+        SupConLoss()(normalized_features(4, 2, 3), mask=torch.eye(3))
+
+
+# ---------------------------------------------------------------------------------------- distributed
+WORLD_SIZE = 2
+# case -> (uses labels, samples per rank, contrast_mode)
+DISTRIBUTED_CASES = {
+    'supcon': (True, [4, 4], 'all'),
+    'simclr': (False, [4, 4], 'all'),
+    'supcon-one': (True, [4, 4], 'one'),
+    'supcon-unequal': (True, [3, 5], 'all'),
+    'simclr-unequal': (False, [5, 3], 'all'),
+}
+DISTRIBUTED_TEMPERATURE = 0.5
+
+
+def distributed_batch():
+    generator = torch.Generator().manual_seed(11)
+    features = F.normalize(torch.randn(8, 2, 6, generator=generator, dtype=torch.float64), dim=-1)
+    return features, torch.randint(0, 3, (8,), generator=generator)
+
+
+def _distributed_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        features, labels = distributed_batch()
+        results = {}
+        for case, (use_labels, sizes, contrast_mode) in DISTRIBUTED_CASES.items():
+            start = sum(sizes[:rank])
+            stop = start + sizes[rank]
+            local = features[start:stop].clone().requires_grad_()
+            loss = SupConLoss(DISTRIBUTED_TEMPERATURE, contrast_mode)(
+                local, labels[start:stop] if use_labels else None)
+            # Weighting by anchor count makes DDP's average over ranks the mean over all anchors; with
+            # equal local batches the weight is 1, i.e. plain DDP.
+            (loss * WORLD_SIZE * sizes[rank] / sum(sizes)).backward()
+            results[case] = {'loss': loss.detach(), 'grad': local.grad}
+
+        gathered = gather_with_grad(torch.full((rank + 1, 2), float(rank), requires_grad=True))
+        results['gathered'] = gathered.detach()
+        try:
+            SupConLoss()(features[:2], mask=torch.eye(2))
+        except ValueError as error:
+            results['mask_error'] = str(error)
+        torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def distributed_results(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp('supcon_gloo'))
+    mp.spawn(_distributed_worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(os.path.join(out_dir, f'rank{rank}.pt')) for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize('case', list(DISTRIBUTED_CASES))
+def test_two_ranks_match_single_process(distributed_results, case):
+    use_labels, sizes, contrast_mode = DISTRIBUTED_CASES[case]
+    features, labels = distributed_batch()
+    features.requires_grad_()
+    expected = reference_supcon_loss(features, labels if use_labels else None,
+                                     temperature=DISTRIBUTED_TEMPERATURE, contrast_mode=contrast_mode)
+    expected_grad, = torch.autograd.grad(expected, features)
+
+    rank_losses = torch.stack([result[case]['loss'] for result in distributed_results])
+    anchor_share = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    assert (rank_losses * anchor_share).sum().item() == pytest.approx(expected.item(), rel=1e-6)
+    # DDP averages the ranks' gradients; gather_with_grad has already summed the cross-rank contributions.
+    ddp_grad = torch.cat([result[case]['grad'] for result in distributed_results]) / WORLD_SIZE
+    assert ((ddp_grad - expected_grad).norm() / expected_grad.norm()).item() < 1e-6
+
+
+def test_gather_with_grad_handles_unequal_sizes(distributed_results):
+    expected = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    for result in distributed_results:
+        assert torch.equal(result['gathered'], expected)
+
+
+def test_mask_with_several_ranks_raises(distributed_results):
+    for result in distributed_results:
+        assert 'pass labels instead' in result.get('mask_error', '')
