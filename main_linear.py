@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 import data
+import features
 import util
-from networks.resnet_big import MODEL_NAMES, LinearClassifier, SupConResNet
+from networks.resnet_big import MODEL_NAMES, LinearClassifier
 from util import AverageMeter
 
 
@@ -64,14 +65,7 @@ def parse_option(argv=None):
 
     # the checkpoint says which encoder it holds; --model, when given, must agree
     opt.pretrained = util.load_checkpoint(opt.ckpt)
-    saved = opt.pretrained['opt']
-    if opt.model is None:
-        opt.model = saved.get('model', 'resnet50')
-    util.check_choice(opt.model, MODEL_NAMES, '--model')
-    if saved.get('model') not in (None, opt.model):
-        raise util.UserError(f'--ckpt {opt.ckpt} holds a {saved["model"]} encoder, not'
-                             f' --model {opt.model}; pass --model {saved["model"]}')
-    opt.stem = saved.get('stem', 'cifar')
+    opt.model, opt.stem = features.checkpoint_model(opt.pretrained, opt.ckpt, opt.model)
 
     opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.\
         format(opt.dataset, opt.model, opt.learning_rate, opt.weight_decay, opt.batch_size)
@@ -114,11 +108,9 @@ def set_loader(opt):
 
 
 def set_model(opt):
-    encoder = SupConResNet(name=opt.model, stem=opt.stem).encoder
-    util.load_encoder(encoder, opt.pretrained['model'], opt.ckpt, opt.model)
+    encoder, _ = features.build_encoder(opt.pretrained, opt.ckpt, opt.model)
     # the frozen encoder: no gradients, BatchNorm statistics never updated
     encoder.requires_grad_(False)
-    encoder.eval()
     opt.encoder_state = {k: v.clone() for k, v in encoder.state_dict().items()}
     del opt.pretrained
 
@@ -137,8 +129,8 @@ def train(train_loader, encoder, classifier, criterion, optimizer, scaler, epoch
 
     def forward(images):
         with torch.no_grad():
-            features = encoder(images)
-        return classifier(features.detach())
+            embedding = encoder(images)
+        return classifier(embedding.detach())
 
     return util.train_classifier(train_loader, forward, criterion, optimizer, scaler, epoch,
                                  opt, run)

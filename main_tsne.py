@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 import data  # noqa: E402
 import util  # noqa: E402
@@ -144,7 +145,10 @@ def embed(features, opt):
     """2-D t-SNE coordinates of the features."""
     perplexity = min(opt.perplexity, features.shape[0] - 1)
     tsne = TSNE(n_components=2, perplexity=perplexity, init='pca', random_state=opt.seed)
-    return tsne.fit_transform(features.numpy().astype(np.float64))
+    # torch and scikit-learn each bring an OpenMP runtime; their spinning thread pools
+    # fight over the cores and made t-SNE 10x slower here than with one OpenMP thread
+    with threadpool_limits(limits=1, user_api='openmp'):
+        return tsne.fit_transform(features.numpy().astype(np.float64))
 
 
 def plot(points, labels, opt):

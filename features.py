@@ -1,0 +1,258 @@
+"""Frozen features of a trained encoder: extraction, a weighted kNN classifier, a kNN monitor.
+
+The kNN accuracy is the cheap label-free-training probe of InstDisc and MoCo:
+no classifier is trained, so it can run every few epochs of pretraining. The
+helpers that rebuild the encoder (and projection head) a checkpoint describes
+live here too, for main_tsne.py and any other script that reads a checkpoint.
+"""
+import contextlib
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import util
+from networks.resnet_big import MODEL_NAMES, SupConResNet, feature_dim
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def checkpoint_model(ckpt, path, model=None):
+    """(model, stem) of the encoder in a loaded checkpoint; ``model`` (--model) must agree.
+
+    Checkpoints that do not record their model (none of ours) are taken to hold
+    the reference's default resnet50; the stem defaults to the reference's.
+    """
+    saved = ckpt.get('opt', {})
+    if model is None:
+        model = saved.get('model', 'resnet50')
+    util.check_choice(model, MODEL_NAMES, '--model')
+    if saved.get('model') not in (None, model):
+        raise util.UserError(f'--ckpt {path} holds a {saved["model"]} encoder, not --model'
+                             f' {model}; pass --model {saved["model"]}')
+    return model, saved.get('stem', 'cifar')
+
+
+def checkpoint_method(ckpt):
+    """'SupCE' for a cross-entropy checkpoint (it has a classifier ``fc``), else its --method."""
+    if any(key.startswith('fc.') for key in ckpt['model']):
+        return 'SupCE'
+    return ckpt.get('opt', {}).get('method', 'SupCon')
+
+
+def build_encoder(ckpt, path, model=None):
+    """The checkpoint's encoder with its weights loaded, in eval mode; returns (encoder, model)."""
+    model, stem = checkpoint_model(ckpt, path, model)
+    encoder = SupConResNet(name=model, stem=stem).encoder
+    util.load_encoder(encoder, ckpt['model'], path, model)
+    return encoder.eval(), model
+
+
+def build_head(ckpt, path, model):
+    """The projection head of a SupCon/SimCLR checkpoint, weights loaded, in eval mode.
+
+    Its kind (mlp or linear) and width are read from the weights, because the
+    reference's checkpoints (and ours) do not record them in their options.
+    """
+    state = ckpt['model']
+    if 'head.0.weight' in state and 'head.2.weight' in state:
+        kind, feat_dim = 'mlp', state['head.2.weight'].shape[0]
+    elif 'head.weight' in state:
+        kind, feat_dim = 'linear', state['head.weight'].shape[0]
+    elif any(key.startswith('fc.') for key in state):
+        raise util.UserError(f'--features head needs a projection head, but --ckpt {path} is a'
+                             f' cross-entropy (SupCE) checkpoint with a classifier instead; use'
+                             f' --features encoder')
+    else:
+        raise util.UserError(f'--features head needs a projection head, but --ckpt {path} has'
+                             f' no "head." weights; use --features encoder')
+    head = SupConResNet(name=model, head=kind, feat_dim=feat_dim).head
+    head_state = {k[len('head.'):]: v for k, v in state.items() if k.startswith('head.')}
+    try:
+        head.load_state_dict(head_state, strict=True)
+    except RuntimeError:
+        raise util.UserError(f'--ckpt {path}: its projection head does not fit a {model}'
+                             f' encoder ({feature_dim(model)} features); pass the --model it'
+                             f' was trained with') from None
+    return head.eval()
+
+
+# --------------------------------------------------------------------------- extraction
+
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Eval mode inside the block; each module's own train/eval mode is restored after."""
+    modules = [m for m in modules if m is not None]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def _gather_rows(tensor, device):
+    """Concatenate every rank's rows (ranks may hold different numbers), in rank order."""
+    tensor = tensor.to(device)
+    count = torch.tensor([tensor.shape[0]], device=device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = tensor.new_zeros((max(counts),) + tuple(tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, counts)]).cpu()
+
+
+def extract_features(encoder, loader, opt, head=None, desc='features', progress=True):
+    """Features and labels of every sample of ``loader``, on every rank, in data-set order.
+
+    Under torchrun each rank extracts its own share (a ``pad=False`` loader) and
+    the shares are gathered, so each sample is counted exactly once. ``head``
+    maps encoder features to L2-normalised projections (``--features head``).
+    Returns ``(features [N, D] float32, labels [N] int64)`` on the CPU.
+    """
+    feats, labels = [], []
+    total = len(loader)
+    tick = max(1, total // 10)
+    show = progress and util.is_main_process()
+    with eval_mode(encoder, head), torch.no_grad():
+        for i, (images, target) in enumerate(loader):
+            images = util.to_device(images, opt)
+            with util.autocast(opt):
+                out = encoder(images)
+                if head is not None:
+                    out = head(out)
+            out = out.float()
+            if head is not None:
+                out = F.normalize(out, dim=1)
+            feats.append(out.cpu())
+            labels.append(torch.as_tensor(target, dtype=torch.int64))
+            if show and ((i + 1) % tick == 0 or i + 1 == total):
+                print(f'  {desc}: {i + 1}/{total} batches', flush=True)
+    feats = torch.cat(feats) if feats else torch.zeros(0, 0)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+
+    # the data-set index of each row, when the sampler can say (data.SeededSampler)
+    sampler = getattr(loader, 'sampler', None)
+    index = None
+    if hasattr(sampler, 'rank_indices'):
+        index = torch.as_tensor(sampler.rank_indices()[sampler.start:], dtype=torch.int64)
+        if index.shape[0] != labels.shape[0]:
+            index = None  # not this loader's order after all: keep rank order
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = opt.device if dist.get_backend() == 'nccl' else torch.device('cpu')
+        # every rank must take part in the same collectives: use the indices only if all can
+        usable = torch.tensor([int(index is not None)], device=device)
+        dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+        if not usable.item():
+            index = None
+        # an empty share still has to send rows of the right width
+        width = torch.tensor([feats.shape[1] if feats.numel() else -1], device=device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        if feats.shape[0] == 0:
+            feats = torch.zeros(0, int(width))
+        feats = _gather_rows(feats, device)
+        labels = _gather_rows(labels, device)
+        if index is not None:
+            index = _gather_rows(index, device)
+    if index is not None:
+        # data-set order; a padded loader's repeated samples are kept once
+        index, order = index.sort(stable=True)
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[1:] = index[1:] != index[:-1]
+        feats, labels = feats[order[first]], labels[order[first]]
+    return feats, labels
+
+
+# --------------------------------------------------------------------------- kNN
+
+def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
+                temperature=0.07, chunk_size=None):
+    """Weighted kNN of InstDisc (Wu et al., 2018), as the MoCo monitor uses it.
+
+    Cosine similarity to the k nearest training features (k capped at their
+    number), each neighbour voting exp(similarity / temperature) for its class;
+    the class with the largest summed vote wins. Test rows go in chunks so the
+    similarity matrix never exceeds about 16M entries.
+    """
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float().to(train.device), dim=1)
+    train_labels = train_labels.to(train.device, torch.int64)
+    k = max(1, min(int(k), train.shape[0]))
+    if chunk_size is None:
+        chunk_size = max(1, min(1024, (1 << 24) // max(1, train.shape[0])))
+    predictions = []
+    for start in range(0, test.shape[0], chunk_size):
+        sim = test[start:start + chunk_size] @ train.t()
+        weights, neighbours = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[neighbours], (weights / temperature).exp())
+        predictions.append(votes.argmax(dim=1))
+    if not predictions:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.cat(predictions).cpu()
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes,
+                 k=200, temperature=0.07):
+    """Top-1 accuracy in percent of ``knn_predict`` on the test features."""
+    pred = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
+    if pred.numel() == 0:
+        return 0.0
+    return 100.0 * (pred == test_labels.cpu()).double().mean().item()
+
+
+class KNNMonitor:
+    """kNN top-1 of the test split against the un-augmented training split (--knn_every).
+
+    Both loaders are built once; every call re-extracts both sets with the
+    current encoder, since the memory bank changes as the encoder trains.
+    """
+
+    def __init__(self, opt, k=200, temperature=0.07):
+        if opt.dataset == 'path' and opt.test_folder is None:
+            raise util.UserError('--knn_every needs --test_folder with --dataset path (the kNN'
+                                 ' accuracy is measured on the test images); add --test_folder'
+                                 ' or drop --knn_every')
+        self.opt, self.k, self.temperature = opt, k, temperature
+        mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+        transform = data.test_transform(opt.size, mean, std)
+        with util.main_process_first():
+            train_set = data.build_dataset(opt.dataset, 'train', transform,
+                                           data_folder=opt.data_folder,
+                                           test_folder=opt.test_folder)
+            test_set = data.build_dataset(opt.dataset, 'test', transform,
+                                          data_folder=opt.data_folder,
+                                          test_folder=opt.test_folder)
+        self.num_classes = len(train_set.classes)
+        self.train_loader, self.test_loader = [
+            data.build_loader(dataset, opt.local_batch_size_val, shuffle=False, seed=opt.seed,
+                              rank=opt.rank, world_size=opt.world_size,
+                              num_workers=opt.num_workers, pin_memory=opt.pin_memory,
+                              pad=False)[0]
+            for dataset in (train_set, test_set)]
+
+    def __call__(self, encoder, epoch):
+        start = time.time()
+        with eval_mode(encoder):
+            train_x, train_y = extract_features(encoder, self.train_loader, self.opt,
+                                                desc=f'knn epoch {epoch}: train split')
+            test_x, test_y = extract_features(encoder, self.test_loader, self.opt,
+                                              desc=f'knn epoch {epoch}: test split')
+        device = self.opt.device
+        acc = knn_accuracy(train_x.to(device), train_y, test_x.to(device), test_y,
+                           self.num_classes, self.k, self.temperature)
+        if util.is_main_process():
+            print(f'knn_acc epoch {epoch}: {acc:.2f}', flush=True)
+            print(f'  (kNN over {len(test_y)} test and {len(train_y)} train images took'
+                  f' {time.time() - start:.1f} s)', flush=True)
+        return acc
+
+    monitor = __call__
