@@ -261,6 +261,8 @@ def setup_runtime(opt):
         raise UserError(f'--syncBN needs CUDA devices (PyTorch\'s SyncBatchNorm does not run on'
                         f' {opt.device.type}); drop --syncBN or run with --device cuda')
     if opt.device.type == 'cuda':
+        if opt.device.index is None:  # set_device and DDP need an explicit index
+            opt.device = torch.device('cuda', torch.cuda.current_device())
         torch.cuda.set_device(opt.device)
         torch.backends.cudnn.benchmark = True
     if opt.distributed and not dist.is_initialized():
