@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import datasets, transforms
 
-from util import UserError
+from util import UserError, main_process_first
 
 DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits')
 
@@ -586,3 +586,28 @@ def build_loader(dataset, batch_size, *, shuffle, seed, rank=0, world_size=1, nu
                         persistent_workers=num_workers > 0,
                         prefetch_factor=4 if num_workers else None, generator=generator)
     return loader, sampler
+
+
+def classification_loaders(opt):
+    """(train_loader, train_sampler, val_loader) for main_ce.py and main_linear.py.
+
+    Training images get the reference's crop-and-flip, test images are only
+    resized; the test loader is not padded, so under torchrun every test image
+    is evaluated exactly once. Sets ``opt.n_cls`` and ``opt.steps_per_epoch``.
+    """
+    mean, std = resolve_mean_std(opt.dataset, opt.mean, opt.std)
+    with main_process_first():  # rank 0 downloads CIFAR while the others wait
+        train_dataset = build_dataset(opt.dataset, 'train', train_transform(opt.size, mean, std),
+                                      data_folder=opt.data_folder, test_folder=opt.test_folder)
+        val_dataset = build_dataset(opt.dataset, 'test', test_transform(opt.size, mean, std),
+                                    data_folder=opt.data_folder, test_folder=opt.test_folder)
+    opt.n_cls = check_num_classes(train_dataset, val_dataset, opt.num_classes)
+
+    common = dict(seed=opt.seed, rank=opt.rank, world_size=opt.world_size,
+                  num_workers=opt.num_workers, pin_memory=opt.pin_memory)
+    train_loader, train_sampler = build_loader(train_dataset, opt.local_batch_size,
+                                               shuffle=True, **common)
+    val_loader, _ = build_loader(val_dataset, opt.local_batch_size_val, shuffle=False, pad=False,
+                                 **common)
+    opt.steps_per_epoch = len(train_loader)
+    return train_loader, train_sampler, val_loader

@@ -86,25 +86,7 @@ def parse_option(argv=None):
 
 
 def set_loader(opt):
-    mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
-    with util.main_process_first():
-        train_dataset = data.build_dataset(
-            opt.dataset, 'train', data.train_transform(opt.size, mean, std),
-            data_folder=opt.data_folder, test_folder=opt.test_folder)
-        val_dataset = data.build_dataset(
-            opt.dataset, 'test', data.test_transform(opt.size, mean, std),
-            data_folder=opt.data_folder, test_folder=opt.test_folder)
-    opt.n_cls = data.check_num_classes(train_dataset, val_dataset, opt.num_classes)
-
-    train_loader, train_sampler = data.build_loader(
-        train_dataset, opt.local_batch_size, shuffle=True, seed=opt.seed, rank=opt.rank,
-        world_size=opt.world_size, num_workers=opt.num_workers, pin_memory=opt.pin_memory)
-    val_loader, _ = data.build_loader(
-        val_dataset, opt.local_batch_size_val, shuffle=False, seed=opt.seed, rank=opt.rank,
-        world_size=opt.world_size, num_workers=opt.num_workers, pin_memory=opt.pin_memory,
-        pad=False)
-    opt.steps_per_epoch = len(train_loader)
-    return train_loader, train_sampler, val_loader
+    return data.classification_loaders(opt)
 
 
 def set_model(opt):
