@@ -10,6 +10,20 @@ import torch.nn.functional as F
 STEMS = ('cifar', 'imagenet')
 
 
+def shortcut(in_planes, out_planes, stride):
+    """The residual branch's projection: a strided 1x1 conv + BN when the shape changes.
+
+    An empty Sequential (rather than None or Identity) keeps the reference's module tree,
+    and it contributes no state-dict keys when the shapes already match.
+    """
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_planes),
+    )
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -21,14 +35,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
 
-        # An empty Sequential (rather than None or Identity) keeps the reference's module tree,
-        # and it contributes no state-dict keys when the shapes already match.
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != self.expansion * planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, self.expansion * planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(self.expansion * planes),
-            )
+        self.shortcut = shortcut(in_planes, self.expansion * planes, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -55,12 +62,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, self.expansion * planes, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(self.expansion * planes)
 
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != self.expansion * planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, self.expansion * planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(self.expansion * planes),
-            )
+        self.shortcut = shortcut(in_planes, self.expansion * planes, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
