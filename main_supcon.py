@@ -5,7 +5,6 @@ on CPU, on one or several GPUs, and under torchrun (see README.md).
 """
 import argparse
 import os
-import sys
 import time
 
 import torch
