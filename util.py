@@ -679,8 +679,10 @@ class Run:
         if is_main_process():
             command = shlex.join([sys.argv[0]] + without_resume(sys.argv[1:])
                                  + ['--resume', 'auto'])
+            launcher = ('torchrun <the same torchrun options>' if self.opt.distributed
+                        else 'python')
             print(f'stopped by {self.stop.name} at epoch {epoch}, step {step}; saved {path}.'
-                  f' Continue with: python {command}', flush=True)
+                  f' Continue with: {launcher} {command}', flush=True)
         self.close()
         cleanup_runtime()
         sys.exit(128 + self.stop.signum)

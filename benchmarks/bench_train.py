@@ -42,9 +42,12 @@ CONFIGS = {
     'compile': ['--compile'],
     'amp+compile': ['--amp', '--compile'],
     'amp-fp16+compile': ['--amp', '--amp_dtype', 'float16', '--compile'],
+    'amp-onednn-wgrad': ['--amp'],  # with the environment below
 }
+# environment per configuration: amp-onednn-wgrad turns off networks/conv.py's matmul weight gradient
+CONFIG_ENV = {'amp-onednn-wgrad': {'SUPCON_CONV_WGRAD': 'onednn'}}
 DEFAULT_CONFIGS = {
-    'cpu': ['fp32', 'amp', 'amp+cl', 'amp-no-cl', 'fp32+cl', 'compile', 'amp+compile'],
+    'cpu': ['fp32', 'amp', 'amp-onednn-wgrad', 'amp-no-cl', 'fp32+cl', 'compile', 'amp+compile'],
     'cuda': ['fp32', 'fp32+cl', 'amp', 'amp-no-cl', 'amp-fp16', 'compile', 'amp+compile'],
 }
 
@@ -112,7 +115,8 @@ def script_argv(args, config):
 
 def describe(opt):
     return {'amp_dtype': opt.amp_dtype if opt.amp else 'float32', 'channels_last': bool(opt.channels_last),
-            'compile': bool(opt.compile), 'num_workers': opt.num_workers, 'device': str(opt.device)}
+            'compile': bool(opt.compile), 'num_workers': opt.num_workers, 'device': str(opt.device),
+            'conv_wgrad': os.environ.get('SUPCON_CONV_WGRAD') or 'matmul'}
 
 
 def peak_memory(opt):
@@ -166,7 +170,8 @@ def run_config_in_subprocess(args, config):
     if args.epoch_time:
         command.append('--epoch_time')
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                              env=dict(os.environ, **CONFIG_ENV.get(config, {})))
     except subprocess.TimeoutExpired:
         return None, f'timed out after {args.timeout} s'
     lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
