@@ -754,6 +754,25 @@ class GracefulStop:
         return bool(self.signum)
 
 
+def wait_for_a_later_second(log_dir):
+    """Sleep (under a second) until the clock is past every event file's timestamp in ``log_dir``.
+
+    TensorBoard reads a folder's event files in name order, and a name starts with the second the
+    writer was created, then host and process id. A resumed run whose writer started in the same
+    second as the killed run's could sort first; its purge_step would then erase the killed run's
+    earlier epochs instead of hiding its later ones.
+    """
+    stamps = []
+    for name in os.listdir(log_dir) if os.path.isdir(log_dir) else ():
+        parts = name.split('.')
+        if name.startswith('events.out.tfevents.') and len(parts) > 3 and parts[3].isdigit():
+            stamps.append(int(parts[3]))
+    if stamps:
+        delay = max(stamps) + 1 - time.time()
+        if 0 < delay <= 2:
+            time.sleep(delay)
+
+
 class TBLogger:
     """``log_value(name, value, step)`` as tensorboard_logger had, on the main process.
 
@@ -765,6 +784,7 @@ class TBLogger:
         self.writer = None
         if is_main_process():
             from torch.utils.tensorboard import SummaryWriter
+            wait_for_a_later_second(log_dir)
             self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def log_value(self, name, value, step):

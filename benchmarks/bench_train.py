@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py [--configs fp32 amp ...] [--device cpu] [--model resnet18] [--size 32]
                                      [--batch_size 128] [--steps 8] [--warmup 2] [--num_workers N]
     python benchmarks/bench_train.py --epoch_time            # one full epoch, fp32 vs --amp
+    python benchmarks/bench_train.py --rounds 3              # each configuration 3 times, interleaved; medians
     python benchmarks/bench_train.py --device cuda --model resnet50
 
 Every configuration runs in a fresh subprocess that builds its run exactly as main_supcon.main() does
@@ -192,50 +193,82 @@ def print_header(args):
           f'(capped at the CPUs)', flush=True)
 
 
+def collect(args, key):
+    """Run every configuration args.rounds times, interleaved; returns ({config: median run}, {config: error}).
+
+    Interleaving (fp32, amp, ..., fp32, amp, ...) spreads the slow drifts of a shared machine over all
+    configurations; the median run (by `key`) of each is reported, with all its values under 'rounds'.
+    """
+    runs, errors = {config: [] for config in args.configs}, {}
+    for round_index in range(args.rounds):
+        for config in args.configs:
+            if config in errors:
+                continue
+            result, error = run_config_in_subprocess(args, config)
+            if result is None:
+                errors[config] = error
+                continue
+            runs[config].append(result)
+            print(f'round {round_index + 1}/{args.rounds} {config}: {key} {result[key]:.3f}', flush=True)
+    medians = {}
+    for config, results in runs.items():
+        if results:
+            ordered = sorted(results, key=lambda r: r[key])
+            medians[config] = dict(ordered[(len(ordered) - 1) // 2], rounds=[r[key] for r in results])
+    return medians, errors
+
+
+def spread(result):
+    """(max - min) / median of a configuration's rounds, in percent; '-' for a single round."""
+    values = result['rounds']
+    return f'{100 * (max(values) - min(values)) / sorted(values)[(len(values) - 1) // 2]:.0f}%' \
+        if len(values) > 1 else '-'
+
+
 def bench_steps(args):
     print_header(args)
-    print(f'median of {args.steps} steps after {args.warmup} warm-up steps; img/s counts both views '
-          f'(2 x batch), samples/s the data-set images\n', flush=True)
-    print('| config | precision | channels_last | compile | step ms | img/s | samples/s | vs fp32 | data % '
-          '| warm-up s | peak GiB |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
-    base, results = None, {}
+    print(f'median of {args.steps} steps after {args.warmup} warm-up steps, median of {args.rounds} interleaved '
+          f'round(s); img/s counts both views (2 x batch), samples/s the data-set images\n', flush=True)
+    results, errors = collect(args, 'step_s')
+    print('\n| config | precision | channels_last | compile | step ms | img/s | samples/s | vs fp32 | data % '
+          '| warm-up s | peak GiB | spread |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
+    base = 2 * results['fp32']['batch_size'] / results['fp32']['step_s'] if 'fp32' in results else None
     for config in args.configs:
-        result, error = run_config_in_subprocess(args, config)
-        if result is None:
-            print(f'| {config} | {error} |||||||||', flush=True)
+        if config in errors:
+            print(f'| {config} | {errors[config]} ||||||||||', flush=True)
             continue
-        results[config] = result
+        result = results[config]
         images_per_s = 2 * result['batch_size'] / result['step_s']
-        if config == 'fp32':
-            base = images_per_s
         speedup = f'{images_per_s / base:.2f}x' if base else '-'
         peak = f"{result['peak_gib']:.2f}" if result['peak_gib'] is not None else '-'
         print(f"| {config} | {result['amp_dtype']} | {'on' if result['channels_last'] else 'off'} | "
               f"{'yes' if result['compile'] else 'no'} | {1000 * result['step_s']:.0f} | {images_per_s:.0f} | "
               f"{images_per_s / 2:.0f} | {speedup} | {100 * result['data_share']:.1f} | "
-              f"{result['warmup_s']:.1f} | {peak} |", flush=True)
+              f"{result['warmup_s']:.1f} | {peak} | {spread(result)} |", flush=True)
     return results
 
 
 def bench_epoch(args):
     print_header(args)
-    print(f'one full epoch each ({args.warmup} warm-up steps first, not counted)\n', flush=True)
-    print('| config | precision | channels_last | steps | epoch s | img/s | loss |')
-    print('|---|---|---|---|---|---|---|', flush=True)
-    times = {}
+    print(f'one full epoch each ({args.warmup} warm-up steps first, not counted), median of {args.rounds} '
+          f'interleaved round(s)\n', flush=True)
+    results, errors = collect(args, 'epoch_s')
+    print('\n| config | precision | channels_last | steps | epoch s | img/s | loss | spread |')
+    print('|---|---|---|---|---|---|---|---|', flush=True)
     for config in args.configs:
-        result, error = run_config_in_subprocess(args, config)
-        if result is None:
-            print(f'| {config} | {error} ||||||', flush=True)
+        if config in errors:
+            print(f'| {config} | {errors[config]} |||||||', flush=True)
             continue
-        times[config] = result['epoch_s']
+        result = results[config]
         print(f"| {config} | {result['amp_dtype']} | {'on' if result['channels_last'] else 'off'} | "
               f"{result['steps_per_epoch']} | {result['epoch_s']:.1f} | "
-              f"{2 * result['images'] / result['epoch_s']:.0f} | {result['loss']:.3f} |", flush=True)
-    if 'fp32' in times and 'amp' in times:
-        print(f"\nepoch time fp32 / --amp = {times['fp32'] / times['amp']:.2f}", flush=True)
-    return times
+              f"{2 * result['images'] / result['epoch_s']:.0f} | {result['loss']:.3f} | {spread(result)} |",
+              flush=True)
+    if 'fp32' in results and 'amp' in results:
+        print(f"\nepoch time fp32 / --amp = {results['fp32']['epoch_s'] / results['amp']['epoch_s']:.2f}",
+              flush=True)
+    return results
 
 
 def parse_option(argv=None):
@@ -256,12 +289,14 @@ def parse_option(argv=None):
     parser.add_argument('--epoch_time', action='store_true',
                         help='time one full epoch of fp32 and of --amp instead and print their ratio')
     parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads; default: torch\'s own')
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='run the configurations this many times, interleaved, and report medians')
     parser.add_argument('--timeout', type=int, default=1200, help='seconds allowed per configuration')
     parser.add_argument('--json', type=str, default=None, help='also write the results to this file')
     parser.add_argument('--worker', choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error('--steps must be at least 1 and --warmup at least 0')
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error('--steps and --rounds must be at least 1 and --warmup at least 0')
     if args.data_folder:
         args.data_folder = os.path.abspath(args.data_folder)
     if args.configs is None:

@@ -321,3 +321,24 @@ def test_run_main_lets_success_and_bugs_through(capsys):
 
     with pytest.raises(ValueError):
         util.run_main(buggy)
+
+
+def test_a_new_event_file_sorts_after_the_existing_ones(tmp_path):
+    """A resumed run's TensorBoard file must not share the killed run's second (name order)."""
+    import time
+    now = int(time.time())
+    (tmp_path / f'events.out.tfevents.{now}.host.99999.0').write_bytes(b'')
+    util.wait_for_a_later_second(str(tmp_path))
+    assert int(time.time()) > now
+    logger = util.TBLogger(str(tmp_path), purge_step=2)
+    logger.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == f'events.out.tfevents.{now}.host.99999.0'
+    # older files, or none, cost no wait
+    old = tmp_path / 'old'
+    old.mkdir()
+    (old / f'events.out.tfevents.{now - 5}.host.1.0').write_bytes(b'')
+    start = time.time()
+    util.wait_for_a_later_second(str(tmp_path / 'missing'))
+    util.wait_for_a_later_second(str(old))
+    assert time.time() - start < 0.5
