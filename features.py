@@ -1,9 +1,8 @@
 """Frozen features of a trained encoder: extraction, a weighted kNN classifier, a kNN monitor.
 
 The kNN accuracy is the cheap label-free-training probe of InstDisc and MoCo:
-no classifier is trained, so it can run every few epochs of pretraining. The
-helpers that rebuild the encoder (and projection head) a checkpoint describes
-live here too, for main_tsne.py and any other script that reads a checkpoint.
+no classifier is trained, so it can run every few epochs of pretraining.
+Rebuilding an encoder from a checkpoint is ``networks/from_checkpoint.py``'s job.
 """
 import contextlib
 import time
@@ -13,70 +12,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-import util
-from networks.resnet_big import MODEL_NAMES, SupConResNet, feature_dim
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-def checkpoint_model(ckpt, path, model=None):
-    """(model, stem) of the encoder in a loaded checkpoint; ``model`` (--model) must agree.
-
-    Checkpoints that do not record their model (none of ours) are taken to hold
-    the reference's default resnet50; the stem defaults to the reference's.
-    """
-    saved = ckpt.get('opt', {})
-    if model is None:
-        model = saved.get('model', 'resnet50')
-    util.check_choice(model, MODEL_NAMES, '--model')
-    if saved.get('model') not in (None, model):
-        raise util.UserError(f'--ckpt {path} holds a {saved["model"]} encoder, not --model'
-                             f' {model}; pass --model {saved["model"]}')
-    return model, saved.get('stem', 'cifar')
-
-
-def checkpoint_method(ckpt):
-    """'SupCE' for a cross-entropy checkpoint (it has a classifier ``fc``), else its --method."""
-    if any(key.startswith('fc.') for key in ckpt['model']):
-        return 'SupCE'
-    return ckpt.get('opt', {}).get('method', 'SupCon')
-
-
-def build_encoder(ckpt, path, model=None):
-    """The checkpoint's encoder with its weights loaded, in eval mode; returns (encoder, model)."""
-    model, stem = checkpoint_model(ckpt, path, model)
-    encoder = SupConResNet(name=model, stem=stem).encoder
-    util.load_encoder(encoder, ckpt['model'], path, model)
-    return encoder.eval(), model
-
-
-def build_head(ckpt, path, model):
-    """The projection head of a SupCon/SimCLR checkpoint, weights loaded, in eval mode.
-
-    Its kind (mlp or linear) and width are read from the weights, because the
-    reference's checkpoints (and ours) do not record them in their options.
-    """
-    state = ckpt['model']
-    if 'head.0.weight' in state and 'head.2.weight' in state:
-        kind, feat_dim = 'mlp', state['head.2.weight'].shape[0]
-    elif 'head.weight' in state:
-        kind, feat_dim = 'linear', state['head.weight'].shape[0]
-    elif any(key.startswith('fc.') for key in state):
-        raise util.UserError(f'--features head needs a projection head, but --ckpt {path} is a'
-                             f' cross-entropy (SupCE) checkpoint with a classifier instead; use'
-                             f' --features encoder')
-    else:
-        raise util.UserError(f'--features head needs a projection head, but --ckpt {path} has'
-                             f' no "head." weights; use --features encoder')
-    head = SupConResNet(name=model, head=kind, feat_dim=feat_dim).head
-    head_state = {k[len('head.'):]: v for k, v in state.items() if k.startswith('head.')}
-    try:
-        head.load_state_dict(head_state, strict=True)
-    except RuntimeError:
-        raise util.UserError(f'--ckpt {path}: its projection head does not fit a {model}'
-                             f' encoder ({feature_dim(model)} features); pass the --model it'
-                             f' was trained with') from None
-    return head.eval()
+from gather import all_gather_rows
+from augment import test_transform
+from runtime import autocast, is_main_process, main_process_first, to_device
+from sampling import build_loader
+from util import UserError
 
 
 # --------------------------------------------------------------------------- extraction
@@ -96,17 +36,8 @@ def eval_mode(*modules):
 
 
 def _gather_rows(tensor, device):
-    """Concatenate every rank's rows (ranks may hold different numbers), in rank order."""
-    tensor = tensor.to(device)
-    count = torch.tensor([tensor.shape[0]], device=device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padded = tensor.new_zeros((max(counts),) + tuple(tensor.shape[1:]))
-    padded[:tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:n] for g, n in zip(gathered, counts)]).cpu()
+    """Every rank's rows (ranks may hold different numbers), in rank order, on the CPU."""
+    return all_gather_rows(tensor.to(device)).cpu()
 
 
 def extract_features(encoder, loader, opt, head=None, desc='features', progress=True):
@@ -120,11 +51,11 @@ def extract_features(encoder, loader, opt, head=None, desc='features', progress=
     feats, labels = [], []
     total = len(loader)
     tick = max(1, total // 10)
-    show = progress and util.is_main_process()
+    show = progress and is_main_process()
     with eval_mode(encoder, head), torch.no_grad():
         for i, (images, target) in enumerate(loader):
-            images = util.to_device(images, opt)
-            with util.autocast(opt):
+            images = to_device(images, opt)
+            with autocast(opt):
                 out = encoder(images)
                 if head is not None:
                     out = head(out)
@@ -218,13 +149,13 @@ class KNNMonitor:
 
     def __init__(self, opt, k=200, temperature=0.07):
         if opt.dataset == 'path' and opt.test_folder is None:
-            raise util.UserError('--knn_every needs --test_folder with --dataset path (the kNN'
+            raise UserError('--knn_every needs --test_folder with --dataset path (the kNN'
                                  ' accuracy is measured on the test images); add --test_folder'
                                  ' or drop --knn_every')
         self.opt, self.k, self.temperature = opt, k, temperature
         mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
-        transform = data.test_transform(opt.size, mean, std)
-        with util.main_process_first():
+        transform = test_transform(opt.size, mean, std)
+        with main_process_first():
             train_set = data.build_dataset(opt.dataset, 'train', transform,
                                            data_folder=opt.data_folder,
                                            test_folder=opt.test_folder)
@@ -233,7 +164,7 @@ class KNNMonitor:
                                           test_folder=opt.test_folder)
         self.num_classes = len(train_set.classes)
         self.train_loader, self.test_loader = [
-            data.build_loader(dataset, opt.local_batch_size_val, shuffle=False, seed=opt.seed,
+            build_loader(dataset, opt.local_batch_size_val, shuffle=False, seed=opt.seed,
                               rank=opt.rank, world_size=opt.world_size,
                               num_workers=opt.num_workers, pin_memory=opt.pin_memory,
                               pad=False)[0]
@@ -249,10 +180,9 @@ class KNNMonitor:
         device = self.opt.device
         acc = knn_accuracy(train_x.to(device), train_y, test_x.to(device), test_y,
                            self.num_classes, self.k, self.temperature)
-        if util.is_main_process():
+        if is_main_process():
             print(f'knn_acc epoch {epoch}: {acc:.2f}', flush=True)
             print(f'  (kNN over {len(test_y)} test and {len(train_y)} train images took'
                   f' {time.time() - start:.1f} s)', flush=True)
         return acc
 
-    monitor = __call__

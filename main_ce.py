@@ -10,9 +10,12 @@ import time
 import torch.nn as nn
 
 import data
-import util
+import engine
+import options
+import runtime
+from checkpoint import Run
 from networks.resnet_big import MODEL_NAMES, STEMS, SupCEResNet
-from util import AverageMeter
+from util import AverageMeter, UserError, adjust_learning_rate, set_optimizer
 
 
 def parse_option(argv=None):
@@ -46,21 +49,21 @@ def parse_option(argv=None):
     parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
     parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
 
-    util.add_data_arguments(parser, test_folder=True)
-    util.add_runtime_arguments(parser)
+    data.add_arguments(parser, test_folder=True)
+    runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 
-    util.check_choice(opt.model, MODEL_NAMES, '--model')
-    util.check_choice(opt.stem, STEMS, '--stem')
-    util.check_common_options(opt)
+    options.check_choice(opt.model, MODEL_NAMES, '--model')
+    options.check_choice(opt.stem, STEMS, '--stem')
+    options.check_common_options(opt)
     if opt.dataset == 'path' and (opt.data_folder is None or opt.test_folder is None):
-        raise util.UserError('--dataset path needs --data_folder and --test_folder (one'
+        raise UserError('--dataset path needs --data_folder and --test_folder (one'
                              ' sub-folder per class each) and --mean/--std')
     if opt.data_folder is None:
         opt.data_folder = './datasets/'
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
-    opt.lr_decay_epochs = util.parse_decay_epochs(opt.lr_decay_epochs)
+    opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
     opt.model_name = 'SupCE_{}_{}_lr_{}_decay_{}_bsz_{}_trial_{}'.\
         format(opt.dataset, opt.model, opt.learning_rate, opt.weight_decay,
@@ -68,7 +71,7 @@ def parse_option(argv=None):
     if opt.cosine:
         opt.model_name = '{}_cosine'.format(opt.model_name)
     # warm-up for large-batch training (forced above 256, as the reference)
-    util.configure_warmup(opt, large_batch=256)
+    options.configure_warmup(opt, large_batch=256)
     if opt.stem != 'cifar':  # the reference's names stay unchanged for its own stem
         opt.model_name = '{}_stem_{}'.format(opt.model_name, opt.stem)
 
@@ -81,46 +84,47 @@ def set_loader(opt):
     return data.classification_loaders(opt)
 
 
-def set_model(opt):
-    model = SupCEResNet(name=opt.model, num_classes=opt.n_cls, stem=opt.stem)
+def set_model(opt, num_classes):
+    model = SupCEResNet(name=opt.model, num_classes=num_classes, stem=opt.stem)
     criterion = nn.CrossEntropyLoss()
-    model = util.prepare_model(model, opt, parallel='encoder')
+    model = runtime.prepare_model(model, opt, parallel='encoder')
     return model, criterion
 
 
 def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
     """One epoch of training; returns (loss, acc, stopped_at)."""
     model.train()
-    return util.train_classifier(train_loader, model, criterion, optimizer, scaler, epoch,
-                                 opt, run)
+    return engine.train_classifier(train_loader, model, criterion, optimizer, scaler, epoch,
+                                   opt, run)
 
 
 def main():
     best_acc = 0
     opt = parse_option()
-    util.setup_runtime(opt)
-    run = util.Run(opt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
-    util.print_options(opt)
+    runtime.setup_runtime(opt)
+    run = Run(opt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
+    options.print_options(opt)
 
     # build data loader
-    train_loader, train_sampler, val_loader = set_loader(opt)
+    train_loader, train_sampler, val_loader, num_classes = set_loader(opt)
 
     # build model and criterion
-    model, criterion = set_model(opt)
+    model, criterion = set_model(opt, num_classes)
 
     # build optimizer
-    optimizer = util.set_optimizer(opt, model)
-    scaler = util.make_scaler(opt)
+    optimizer = set_optimizer(opt, model)
+    scaler = runtime.make_scaler(opt)
 
     start_epoch = run.restore(model, optimizer, scaler)
     best_acc = run.extra.get('best_acc', best_acc)
     logger = run.logger
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
-    eval_model = util.unwrap(model) if opt.distributed else model
+    eval_model = runtime.unwrap(model) if opt.distributed else model
 
     # training routine
     for epoch in range(start_epoch, opt.epochs + 1):
         run.begin_epoch(epoch, train_sampler)
+        adjust_learning_rate(opt, optimizer, epoch)
 
         # train for one epoch
         time1 = time.time()
@@ -129,12 +133,13 @@ def main():
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
         time2 = time.time()
-        if util.is_main_process():
+        if runtime.is_main_process():
             print('epoch {}, total time {:.2f}'.format(epoch, time2 - time1), flush=True)
 
         # evaluation
         eval_model.eval()
-        val_loss, val_acc, _ = util.validate(val_loader, eval_model, criterion, opt)
+        val_loss, val_acc, _ = engine.validate(val_loader, eval_model, criterion, opt,
+                                                num_classes)
         if val_acc > best_acc:
             best_acc = val_acc
 
@@ -152,9 +157,9 @@ def main():
     # save the last model
     run.save('last.pth', opt.epochs)
     run.close()
-    if util.is_main_process():
+    if runtime.is_main_process():
         print('best accuracy: {:.2f}'.format(best_acc))
 
 
 if __name__ == '__main__':
-    util.run_main(main)
+    runtime.run_main(main)

@@ -13,10 +13,13 @@ import torch
 import torch.nn as nn
 
 import data
-import features
-import util
+import engine
+import options
+import runtime
+from checkpoint import Run, bare_state_dict, load_checkpoint
+from networks.from_checkpoint import build_encoder, checkpoint_model
 from networks.resnet_big import MODEL_NAMES, LinearClassifier
-from util import AverageMeter
+from util import AverageMeter, UserError, adjust_learning_rate, set_optimizer
 
 
 def parse_option(argv=None):
@@ -48,31 +51,33 @@ def parse_option(argv=None):
     parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
     parser.add_argument('--ckpt', type=str, default='', help='path to pre-trained model')
 
-    util.add_data_arguments(parser, test_folder=True)
-    util.add_runtime_arguments(parser)
+    data.add_arguments(parser, test_folder=True)
+    runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 
-    util.check_common_options(opt)
+    options.check_common_options(opt)
     if not opt.ckpt:
-        raise util.UserError('--ckpt is required: pass the pretraining checkpoint to evaluate,'
+        raise UserError('--ckpt is required: pass the pretraining checkpoint to evaluate,'
                              ' e.g. ./save/SupCon/cifar10_models/<run>/last.pth')
     if opt.dataset == 'path' and (opt.data_folder is None or opt.test_folder is None):
-        raise util.UserError('--dataset path needs --data_folder and --test_folder (one'
+        raise UserError('--dataset path needs --data_folder and --test_folder (one'
                              ' sub-folder per class each) and --mean/--std')
     if opt.data_folder is None:
         opt.data_folder = './datasets/'
-    opt.lr_decay_epochs = util.parse_decay_epochs(opt.lr_decay_epochs)
+    opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
-    # the checkpoint says which encoder it holds; --model, when given, must agree
-    opt.pretrained = util.load_checkpoint(opt.ckpt)
-    opt.model, opt.stem = features.checkpoint_model(opt.pretrained, opt.ckpt, opt.model)
+    # the checkpoint's options say which encoder it holds (read lazily: set_model loads
+    # the weights); --model, when given, must agree
+    saved = load_checkpoint(opt.ckpt, mmap=True)
+    opt.model, opt.stem = checkpoint_model(saved, opt.ckpt, opt.model)
+    del saved
 
     opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.\
         format(opt.dataset, opt.model, opt.learning_rate, opt.weight_decay, opt.batch_size)
     if opt.cosine:
         opt.model_name = '{}_cosine'.format(opt.model_name)
     # warm-up stays opt-in here, as in the reference's linear script
-    util.configure_warmup(opt, large_batch=None)
+    options.configure_warmup(opt, large_batch=None)
 
     # one folder per evaluated checkpoint, so evaluating several never mixes them
     ckpt_path = os.path.abspath(opt.ckpt)
@@ -89,18 +94,35 @@ def set_loader(opt):
     return data.classification_loaders(opt)
 
 
-def set_model(opt):
-    encoder, _ = features.build_encoder(opt.pretrained, opt.ckpt, opt.model)
+class FrozenEncoderClassifier(nn.Module):
+    """Logits of ``classifier`` on the features of ``encoder``, computed without gradient.
+
+    The encoder gets no gradient and, kept in eval mode by ``train``, never updates its
+    BatchNorm statistics: linear evaluation measures the pretrained features as they are.
+    """
+
+    def __init__(self, encoder, classifier):
+        super().__init__()
+        self.encoder, self.classifier = encoder, classifier
+
+    def forward(self, images):
+        with torch.no_grad():
+            features = self.encoder(images)
+        return self.classifier(features.detach())
+
+
+def set_model(opt, num_classes):
+    ckpt = load_checkpoint(opt.ckpt)
+    encoder, _ = build_encoder(ckpt, opt.ckpt, opt.model)
+    del ckpt
     # the frozen encoder: no gradients, BatchNorm statistics never updated
     encoder.requires_grad_(False)
-    opt.encoder_state = {k: v.clone() for k, v in encoder.state_dict().items()}
-    del opt.pretrained
 
-    classifier = LinearClassifier(name=opt.model, num_classes=opt.n_cls)
+    classifier = LinearClassifier(name=opt.model, num_classes=num_classes)
     criterion = nn.CrossEntropyLoss()
 
-    encoder = util.prepare_model(encoder, opt, parallel='')
-    classifier = util.prepare_model(classifier, opt, parallel=None)
+    encoder = runtime.prepare_model(encoder, opt, parallel='')
+    classifier = runtime.prepare_model(classifier, opt, parallel=None)
     return encoder, classifier, criterion
 
 
@@ -108,51 +130,48 @@ def train(train_loader, encoder, classifier, criterion, optimizer, scaler, epoch
     """One epoch of the classifier on frozen features; returns (loss, acc, stopped_at)."""
     encoder.eval()
     classifier.train()
-
-    def forward(images):
-        with torch.no_grad():
-            embedding = encoder(images)
-        return classifier(embedding.detach())
-
-    return util.train_classifier(train_loader, forward, criterion, optimizer, scaler, epoch,
-                                 opt, run)
+    model = FrozenEncoderClassifier(encoder, classifier)
+    return engine.train_classifier(train_loader, model, criterion, optimizer, scaler, epoch,
+                                   opt, run)
 
 
-def check_encoder_unchanged(encoder, opt):
+def check_encoder_unchanged(encoder, snapshot):
     """Linear evaluation is only meaningful if the encoder stayed exactly as loaded."""
-    for key, value in util.bare_state_dict(encoder).items():
-        if not torch.equal(value.cpu(), opt.encoder_state[key]):
+    for key, value in bare_state_dict(encoder).items():
+        if not torch.equal(value.cpu(), snapshot[key]):
             raise RuntimeError(f'the frozen encoder changed during linear evaluation ({key})')
 
 
 def main():
     best_acc = 0
     opt = parse_option()
-    util.setup_runtime(opt)
-    run = util.Run(opt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
-    util.print_options(opt)
+    runtime.setup_runtime(opt)
+    run = Run(opt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
+    options.print_options(opt)
 
     # build data loader
-    train_loader, train_sampler, val_loader = set_loader(opt)
+    train_loader, train_sampler, val_loader, num_classes = set_loader(opt)
 
     # build model and criterion
-    encoder, classifier, criterion = set_model(opt)
+    encoder, classifier, criterion = set_model(opt, num_classes)
+    encoder_snapshot = {k: v.detach().cpu().clone() for k, v in bare_state_dict(encoder).items()}
 
     # build optimizer: the classifier's weight and bias, nothing else
-    optimizer = util.set_optimizer(opt, classifier)
+    optimizer = set_optimizer(opt, classifier)
     assert len(optimizer.param_groups[0]['params']) == 2
-    scaler = util.make_scaler(opt)
+    scaler = runtime.make_scaler(opt)
 
     start_epoch = run.restore(classifier, optimizer, scaler)
     best_acc = run.extra.get('best_acc', best_acc)
     logger = run.logger
 
-    def evaluate(images):
-        return util.unwrap(classifier)(encoder(images))
+    # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
+    eval_model = FrozenEncoderClassifier(encoder, runtime.unwrap(classifier))
 
     # training routine
     for epoch in range(start_epoch, opt.epochs + 1):
         run.begin_epoch(epoch, train_sampler)
+        adjust_learning_rate(opt, optimizer, epoch)
 
         # train for one epoch
         time1 = time.time()
@@ -161,13 +180,14 @@ def main():
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
         time2 = time.time()
-        if util.is_main_process():
+        if runtime.is_main_process():
             print('Train epoch {}, total time {:.2f}, accuracy:{:.2f}'.format(
                 epoch, time2 - time1, acc), flush=True)
 
         # eval for one epoch
-        util.unwrap(classifier).eval()
-        val_loss, val_acc, _ = util.validate(val_loader, evaluate, criterion, opt)
+        eval_model.eval()
+        val_loss, val_acc, _ = engine.validate(val_loader, eval_model, criterion, opt,
+                                               num_classes)
         if val_acc > best_acc:
             best_acc = val_acc
 
@@ -184,10 +204,10 @@ def main():
 
     run.save('last.pth', opt.epochs)
     run.close()
-    check_encoder_unchanged(encoder, opt)
-    if util.is_main_process():
+    check_encoder_unchanged(encoder, encoder_snapshot)
+    if runtime.is_main_process():
         print('best accuracy: {:.2f}'.format(best_acc))
 
 
 if __name__ == '__main__':
-    util.run_main(main)
+    runtime.run_main(main)

@@ -10,10 +10,15 @@ import time
 import torch
 
 import data
-import util
+from augment import supcon_transform
+import options
+import runtime
+from checkpoint import Run
 from losses import SupConLoss
+from sampling import build_loader
 from networks.resnet_big import MODEL_NAMES, STEMS, SupConResNet
-from util import AverageMeter
+from util import AverageMeter, UserError, adjust_learning_rate, set_optimizer, \
+    warmup_learning_rate
 
 
 def parse_option(argv=None):
@@ -54,26 +59,26 @@ def parse_option(argv=None):
                         help='every N epochs, print and log a kNN top-1 accuracy of the test'
                              ' split (0 = off)')
 
-    util.add_data_arguments(parser, test_folder=True)
-    util.add_runtime_arguments(parser)
+    data.add_arguments(parser, test_folder=True)
+    runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 
-    util.check_choice(opt.model, MODEL_NAMES, '--model')
-    util.check_choice(opt.stem, STEMS, '--stem')
-    util.check_choice(opt.method, ('SupCon', 'SimCLR'), '--method')
-    util.check_common_options(opt)
+    options.check_choice(opt.model, MODEL_NAMES, '--model')
+    options.check_choice(opt.stem, STEMS, '--stem')
+    options.check_choice(opt.method, ('SupCon', 'SimCLR'), '--method')
+    options.check_common_options(opt)
     if opt.temp <= 0:
-        raise util.UserError(f'--temp must be positive, got {opt.temp}')
+        raise UserError(f'--temp must be positive, got {opt.temp}')
     if opt.knn_every < 0:
-        raise util.UserError(f'--knn_every must be 0 (off) or more, got {opt.knn_every}')
+        raise UserError(f'--knn_every must be 0 (off) or more, got {opt.knn_every}')
     if opt.dataset == 'path' and opt.data_folder is None:
-        raise util.UserError('--dataset path needs --data_folder (one sub-folder per class)'
+        raise UserError('--dataset path needs --data_folder (one sub-folder per class)'
                              ' and --mean/--std, e.g. --mean "(0.4914, 0.4822, 0.4465)"')
     if opt.data_folder is None:
         opt.data_folder = './datasets/'
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
-    opt.lr_decay_epochs = util.parse_decay_epochs(opt.lr_decay_epochs)
+    opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
     opt.model_name = '{}_{}_{}_lr_{}_decay_{}_bsz_{}_temp_{}_trial_{}'.\
         format(opt.method, opt.dataset, opt.model, opt.learning_rate,
@@ -81,7 +86,7 @@ def parse_option(argv=None):
     if opt.cosine:
         opt.model_name = '{}_cosine'.format(opt.model_name)
     # warm-up for large-batch training (forced above 256, as the reference)
-    util.configure_warmup(opt, large_batch=256)
+    options.configure_warmup(opt, large_batch=256)
     if opt.stem != 'cifar':  # the reference's names stay unchanged for its own stem
         opt.model_name = '{}_stem_{}'.format(opt.model_name, opt.stem)
 
@@ -92,21 +97,20 @@ def parse_option(argv=None):
 
 def set_loader(opt):
     mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
-    train_transform = data.supcon_transform(opt.size, mean, std)
-    with util.main_process_first():
+    train_transform = supcon_transform(opt.size, mean, std)
+    with runtime.main_process_first():
         train_dataset = data.build_dataset(opt.dataset, 'train', train_transform,
                                            data_folder=opt.data_folder)
-    train_loader, train_sampler = data.build_loader(
+    train_loader, train_sampler = build_loader(
         train_dataset, opt.local_batch_size, shuffle=True, seed=opt.seed, rank=opt.rank,
         world_size=opt.world_size, num_workers=opt.num_workers, pin_memory=opt.pin_memory)
-    opt.steps_per_epoch = len(train_loader)
     return train_loader, train_sampler
 
 
 def set_model(opt):
     model = SupConResNet(name=opt.model, stem=opt.stem)
     criterion = SupConLoss(temperature=opt.temp)
-    model = util.prepare_model(model, opt, parallel='encoder')
+    model = runtime.prepare_model(model, opt, parallel='encoder')
     return model, criterion
 
 
@@ -118,6 +122,7 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
     data_time = AverageMeter()
     losses = run.meters['loss']
     start = run.epoch_start_step(epoch)
+    total_steps = start + len(train_loader)  # a resumed epoch's loader holds only the rest
 
     end = time.time()
     for i, (images, labels) in enumerate(train_loader):
@@ -125,15 +130,15 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
         data_time.update(time.time() - end)
 
         images = torch.cat([images[0], images[1]], dim=0)
-        images = util.to_device(images, opt)
+        images = runtime.to_device(images, opt)
         labels = labels.to(opt.device, non_blocking=True)
         bsz = labels.shape[0]
 
         # warm-up learning rate
-        util.warmup_learning_rate(opt, epoch, step, opt.steps_per_epoch, optimizer)
+        warmup_learning_rate(opt, epoch, step, total_steps, optimizer)
 
         # compute loss (SupConLoss works in float32 whatever autocast does)
-        with util.autocast(opt):
+        with runtime.autocast(opt):
             features = model(images)
         f1, f2 = torch.split(features, [bsz, bsz], dim=0)
         features = torch.cat([f1.unsqueeze(1), f2.unsqueeze(1)], dim=1)
@@ -149,9 +154,9 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
         scaler.update()
 
         # one host sync a step: loss over ranks, NaN check, a stop all ranks agree on
-        loss_sum, n, stop = util.step_statistics(opt, loss.detach() * bsz, bsz,
+        loss_sum, n, stop = runtime.step_statistics(opt, loss.detach() * bsz, bsz,
                                                  run.stop.requested)
-        util.check_finite(loss_sum, epoch, step + 1, opt)
+        runtime.check_finite(loss_sum, epoch, step + 1, opt)
         losses.update(loss_sum / n, n)
 
         # measure elapsed time
@@ -159,12 +164,12 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
         end = time.time()
 
         # print info
-        if (step + 1) % opt.print_freq == 0 and util.is_main_process():
+        if (step + 1) % opt.print_freq == 0 and runtime.is_main_process():
             print('Train: [{0}][{1}/{2}]\t'
                   'BT {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
                   'DT {data_time.val:.3f} ({data_time.avg:.3f})\t'
                   'loss {loss.val:.3f} ({loss.avg:.3f})'.format(
-                      epoch, step + 1, opt.steps_per_epoch, batch_time=batch_time,
+                      epoch, step + 1, total_steps, batch_time=batch_time,
                       data_time=data_time, loss=losses), flush=True)
         if stop:
             return losses.avg, step + 1
@@ -173,9 +178,9 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
 
 def main():
     opt = parse_option()
-    util.setup_runtime(opt)
-    run = util.Run(opt, meters={'loss': AverageMeter()})
-    util.print_options(opt)
+    runtime.setup_runtime(opt)
+    run = Run(opt, meters={'loss': AverageMeter()})
+    options.print_options(opt)
 
     # build data loader
     train_loader, train_sampler = set_loader(opt)
@@ -184,8 +189,8 @@ def main():
     model, criterion = set_model(opt)
 
     # build optimizer
-    optimizer = util.set_optimizer(opt, model)
-    scaler = util.make_scaler(opt)
+    optimizer = set_optimizer(opt, model)
+    scaler = runtime.make_scaler(opt)
 
     # resume, checkpoints and tensorboard
     start_epoch = run.restore(model, optimizer, scaler)
@@ -198,6 +203,7 @@ def main():
     # training routine
     for epoch in range(start_epoch, opt.epochs + 1):
         run.begin_epoch(epoch, train_sampler)
+        adjust_learning_rate(opt, optimizer, epoch)
 
         # train for one epoch
         time1 = time.time()
@@ -206,14 +212,14 @@ def main():
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
         time2 = time.time()
-        if util.is_main_process():
+        if runtime.is_main_process():
             print('epoch {}, total time {:.2f}'.format(epoch, time2 - time1), flush=True)
 
         # tensorboard logger
         logger.log_value('loss', loss, epoch)
         logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
         if knn_monitor is not None and epoch % opt.knn_every == 0:
-            knn_acc = knn_monitor(util.unwrap(model).encoder, epoch)
+            knn_acc = knn_monitor(runtime.unwrap(model).encoder, epoch)
             logger.log_value('knn_acc', knn_acc, epoch)
         logger.flush()
 
@@ -221,10 +227,10 @@ def main():
 
     # save the last model
     save_file = run.save('last.pth', opt.epochs)
-    if util.is_main_process():
+    if runtime.is_main_process():
         print(f'saved {save_file}')
     run.close()
 
 
 if __name__ == '__main__':
-    util.run_main(main)
+    runtime.run_main(main)

@@ -19,9 +19,14 @@ from sklearn.manifold import TSNE  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 import data  # noqa: E402
-import util  # noqa: E402
-from features import build_encoder, build_head, checkpoint_method, extract_features  # noqa: E402
+import runtime  # noqa: E402
+from augment import test_transform  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from features import extract_features  # noqa: E402
+from networks.from_checkpoint import build_encoder, build_head, checkpoint_method  # noqa: E402
 from networks.resnet_big import MODEL_NAMES  # noqa: E402
+from sampling import build_loader  # noqa: E402
+from util import UserError  # noqa: E402
 
 FIGSIZE, DPI = (5, 5), 100  # 500x500 px: small enough to commit next to the code
 
@@ -46,40 +51,29 @@ def parse_option(argv=None):
     parser.add_argument('--num_workers', type=int, default=16,
                         help='data loading workers, capped at the CPUs present')
 
-    util.add_data_arguments(parser, test_folder=True)
-    group = parser.add_argument_group('runtime')
-    group.add_argument('--device', type=str, default='auto',
-                       help='auto (CUDA when present, else CPU), cpu, cuda or cuda:N')
-    group.add_argument('--amp', action='store_true',
-                       help='mixed precision for the encoder (features are kept in float32)')
-    group.add_argument('--seed', type=int, default=0,
-                       help='picks the subset of test images and seeds t-SNE')
+    data.add_arguments(parser, test_folder=True)
+    runtime.add_runtime_arguments(parser, training=False)
     opt = parser.parse_args(argv)
 
     if opt.max_samples < 2:
-        raise util.UserError(f'--max_samples must be at least 2 (t-SNE needs two points),'
-                             f' got {opt.max_samples}')
+        raise UserError(f'--max_samples must be at least 2 (t-SNE needs two points),'
+                        f' got {opt.max_samples}')
     if opt.perplexity <= 0:
-        raise util.UserError(f'--perplexity must be positive, got {opt.perplexity}')
+        raise UserError(f'--perplexity must be positive, got {opt.perplexity}')
     for name in ('size', 'batch_size_val'):
         if getattr(opt, name) < 1:
-            raise util.UserError(f'--{name} must be a positive integer, got {getattr(opt, name)}')
+            raise UserError(f'--{name} must be a positive integer, got {getattr(opt, name)}')
     if opt.num_workers < 0:
-        raise util.UserError(f'--num_workers must be 0 or more, got {opt.num_workers}')
+        raise UserError(f'--num_workers must be 0 or more, got {opt.num_workers}')
     if not opt.ckpt:
-        raise util.UserError('--ckpt is required: pass the checkpoint to draw, e.g.'
-                             ' ./save/SupCon/cifar10_models/<run>/last.pth')
+        raise UserError('--ckpt is required: pass the checkpoint to draw, e.g.'
+                        ' ./save/SupCon/cifar10_models/<run>/last.pth')
     if opt.dataset == 'path' and opt.test_folder is None:
-        raise util.UserError('--dataset path needs --test_folder (one sub-folder per class)'
-                             ' and --mean/--std')
+        raise UserError('--dataset path needs --test_folder (one sub-folder per class)'
+                        ' and --mean/--std')
     if opt.data_folder is None:
         opt.data_folder = './datasets/'
 
-    # what util.setup_runtime reads; the flags that would do nothing here are not offered
-    opt.batch_size = opt.batch_size_val
-    opt.amp_dtype, opt.channels_last, opt.compile = 'auto', None, False
-
-    opt.pretrained = util.load_checkpoint(opt.ckpt)
     if opt.out is None:
         stem = os.path.splitext(os.path.basename(opt.ckpt))[0]
         opt.out = os.path.join(os.path.dirname(os.path.abspath(opt.ckpt)),
@@ -107,38 +101,39 @@ def stratified_subset(targets, max_samples, seed):
 
 
 def set_loader(opt):
+    """The loader of a fixed class-balanced subset of the test split, and the class names."""
     mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
-    with util.main_process_first():
+    with runtime.main_process_first():
         test_dataset = data.build_dataset(
-            opt.dataset, 'test', data.test_transform(opt.size, mean, std),
+            opt.dataset, 'test', test_transform(opt.size, mean, std),
             data_folder=opt.data_folder, test_folder=opt.test_folder)
-    opt.class_names = list(test_dataset.classes)
-    if opt.num_classes is not None and opt.num_classes != len(opt.class_names):
-        raise util.UserError(f'--num_classes {opt.num_classes} does not match the'
-                             f' {len(opt.class_names)} classes of the test data; drop'
-                             f' --num_classes or fix it')
+    class_names = list(test_dataset.classes)
+    if opt.num_classes is not None and opt.num_classes != len(class_names):
+        raise UserError(f'--num_classes {opt.num_classes} does not match the'
+                        f' {len(class_names)} classes of the test data; drop'
+                        f' --num_classes or fix it')
     subset = stratified_subset(test_dataset.targets, opt.max_samples, opt.seed)
-    opt.num_points = len(subset)
-    loader, _ = data.build_loader(
+    loader, _ = build_loader(
         torch.utils.data.Subset(test_dataset, subset.tolist()), opt.local_batch_size_val,
         shuffle=False, seed=opt.seed, rank=opt.rank, world_size=opt.world_size,
         num_workers=opt.num_workers, pin_memory=opt.pin_memory, pad=False)
-    return loader
+    return loader, class_names
 
 
 def set_model(opt):
-    ckpt = opt.pretrained
-    opt.method = checkpoint_method(ckpt)
-    opt.epoch = ckpt.get('epoch')
-    encoder, opt.model = build_encoder(ckpt, opt.ckpt, opt.model)
-    head = build_head(ckpt, opt.ckpt, opt.model) if opt.features == 'head' else None
-    del opt.pretrained
+    """(encoder, head or None, title): the checkpoint's networks, frozen, and what they are."""
+    ckpt = load_checkpoint(opt.ckpt)
+    encoder, model = build_encoder(ckpt, opt.ckpt, opt.model)
+    head = build_head(ckpt, opt.ckpt, model) if opt.features == 'head' else None
+    epoch = '?' if ckpt.get('epoch') is None else ckpt['epoch']
+    title = f'{checkpoint_method(ckpt)} · {model} · epoch {epoch}'
+    del ckpt
     # frozen: nothing to train, so no DDP wrapper under torchrun either
     encoder.requires_grad_(False)
-    encoder = util.prepare_model(encoder, opt, parallel=None)
+    encoder = runtime.prepare_model(encoder, opt, parallel=None)
     if head is not None:
         head = head.requires_grad_(False).to(opt.device)
-    return encoder, head
+    return encoder, head, title
 
 
 def embed(features, opt):
@@ -151,8 +146,7 @@ def embed(features, opt):
         return tsne.fit_transform(features.numpy().astype(np.float64))
 
 
-def plot(points, labels, opt):
-    names = opt.class_names
+def plot(points, labels, names, title, opt):
     n = len(names)
     if n <= 10:
         colours = plt.get_cmap('tab10').colors
@@ -167,8 +161,7 @@ def plot(points, labels, opt):
         if mask.any():
             ax.scatter(points[mask, 0], points[mask, 1], s=6, color=colours[c], label=names[c],
                        linewidths=0, alpha=0.8)
-    epoch = '?' if opt.epoch is None else opt.epoch
-    ax.set_title(f'{opt.method} · {opt.model} · epoch {epoch}', fontsize=11, pad=14)
+    ax.set_title(title, fontsize=11, pad=14)
     ax.text(0.5, 1.01, f'{opt.dataset} test, {len(labels)} images, {opt.features} features',
             transform=ax.transAxes, ha='center', va='bottom', fontsize=7, color='0.4')
     ax.set_xticks([])
@@ -184,33 +177,33 @@ def plot(points, labels, opt):
 
 def main():
     opt = parse_option()
-    util.setup_runtime(opt)
+    runtime.setup_runtime(opt)
 
     # build data loader
-    loader = set_loader(opt)
+    loader, class_names = set_loader(opt)
 
     # build model
-    encoder, head = set_model(opt)
+    encoder, head, title = set_model(opt)
 
     # extract features (every rank's share, gathered) and embed them on the main process
-    if util.is_main_process():
-        print(f'extracting {opt.features} features of {opt.num_points} {opt.dataset} test images'
-              f' with {opt.ckpt}', flush=True)
+    if runtime.is_main_process():
+        print(f'extracting {opt.features} features of {len(loader.dataset)} {opt.dataset} test'
+              f' images with {opt.ckpt}', flush=True)
     features, labels = extract_features(encoder, loader, opt, head=head, desc='test split')
-    if not util.is_main_process():
+    if not runtime.is_main_process():
         return
     start = time.time()
     print(f'running t-SNE on {features.shape[0]} x {features.shape[1]} features', flush=True)
     points = embed(features, opt)
     print(f't-SNE done in {time.time() - start:.1f} s', flush=True)
 
-    fig = plot(points, labels.numpy(), opt)
+    fig = plot(points, labels.numpy(), class_names, title, opt)
     try:
         os.makedirs(os.path.dirname(os.path.abspath(opt.out)), exist_ok=True)
         fig.savefig(opt.out, dpi=DPI)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise util.UserError(f'--out {opt.out}: cannot write the figure ({reason}); pass a'
+        raise UserError(f'--out {opt.out}: cannot write the figure ({reason}); pass a'
                              f' writable path ending in .png') from None
     finally:
         plt.close(fig)
@@ -218,4 +211,4 @@ def main():
 
 
 if __name__ == '__main__':
-    util.run_main(main)
+    runtime.run_main(main)

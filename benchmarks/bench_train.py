@@ -30,7 +30,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-# name: main_supcon.py flags. --amp means bfloat16 on CPU and on GPUs that support it (see util.configure_precision)
+# name: main_supcon.py flags. --amp means bfloat16 on CPU and on GPUs that support it (see runtime.configure_precision)
 # and turns channels_last on unless --no-channels_last is given.
 CONFIGS = {
     'fp32': [],
@@ -43,10 +43,8 @@ CONFIGS = {
     'compile': ['--compile'],
     'amp+compile': ['--amp', '--compile'],
     'amp-fp16+compile': ['--amp', '--amp_dtype', 'float16', '--compile'],
-    'amp-onednn-wgrad': ['--amp'],  # with the environment below
+    'amp-onednn-wgrad': ['--amp', '--cpu_bf16_wgrad', 'onednn'],
 }
-# environment per configuration: amp-onednn-wgrad turns off networks/conv.py's matmul weight gradient
-CONFIG_ENV = {'amp-onednn-wgrad': {'SUPCON_CONV_WGRAD': 'onednn'}}
 DEFAULT_CONFIGS = {
     'cpu': ['fp32', 'amp', 'amp-onednn-wgrad', 'amp-no-cl', 'fp32+cl', 'compile', 'amp+compile'],
     'cuda': ['fp32', 'fp32+cl', 'amp', 'amp-no-cl', 'amp-fp16', 'compile', 'amp+compile'],
@@ -91,15 +89,17 @@ class TimedBatches:
 
 def build_run(argv):
     """Everything main_supcon.main() builds before its epoch loop, in the same order."""
+    import checkpoint
     import main_supcon
+    import runtime
     import util
     opt = main_supcon.parse_option(argv)
-    util.setup_runtime(opt)
-    run = util.Run(opt, meters={'loss': util.AverageMeter()})
+    runtime.setup_runtime(opt)
+    run = checkpoint.Run(opt, meters={'loss': util.AverageMeter()})
     train_loader, train_sampler = main_supcon.set_loader(opt)
     model, criterion = main_supcon.set_model(opt)
     optimizer = util.set_optimizer(opt, model)
-    scaler = util.make_scaler(opt)
+    scaler = runtime.make_scaler(opt)
     run.restore(model, optimizer, scaler)
     return opt, run, train_loader, train_sampler, model, criterion, optimizer, scaler
 
@@ -117,7 +117,7 @@ def script_argv(args, config):
 def describe(opt):
     return {'amp_dtype': opt.amp_dtype if opt.amp else 'float32', 'channels_last': bool(opt.channels_last),
             'compile': bool(opt.compile), 'num_workers': opt.num_workers, 'device': str(opt.device),
-            'conv_wgrad': os.environ.get('SUPCON_CONV_WGRAD') or 'matmul'}
+            'conv_wgrad': opt.cpu_bf16_wgrad}
 
 
 def peak_memory(opt):
@@ -136,7 +136,7 @@ def measure_steps(args, config):
     data = [g - a for a, g in zip(batches.asked, batches.got)]
     timed, timed_data = steps[args.warmup:], data[args.warmup:]
     return dict(describe(opt), kind='steps', loss=loss, batch_size=opt.batch_size,
-                steps_per_epoch=opt.steps_per_epoch, warmup_s=sum(steps[:args.warmup]),
+                steps_per_epoch=len(loader), warmup_s=sum(steps[:args.warmup]),
                 step_s=statistics.median(timed), data_share=sum(timed_data) / sum(timed),
                 peak_gib=peak_memory(opt))
 
@@ -153,7 +153,7 @@ def measure_epoch(args, config):
     loss, _ = main_supcon.train(loader, model, criterion, optimizer, scaler, 2, opt, run)
     epoch_s = time.perf_counter() - start
     return dict(describe(opt), kind='epoch', loss=loss, batch_size=opt.batch_size,
-                steps_per_epoch=opt.steps_per_epoch, warmup_s=sum(b - a for a, b in zip(warm.asked, warm.asked[1:])),
+                steps_per_epoch=len(loader), warmup_s=sum(b - a for a, b in zip(warm.asked, warm.asked[1:])),
                 epoch_s=epoch_s, images=len(loader.dataset), peak_gib=peak_memory(opt))
 
 
@@ -172,7 +172,7 @@ def run_config_in_subprocess(args, config):
         command.append('--epoch_time')
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                              env=dict(os.environ, **CONFIG_ENV.get(config, {})))
+                              env=dict(os.environ))
     except subprocess.TimeoutExpired:
         return None, f'timed out after {args.timeout} s'
     lines = [line for line in done.stdout.splitlines() if line.startswith('{')]

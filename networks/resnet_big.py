@@ -2,14 +2,11 @@
 
 Module names and nesting follow the reference SupContrast `networks/resnet_big.py` exactly, so
 state dicts written by the reference code load here without renaming (and vice versa).
-Convolutions are ``networks.conv.Conv2d``: ``nn.Conv2d`` with the same parameters, plus a faster
-weight gradient for small maps under CPU bfloat16 autocast.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.conv import Conv2d
 
 STEMS = ('cifar', 'imagenet')
 
@@ -23,7 +20,7 @@ def shortcut(in_planes, out_planes, stride):
     if stride == 1 and in_planes == out_planes:
         return nn.Sequential()
     return nn.Sequential(
-        Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
+        nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
         nn.BatchNorm2d(out_planes),
     )
 
@@ -34,9 +31,9 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes, planes, stride=1, is_last=False):
         super().__init__()
         self.is_last = is_last
-        self.conv1 = Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
 
         self.shortcut = shortcut(in_planes, self.expansion * planes, stride)
@@ -59,11 +56,11 @@ class Bottleneck(nn.Module):
     def __init__(self, in_planes, planes, stride=1, is_last=False):
         super().__init__()
         self.is_last = is_last
-        self.conv1 = Conv2d(in_planes, planes, kernel_size=1, bias=False)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = Conv2d(planes, self.expansion * planes, kernel_size=1, bias=False)
+        self.conv3 = nn.Conv2d(planes, self.expansion * planes, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(self.expansion * planes)
 
         self.shortcut = shortcut(in_planes, self.expansion * planes, stride)
@@ -97,11 +94,11 @@ class ResNet(nn.Module):
         self.in_planes = 64
 
         if stem == 'cifar':
-            self.conv1 = Conv2d(in_channel, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_channel, 64, kernel_size=3, stride=1, padding=1, bias=False)
             # Identity keeps forward() branch-free; it has no parameters, so no extra keys.
             self.maxpool = nn.Identity()
         else:
-            self.conv1 = Conv2d(in_channel, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_channel, 64, kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(64)
         self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
@@ -135,7 +132,8 @@ class ResNet(nn.Module):
             self.in_planes = planes * block.expansion
         return nn.Sequential(*layers)
 
-    def forward(self, x):
+    def forward(self, x, layer=100):
+        # ``layer`` is the reference's signature (its value is never used there either)
         out = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         out = self.layer1(out)
         out = self.layer2(out)
@@ -222,6 +220,19 @@ class SupCEResNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.encoder(x))
+
+
+class LinearBatchNorm(nn.Module):
+    """BatchNorm over a [N, dim] batch done by BatchNorm2d on [N, dim, 1, 1], as the reference has it
+    (so that SyncBatchNorm's conversion, which handles 2-d BatchNorm, applies to it too)."""
+
+    def __init__(self, dim, affine=True):
+        super().__init__()
+        self.dim = dim
+        self.bn = nn.BatchNorm2d(dim, affine=affine)
+
+    def forward(self, x):
+        return self.bn(x.view(-1, self.dim, 1, 1)).view(-1, self.dim)
 
 
 class LinearClassifier(nn.Module):

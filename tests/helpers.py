@@ -98,7 +98,7 @@ def _serve(spec_path):
     sys.path.insert(0, str(REPO))
     import importlib
     modules = {script: importlib.import_module(script) for script in SCRIPTS}
-    import util
+    import runtime
     codes = {}
     for case in spec:
         sys.stdout.flush()
@@ -106,14 +106,14 @@ def _serve(spec_path):
         pid = os.fork()
         if pid == 0:
             try:
-                _child(case, modules[case['script']], util)  # ends with os._exit
+                _child(case, modules[case['script']], runtime)  # ends with os._exit
             finally:
                 os._exit(70)  # never fall back into this loop in the child
         codes[case['name']] = _wait(pid, case['timeout'])
     Path(spec_path).with_name('results.json').write_text(json.dumps(codes))
 
 
-def _child(case, module, util):
+def _child(case, module, runtime):
     """Be ``python <script>.py args`` as far as the script can tell; never returns."""
     os.setpgid(0, 0)  # its DataLoader workers share its group, for a clean kill on timeout
     os.chdir(case['cwd'])
@@ -124,7 +124,7 @@ def _child(case, module, util):
     sys.argv = [module.__file__] + case['args']
     code = 0
     try:
-        util.run_main(module.main)
+        runtime.run_main(module.main)
     except SystemExit as exc:  # as the interpreter maps sys.exit(arg) to an exit code
         code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
         if not isinstance(exc.code, (int, type(None))):
@@ -170,7 +170,7 @@ def write_image_folder(root, counts, size=16, seed=0):
 def write_cifar10(data_folder, n_train, n_test, seed=0):
     """CIFAR-10 in its real layout (cifar-10-batches-py/, five data batches, test_batch and
     batches.meta, pickled as Python 2 wrote them) with ``n_train`` training images."""
-    from test_data import CIFAR10_NAMES, py2_pickle  # the writer test_data.py checks data.py with
+    from test_cifar import CIFAR10_NAMES, py2_pickle  # the writer test_cifar.py checks cifar.py with
     rng = np.random.default_rng(seed)
     folder = Path(data_folder) / 'cifar-10-batches-py'
     folder.mkdir(parents=True)
@@ -228,13 +228,14 @@ def save_reference_checkpoint(path, model='resnet18', seed=0, record_model=True,
 def save_our_checkpoint(path, model='resnet18', seed=0):
     """A checkpoint as main_supcon.py writes it (plain-dict opt, bare keys)."""
     import torch
-    import util
+    import checkpoint
+    import options
     from networks.resnet_big import SupConResNet
     torch.manual_seed(seed)
     net = SupConResNet(name=model)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
-    opt = util.plain_options(reference_options(model=model))
-    util.save_checkpoint({'model': net.state_dict(), 'optimizer': optimizer.state_dict(),
+    opt = options.plain_options(reference_options(model=model))
+    checkpoint.save_checkpoint({'model': net.state_dict(), 'optimizer': optimizer.state_dict(),
                           'epoch': 1, 'opt': opt}, str(path))
     return net.state_dict()
 

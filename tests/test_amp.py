@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 
 import util
+import checkpoint
+import runtime
 from helpers import describe, run_script, write_image_folder
 from losses import SupConLoss
 from networks.resnet_big import SupConResNet
@@ -37,11 +39,11 @@ def one_thread():
 def runtime_options(argv, device='cpu'):
     """The runtime flags as the scripts parse them, resolved by configure_precision."""
     parser = argparse.ArgumentParser()
-    util.add_runtime_arguments(parser)
+    runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
     opt.device = torch.device(device)
     opt.distributed = False
-    util.configure_precision(opt)
+    runtime.configure_precision(opt)
     return opt
 
 
@@ -69,15 +71,15 @@ def test_cpu_float16_is_a_user_error():
 
 @pytest.mark.parametrize('argv', [[], ['--amp']])
 def test_scaler_is_disabled_on_cpu(argv):
-    assert not util.make_scaler(runtime_options(argv)).is_enabled()
+    assert not runtime.make_scaler(runtime_options(argv)).is_enabled()
 
 
 @CUDA
 def test_cuda_float16_gets_an_enabled_scaler_and_bfloat16_none():
     opt = runtime_options(['--amp', '--amp_dtype', 'float16'], 'cuda')
-    assert opt.amp_torch_dtype == torch.float16 and util.make_scaler(opt).is_enabled()
+    assert opt.amp_torch_dtype == torch.float16 and runtime.make_scaler(opt).is_enabled()
     opt = runtime_options(['--amp', '--amp_dtype', 'bfloat16'], 'cuda')
-    assert not util.make_scaler(opt).is_enabled()
+    assert not runtime.make_scaler(opt).is_enabled()
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert runtime_options(['--amp'], 'cuda').amp_torch_dtype == expected
 
@@ -88,10 +90,10 @@ def test_cuda_float16_gets_an_enabled_scaler_and_bfloat16_none():
 def test_autocast_model_output_is_half_and_loss_float32(device):
     opt = runtime_options(['--amp', '--amp_dtype', 'bfloat16'], device)
     torch.manual_seed(0)
-    model = util.prepare_model(SupConResNet('resnet18'), opt)
-    images = util.to_device(torch.randn(8, 3, 8, 8), opt)
+    model = runtime.prepare_model(SupConResNet('resnet18'), opt)
+    images = runtime.to_device(torch.randn(8, 3, 8, 8), opt)
     labels = torch.tensor([0, 1, 0, 1], device=opt.device)
-    with util.autocast(opt):
+    with runtime.autocast(opt):
         trunk = model.encoder(images)
         features = model(images)
         loss = SupConLoss(temperature=0.1)(torch.stack(features.split(4), dim=1), labels)
@@ -106,7 +108,7 @@ def test_autocast_model_output_is_half_and_loss_float32(device):
 
 def test_autocast_is_a_no_op_without_amp():
     opt = runtime_options([])
-    with util.autocast(opt):
+    with runtime.autocast(opt):
         assert not torch.is_autocast_enabled('cpu')
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
@@ -126,7 +128,7 @@ def contiguous_and_channels_last_models(device='cpu', seed=0):
     models = {}
     for channels_last in (False, True):
         opt = runtime_options(['--channels_last' if channels_last else '--no-channels_last'], device)
-        models[channels_last] = (util.prepare_model(copy.deepcopy(model), opt), opt)
+        models[channels_last] = (runtime.prepare_model(copy.deepcopy(model), opt), opt)
     return models
 
 
@@ -135,9 +137,9 @@ def test_channels_last_model_and_input_really_are_nhwc():
     model, opt = models[True]
     conv = model.encoder.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    images = util.to_device(torch.randn(2, 3, 8, 8), opt)
+    images = runtime.to_device(torch.randn(2, 3, 8, 8), opt)
     assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
-    assert util.to_device(torch.randn(2, 3, 8, 8), models[False][1]).is_contiguous()
+    assert runtime.to_device(torch.randn(2, 3, 8, 8), models[False][1]).is_contiguous()
 
 
 @pytest.mark.parametrize('device', DEVICES)
@@ -147,8 +149,8 @@ def test_channels_last_eval_outputs_match_contiguous(device, ieee_fp32):
     for channels_last, (model, opt) in contiguous_and_channels_last_models(device).items():
         model.eval()
         with torch.no_grad():
-            outputs[channels_last] = (model(util.to_device(images, opt)).float().cpu(),
-                                      model.encoder(util.to_device(images, opt)).float().cpu())
+            outputs[channels_last] = (model(runtime.to_device(images, opt)).float().cpu(),
+                                      model.encoder(runtime.to_device(images, opt)).float().cpu())
     for a, b in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
@@ -163,7 +165,7 @@ def test_channels_last_training_step_matches_contiguous(device, ieee_fp32):
     for channels_last, (model, opt) in contiguous_and_channels_last_models(device).items():
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        images = util.to_device(torch.cat([views[0], views[1]]), opt)
+        images = runtime.to_device(torch.cat([views[0], views[1]]), opt)
         f1, f2 = model(images).split(4)
         loss = SupConLoss(temperature=0.1)(torch.stack([f1, f2], dim=1), labels.to(opt.device))
         optimizer.zero_grad()
@@ -184,10 +186,10 @@ def test_channels_last_training_step_matches_contiguous(device, ieee_fp32):
 # --------------------------------------------------------------------------- torch.compile through prepare_model
 
 def compiled_step(model, opt, images):
-    model = util.prepare_model(model, opt)
-    assert hasattr(model, '_orig_mod') and util.unwrap(model) is model._orig_mod
-    with util.autocast(opt):
-        out = model(util.to_device(images, opt))
+    model = runtime.prepare_model(model, opt)
+    assert hasattr(model, '_orig_mod') and runtime.unwrap(model) is model._orig_mod
+    with runtime.autocast(opt):
+        out = model(runtime.to_device(images, opt))
     out.float().square().mean().backward()
     return model, out
 
@@ -201,7 +203,7 @@ def test_compile_through_prepare_model_small_net():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     # checkpoints of a compiled model carry the bare keys
-    assert util.bare_state_dict(model).keys() == reference.state_dict().keys()
+    assert checkpoint.bare_state_dict(model).keys() == reference.state_dict().keys()
 
 
 @pytest.mark.slow
@@ -217,7 +219,7 @@ def test_compile_through_prepare_model_resnet18():
     out_eager = eager(images)
     out_eager.square().mean().backward()
     torch.testing.assert_close(out, out_eager, rtol=1e-4, atol=1e-4)
-    for (name, p), q in zip(util.unwrap(model).named_parameters(), eager.parameters()):
+    for (name, p), q in zip(runtime.unwrap(model).named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f'{name}: {m}')
 
 
@@ -255,7 +257,7 @@ def test_script_runs_an_epoch_under_amp(amp_runs, script):
     assert result.returncode == 0, describe(result)
     losses = [float(value) for value in LOSS_VALUE.findall(result.stdout)]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses), result.stdout
-    ckpt = util.load_checkpoint(last_checkpoint(cwd), flag='--ckpt')
+    ckpt = checkpoint.load_checkpoint(last_checkpoint(cwd), flag='--ckpt')
     assert ckpt['opt']['amp'] is True and ckpt['opt']['amp_dtype'] == 'bfloat16'
     assert ckpt['opt']['channels_last'] is True
     assert ckpt['epoch'] == 1

@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import util
-from data import SeededDataset, build_loader
+import checkpoint
+import engine
+import runtime
+from sampling import SeededDataset, build_loader
 from losses import SupConLoss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +88,7 @@ def sgd_steps(model, view1, view2, labels, steps=2):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return {k: v.detach().cpu().clone() for k, v in util.bare_state_dict(model).items()}
+    return {k: v.detach().cpu().clone() for k, v in checkpoint.bare_state_dict(model).items()}
 
 
 def _init_gloo(rank, port):
@@ -202,10 +205,11 @@ def _validate(rank, world_size):
     dataset, classifier = _validation_case()
     loader, sampler = build_loader(dataset, 2, shuffle=False, seed=0, rank=rank,
                                    world_size=world_size, pad=False)
-    opt = argparse.Namespace(n_cls=6, device=torch.device('cpu'), print_freq=1000,
+    opt = argparse.Namespace(device=torch.device('cpu'), print_freq=1000,
                              amp_torch_dtype=None, channels_last=False)
     classifier.eval()
-    return util.validate(loader, classifier, nn.CrossEntropyLoss(), opt), sampler.rank_indices()
+    return (engine.validate(loader, classifier, nn.CrossEntropyLoss(), opt, num_classes=6),
+            sampler.rank_indices())
 
 
 @FORK_OK
@@ -242,7 +246,7 @@ def test_syncbn_without_torchrun_prints_a_note(monkeypatch, capsys):
         monkeypatch.delenv(key, raising=False)
     opt = _runtime_opt(syncBN=True)
     with torch.random.fork_rng():
-        util.setup_runtime(opt)
+        runtime.setup_runtime(opt)
     assert not opt.distributed and opt.local_batch_size == 8
     assert 'note: --syncBN has no effect without torchrun' in capsys.readouterr().out
 
@@ -250,9 +254,9 @@ def test_syncbn_without_torchrun_prints_a_note(monkeypatch, capsys):
 def test_odd_global_batch_and_cpu_syncbn_fail_before_the_process_group(monkeypatch):
     _torchrun_env(monkeypatch, 2)
     with pytest.raises(util.UserError, match=r'--batch_size 7 does not divide by the 2 processes'):
-        util.setup_runtime(_runtime_opt(batch_size=7))
+        runtime.setup_runtime(_runtime_opt(batch_size=7))
     with pytest.raises(util.UserError, match=r'--syncBN needs CUDA'):
-        util.setup_runtime(_runtime_opt(syncBN=True))
+        runtime.setup_runtime(_runtime_opt(syncBN=True))
     assert not dist.is_initialized()
 
 
@@ -401,7 +405,7 @@ def test_main_linear_under_torchrun_matches_one_process(supcon_run, tiny_data, t
 
 
 def test_odd_global_batch_under_torchrun_fails_with_one_line(tiny_data, tmp_path):
-    # one script suffices: all three call util.setup_runtime, tested in-process above
+    # one script suffices: all three call runtime.setup_runtime, tested in-process above
     torch.save({'model': {'encoder.w': torch.zeros(1)}, 'opt': {'model': 'resnet18'}},
                str(tmp_path / 'encoder.pth'))  # read while parsing, before the batch check
     proc = torchrun('main_linear.py', data_args(tiny_data, batch=7) + ['--ckpt', 'encoder.pth'],

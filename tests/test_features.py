@@ -1,7 +1,5 @@
 """Tests for features.py (extraction, weighted kNN, KNNMonitor) and main_tsne.py."""
 
-import argparse
-import glob
 import math
 import os
 import socket
@@ -17,10 +15,9 @@ import torch.nn as nn
 from PIL import Image
 
 import data
-import features
-import util
+import augment
+import sampling
 from features import KNNMonitor, extract_features, knn_accuracy, knn_predict
-from networks.resnet_big import SupCEResNet, SupConResNet
 from util import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +125,7 @@ def test_extract_features_shapes_order_and_modes(capsys):
 
     # shuffled and padded: rows still come back once each, in data-set order
     for shuffle in (False, True):
-        loader, _ = data.build_loader(dataset, 4, shuffle=shuffle, seed=0, pad=True)
+        loader, _ = sampling.build_loader(dataset, 4, shuffle=shuffle, seed=0, pad=True)
         feats, labels = extract_features(encoder, loader, opt)
         assert feats.dtype == torch.float32 and labels.dtype == torch.int64
         assert feats.shape == (10, 4)
@@ -137,7 +134,7 @@ def test_extract_features_shapes_order_and_modes(capsys):
     assert encoder.training  # the caller's mode is restored
     assert 'features: 3/3 batches' in capsys.readouterr().out
 
-    loader, _ = data.build_loader(dataset, 4, shuffle=False, seed=0, pad=False)
+    loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, pad=False)
     projected, _ = extract_features(encoder, loader, opt, head=head, progress=False)
     assert projected.shape == (10, 3)
     torch.testing.assert_close(projected.norm(dim=1), torch.ones(10))
@@ -157,7 +154,7 @@ def test_knn_monitor_on_digits_pixels(capsys):
     encoder = nn.Sequential(nn.Flatten())
     monitor = KNNMonitor(monitor_opt())
     encoder.train()
-    acc = monitor.monitor(encoder, 3)
+    acc = monitor(encoder, 3)
     assert isinstance(acc, float) and 85.0 < acc <= 100.0
     assert encoder.training
     encoder.eval()
@@ -176,17 +173,17 @@ def test_knn_monitor_path_needs_test_folder():
 DIST_SCRIPT = textwrap.dedent('''
     import argparse, sys, torch
     import torch.nn as nn
-    import data, util
+    import augment, data, runtime, sampling
     from features import KNNMonitor, extract_features
 
     opt = argparse.Namespace(batch_size=2, batch_size_val=8, num_workers=0, amp=False,
                              amp_dtype='auto', channels_last=False, compile=False, seed=0,
                              device='cpu', dataset='path', data_folder='train',
                              test_folder='test', mean='0.5,0.5,0.5', std='0.3,0.3,0.3', size=8)
-    util.setup_runtime(opt)
-    dataset = data.build_dataset('path', 'test', data.test_transform(8, (0.5,) * 3, (0.3,) * 3),
+    runtime.setup_runtime(opt)
+    dataset = data.build_dataset('path', 'test', augment.test_transform(8, (0.5,) * 3, (0.3,) * 3),
                                  'train', 'test')
-    loader, _ = data.build_loader(dataset, 4, shuffle=False, seed=0, rank=opt.rank,
+    loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, rank=opt.rank,
                                   world_size=opt.world_size, pad=False)
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
@@ -195,7 +192,7 @@ DIST_SCRIPT = textwrap.dedent('''
     acc = KNNMonitor(opt)(encoder, 1)
     torch.save({'feats': feats, 'labels': labels, 'acc': acc, 'share': len(loader.sampler)},
                f'rank{opt.rank}.pt')
-    util.cleanup_runtime()
+    runtime.cleanup_runtime()
 ''')
 
 
@@ -221,9 +218,9 @@ def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path)
 
     # the same in one process
     mean_std = dict(mean='0.5,0.5,0.5', std='0.3,0.3,0.3')
-    dataset = data.build_dataset('path', 'test', data.test_transform(8, (0.5,) * 3, (0.3,) * 3),
+    dataset = data.build_dataset('path', 'test', augment.test_transform(8, (0.5,) * 3, (0.3,) * 3),
                                  tmp_path / 'train', tmp_path / 'test')
-    loader, _ = data.build_loader(dataset, 4, shuffle=False, seed=0, pad=False)
+    loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, pad=False)
     encoder = tiny_encoder()
     feats, labels = extract_features(encoder, loader, SimpleNamespace(**CPU_OPT), progress=False)
     acc = KNNMonitor(monitor_opt(dataset='path', data_folder=tmp_path / 'train',
@@ -236,127 +233,3 @@ def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path)
         assert result['labels'].tolist() == labels.tolist()
         torch.testing.assert_close(result['feats'], feats, rtol=1e-4, atol=1e-5)
         assert result['acc'] == pytest.approx(acc)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-def test_checkpoint_helpers_read_reference_and_ce_checkpoints(tmp_path):
-    torch.manual_seed(0)
-    model = SupConResNet('resnet18', head='linear', feat_dim=8)
-    # the reference's layout: a Namespace opt and DataParallel's "encoder.module." keys
-    state = {k.replace('encoder.', 'encoder.module.'): v for k, v in model.state_dict().items()}
-    path = str(tmp_path / 'ref.pth')
-    torch.save({'model': state, 'opt': argparse.Namespace(model='resnet18', method='SimCLR'),
-                'epoch': 7}, path)
-    ckpt = util.load_checkpoint(path)
-    encoder, name = features.build_encoder(ckpt, path)
-    assert name == 'resnet18' and not encoder.training
-    torch.testing.assert_close(encoder.conv1.weight, model.encoder.conv1.weight)
-    head = features.build_head(ckpt, path, name)
-    torch.testing.assert_close(head.weight, model.head.weight)
-    assert features.checkpoint_method(ckpt) == 'SimCLR'
-    with pytest.raises(UserError, match='pass --model resnet18'):
-        features.build_encoder(ckpt, path, 'resnet50')
-
-    ce = {'model': SupCEResNet('resnet18', num_classes=3).state_dict(), 'opt': {}, 'epoch': 1}
-    assert features.checkpoint_method(ce) == 'SupCE'
-    with pytest.raises(UserError, match='cross-entropy .* use --features encoder'):
-        features.build_head(ce, 'ce.pth', 'resnet18')
-
-
-# --------------------------------------------------------------------------- main_tsne.py
-
-def test_stratified_subset_is_fixed_and_balanced():
-    from main_tsne import stratified_subset
-    targets = np.array([0] * 600 + [1] * 300 + [2] * 100)
-    chosen = stratified_subset(targets, 100, seed=0)
-    assert len(chosen) == 100 and len(set(chosen.tolist())) == 100
-    assert np.all(np.diff(chosen) > 0)
-    assert np.bincount(targets[chosen]).tolist() == [60, 30, 10]
-    assert stratified_subset(targets, 100, seed=0).tolist() == chosen.tolist()
-    assert stratified_subset(targets, 100, seed=1).tolist() != chosen.tolist()
-    assert stratified_subset(targets, 5000, seed=0).tolist() == list(range(1000))
-
-
-@pytest.fixture(scope='module')
-def supcon_run(tmp_path_factory):
-    """One real epoch of main_supcon.py with the kNN monitor on.
-
-    A tiny image folder (1 step of 24) rather than digits (23 steps of 64): a
-    resnet18 step costs seconds on a small shared CPU whatever the image size.
-    """
-    cwd = tmp_path_factory.mktemp('supcon')
-    write_image_folder(cwd / 'train', 8, seed=0)
-    write_image_folder(cwd / 'test', 30, seed=1)
-    data_args = ['--dataset', 'path', '--data_folder', 'train', '--test_folder', 'test',
-                 '--mean', '(0.5, 0.5, 0.5)', '--std', '(0.3, 0.3, 0.3)', '--size', '8']
-    result = run_script('main_supcon.py', [
-        *data_args, '--model', 'resnet18', '--stem', 'imagenet', '--batch_size', '24',
-        '--epochs', '1', '--num_workers', '0', '--print_freq', '100', '--device', 'cpu',
-        '--knn_every', '1', '--method', 'SimCLR', '--seed', '0'], cwd)
-    assert result.returncode == 0, result.stderr[-2000:]
-    ckpt, = glob.glob(str(cwd / 'save/SupCon/path_models/*/last.pth'))
-    return SimpleNamespace(cwd=cwd, stdout=result.stdout, ckpt=ckpt, data_args=data_args)
-
-
-def test_main_supcon_logs_knn_accuracy(supcon_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    assert 'knn_acc epoch 1:' in supcon_run.stdout
-    tb_dir, = glob.glob(str(supcon_run.cwd / 'save/SupCon/path_tensorboard/*'))
-    events = EventAccumulator(tb_dir)
-    events.Reload()
-    assert 'knn_acc' in events.Tags()['scalars']
-    (point,) = events.Scalars('knn_acc')
-    assert point.step == 1 and 0.0 <= point.value <= 100.0
-
-
-def test_main_tsne_on_a_supcon_checkpoint(supcon_run):
-    result = run_script('main_tsne.py', ['--ckpt', supcon_run.ckpt, *supcon_run.data_args,
-                                         '--max_samples', '60', '--device', 'cpu',
-                                         '--num_workers', '0'], supcon_run.cwd)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = os.path.join(os.path.dirname(supcon_run.ckpt), 'last_tsne_encoder.png')
-    assert f'wrote {out}' in result.stdout
-    assert 'extracting encoder features of 60 path test images' in result.stdout
-    with Image.open(out) as image:
-        assert image.format == 'PNG' and image.size == (500, 500)
-
-
-def test_main_tsne_head_features_in_process(tmp_path, monkeypatch, capsys):
-    import main_tsne
-    torch.manual_seed(0)
-    path = tmp_path / 'simclr.pth'
-    torch.save({'model': SupConResNet('resnet18', feat_dim=16).state_dict(),
-                'opt': {'model': 'resnet18', 'method': 'SimCLR'}, 'epoch': 2}, path)
-    out = tmp_path / 'figs' / 'head.png'
-    monkeypatch.setattr(sys, 'argv', ['main_tsne.py', '--ckpt', str(path), '--dataset', 'digits',
-                                      '--size', '8', '--max_samples', '40', '--features', 'head',
-                                      '--device', 'cpu', '--num_workers', '0', '--out', str(out)])
-    main_tsne.main()
-    assert f'wrote {out}' in capsys.readouterr().out
-    with Image.open(out) as image:
-        assert image.size == (500, 500)
-
-
-@pytest.mark.parametrize('case', ['ce_head', 'missing'])
-def test_main_tsne_user_errors_exit_2_with_one_line(case, tmp_path, monkeypatch, capsys):
-    import main_tsne
-    path = tmp_path / 'missing.pth'
-    if case == 'ce_head':
-        torch.manual_seed(0)
-        state = SupCEResNet('resnet18', num_classes=10).state_dict()
-        ce = {'module.' + k: v for k, v in state.items()}
-        path = tmp_path / 'ce.pth'
-        torch.save({'model': ce, 'opt': argparse.Namespace(model='resnet18'), 'epoch': 1}, path)
-    monkeypatch.setattr(sys, 'argv', ['main_tsne.py', '--ckpt', str(path), '--dataset', 'digits',
-                                      '--features', 'head', '--device', 'cpu'])
-    with pytest.raises(SystemExit) as info:
-        util.run_main(main_tsne.main)
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith('error: ') and err.count('\n') == 1 and f'--ckpt {path}' in err
-    if case == 'ce_head':
-        assert 'cross-entropy (SupCE)' in err and 'use --features encoder' in err
-    else:
-        assert 'no such file' in err
-    assert not glob.glob(str(tmp_path / '*.png'))

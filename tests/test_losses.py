@@ -1,4 +1,5 @@
-"""SupConLoss against two independent statements of the formula, its gradients, autocast and 2-rank gloo."""
+"""SupConLoss against two independent statements of the formula, its gradients, autocast and 2-rank gloo;
+hybrid, keys and a labelled queue against a per-anchor loop."""
 import datetime
 import math
 import os
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from losses import LeanSupConFunction, PositivePairs, SupConLoss, gather_with_grad  # noqa: E402
+import losses  # noqa: E402
+from losses import (LeanSupConFunction, PositivePairs, SameClassExclusion, SupConLoss, auto_chunk_size,  # noqa: E402
+                    gather_with_grad)
 
 
 def loop_supcon_loss(features, labels=None, mask=None, temperature=0.07, contrast_mode='all',
@@ -243,15 +246,283 @@ def test_wrong_mask_shape_raises():
         SupConLoss()(normalized_features(4, 2, 3), mask=torch.eye(3))
 
 
+# ------------------------------------------------------------------------- hybrid, keys and a queue
+def loop_extended_loss(features, labels=None, keys=None, queue=None, queue_labels=None, hybrid=False,
+                       temperature=0.07, contrast_mode='all', base_temperature=0.07):
+    """Per-anchor loop over an explicit list of contrast rows, each sorted into positive, negative or left out.
+
+    Works on torch scalars so that autograd gives the features' gradient; keys and queue are constants.
+    """
+    bsz, n_views = features.shape[:2]
+    z = features.reshape(bsz, n_views, -1)
+    batch = z if keys is None else keys.detach().reshape(bsz, n_views, -1)
+    label_of = (lambda i: None) if labels is None else (lambda i: labels[i].item())
+    rows = []  # (identity, vector, sample or None, label or None)
+    for view in range(n_views):
+        for sample in range(bsz):
+            rows.append((('batch', view, sample), batch[sample, view], sample, label_of(sample)))
+    for k in range(0 if queue is None else queue.shape[0]):
+        label = None if labels is None else queue_labels[k].item()
+        rows.append((('queue', k), queue[k].detach(), None, label))
+
+    per_anchor = []
+    for view in range(n_views if contrast_mode == 'all' else 1):
+        for sample in range(bsz):
+            query = z[sample, view]
+            denominator, positive_logits = [], []
+            for identity, vector, row_sample, row_label in rows:
+                if identity == ('batch', view, sample):
+                    continue  # the anchor's own feature, or its own key of the same view
+                same_sample = row_sample == sample
+                same_class = labels is not None and row_label == label_of(sample)
+                if hybrid:
+                    if same_class and not same_sample:
+                        continue  # left out of the denominator
+                    positive = same_sample
+                elif labels is not None:
+                    positive = same_class
+                else:
+                    positive = same_sample
+                logit = query @ vector / temperature
+                denominator.append(logit)
+                if positive:
+                    positive_logits.append(logit)
+            if not positive_logits:
+                per_anchor.append(query.sum() * 0.0)
+                continue
+            log_denominator = torch.logsumexp(torch.stack(denominator), 0)
+            mean_log_prob = sum(logit - log_denominator for logit in positive_logits) / len(positive_logits)
+            per_anchor.append(-(temperature / base_temperature) * mean_log_prob)
+    return torch.stack(per_anchor).mean()
+
+
+def hybrid_labels(kind, bsz, seed=0):
+    if kind == 'random':
+        return torch.randint(0, 3, (bsz,), generator=torch.Generator().manual_seed(seed))
+    if kind == 'one-class':  # every other sample is left out: only the anchor's own views remain
+        return torch.zeros(bsz, dtype=torch.long)
+    if kind == 'distinct':  # nothing is left out: hybrid is SimCLR
+        return torch.arange(bsz)
+    if kind == 'pairs-and-singletons':
+        return torch.tensor([0, 0, 1, 1] + [7 + i for i in range(bsz - 4)])
+    raise AssertionError(kind)
+
+
+def value_and_grad(loss_fn, features):
+    features = features.detach().clone().requires_grad_()
+    loss = loss_fn(features)
+    grad, = torch.autograd.grad(loss, features)
+    return loss.detach(), grad
+
+
+def assert_value_and_grad_close(got, expected, rel=1e-9):
+    """Value and gradient equal up to rel (the gradient relative to its largest entry), or both ~0."""
+    assert got[0].item() == pytest.approx(expected[0].item(), rel=rel, abs=1e-12)
+    error = (got[1] - expected[1]).abs().max().item()
+    assert error <= rel * expected[1].abs().max().item() + 1e-13, (got[1], expected[1])
+
+
+@pytest.mark.parametrize('kind', ['random', 'one-class', 'distinct', 'pairs-and-singletons'])
+@pytest.mark.parametrize('n_views', [1, 2, 3])
+@pytest.mark.parametrize('contrast_mode', ['all', 'one'])
+def test_hybrid_value_and_gradient_match_per_anchor_loop(contrast_mode, n_views, kind):
+    bsz = 6
+    features = normalized_features(bsz, n_views, 5, seed=7)
+    labels = hybrid_labels(kind, bsz, seed=7)
+    expected = value_and_grad(lambda f: loop_extended_loss(
+        f, labels, hybrid=True, temperature=0.2, contrast_mode=contrast_mode, base_temperature=0.07), features)
+    for chunk_size in (None, 1, 4):
+        criterion = SupConLoss(0.2, contrast_mode, 0.07, chunk_size, hybrid=True)
+        got = value_and_grad(lambda f: criterion(f, labels), features)
+        assert_value_and_grad_close(got, expected)
+    if n_views == 1:  # no anchor has a positive (the fork returns NaN here)
+        assert got[0].item() == 0.0
+
+
+def test_hybrid_with_distinct_labels_is_simclr_and_differs_from_supcon_otherwise():
+    features = normalized_features(6, 2, 5, seed=8)
+    simclr = SupConLoss(0.3)(features)
+    assert SupConLoss(0.3, hybrid=True)(features, torch.arange(6)).item() == pytest.approx(simclr.item(), rel=1e-12)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    hybrid = SupConLoss(0.3, hybrid=True)(features, labels).item()
+    assert hybrid != pytest.approx(simclr.item(), rel=1e-3)
+    assert hybrid != pytest.approx(SupConLoss(0.3)(features, labels).item(), rel=1e-3)
+
+
+def test_hybrid_errors():
+    features = normalized_features(4, 2, 3)
+    with pytest.raises(ValueError, match='hybrid=True needs labels'):
+        SupConLoss(hybrid=True)(features)
+    with pytest.raises(ValueError, match='hybrid=True takes labels, not a mask'):
+        SupConLoss(hybrid=True)(features, mask=torch.eye(4))
+    with pytest.raises(ValueError, match='queue_labels are needed with hybrid=True'):
+        SupConLoss(hybrid=True)(features, torch.arange(4), queue=F.normalize(torch.randn(5, 3), dim=1))
+
+
+QUEUE_LABELS = torch.tensor([0, 3, 1, 4, 0, 2, 3])  # 3 and 4: labels that no batch sample has (batch: 0..2)
+
+
+def extended_case(n_views=2, bsz=5, seed=9):
+    generator = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(bsz, n_views, 4, generator=generator, dtype=torch.float64), dim=-1)
+    keys = F.normalize(torch.randn(bsz, n_views, 4, generator=generator, dtype=torch.float64), dim=-1)
+    queue = F.normalize(torch.randn(len(QUEUE_LABELS), 4, generator=generator, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([0, 1, 0, 2, 1] + [0] * (bsz - 5))
+    return features, labels, keys, queue
+
+
+@pytest.mark.parametrize('use_queue', [False, True], ids=['no-queue', 'queue'])
+@pytest.mark.parametrize('use_keys', [False, True], ids=['no-keys', 'keys'])
+@pytest.mark.parametrize('kind', ['supcon', 'simclr', 'hybrid'])
+@pytest.mark.parametrize('contrast_mode', ['all', 'one'])
+def test_keys_and_queue_value_and_gradient_match_per_anchor_loop(contrast_mode, kind, use_keys, use_queue):
+    features, labels, keys, queue = extended_case()
+    labels = None if kind == 'simclr' else labels
+    extras = dict(keys=keys if use_keys else None, queue=queue if use_queue else None,
+                  queue_labels=QUEUE_LABELS if use_queue and labels is not None else None)
+    hybrid = kind == 'hybrid'
+    expected = value_and_grad(lambda f: loop_extended_loss(
+        f, labels, hybrid=hybrid, temperature=0.15, contrast_mode=contrast_mode, base_temperature=0.1,
+        **extras), features)
+    for chunk_size in (None, 3):
+        criterion = SupConLoss(0.15, contrast_mode, 0.1, chunk_size, hybrid=hybrid)
+        got = value_and_grad(lambda f: criterion(f, labels, **extras), features)
+        assert_value_and_grad_close(got, expected)
+
+
+def test_keys_and_queue_get_no_gradient_and_features_only_through_the_anchors():
+    features, labels, keys, queue = extended_case()
+    features, keys, queue = (t.clone().requires_grad_() for t in (features, keys, queue))
+    loss = SupConLoss(0.2)(features, labels, keys=keys, queue=queue, queue_labels=QUEUE_LABELS)
+    grads = torch.autograd.grad(loss, [features, keys, queue], allow_unused=True)
+    assert grads[1] is None and grads[2] is None
+    # keys equal to the features: same value as without keys, but the gradient only flows through the anchors
+    same = SupConLoss(0.2)(features, labels, keys=features)
+    assert same.item() == pytest.approx(SupConLoss(0.2)(features, labels).item(), rel=1e-12)
+    grad_anchors_only, = torch.autograd.grad(same, features)
+    expected = value_and_grad(lambda f: loop_extended_loss(f, labels, keys=f, temperature=0.2), features)
+    assert_close_relative(grad_anchors_only, expected[1], rel=1e-9)
+
+
+def test_simclr_ignores_queue_labels():
+    features, _, keys, queue = extended_case()
+    with_labels = SupConLoss(0.2)(features, keys=keys, queue=queue, queue_labels=QUEUE_LABELS)
+    without = SupConLoss(0.2)(features, keys=keys, queue=queue)
+    assert torch.equal(with_labels, without)
+
+
+@pytest.mark.parametrize('kind', ['supcon', 'simclr', 'hybrid'])
+def test_no_extra_rows_is_the_plain_loss(kind):
+    features, labels, _, _ = extended_case()
+    labels = None if kind == 'simclr' else labels
+    criterion = SupConLoss(0.2, hybrid=kind == 'hybrid')
+    plain = value_and_grad(lambda f: criterion(f, labels), features)
+    explicit_none = value_and_grad(lambda f: criterion(f, labels, keys=None, queue=None, queue_labels=None),
+                                   features)
+    assert torch.equal(plain[0], explicit_none[0]) and torch.equal(plain[1], explicit_none[1])
+    empty_queue = features.new_zeros(0, 4)
+    empty_labels = None if labels is None else labels.new_zeros(0)
+    with_empty_queue = value_and_grad(lambda f: criterion(f, labels, queue=empty_queue, queue_labels=empty_labels),
+                                      features)
+    assert_value_and_grad_close(with_empty_queue, plain, rel=1e-12)
+    if kind == 'supcon':
+        reference = value_and_grad(lambda f: reference_supcon_loss(f, labels, temperature=0.2), features)
+        assert_value_and_grad_close(plain, reference)
+
+
+def test_auto_chunk_size():
+    mib = 2 ** 20
+    assert auto_chunk_size(2048, 2048, 4) is None  # 16 MiB of logits fit in the default 256 MiB
+    # a 1024-sample batch against 65536 queue rows: 1024 x 66560 x 4 bytes = 260 MiB, just over the budget
+    assert auto_chunk_size(1024, 1024 + 65536, 4) == 256 * mib // (66560 * 4) == 1008
+    assert auto_chunk_size(1024, 1024 + 65536, 4, memory_budget=64 * mib) == 252
+    assert auto_chunk_size(10, 100, 8, memory_budget=1) == 1
+    assert auto_chunk_size(10, 100, 8, memory_budget=8000) is None
+
+
+@pytest.mark.parametrize('kind', ['supcon', 'hybrid'])
+def test_automatic_chunking_under_a_tiny_budget_gives_the_same_value_and_gradient(monkeypatch, kind):
+    features, labels, keys, queue = extended_case()
+    extras = dict(keys=keys, queue=queue, queue_labels=QUEUE_LABELS)
+    hybrid = kind == 'hybrid'
+    whole = value_and_grad(lambda f: SupConLoss(0.2, hybrid=hybrid)(f, labels, **extras), features)
+
+    block_sizes = []
+    row_blocks = losses._row_blocks
+
+    def recording_row_blocks(n_rows, chunk_size):
+        block_sizes.append(chunk_size)
+        return row_blocks(n_rows, chunk_size)
+
+    monkeypatch.setattr(losses, '_row_blocks', recording_row_blocks)
+    # 10 anchors x (10 keys + 7 queue rows) x 8 bytes; a budget of 3 rows' worth makes blocks of 3 anchors
+    criterion = SupConLoss(0.2, hybrid=hybrid, memory_budget=3 * 17 * 8 + 5)
+    chunked = value_and_grad(lambda f: criterion(f, labels, **extras), features)
+    assert block_sizes == [3, 3]  # forward and backward
+    assert_value_and_grad_close(chunked, whole, rel=1e-12)
+
+
+@pytest.mark.parametrize('chunk_size', [None, 2])
+@pytest.mark.parametrize('hybrid', [False, True])
+def test_gradcheck_lean_function_with_queue_and_exclusion(hybrid, chunk_size):
+    generator = torch.Generator().manual_seed(1)
+    # contrast_mode='all' on 3 samples x 2 views, plus 3 queue rows; unnormalised on purpose
+    anchor = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    contrast = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    queue = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    sample = torch.tensor([0, 1, 2]).repeat(2)
+    label_group = torch.tensor([0, 1, 0, 0, 2, 1])  # samples 0..2, then the queue rows
+    contrast_class = torch.cat([label_group[sample], label_group[3:]])
+    self_column = torch.arange(6)
+    if hybrid:
+        contrast_sample = torch.cat([sample, torch.full((3,), 3)])
+        pairs = PositivePairs(sample, contrast_sample, self_column, num_groups=4)
+        excluded = SameClassExclusion(label_group[sample], contrast_class, pairs)
+    else:
+        pairs = PositivePairs(label_group[sample], contrast_class, self_column, num_groups=6)
+        excluded = None
+
+    def loss(anchor, contrast):
+        return LeanSupConFunction.apply(anchor, contrast, pairs, 0.5, 0.7, chunk_size, queue, excluded)
+
+    assert torch.autograd.gradcheck(loss, (anchor, contrast))
+
+
+def test_keys_and_queue_argument_errors():
+    features, labels, keys, queue = extended_case()
+    criterion = SupConLoss()
+    with pytest.raises(ValueError, match='keys must have the shape of features'):
+        criterion(features, labels, keys=keys[:, :1])
+    with pytest.raises(ValueError, match='7 queue_labels for a queue of 6 rows'):
+        criterion(features, labels, queue=queue[:6], queue_labels=QUEUE_LABELS)
+    with pytest.raises(ValueError, match='queue_labels are needed with labels and a queue'):
+        criterion(features, labels, queue=queue)
+    with pytest.raises(ValueError, match=r'queue must be \[K, D\] with D = 4'):
+        criterion(features, labels, queue=queue[:, :3], queue_labels=QUEUE_LABELS)
+    with pytest.raises(ValueError, match='queue_labels given without a queue'):
+        criterion(features, labels, queue_labels=QUEUE_LABELS)
+    for extras in (dict(keys=keys), dict(queue=queue)):
+        with pytest.raises(ValueError, match='cannot be used with keys or a queue'):
+            criterion(features, mask=torch.eye(5), **extras)
+    with pytest.raises(ValueError, match='memory_budget'):
+        SupConLoss(memory_budget=0)
+
+
 # ---------------------------------------------------------------------------------------- distributed
 WORLD_SIZE = 2
-# case -> (uses labels, samples per rank, contrast_mode)
+# case -> (uses labels, samples per rank, contrast_mode, extras): extras may ask for 'hybrid', 'keys', 'queue'
 DISTRIBUTED_CASES = {
-    'supcon': (True, [4, 4], 'all'),
-    'simclr': (False, [4, 4], 'all'),
-    'supcon-one': (True, [4, 4], 'one'),
-    'supcon-unequal': (True, [3, 5], 'all'),
-    'simclr-unequal': (False, [5, 3], 'all'),
+    'supcon': (True, [4, 4], 'all', ()),
+    'simclr': (False, [4, 4], 'all', ()),
+    'supcon-one': (True, [4, 4], 'one', ()),
+    'supcon-unequal': (True, [3, 5], 'all', ()),
+    'simclr-unequal': (False, [5, 3], 'all', ()),
+    'hybrid': (True, [4, 4], 'all', ('hybrid',)),
+    'hybrid-one-unequal': (True, [3, 5], 'one', ('hybrid',)),
+    'supcon-keys-queue': (True, [4, 4], 'all', ('keys', 'queue')),
+    'simclr-keys-queue-unequal': (False, [5, 3], 'all', ('keys', 'queue')),
+    'hybrid-keys-queue': (True, [4, 4], 'all', ('hybrid', 'keys', 'queue')),
+    'supcon-queue-without-keys': (True, [4, 4], 'all', ('queue',)),
 }
 DISTRIBUTED_TEMPERATURE = 0.5
 
@@ -262,19 +533,42 @@ def distributed_batch():
     return features, torch.randint(0, 3, (8,), generator=generator)
 
 
+def distributed_extras():
+    """keys of the whole batch, and a queue (the same on both ranks) with labels in and outside the batch's."""
+    generator = torch.Generator().manual_seed(12)
+    keys = F.normalize(torch.randn(8, 2, 6, generator=generator, dtype=torch.float64), dim=-1)
+    queue = F.normalize(torch.randn(5, 6, generator=generator, dtype=torch.float64), dim=-1)
+    return keys, queue, torch.tensor([0, 4, 2, 1, 4])
+
+
+def distributed_case_arguments(case, rows=slice(None)):
+    """(criterion, labels, forward keyword arguments) of a case, for the samples `rows` of the batch."""
+    use_labels, _, contrast_mode, extras = DISTRIBUTED_CASES[case]
+    _, labels = distributed_batch()
+    keys, queue, queue_labels = distributed_extras()
+    criterion = SupConLoss(DISTRIBUTED_TEMPERATURE, contrast_mode, hybrid='hybrid' in extras)
+    kwargs = {}
+    if 'keys' in extras:
+        kwargs['keys'] = keys[rows]
+    if 'queue' in extras:
+        kwargs['queue'] = queue
+        kwargs['queue_labels'] = queue_labels if use_labels else None
+    return criterion, labels[rows] if use_labels else None, kwargs
+
+
 def _distributed_worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        features, labels = distributed_batch()
+        features, _ = distributed_batch()
         results = {}
-        for case, (use_labels, sizes, contrast_mode) in DISTRIBUTED_CASES.items():
+        for case, (_, sizes, _, _) in DISTRIBUTED_CASES.items():
             start = sum(sizes[:rank])
             stop = start + sizes[rank]
             local = features[start:stop].clone().requires_grad_()
-            loss = SupConLoss(DISTRIBUTED_TEMPERATURE, contrast_mode)(
-                local, labels[start:stop] if use_labels else None)
+            criterion, local_labels, kwargs = distributed_case_arguments(case, slice(start, stop))
+            loss = criterion(local, local_labels, **kwargs)
             # Weighting by anchor count makes DDP's average over ranks the mean over all anchors; with
             # equal local batches the weight is 1, i.e. plain DDP.
             (loss * WORLD_SIZE * sizes[rank] / sum(sizes)).backward()
@@ -306,11 +600,16 @@ def distributed_results(tmp_path_factory):
 
 @pytest.mark.parametrize('case', list(DISTRIBUTED_CASES))
 def test_two_ranks_match_single_process(distributed_results, case):
-    use_labels, sizes, contrast_mode = DISTRIBUTED_CASES[case]
+    use_labels, sizes, contrast_mode, extras = DISTRIBUTED_CASES[case]
     features, labels = distributed_batch()
     features.requires_grad_()
-    expected = reference_supcon_loss(features, labels if use_labels else None,
-                                     temperature=DISTRIBUTED_TEMPERATURE, contrast_mode=contrast_mode)
+    if extras:
+        criterion, labels, kwargs = distributed_case_arguments(case)
+        expected = loop_extended_loss(features, labels, hybrid=criterion.hybrid, temperature=DISTRIBUTED_TEMPERATURE,
+                                      contrast_mode=contrast_mode, **kwargs)
+    else:
+        expected = reference_supcon_loss(features, labels if use_labels else None,
+                                         temperature=DISTRIBUTED_TEMPERATURE, contrast_mode=contrast_mode)
     expected_grad, = torch.autograd.grad(expected, features)
 
     rank_losses = torch.stack([result[case]['loss'] for result in distributed_results])

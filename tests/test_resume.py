@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 
 import util
+import checkpoint
+import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ('main_supcon', 'main_ce', 'main_linear')
@@ -65,7 +67,7 @@ def call(script, args, cwd):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                util.run_main(module.main)
+                runtime.run_main(module.main)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
@@ -99,7 +101,7 @@ def tb_folder(script, args, cwd):
 
 
 def weights(path):
-    return util.load_checkpoint(str(path), flag='--resume')['model']
+    return checkpoint.load_checkpoint(str(path), flag='--resume')['model']
 
 
 def max_abs_diff(path_a, path_b):
@@ -194,7 +196,7 @@ class Runs:
             cwd = self.root / f'{script}_B'
             cwd.mkdir()
             args = self.args(script)
-            checkpoint = save_folder(script, args, cwd) / 'checkpoint.pth'
+            ckpt_path = save_folder(script, args, cwd) / 'checkpoint.pth'
             proc = spawn(script, args, cwd)
             output = []
             for line in proc.stdout:
@@ -203,13 +205,13 @@ class Runs:
                     break
             # the line comes before end_epoch's save: wait for the file (renamed in whole)
             deadline = time.time() + 120
-            while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+            while not ckpt_path.exists() and time.time() < deadline and proc.poll() is None:
                 time.sleep(0.02)
             proc.kill()
             proc.wait()
             proc.stdout.close()
             assert proc.returncode == -signal.SIGKILL, ''.join(output)
-            assert util.load_checkpoint(str(checkpoint), '--resume')['epoch'] >= 1
+            assert checkpoint.load_checkpoint(str(ckpt_path), '--resume')['epoch'] >= 1
             result = call(script, args + ['--resume', 'auto'], cwd)
             assert result.code == 0, result.err
             self._resumed[script] = cwd, result
@@ -274,7 +276,7 @@ def test_sigterm_mid_epoch_saves_the_position_and_resumes_exactly(runs, tmp_path
     command = shlex.split(hints[0].split('Continue with: ', 1)[1])
     assert command == ['python', str(REPO / f'{script}.py')] + [str(a) for a in args] + [
         '--resume', 'auto']
-    ckpt = util.load_checkpoint(str(save_folder(script, args, tmp_path) / 'checkpoint.pth'),
+    ckpt = checkpoint.load_checkpoint(str(save_folder(script, args, tmp_path) / 'checkpoint.pth'),
                                 '--resume')
     assert ckpt['epoch'] == 0 and 0 < ckpt['step'] <= STEPS_PER_EPOCH
 
@@ -292,7 +294,7 @@ def test_sigterm_mid_epoch_saves_the_position_and_resumes_exactly(runs, tmp_path
 def test_ctrl_c_stops_after_the_step_and_a_second_one_aborts(capsys):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        stop = util.GracefulStop()
+        stop = checkpoint.GracefulStop()
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs between bytecodes of the main thread
         assert stop.requested and stop.name == 'SIGINT'
@@ -313,7 +315,7 @@ class Killed(BaseException):
 
 def test_a_save_killed_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / 'checkpoint.pth'
-    util.save_checkpoint({'model': {'w': torch.arange(4.0)}, 'epoch': 1}, str(path))
+    checkpoint.save_checkpoint({'model': {'w': torch.arange(4.0)}, 'epoch': 1}, str(path))
     before = path.read_bytes()
     real_save = torch.save
 
@@ -325,7 +327,7 @@ def test_a_save_killed_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(util.torch, 'save', half_save)
     with pytest.raises(Killed):
-        util.save_checkpoint({'model': {'w': torch.zeros(4)}, 'epoch': 2}, str(path))
+        checkpoint.save_checkpoint({'model': {'w': torch.zeros(4)}, 'epoch': 2}, str(path))
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert torch.equal(weights(path)['w'], torch.arange(4.0))
@@ -335,7 +337,7 @@ def test_a_save_killed_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
 def test_checkpoints_are_readable_like_any_file_the_user_writes(tmp_path):
     """mkstemp creates 0600 files; a checkpoint gets the permissions torch.save would give."""
     path = tmp_path / 'checkpoint.pth'
-    util.save_checkpoint({'model': {}}, str(path))
+    checkpoint.save_checkpoint({'model': {}}, str(path))
     plain = tmp_path / 'plain'
     plain.write_bytes(b'')
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
@@ -359,7 +361,7 @@ def test_truncated_and_stale_files_are_skipped_and_a_named_one_is_refused(runs, 
     (folder / 'checkpoint.pth').write_bytes(data[:len(data) // 2])
     stale = folder / '.checkpoint.pth.k1ll3d.tmp'  # what a kill during a save leaves
     stale.write_bytes(data[:1000])
-    assert util.newest_checkpoint(str(folder)) == str(folder / 'ckpt_epoch_1.pth')
+    assert checkpoint.newest_checkpoint(str(folder)) == str(folder / 'ckpt_epoch_1.pth')
 
     result = call(script, args + ['--resume', folder / 'checkpoint.pth'], tmp_path)
     assert_one_line_error(result, 'checkpoint.pth', 'not a readable checkpoint')
@@ -384,7 +386,7 @@ def test_a_fresh_start_removes_stale_temporaries(runs, tmp_path):
     folder.mkdir(parents=True)
     stale = folder / '.checkpoint.pth.abc123.tmp'
     stale.write_bytes(b'half a checkpoint')
-    assert util.newest_checkpoint(str(folder)) is None
+    assert checkpoint.newest_checkpoint(str(folder)) is None
     result = call(script, args, tmp_path)
     assert result.code == 0, result.err
     assert not stale.exists()
@@ -397,31 +399,31 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     script = 'main_ce'
     module = importlib.import_module(script)
     args = runs.args(script)
-    checkpoint = save_folder(script, args, tmp_path) / 'checkpoint.pth'
+    ckpt_path = save_folder(script, args, tmp_path) / 'checkpoint.pth'
     state = {'diverged': False, 'saved': None}
-    real_end_epoch, real_set_model = util.Run.end_epoch, module.set_model
+    real_end_epoch, real_set_model = checkpoint.Run.end_epoch, module.set_model
 
     def end_epoch(self, epoch):
         real_end_epoch(self, epoch)
-        state['saved'] = checkpoint.read_bytes()
+        state['saved'] = ckpt_path.read_bytes()
         state['diverged'] = True  # from epoch 2 on the loss is NaN
 
-    def set_model(opt):
-        model, criterion = real_set_model(opt)
+    def set_model(opt, num_classes):
+        model, criterion = real_set_model(opt, num_classes)
 
         def diverging(output, labels):
             loss = criterion(output, labels)
             return loss * float('nan') if state['diverged'] else loss
         return model, diverging
 
-    monkeypatch.setattr(util.Run, 'end_epoch', end_epoch)
+    monkeypatch.setattr(checkpoint.Run, 'end_epoch', end_epoch)
     monkeypatch.setattr(module, 'set_model', set_model)
     result = call(script, args, tmp_path)
     assert_one_line_error(result, 'error: loss is nan at epoch 2, step 1')
-    assert checkpoint.read_bytes() == state['saved']
-    assert util.load_checkpoint(str(checkpoint), '--resume')['epoch'] == 1
-    assert all(v.isfinite().all() for v in weights(checkpoint).values() if v.is_floating_point())
-    assert sorted(os.listdir(checkpoint.parent)) == ['checkpoint.pth']
+    assert ckpt_path.read_bytes() == state['saved']
+    assert checkpoint.load_checkpoint(str(ckpt_path), '--resume')['epoch'] == 1
+    assert all(v.isfinite().all() for v in weights(ckpt_path).values() if v.is_floating_point())
+    assert sorted(os.listdir(ckpt_path.parent)) == ['checkpoint.pth']
 
 
 # --------------------------------------------------------------------------- options

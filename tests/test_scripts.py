@@ -13,6 +13,7 @@ import main_ce
 import main_linear
 import main_supcon
 import util
+import augment
 from helpers import (FAST, SEED_MEAN, SEED_STD, describe, read_scalars, run_script,
                      save_reference_checkpoint, saved_files, write_cifar10, write_image_folder)
 from networks.resnet_big import SupCEResNet, SupConResNet
@@ -58,7 +59,7 @@ def load_plain(path):
 def split_images(folder, size=8):
     """The test split as the scripts see it (no augmentation), as one batch."""
     mean, std = data.resolve_mean_std('path', SEED_MEAN, SEED_STD)
-    dataset = data.build_dataset('path', 'test', data.test_transform(size, mean, std),
+    dataset = data.build_dataset('path', 'test', augment.test_transform(size, mean, std),
                                  data_folder=folder, test_folder=folder)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     return images, torch.tensor(dataset.targets)

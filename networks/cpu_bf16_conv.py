@@ -1,4 +1,10 @@
-"""``Conv2d``: ``nn.Conv2d`` with a faster weight gradient for small feature maps in CPU bfloat16.
+"""A faster convolution weight gradient for small feature maps under CPU bfloat16 autocast.
+
+``use_matmul_weight_grad(model)`` is applied at set-up time (``runtime.prepare_model``, for
+``--device cpu --amp`` with bfloat16, unless ``--cpu_bf16_wgrad onednn``), the way SyncBatchNorm is
+swapped in: it turns every ``nn.Conv2d`` of the model into ``MatmulWeightGradConv2d``, a subclass
+with the same parameters, so the model definition and the checkpoints stay ``nn.Conv2d``'s.
+
 
 Under ``torch.autocast('cpu', dtype=torch.bfloat16)`` oneDNN computes a convolution's weight gradient
 well for large maps but slowly for small ones: for ResNet-18's last stage (512 channels, 4x4 maps at
@@ -10,17 +16,13 @@ layers this module computes the weight gradient as that matrix product instead:
 
 with the patches cut from a zero-padded channels-last view of the input. Everything else (the
 forward pass, the input gradient, every other layer, fp32, CUDA, ``torch.compile``) is the stock
-``nn.Conv2d`` path. Parameters, state-dict keys and initialisation are ``nn.Conv2d``'s.
+``nn.Conv2d`` path.
 
 The choice of layers comes from measurements on an AMX CPU (``benchmarks/README.md``): the matrix
 product wins by 3-4x when the output map has at most 16 pixels, and by 1.2-1.8x on 8x8 maps (up to
 64 pixels) with 256 or more input channels; elsewhere oneDNN is faster. The gradient agrees with
 oneDNN's to bfloat16 precision (both accumulate in float32 and round once to bfloat16).
-
-Set the environment variable ``SUPCON_CONV_WGRAD=onednn`` to turn it off (for comparisons).
 """
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -103,16 +105,18 @@ class _Bf16ConvMatmulWeightGrad(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d``; on the CPU under bfloat16 autocast, small maps get the matmul weight gradient."""
+class MatmulWeightGradConv2d(nn.Conv2d):
+    """``nn.Conv2d``; on the CPU under bfloat16 autocast, small maps get the matmul weight gradient.
+
+    Made only by ``use_matmul_weight_grad``; it adds no parameters or buffers.
+    """
 
     def _use_matmul_weight_grad(self, x):
         if not (x.device.type == 'cpu' and x.dim() == 4 and torch.is_grad_enabled()
                 and self.weight.requires_grad and _autocast_cpu_bf16()):
             return False
         if (self.groups != 1 or tuple(self.dilation) != (1, 1) or self.padding_mode != 'zeros'
-                or isinstance(self.padding, str) or _compiling()
-                or os.environ.get('SUPCON_CONV_WGRAD', '') == 'onednn'):
+                or isinstance(self.padding, str) or _compiling()):
             return False
         out_h = output_size(x.shape[2], self.kernel_size[0], self.stride[0], self.padding[0])
         out_w = output_size(x.shape[3], self.kernel_size[1], self.stride[1], self.padding[1])
@@ -126,3 +130,15 @@ class Conv2d(nn.Conv2d):
             return _Bf16ConvMatmulWeightGrad.apply(x, self.weight, self.bias, tuple(self.stride),
                                                    tuple(self.padding))
         return super().forward(x)
+
+
+def use_matmul_weight_grad(model):
+    """Turn every plain ``nn.Conv2d`` in ``model`` into ``MatmulWeightGradConv2d``, in place.
+
+    Only the class changes: the modules keep their parameters, buffers and hooks, so an
+    optimizer built before or after, and every state dict, are unaffected. Returns ``model``.
+    """
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = MatmulWeightGradConv2d
+    return model

@@ -1,9 +1,15 @@
-"""networks.conv.Conv2d: the matmul weight gradient for small maps under CPU bfloat16 autocast."""
+"""networks.cpu_bf16_conv: the matmul weight gradient for small maps under CPU bfloat16 autocast,
+and the set-up swap that applies it."""
+import argparse
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 
-from networks.conv import Conv2d, wants_matmul_weight_grad, weight_grad_by_matmul
+import runtime
+from networks.cpu_bf16_conv import (MatmulWeightGradConv2d, use_matmul_weight_grad,
+                                    wants_matmul_weight_grad, weight_grad_by_matmul)
 from networks.resnet_big import SupConResNet
 
 BF16 = dict(device_type='cpu', dtype=torch.bfloat16)
@@ -46,7 +52,7 @@ def test_rule_follows_the_measurements():
 
 def pair(in_channels=8, out_channels=6, bias=False, **kw):
     torch.manual_seed(1)
-    fast = Conv2d(in_channels, out_channels, bias=bias, **kw)
+    fast = MatmulWeightGradConv2d(in_channels, out_channels, bias=bias, **kw)
     stock = nn.Conv2d(in_channels, out_channels, bias=bias, **kw)
     stock.load_state_dict(fast.state_dict())
     return fast, stock
@@ -92,16 +98,16 @@ def test_small_map_under_bf16_autocast_matches_the_stock_conv(layout, bias):
 
 
 @pytest.mark.parametrize('case', ['fp32', 'large map', 'no grad', 'switched off', 'dilation'])
-def test_other_cases_keep_the_stock_path(case, monkeypatch):
+def test_other_cases_keep_the_stock_path(case):
     kw = dict(kernel_size=3, padding=1)
     size = 4
     if case == 'large map':
         size = 16
     if case == 'dilation':
         kw.update(dilation=2, padding=2)
-    if case == 'switched off':
-        monkeypatch.setenv('SUPCON_CONV_WGRAD', 'onednn')
-    conv = Conv2d(8, 6, **kw)
+    conv = nn.Conv2d(8, 6, **kw)
+    if case != 'switched off':
+        use_matmul_weight_grad(conv)
     x = torch.randn(2, 8, size, size)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=case != 'fp32'):
         with torch.set_grad_enabled(case != 'no grad'):
@@ -112,14 +118,15 @@ def test_other_cases_keep_the_stock_path(case, monkeypatch):
         assert name == 'ConvolutionBackward0'
 
 
-def test_resnet_step_gradients_agree_with_onednn(monkeypatch):
+def test_resnet_step_gradients_agree_with_onednn():
     """A whole bf16 SupConResNet backward: every parameter's gradient within bf16 noise of oneDNN's."""
     torch.manual_seed(0)
-    model = SupConResNet('resnet18').to(memory_format=torch.channels_last)
+    stock_model = SupConResNet('resnet18').to(memory_format=torch.channels_last)
+    fast_model = use_matmul_weight_grad(copy.deepcopy(stock_model))
     x = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
 
     def grads(mode):
-        monkeypatch.setenv('SUPCON_CONV_WGRAD', mode)
+        model = fast_model if mode == 'matmul' else stock_model
         model.zero_grad(set_to_none=True)
         with torch.autocast(**BF16):
             features = model(x)
@@ -127,10 +134,50 @@ def test_resnet_step_gradients_agree_with_onednn(monkeypatch):
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fast, stock = grads('matmul'), grads('onednn')
-    used = [m for m in model.modules() if isinstance(m, Conv2d) and m.in_channels >= 256]
+    used = [m for m in fast_model.modules()
+            if isinstance(m, MatmulWeightGradConv2d) and m.in_channels >= 256]
     assert used  # layer3/layer4 at 4x4 and 2x2 maps take the matmul path
     for name in stock:
         diff = (fast[name] - stock[name]).norm() / stock[name].norm().clamp_min(1e-12)
         assert diff < 2e-2, (name, diff.item())
     # the paths really differ (the test would notice if the switch did nothing)
     assert any(not torch.equal(fast[n], stock[n]) for n in stock)
+
+
+def test_swap_keeps_parameters_and_state_dict():
+    """The swap changes only the class: same Parameter objects, same keys and values."""
+    torch.manual_seed(0)
+    model = SupConResNet('resnet18')
+    params = dict(model.named_parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    use_matmul_weight_grad(model)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is MatmulWeightGradConv2d for m in convs)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def runtime_options(**overrides):
+    opt = argparse.Namespace(device=torch.device('cpu'), distributed=False, syncBN=False,
+                             channels_last=False, compile=False, amp_torch_dtype=torch.bfloat16,
+                             cpu_bf16_wgrad='matmul')
+    vars(opt).update(overrides)
+    return opt
+
+
+@pytest.mark.parametrize('overrides, swapped', [
+    ({}, True),
+    ({'cpu_bf16_wgrad': 'onednn'}, False),
+    ({'amp_torch_dtype': None}, False),
+    ({'compile': True}, False),
+])
+def test_prepare_model_applies_the_swap_only_for_cpu_bf16(overrides, swapped):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    if overrides.get('compile'):
+        # torch.compile itself is not under test: look at the module prepare_model compiled
+        model = runtime.unwrap(runtime.prepare_model(model, runtime_options(**overrides)))
+    else:
+        model = runtime.prepare_model(model, runtime_options(**overrides))
+    assert (type(model[0]) is MatmulWeightGradConv2d) == swapped

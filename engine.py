@@ -1,0 +1,109 @@
+"""The classification loop shared by ``main_ce.py`` and ``main_linear.py``: one training
+epoch and the evaluation of the test split, as plain functions (MAE's ``engine_*.py`` style).
+"""
+import time
+
+import torch
+
+from runtime import all_reduce_sum, autocast, check_finite, is_main_process, step_statistics, \
+    to_device
+from util import AverageMeter, correct_counts, warmup_learning_rate
+
+
+def train_classifier(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
+    """One epoch of cross-entropy training (main_ce.py and main_linear.py).
+
+    ``model(images)`` returns logits; the caller sets train/eval modes (main_linear.py
+    keeps its frozen encoder in eval mode). Updates ``run``'s loss/acc meters. Returns
+    ``(loss, top-1, stopped_at)``; ``stopped_at`` is the step a signal stopped the epoch
+    at (the caller saves and exits), else None.
+    """
+    batch_time, data_time = AverageMeter(), AverageMeter()
+    losses, top1 = run.meters['loss'], run.meters['acc']
+    start = run.epoch_start_step(epoch)
+    total_steps = start + len(train_loader)  # a resumed epoch's loader holds only the rest
+    end = time.time()
+    for i, (images, labels) in enumerate(train_loader):
+        step = start + i
+        # measure data loading time
+        data_time.update(time.time() - end)
+        images = to_device(images, opt)
+        labels = labels.to(opt.device, non_blocking=True)
+        bsz = labels.shape[0]
+
+        warmup_learning_rate(opt, epoch, step, total_steps, optimizer)
+
+        # compute loss; logits go to float32 so the softmax is never in half precision
+        with autocast(opt):
+            output = model(images)
+        loss = criterion(output.float(), labels)
+
+        # compute gradient and do SGD step
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        # one host sync a step: statistics summed over ranks, NaN check, agreed stop
+        correct, = correct_counts(output.detach(), labels)
+        loss_sum, correct, n, stop = step_statistics(
+            opt, loss.detach() * bsz, correct, bsz, run.stop.requested)
+        check_finite(loss_sum, epoch, step + 1, opt)
+        losses.update(loss_sum / n, n)
+        top1.update(100.0 * correct / n, n)
+        batch_time.update(time.time() - end)
+        end = time.time()
+
+        if (step + 1) % opt.print_freq == 0 and is_main_process():
+            print('Train: [{0}][{1}/{2}]\t'
+                  'BT {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
+                  'DT {data_time.val:.3f} ({data_time.avg:.3f})\t'
+                  'loss {loss.val:.3f} ({loss.avg:.3f})\t'
+                  'Acc@1 {top1.val:.3f} ({top1.avg:.3f})'.format(
+                      epoch, step + 1, total_steps, batch_time=batch_time,
+                      data_time=data_time, loss=losses, top1=top1), flush=True)
+        if stop:
+            return losses.avg, top1.avg, step + 1
+    return losses.avg, top1.avg, None
+
+
+def validate(val_loader, model, criterion, opt, num_classes):
+    """Loss, top-1 and top-5 (None under 5 classes) over the whole test split.
+
+    Under torchrun each rank evaluates its own share (no padding) and the sums
+    are added up, so every test image counts exactly once.
+    """
+    topk = (1, 5) if num_classes >= 5 else (1,)
+    totals = torch.zeros(2 + len(topk), dtype=torch.float64, device=opt.device)
+    batch_time = AverageMeter()
+    with torch.no_grad():
+        end = time.time()
+        for idx, (images, labels) in enumerate(val_loader):
+            images = to_device(images, opt)
+            labels = labels.to(opt.device, non_blocking=True)
+            with autocast(opt):
+                output = model(images)
+            output = output.float()
+            loss = criterion(output, labels)
+            counts = correct_counts(output, labels, topk)
+            totals += torch.stack([loss * labels.shape[0],
+                                   torch.tensor(float(labels.shape[0]), device=opt.device),
+                                   *counts]).double()
+            batch_time.update(time.time() - end)
+            end = time.time()
+            if idx % opt.print_freq == 0 and is_main_process():
+                loss_avg, n, correct1 = totals[0].item(), totals[1].item(), totals[2].item()
+                print('Test: [{0}/{1}]\t'
+                      'Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
+                      'Loss {2:.4f}\tAcc@1 {3:.3f}'.format(
+                          idx, len(val_loader), loss_avg / n, 100.0 * correct1 / n,
+                          batch_time=batch_time), flush=True)
+    all_reduce_sum(totals)
+    loss_sum, n, *correct = totals.tolist()
+    n = max(n, 1.0)
+    accs = [100.0 * c / n for c in correct]
+    top5 = accs[1] if len(accs) > 1 else None
+    if is_main_process():
+        print(' * Acc@1 {:.3f}'.format(accs[0])
+              + (' Acc@5 {:.3f}'.format(top5) if top5 is not None else ''), flush=True)
+    return loss_sum / n, accs[0], top5

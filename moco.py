@@ -1,0 +1,195 @@
+"""Momentum ("key") encoder, label-aware feature queue and shuffle-BN for SupCon/SimCLR with ``--moco``.
+
+The query model is trained by SGD as usual. A frozen copy of it, the key encoder, follows it as an
+exponential moving average and embeds the second view of each image; those keys are appended to a
+queue so that the contrastive loss sees many more (labelled) rows than one small batch holds.
+
+Distributed use (``torch.distributed``, gloo or nccl): every collective here expects each rank to
+pass the same number of rows (DistributedSampler gives every rank the same number of samples), and
+tensors on the device the backend works with (CUDA for nccl). Without an initialised process group,
+or with a world size of 1, the helpers work on the local tensors alone.
+"""
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gather import all_gather_rows
+
+
+def _rank_and_world():
+    """(rank, world size) of the default process group, or (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def gather_no_grad(tensor):
+    """All ranks' rows of ``tensor`` concatenated in rank order, detached (no gradient flows back).
+
+    Every rank must pass a tensor of the same shape. With one process it returns ``tensor.detach()``.
+    """
+    return all_gather_rows(tensor, [tensor.shape[0]] * _rank_and_world()[1])
+
+
+@torch.no_grad()
+def shuffle_across_ranks(x, seed):
+    """Shuffle-BN, first half: returns (this rank's share of a random permutation of all ranks' rows,
+    the index that undoes it), for ``unshuffle_across_ranks``.
+
+    The permutation of the ``world * len(x)`` gathered rows is drawn on rank 0 from its own
+    ``torch.Generator`` seeded with ``seed`` (the global RNG is not touched, so a run is repeatable and
+    resumable) and broadcast, so all ranks agree even if their seeds differ. Pass a different seed at
+    every step (e.g. derived from the global step), or every step uses the same permutation.
+
+    With one process this is a no-op: it returns ``x`` itself and the identity index. Reordering rows
+    inside one process changes nothing for BatchNorm, which then sees the whole batch of keys. The
+    leak shuffle-BN guards against (keys whose BN statistics come from the same sub-batch as their
+    queries) is not prevented there; since those statistics are shared by every key of the batch, it
+    can only help tell this batch's keys from the queue's older keys, not one key of the batch from
+    another.
+    """
+    rank, world = _rank_and_world()
+    if world == 1:
+        return x, torch.arange(len(x), device=x.device)
+    gathered = gather_no_grad(x)
+    if rank == 0:
+        generator = torch.Generator().manual_seed(int(seed))
+        permutation = torch.randperm(len(gathered), generator=generator).to(x.device)
+    else:
+        permutation = torch.empty(len(gathered), dtype=torch.int64, device=x.device)
+    dist.broadcast(permutation, src=0)
+    local = permutation.view(world, -1)[rank]
+    return gathered[local], torch.argsort(permutation)
+
+
+@torch.no_grad()
+def unshuffle_across_ranks(y, index):
+    """Shuffle-BN, second half: given this rank's rows ``y`` computed from the shuffled rows and the
+    ``index`` from ``shuffle_across_ranks``, returns the rows in this rank's original order."""
+    rank, world = _rank_and_world()
+    if world == 1:
+        return y[index]
+    return gather_no_grad(y)[index.view(world, -1)[rank]]
+
+
+class KeyEncoder(nn.Module):
+    """A frozen deep copy of the query model (encoder + projection head) that follows it by EMA.
+
+    Build it from the bare model (not a DDP wrapper), after it is on its device and after any
+    SyncBatchNorm conversion. Its parameters have ``requires_grad=False`` and must not be given to
+    the optimizer; only ``update`` changes them. Its train/eval mode is its own and starts as the
+    query model's mode at construction; keep it in train mode while training, as MoCo does.
+
+    BatchNorm buffers (running mean/var, batch counts) are NOT copied by ``update``: the key encoder
+    keeps statistics of its own, collected by its own forward passes in train mode (MoCo's choice).
+    In train mode BatchNorm normalises with the current batch's statistics, so the running buffers
+    never influence the keys; they would only matter if the key encoder were run in eval mode, and
+    then statistics measured on the key encoder's own activations (and own, shuffled, sub-batches)
+    describe it better than the query model's. Copying them would buy nothing and cost a copy a step.
+    """
+
+    def __init__(self, query_model):
+        super().__init__()
+        self.model = copy.deepcopy(query_model)
+        self.model.requires_grad_(False)
+        self.train(query_model.training)
+
+    @torch.no_grad()
+    def update(self, query_model, momentum):
+        """EMA step, in place, for every parameter: key = momentum * key + (1 - momentum) * query.
+
+        Call it after every optimizer step, with the bare query model. ``momentum=1`` leaves the key
+        encoder unchanged, ``momentum=0`` copies the query parameters. Buffers are left alone (see the
+        class docstring). Raises ValueError if the models' parameter names or shapes differ (a DDP
+        wrapper, for one, prefixes every name with ``module.``).
+        """
+        key_params = list(self.model.named_parameters())
+        query_params = list(query_model.named_parameters())
+        if [(n, p.shape) for n, p in key_params] != [(n, p.shape) for n, p in query_params]:
+            raise ValueError('query model does not match the key encoder; pass the bare module the key '
+                             'encoder was built from, not a DistributedDataParallel wrapper')
+        momentum = float(momentum)
+        for (_, key), (_, query) in zip(key_params, query_params):
+            key.mul_(momentum).add_(query.detach(), alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def forward(self, images):
+        """The key model's output for ``images``, without autograd. In train mode this also updates
+        the key encoder's own BatchNorm running statistics (as any train-mode forward does)."""
+        return self.model(images)
+
+    @torch.no_grad()
+    def encode(self, images, shuffle_seed=None):
+        """Keys for this rank's ``images``, in their order. With ``shuffle_seed`` set and several
+        ranks, the batch is shuffled across ranks before the forward pass and unshuffled after it
+        (shuffle-BN), so no key is normalised together with the other keys of its own rank's batch;
+        with one process, or ``shuffle_seed=None``, it is a plain ``forward``."""
+        if shuffle_seed is None:
+            return self(images)
+        shuffled, index = shuffle_across_ranks(images, shuffle_seed)
+        return unshuffle_across_ranks(self(shuffled), index)
+
+
+class LabelQueue(nn.Module):
+    """A ring buffer of the ``size`` most recent keys [size, dim] (float32, detached) and their int64
+    labels [size], shared by all ranks.
+
+    State, all registered buffers so ``state_dict()`` restores the queue exactly: ``features``,
+    ``labels`` (unfilled rows hold zeros and -1), ``ptr`` (the slot the next row goes to) and
+    ``count`` (how many slots hold a row, at most ``size``). Move it with ``.to(device)``.
+    """
+
+    def __init__(self, size, dim):
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ValueError(f'queue size and dim must be positive, got {size} and {dim}')
+        self.size, self.dim = int(size), int(dim)
+        self.register_buffer('features', torch.zeros(self.size, self.dim))
+        self.register_buffer('labels', torch.full((self.size,), -1, dtype=torch.int64))
+        self.register_buffer('ptr', torch.zeros((), dtype=torch.int64))
+        self.register_buffer('count', torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def enqueue(self, features, labels):
+        """Append this rank's keys ``features`` [n, dim] (L2-normalised by the caller; stored as given,
+        cast to float32) and ``labels`` [n], overwriting the oldest rows.
+
+        Side effects: when a process group with world size > 1 is initialised, it first gathers the
+        rows and labels of all ranks (a collective: every rank must call it, with the same n), so
+        every rank stores the same rows in rank order. Writes start at ``ptr`` and wrap around the
+        end; if more than ``size`` rows arrive only the last ``size`` are kept, placed where writing
+        them one by one would leave them. ``ptr`` advances by the number of rows modulo ``size``.
+        """
+        if features.dim() != 2 or features.shape[1] != self.dim:
+            raise ValueError(f'features must be [n, {self.dim}], got {tuple(features.shape)}')
+        if labels.shape != features.shape[:1]:
+            raise ValueError(f'labels must be [{len(features)}], got {tuple(labels.shape)}')
+        features = gather_no_grad(features.to(self.features.device, torch.float32))
+        labels = gather_no_grad(labels.to(self.labels.device, torch.int64))
+        n = len(features)
+        if n == 0:
+            return
+        # Rows beyond the last `size` would be overwritten within this same call: skip them, and
+        # start where the first surviving row would have landed.
+        skipped = max(0, n - self.size)
+        slots = (self.ptr + skipped + torch.arange(n - skipped, device=self.ptr.device)) % self.size
+        self.features[slots] = features[skipped:]
+        self.labels[slots] = labels[skipped:]
+        self.ptr.copy_((self.ptr + n) % self.size)
+        self.count.add_(n).clamp_(max=self.size)
+
+    def contents(self):
+        """(features [n, dim], labels [n]) of the n filled rows, copies (later enqueues, which write
+        in place, cannot disturb a loss that holds them). Order: by slot, not by age; until the queue
+        is full the filled slots are 0..n-1, then all slots are returned."""
+        n = int(self.count)
+        return self.features[:n].clone(), self.labels[:n].clone()
+
+    def __len__(self):
+        return int(self.count)
+
+    def extra_repr(self):
+        return f'size={self.size}, dim={self.dim}'

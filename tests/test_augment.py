@@ -1,0 +1,136 @@
+"""Transforms and --aug: shapes, normalisation, the reference pipelines bit for bit."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from augment import AUG_NAMES, RANDAUGMENT_MAGNITUDE, STACKED_RANDAUGMENT_MAGNITUDE
+from augment import supcon_transform, train_transform
+from augment import test_transform as eval_transform  # a test_* name would be collected
+from util import TwoCropTransform, UserError
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2023, 0.1994, 0.2010)
+SIZE = 32
+
+
+@pytest.fixture(scope='module')
+def image():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8))
+
+
+# The pipelines data.py held before they moved here, rebuilt as they were.
+def old_supcon_transform(size, mean, std):
+    return TwoCropTransform(transforms.Compose([
+        transforms.RandomResizedCrop(size=size, scale=(0.2, 1.)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=mean, std=std),
+    ]))
+
+
+def old_train_transform(size, mean, std):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size=size, scale=(0.2, 1.)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=mean, std=std),
+    ])
+
+
+def old_test_transform(size, mean, std):
+    return transforms.Compose([
+        transforms.Resize((size, size)),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=mean, std=std),
+    ])
+
+
+def _assert_normalised(x):
+    assert isinstance(x, torch.Tensor)
+    assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32
+    assert torch.isfinite(x).all()
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    low, high = (0 - mean) / std, (1 - mean) / std  # [0, 1] pixels after Normalize
+    assert (x >= low - 1e-5).all() and (x <= high + 1e-5).all()
+    assert x.mean().abs() < 2.0  # roughly centred, not raw [0, 1] or [0, 255]
+
+
+@pytest.mark.parametrize('aug', AUG_NAMES)
+def test_every_aug_gives_normalised_tensors(aug, image):
+    torch.manual_seed(0)
+    views = supcon_transform(SIZE, MEAN, STD, aug=aug)(image)
+    assert isinstance(views, list) and len(views) == 2
+    for view in views:
+        _assert_normalised(view)
+    assert not torch.equal(views[0], views[1])
+    _assert_normalised(train_transform(SIZE, MEAN, STD, aug=aug)(image))
+
+
+def test_test_transform_resizes_and_normalises(image):
+    _assert_normalised(eval_transform(SIZE, MEAN, STD)(image))
+    assert torch.equal(eval_transform(SIZE, MEAN, STD)(image),
+                       old_test_transform(SIZE, MEAN, STD)(image))
+
+
+@pytest.mark.parametrize('seed', [0, 1, 7])
+def test_simclr_is_the_old_pipeline_bit_for_bit(seed, image):
+    pairs = [(supcon_transform(SIZE, MEAN, STD), old_supcon_transform(SIZE, MEAN, STD)),
+             (supcon_transform(SIZE, MEAN, STD, 'simclr'), old_supcon_transform(SIZE, MEAN, STD)),
+             (train_transform(SIZE, MEAN, STD), old_train_transform(SIZE, MEAN, STD)),
+             (train_transform(SIZE, MEAN, STD, 'simclr'), old_train_transform(SIZE, MEAN, STD))]
+    for new, old in pairs:
+        torch.manual_seed(seed)
+        a = new(image)
+        torch.manual_seed(seed)
+        b = old(image)
+        a = torch.stack(a) if isinstance(a, list) else a
+        b = torch.stack(b) if isinstance(b, list) else b
+        assert torch.equal(a, b)
+    assert repr(supcon_transform(SIZE, MEAN, STD).transform) == \
+        repr(old_supcon_transform(SIZE, MEAN, STD).transform)
+    assert repr(train_transform(SIZE, MEAN, STD)) == repr(old_train_transform(SIZE, MEAN, STD))
+
+
+def _ops(compose):
+    return [type(t).__name__ for t in compose.transforms]
+
+
+def test_pipelines_hold_the_named_ops():
+    head, tail = ['RandomResizedCrop', 'RandomHorizontalFlip'], ['ToTensor', 'Normalize']
+    colour = ['RandomApply', 'RandomGrayscale']
+    expected = {
+        'simclr': (colour, []),
+        'autoaugment': (['AutoAugment'], ['AutoAugment']),
+        'randaugment': (['RandAugment'], ['RandAugment']),
+        'stacked_randaugment': (['RandAugment'] + colour, ['RandAugment'] + colour),
+    }
+    for aug, (supcon_ops, ce_ops) in expected.items():
+        supcon = supcon_transform(SIZE, MEAN, STD, aug).transform
+        ce = train_transform(SIZE, MEAN, STD, aug)
+        assert _ops(supcon) == head + supcon_ops + tail, aug
+        assert _ops(ce) == head + ce_ops + tail, aug
+
+    auto = supcon_transform(SIZE, MEAN, STD, 'autoaugment').transform.transforms[2]
+    assert auto.policy == transforms.AutoAugmentPolicy.IMAGENET
+    plain = train_transform(SIZE, MEAN, STD, 'randaugment').transforms[2]
+    stacked = supcon_transform(SIZE, MEAN, STD, 'stacked_randaugment').transform.transforms
+    assert (plain.num_ops, plain.magnitude, plain.num_magnitude_bins) == \
+        (2, RANDAUGMENT_MAGNITUDE, 11)
+    assert (stacked[2].num_ops, stacked[2].magnitude, stacked[2].num_magnitude_bins) == \
+        (2, STACKED_RANDAUGMENT_MAGNITUDE, 11)
+    jitter = stacked[3]
+    assert jitter.p == 0.8 and isinstance(jitter.transforms[0], transforms.ColorJitter)
+    assert stacked[4].p == 0.2
+
+
+def test_unknown_aug_is_a_one_line_user_error():
+    for build in (supcon_transform, train_transform):
+        with pytest.raises(UserError) as info:
+            build(SIZE, MEAN, STD, aug='cutmix')
+        assert 'cutmix' in str(info.value) and 'autoaugment' in str(info.value)
+        assert '\n' not in str(info.value)
