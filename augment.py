@@ -124,3 +124,15 @@ def test_transform(size, mean, std):
     # The fork skipped this resize, so 300x300 test images reached a network
     # trained on --size crops. It is a no-op when images already have that size.
     return transforms.Compose([transforms.Resize((size, size))] + _finish(mean, std))
+
+
+def add_augmentation_arguments(parser):
+    """``--aug`` and ``--gpu_aug`` (main_supcon.py and main_ce.py)."""
+    group = parser.add_argument_group('augmentation (not in the reference)')
+    group.add_argument('--aug', type=str, default='simclr', choices=AUG_NAMES,
+                       help='training augmentation (augment.py has the table); simclr is the'
+                            ' reference\'s')
+    group.add_argument('--gpu_aug', action='store_true',
+                       help='loader workers only decode; crops, flips and colour run batched on'
+                            ' the training device (kornia; README "Augmentation on the GPU")')
+    return group

@@ -1,27 +1,23 @@
-"""Checkpoints and the resume/save bookkeeping of a run.
+"""Checkpoint files: atomic saves, safe loading, wrapper-free keys, RNG state, and choosing
+the checkpoint to resume from.
 
 Files are written atomically (a kill never leaves a truncated checkpoint) and
-read with ``weights_only=True`` (a checkpoint can never run code). ``Run``
-holds one training run's resume state, its per-epoch saves and the SIGTERM /
-Ctrl-C handling that saves the position before exiting.
+read with ``weights_only=True`` (a checkpoint can never run code). The run that
+writes them (resume, per-epoch saves, signals) is ``training_run.Run``.
 """
 import argparse
 import contextlib
+import errno
 import glob
 import os
 import random
 import re
-import shlex
-import signal
-import sys
 import tempfile
 
 import numpy as np
 import torch
 
-from options import plain_options
-from runtime import cleanup_runtime, is_main_process, seed_everything, unwrap
-from tb_logger import TBLogger
+from runtime import is_main_process, unwrap
 from util import UserError
 
 
@@ -58,9 +54,12 @@ def save_checkpoint(state, path):
     if not is_main_process():
         return
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                               dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
+                                   dir=folder)
+    except OSError as exc:
+        raise UserError(_write_error(exc, path)) from None
     try:
         # mkstemp makes the file private (0600); give it what torch.save's open() would
         umask = os.umask(0o022)
@@ -71,9 +70,11 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, OSError):  # full disk, quota, I/O error: the old file is intact
+            raise UserError(_write_error(exc, path)) from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -83,6 +84,104 @@ def save_checkpoint(state, path):
             os.close(dir_fd)
 
 
+def _write_error(exc, path):
+    """One line for an OSError while saving ``path``: what happened, what is kept, the fix."""
+    folder = os.path.dirname(os.path.abspath(path))
+    kept = (f'the previous {os.path.basename(path)} is intact' if os.path.isfile(path)
+            else 'no checkpoint was half-written')
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = 'no space left on device' if exc.errno == errno.ENOSPC else 'disk quota exceeded'
+        return (f'{what} while saving {path}; {kept}: free some space, then continue with'
+                f' --resume auto')
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f'cannot write checkpoints to {folder} ({exc.strerror or exc}): make it'
+                f' writable, or start the script from a folder you can write to (it saves'
+                f' under ./save/ there)')
+    return (f'cannot save {path} ({exc.strerror or exc}); {kept}: fix the folder, then continue'
+            f' with --resume auto')
+
+
+def folder_write_problem(folder):
+    """Why files cannot be created in ``folder`` (which may not exist yet), or None.
+
+    Tries a temporary file in the deepest folder that exists and removes it again, so
+    a run learns before its first epoch that it could not save; creates nothing.
+    """
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f'{existing} is a file, not a folder'
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.write_test.', suffix='.tmp', dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        return f'{existing}: {exc.strerror or exc}'
+    return None
+
+
+def named_tensors(obj, prefix=''):
+    """(dotted name, tensor) of every tensor inside nested dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from named_tensors(value, f'{prefix}.{key}' if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from named_tensors(value, f'{prefix}.{i}' if prefix else str(i))
+
+
+def first_nonfinite(obj):
+    """The name of the first floating-point tensor in ``obj`` holding NaN or inf, else None.
+
+    One reduction per tensor and one host sync per device, so it is cheap before every save.
+    """
+    by_device = {}
+    for name, tensor in named_tensors(obj):
+        if tensor.is_floating_point() or tensor.is_complex():
+            by_device.setdefault(tensor.device, []).append((name, tensor))
+    for items in by_device.values():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in items])
+        if not bool(finite.all()):
+            return items[int((~finite).nonzero()[0])][0]
+    return None
+
+
+def checkpoint_position(ckpt):
+    """(epoch, step) a training checkpoint records, or None when it records none."""
+    def whole(value):
+        if torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point():
+            value = value.item()
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+            else None
+    epoch, step = whole(ckpt.get('epoch')), whole(ckpt.get('step', 0))
+    return None if epoch is None or step is None else (epoch, step)
+
+
+def _read_error(exc, path, flag):
+    """One line for a file torch.load refused; never suggests loading it unsafely."""
+    text = str(exc)
+    found = re.search(r'GLOBAL ([\w.]+)', text)
+    if found:
+        return (f'{flag} {path} holds pickled code or objects other than weights'
+                f' ({found.group(1)}), so it was refused: checkpoints are loaded without running'
+                f' anything they contain; pass a checkpoint of tensors written by these scripts'
+                f' or the reference')
+    if 'Weights only load failed' in text:
+        reason = 'not a file of tensors as torch.save writes them'
+    else:
+        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        reason = first.split('. ')[0].rstrip('.')
+        if len(reason) > 160:
+            reason = reason[:160].rsplit(' ', 1)[0] + ' ...'
+        if 'weights_only' in reason:
+            reason = type(exc).__name__
+    return (f'{flag} {path} is not a readable checkpoint ({reason}); it may be truncated or not'
+            f' written by these scripts: pass another file')
+
+
 def load_checkpoint(path, flag='--ckpt', mmap=False):
     """Load with ``weights_only=True``; accepts the reference's checkpoints.
 
@@ -90,22 +189,46 @@ def load_checkpoint(path, flag='--ckpt', mmap=False):
     class allowed besides tensors and plain containers, and is turned into a dict.
     ``mmap=True`` maps the file instead of reading it, for a cheap look at the options.
     """
+    if path and os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path) if name.endswith('.pth'))
+        example = f', e.g. {os.path.join(path, inside[-1])}' if inside else ''
+        raise UserError(f'{flag} {path} is a directory, not a checkpoint file; pass a .pth file'
+                        f'{example}')
     if not path or not os.path.isfile(path):
         raise UserError(f'{flag} {path}: no such file; pass the path of a .pth file written'
                         f' by main_supcon.py, main_ce.py or main_linear.py')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        except RuntimeError as exc:
+            if not (mmap and 'mmap can only be used' in str(exc)):
+                raise
+            # a file in torch's legacy (pre-1.6, not zip) format: read it instead of mapping it
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # truncated zip, random bytes, forbidden pickled code
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise UserError(f'{flag} {path} is not a readable checkpoint ({reason}); it may be'
-                        f' truncated or not written by these scripts: pass another file')
+        raise UserError(_read_error(exc, path, flag)) from None
+    if (isinstance(ckpt, dict) and not isinstance(ckpt.get('model'), dict)
+            and isinstance(ckpt.get('state_dict'), dict)):
+        ckpt = dict(ckpt, model=ckpt['state_dict'])  # the usual name outside SupContrast
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        ckpt = {'model': ckpt}  # a bare state dict
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
         raise UserError(f'{flag} {path} is not a SupContrast checkpoint (it has no model'
                         f' weights under "model"); pass a .pth written by these scripts')
+    if not all(isinstance(key, str) and torch.is_tensor(value)
+               for key, value in ckpt['model'].items()):
+        raise UserError(f'{flag} {path} is not a SupContrast checkpoint (its "model" entry holds'
+                        f' other things than named tensors); pass a .pth written by these scripts')
     if isinstance(ckpt.get('opt'), argparse.Namespace):
         ckpt['opt'] = vars(ckpt['opt'])
-    ckpt.setdefault('opt', {})
+    if ckpt.get('opt') is None:
+        ckpt['opt'] = {}
+    if not isinstance(ckpt['opt'], dict):
+        raise UserError(f'{flag} {path} stores its options ("opt") as a'
+                        f' {type(ckpt["opt"]).__name__}, not the dict or Namespace these scripts'
+                        f' and the reference write; pass a checkpoint written by them')
     ckpt['model'] = strip_wrapper_keys(ckpt['model'])
     return ckpt
 
@@ -140,229 +263,48 @@ def set_rng_state(state):
             torch.cuda.set_rng_state_all(state['cuda'])
 
 
-
-# --------------------------------------------------------------------------- runs
-
-
-class Run:
-    """Resuming, per-epoch checkpoints and TensorBoard for one training run.
-
-    The run's own ``checkpoint.pth`` is refreshed after every epoch (and on a
-    signal), so a crash loses at most one epoch; ``ckpt_epoch_{N}.pth`` and
-    ``last.pth`` are written as the reference does.
-    """
-
-    #: Options that define the run: resuming with another value is refused.
-    FIXED = ('model', 'dataset', 'method', 'batch_size', 'size', 'stem', 'head', 'feat_dim',
-             'temp', 'ckpt', 'seed', 'learning_rate', 'cosine', 'num_classes', 'weight_decay',
-             'momentum', 'lr_decay_rate', 'lr_decay_epochs', 'warm')
-
-    def __init__(self, opt, meters=None):
-        """Find and read the ``--resume`` checkpoint; call before building loaders.
-
-        The checkpoint's seed is adopted here (when --seed is not given), so data
-        order and augmentation continue exactly where the run stopped.
-        """
-        self.opt = opt
-        self.meters = meters or {}
-        self.model = self.optimizer = self.scaler = None
-        self.extra = {}
-        self.start_epoch = 1
-        self.start_step = 0
-        self.stop = GracefulStop()
-        self._writer = None
-        self._ckpt, self._ckpt_path = None, None
-        self._remove_stale_temporaries()  # left by a kill during a save; never loaded
-        if opt.resume is None:
-            return
-        path = opt.resume
-        if path == 'auto':
-            path = newest_checkpoint(opt.save_folder)
-            if path is None:
-                if is_main_process():
-                    print(f'--resume auto: no checkpoint in {opt.save_folder} yet; starting a'
-                          f' fresh run')
-                return
-        self._ckpt, self._ckpt_path = load_checkpoint(path, flag='--resume'), path
-        self._check_same_run(self._ckpt.get('opt', {}), path)
-
-    def restore(self, model, optimizer, scaler=None):
-        """Attach what is trained and restore its state; returns the first epoch to run."""
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        ckpt, path = self._ckpt, self._ckpt_path
-        if ckpt is None:
-            return self.start_epoch
-        try:
-            load_bare_state_dict(self.model, ckpt['model'])
-        except RuntimeError:
-            raise UserError(f'--resume {path}: its weights do not fit this model; resume with'
-                            f' the options it was trained with') from None
-        if 'optimizer' in ckpt:
-            self.optimizer.load_state_dict(ckpt['optimizer'])
-        if self.scaler is not None and ckpt.get('scaler'):
-            self.scaler.load_state_dict(ckpt['scaler'])
-        set_rng_state(ckpt.get('rng'))
-        for name, meter in self.meters.items():
-            if name in ckpt.get('meters', {}):
-                meter.load_state_dict(ckpt['meters'][name])
-        self.extra = dict(ckpt.get('extra', {}))
-        epoch, step = int(ckpt['epoch']), int(ckpt.get('step', 0))
-        # a mid-epoch checkpoint records the last complete epoch and the steps done since
-        self.start_epoch, self.start_step = epoch + 1, step
-        self._ckpt = None
-        if is_main_process():
-            if self.start_epoch > self.opt.epochs:
-                print(f'resumed from {path}: all {self.opt.epochs} epochs are done already')
-            else:
-                where = f'epoch {self.start_epoch}' + (f', step {step + 1}' if step else '')
-                print(f'resumed from {path}: continuing at {where}')
-        return self.start_epoch
-
-    def _check_same_run(self, saved, path):
-        opt = self.opt
-        if not opt.seed_given and saved.get('seed') is not None:
-            opt.seed = int(saved['seed'])
-            seed_everything(opt.seed + opt.rank)
-        for key in self.FIXED:
-            if key in saved and hasattr(opt, key) and saved[key] != getattr(opt, key):
-                now, then = getattr(opt, key), saved[key]
-                if isinstance(then, bool):  # a switch such as --cosine
-                    raise UserError(f'--resume {path}: the run was trained'
-                                    f' {"with" if then else "without"} --{key}; resume'
-                                    f' {"with" if then else "without"} it or start a new run'
-                                    f' (another --trial)')
-                if isinstance(then, (list, tuple)):  # --lr_decay_epochs
-                    now, then = ','.join(map(str, now)), ','.join(map(str, then))
-                raise UserError(f'--resume {path}: --{key} {now} differs from the'
-                                f' run\'s {then}; resume with --{key} {then} or start'
-                                f' a new run (another --trial)')
-
-    def _remove_stale_temporaries(self):
-        if is_main_process():
-            for tmp in glob.glob(os.path.join(self.opt.save_folder, '.*.tmp')):
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-
-    def begin_epoch(self, epoch, sampler):
-        """Point the sampler at this epoch's order and past the steps a resumed epoch did."""
-        sampler.set_epoch(epoch)
-        sampler.set_start(self.start_step * self.opt.local_batch_size
-                          if epoch == self.start_epoch else 0)
-
-    def epoch_start_step(self, epoch):
-        """Steps of ``epoch`` already done before a mid-epoch resume (else 0)."""
-        start = self.start_step if epoch == self.start_epoch else 0
-        if not start:
-            for meter in self.meters.values():
-                meter.reset()
-        return start
-
-    # -- saving
-    def state(self, epoch, step=0):
-        return {
-            'model': bare_state_dict(self.model),
-            'optimizer': self.optimizer.state_dict(),
-            'epoch': epoch,
-            'step': step,
-            'opt': plain_options(self.opt),
-            'scaler': self.scaler.state_dict() if self.scaler is not None and
-            self.scaler.is_enabled() else None,
-            'rng': rng_state(),
-            'meters': {name: m.state_dict() for name, m in self.meters.items()} if step else {},
-            'extra': self.extra,
-        }
-
-    def save(self, name, epoch, step=0):
-        path = os.path.join(self.opt.save_folder, name)
-        save_checkpoint(self.state(epoch, step), path)
-        return path
-
-    def end_epoch(self, epoch):
-        """Refresh the run's checkpoint; keep a numbered one every save_freq epochs."""
-        if not is_main_process():
-            return
-        state = self.state(epoch)
-        save_checkpoint(state, os.path.join(self.opt.save_folder, 'checkpoint.pth'))
-        if epoch % self.opt.save_freq == 0:
-            save_checkpoint(state, os.path.join(self.opt.save_folder,
-                                                f'ckpt_epoch_{epoch}.pth'))
-
-    def interrupted(self, epoch, step):
-        """Save the position after a signal and exit non-zero with how to resume."""
-        path = self.save('checkpoint.pth', epoch - 1, step)
-        if is_main_process():
-            command = shlex.join([sys.argv[0]] + without_resume(sys.argv[1:])
-                                 + ['--resume', 'auto'])
-            launcher = ('torchrun <the same torchrun options>' if self.opt.distributed
-                        else 'python')
-            print(f'stopped by {self.stop.name} at epoch {epoch}, step {step}; saved {path}.'
-                  f' Continue with: {launcher} {command}', flush=True)
-        self.close()
-        cleanup_runtime()
-        sys.exit(128 + self.stop.signum)
-
-    # -- logging
-    @property
-    def logger(self):
-        if self._writer is None:
-            self._writer = TBLogger(self.opt.tb_folder, purge_step=self.start_epoch)
-        return self._writer
-
-    def close(self):
-        if self._writer is not None:
-            self._writer.close()
-
-
-def newest_checkpoint(folder):
-    """The most recently written loadable checkpoint of a run folder, or None."""
-    paths = [p for p in glob.glob(os.path.join(folder, '*.pth'))]
-    for path in sorted(paths, key=os.path.getmtime, reverse=True):
-        try:
-            load_checkpoint(path, flag='--resume')
-        except UserError:
-            if is_main_process():
-                print(f'note: --resume auto skips {path}: not a readable checkpoint')
-            continue
-        return path
+def resume_problem(ckpt):
+    """(what is wrong, what to do) when ``ckpt`` cannot be continued from, else None."""
+    if checkpoint_position(ckpt) is None:
+        return ('it records no epoch to continue from (no whole number under "epoch")',
+                'pass a checkpoint.pth, ckpt_epoch_N.pth or last.pth written by this script')
+    bad = first_nonfinite(ckpt)
+    if bad is not None:
+        return (f'it holds NaN or infinite values ({bad}): it was saved from a diverged run',
+                'resume from an earlier checkpoint of the run')
     return None
 
 
-def without_resume(args):
-    """Command-line arguments less any ``--resume X`` / ``--resume=X``."""
-    kept, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == '--resume':
-            skip = True
-        elif not arg.startswith('--resume='):
-            kept.append(arg)
-    return kept
+def newest_checkpoint(folder, quiet=False):
+    """The checkpoint of a run folder that is furthest in training, or None.
 
+    Files are ranked by the (epoch, step) they record, not by their time stamps (a copy
+    or ``touch`` changes those); ties go to the newer file. Unreadable files, files
+    without an epoch and files with NaN or infinite values are skipped with a note.
+    The files are mapped rather than read, and only the chosen one is read in full.
+    """
+    def skip(path, why):
+        if not quiet and is_main_process():
+            print(f'note: --resume auto skips {path}: {why}')
 
-class GracefulStop:
-    """SIGTERM/Ctrl-C ask the loop to stop after the current step; a second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.signum = 0
+    candidates = []
+    for path in glob.glob(os.path.join(folder, '*.pth')):
         try:
-            signal.signal(signal.SIGTERM, self._handle)
-            signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. under a test runner's thread)
-            pass
-
-    def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if is_main_process():
-            print(f'\n{self.name} received: finishing the current step, then saving',
-                  flush=True)
-
-    @property
-    def name(self):
-        return signal.Signals(self.signum).name if self.signum else ''
-
-    @property
-    def requested(self):
-        return bool(self.signum)
+            ckpt = load_checkpoint(path, flag='--resume', mmap=True)
+            mtime = os.path.getmtime(path)
+        except (UserError, OSError):
+            skip(path, 'not a readable checkpoint')
+            continue
+        position = checkpoint_position(ckpt)
+        if position is None:
+            skip(path, 'it records no epoch')
+            continue
+        candidates.append((position, mtime, path, ckpt))
+    candidates.sort(key=lambda item: item[:3], reverse=True)
+    for _, _, path, ckpt in candidates:
+        problem = resume_problem(ckpt)
+        if problem:
+            skip(path, problem[0])
+            continue
+        return path
+    return None

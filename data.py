@@ -3,7 +3,9 @@
 One module owns the data so that main_supcon.py, main_ce.py, main_linear.py and
 main_tsne.py read the same images with the same normalisation. Data sets:
 ``cifar10``/``cifar100`` (``cifar.py``), ``path`` (a folder of class sub-folders,
-the fork's), ``digits`` (scikit-learn's, offline). Transforms live in
+the fork's), ``digits`` (scikit-learn's, offline), ``imagenet`` (``train/`` and
+``val/`` folders of class sub-folders, the usual ImageNet layout). ``--val_split``
+carves a validation split out of the training images for choosing settings. Transforms live in
 ``augment.py``, seeded samplers in ``sampling.py``.
 """
 import math
@@ -22,7 +24,9 @@ from runtime import main_process_first
 from sampling import build_loader
 from util import UserError
 
-DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits')
+DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet')
+# data sets held in memory as 32x32 arrays: their batches stack without resizing
+ARRAY_DATASETS = ('cifar10', 'cifar100', 'digits')
 
 # (mean, std) per channel of the training images scaled to [0, 1]. The CIFAR
 # values are the reference SupContrast's; the digits values were computed from
@@ -31,6 +35,7 @@ MEAN_STD = {
     'cifar10': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     'digits': ((0.3094, 0.3094, 0.3094), (0.3488, 0.3488, 0.3488)),
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's
 }
 
 
@@ -49,26 +54,90 @@ class DataError(UserError):
 
 
 
-def add_arguments(parser, test_folder=True):
-    """The data flags of the reference and of the fork that added ``--dataset path``."""
+def add_arguments(parser, test_folder=True, knn_only=False):
+    """The data flags of the reference and of the fork that added ``--dataset path``.
+
+    ``knn_only=True`` (main_supcon.py) says in the help which flags only matter for
+    ``--knn_every``: pretraining itself never reads the test split.
+    """
     group = parser.add_argument_group('data')
+    knn = ' (pretraining: only for --knn_every)' if knn_only else ''
     group.add_argument('--dataset', type=str, default='cifar10', choices=DATASET_NAMES,
-                       help='digits is scikit-learn\'s 8x8 digits, shipped offline for demos')
+                       help='digits is scikit-learn\'s 8x8 digits, shipped offline for demos;'
+                            ' imagenet reads --data_folder/train and --data_folder/val')
     group.add_argument('--data_folder', type=str, default=None,
-                       help='CIFAR root or, for --dataset path, the training image folder'
-                            ' (one sub-folder per class); default ./datasets/')
+                       help='CIFAR root; for --dataset path the training image folder (one'
+                            ' sub-folder per class); for imagenet the folder holding train/ and'
+                            ' val/ (default ./datasets/)')
     if test_folder:
         group.add_argument('--test_folder', type=str, default=None,
-                           help='test image folder for --dataset path')
+                           help='test image folder for --dataset path' + knn)
     group.add_argument('--mean', type=str, default=None,
                        help='per-channel mean as text, e.g. "(0.4914, 0.4822, 0.4465)"')
     group.add_argument('--std', type=str, default=None,
                        help='per-channel std as text, e.g. "(0.2675, 0.2565, 0.2761)"')
-    group.add_argument('--size', type=int, default=32, help='crop size fed to the network')
+    group.add_argument('--size', type=int, default=None,
+                       help='crop size fed to the network (default 224 for imagenet, else 32)')
     group.add_argument('--num_classes', type=int, default=None,
-                       help='number of classes; read from the data when not given')
-    group.add_argument('--batch_size_val', type=int, default=256, help='evaluation batch size')
+                       help='number of classes; read from the data when not given, checked'
+                            ' against it when given')
+    group.add_argument('--batch_size_val', type=int, default=256,
+                       help='evaluation batch size' + knn)
+    group.add_argument('--val_split', type=float, default=0.0,
+                       help='hold out this fraction of the training images (stratified, the same'
+                            ' for every seed) and evaluate on it instead of the test split;'
+                            ' 0 = off (the reference\'s behaviour)')
     return group
+
+
+def resolve_defaults(opt):
+    """Fill the data defaults that depend on --dataset and refuse flags that cannot work."""
+    if opt.size is None:
+        opt.size = 224 if opt.dataset == 'imagenet' else 32
+    if not 0.0 <= opt.val_split < 1.0 or not math.isfinite(opt.val_split):
+        raise UserError(f'--val_split must be a fraction in [0, 1), got {opt.val_split}')
+    if opt.dataset == 'imagenet' and opt.data_folder is None:
+        raise UserError('--dataset imagenet needs --data_folder (the folder holding train/ and'
+                        ' val/, one sub-folder per class in each)')
+    if opt.data_folder is None:
+        opt.data_folder = './datasets/'
+    if getattr(opt, 'gpu_aug', False) and getattr(opt, 'aug', 'simclr') != 'simclr':
+        raise UserError(f'--gpu_aug implements the simclr augmentation only; drop --gpu_aug or'
+                        f' use --aug simclr (not {opt.aug})')
+    if (opt.dataset in ('cifar10', 'cifar100') and (opt.mean or opt.std)
+            and int(os.environ.get('RANK', 0)) == 0):
+        print(f'note: using the given --mean/--std for {opt.dataset}; the reference ignores them'
+              f' and always uses its own {opt.dataset} constants')
+
+
+def fixed_size(dataset, size):
+    """The side images are resized to in the loader when batches must stack (--gpu_aug):
+    None for the in-memory 32x32 data sets, else ``size``."""
+    return None if dataset in ARRAY_DATASETS else size
+
+
+class SplitSubset(Dataset):
+    """Part of a data set (``indices``), keeping its ``classes`` and matching ``targets``."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+        self.classes = dataset.classes
+        self.targets = [dataset.targets[i] for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[self.indices[index]]
+
+
+def validation_indices(targets, fraction):
+    """A stratified ``fraction`` of the indices, fixed (it never depends on --seed), sorted."""
+    from sklearn.model_selection import train_test_split
+    indices = np.arange(len(targets))
+    _, held_out = train_test_split(indices, test_size=fraction, stratify=np.asarray(targets),
+                                   random_state=0)
+    return np.sort(held_out)
 
 
 class ArrayImageDataset(Dataset):
@@ -100,6 +169,75 @@ def _load_rgb_image(path):
                         f'replace the file') from exc
 
 
+def _is_folder(entry):
+    try:
+        return entry.is_dir()  # follows symbolic links; False for a broken one
+    except OSError:
+        return False
+
+
+def _scan_image_folder(folder, flag, class_names):
+    """(path, class index) of every image under each class sub-folder, in ImageFolder's order.
+
+    torchvision's ImageFolder walks with ``followlinks=True`` and no loop check: a symbolic
+    link back up the tree made it read the same images dozens of times. Here each real
+    folder is read once: a link back to a folder that contains it (a loop), or a second
+    way into a folder already read (the same images under two names, maybe two classes),
+    is refused with both paths.
+    """
+    def scandir(path):
+        try:
+            with os.scandir(path) as entries:
+                return list(entries)
+        except OSError as exc:
+            raise UserError(f'{flag} {folder}: cannot read the folder {path}'
+                            f' ({exc.strerror or exc}); make it readable or remove it') from None
+
+    seen = {}  # real path -> the path it was first read through
+    visited = []  # (path, file names)
+
+    def visit(path, ancestors):
+        real = os.path.realpath(path)
+        if real in ancestors:
+            raise UserError(f'{flag} {folder}: {path} is a symbolic link back to {real}, a folder'
+                            f' that contains it (a loop); remove the link')
+        if real in seen:
+            raise UserError(f'{flag} {folder}: {path} and {seen[real]} are the same folder'
+                            f' ({real}), so its images would be read twice; remove one of them')
+        seen[real] = path
+        entries = scandir(path)
+        visited.append((path, sorted(e.name for e in entries if not _is_folder(e))))
+        for entry in sorted((e for e in entries if _is_folder(e)), key=lambda e: e.name):
+            visit(entry.path, ancestors | {real})
+
+    root = frozenset([os.path.realpath(folder)])
+    samples = []
+    for index, name in enumerate(class_names):
+        visited.clear()
+        visit(os.path.join(folder, name), root)
+        for path, names in sorted(visited):  # the order of sorted(os.walk(...))
+            samples.extend((os.path.join(path, fname), index) for fname in names
+                           if datasets.folder.has_file_allowed_extension(
+                               fname, datasets.folder.IMG_EXTENSIONS))
+    return samples
+
+
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder whose scan reads each real folder once (_scan_image_folder)."""
+
+    def __init__(self, root, flag, **kwargs):
+        self.flag = flag
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory):
+        classes = sorted(entry.name for entry in os.scandir(directory) if _is_folder(entry))
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
+                     allow_empty=False):
+        return _scan_image_folder(directory, self.flag, sorted(class_to_idx, key=class_to_idx.get))
+
+
 def _build_image_folder(split, transform, data_folder, test_folder):
     if split == 'train':
         flag, folder = '--data_folder', data_folder
@@ -116,11 +254,11 @@ def _build_image_folder(split, transform, data_folder, test_folder):
     if not os.path.isdir(folder):
         raise UserError(f'{flag} {folder} is not a directory; point {flag} at a folder of '
                         f'class sub-folders')
-    if not any(entry.is_dir() for entry in os.scandir(folder)):
+    if not any(_is_folder(entry) for entry in os.scandir(folder)):
         raise UserError(f'{flag} {folder} has no class sub-folders; {layout}')
 
-    dataset = datasets.ImageFolder(folder, transform=transform, loader=_load_rgb_image,
-                                   allow_empty=True)
+    dataset = _ImageFolder(folder, flag, transform=transform, loader=_load_rgb_image,
+                           allow_empty=True)
     extensions = ', '.join(datasets.folder.IMG_EXTENSIONS)
     if not dataset.samples:
         raise UserError(f'{flag} {folder} has no image files ({extensions}) in its class '
@@ -194,19 +332,32 @@ def _build_digits(split, transform):
 
 
 def build_dataset(name, split, transform, data_folder='./datasets/', test_folder=None,
-                  download=True):
+                  download=True, val_split=0.0):
     """The `split` ('train' or 'test') of data set `name`; items are (transform(image), label).
 
     The result has `.classes` (class names) and `.targets` (int label per item).
-    `test_folder` is only used by 'path'; `download` only by the CIFAR sets.
+    `test_folder` is only used by 'path'; `download` only by the CIFAR sets. With
+    `val_split` > 0 'train' is the training images less a held-out fraction and 'test'
+    is that held-out fraction (of the training images, with `transform`).
     """
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if val_split:
+        full = build_dataset(name, 'train', transform, data_folder, test_folder, download)
+        held_out = validation_indices(full.targets, val_split)
+        if split == 'test':
+            return SplitSubset(full, held_out)
+        return SplitSubset(full, np.setdiff1d(np.arange(len(full.targets)), held_out))
     if name in CIFAR_NAMES:
         images, targets, classes = load_cifar(name, split, os.fspath(data_folder), download)
         return ArrayImageDataset(images, targets, classes, transform)
     if name == 'path':
         return _build_image_folder(split, transform, data_folder, test_folder)
+    if name == 'imagenet':
+        # the usual layout: <data_folder>/train/<class>/*.JPEG and <data_folder>/val/<class>/...
+        root = os.fspath(data_folder)
+        return _build_image_folder(split, transform, os.path.join(root, 'train'),
+                                   os.path.join(root, 'val'))
     if name == 'digits':
         return _build_digits(split, transform)
     raise UserError(f'unknown --dataset {name!r}; choose one of {", ".join(DATASET_NAMES)}')
@@ -245,7 +396,7 @@ def resolve_mean_std(dataset, mean_text, std_text):
     if dataset == 'path' and not (mean_text and std_text):
         raise UserError('--dataset path needs --mean and --std of your images, e.g. '
                         '--mean "(0.4914, 0.4822, 0.4465)" --std "(0.2023, 0.1994, 0.2010)"')
-    if dataset not in MEAN_STD and dataset != 'path':
+    if dataset not in MEAN_STD and dataset != 'path':  # pragma: no cover - argparse checks it
         raise UserError(f'unknown --dataset {dataset!r}; choose one of {", ".join(DATASET_NAMES)}')
     default_mean, default_std = MEAN_STD.get(dataset, (None, None))
     mean = parse_triple(mean_text, '--mean') if mean_text else default_mean
@@ -255,25 +406,35 @@ def resolve_mean_std(dataset, mean_text, std_text):
     return mean, std
 
 
-def classification_loaders(opt):
+def classification_loaders(opt, uint8_train=False):
     """(train_loader, train_sampler, val_loader, num_classes) for main_ce.py and main_linear.py.
 
-    Training images get the reference's crop-and-flip, test images are only
-    resized; the test loader is not padded, so under torchrun every test image
-    is evaluated exactly once. ``num_classes`` is checked against --num_classes.
+    Training images get the reference's crop-and-flip (or --aug's policy), test images
+    are only resized; the test loader is not padded, so under torchrun every test image
+    is evaluated exactly once. ``uint8_train=True`` (--gpu_aug) hands training images
+    over as uint8 tensors for the device to augment. ``num_classes`` is checked against
+    --num_classes. The test loader uses --num_workers_val workers (the fork's flag).
     """
     mean, std = resolve_mean_std(opt.dataset, opt.mean, opt.std)
+    if uint8_train:
+        from gpu_augment import to_uint8_tensor
+        train_tf = to_uint8_tensor(fixed_size(opt.dataset, opt.size))
+    else:
+        train_tf = train_transform(opt.size, mean, std, aug=getattr(opt, 'aug', 'simclr'))
+    splits = dict(data_folder=opt.data_folder, test_folder=opt.test_folder,
+                  val_split=opt.val_split)
     with main_process_first():  # rank 0 downloads CIFAR while the others wait
-        train_dataset = build_dataset(opt.dataset, 'train', train_transform(opt.size, mean, std),
-                                      data_folder=opt.data_folder, test_folder=opt.test_folder)
+        train_dataset = build_dataset(opt.dataset, 'train', train_tf, **splits)
         val_dataset = build_dataset(opt.dataset, 'test', test_transform(opt.size, mean, std),
-                                    data_folder=opt.data_folder, test_folder=opt.test_folder)
+                                    **splits)
     num_classes = check_num_classes(train_dataset, val_dataset, opt.num_classes)
 
     common = dict(seed=opt.seed, rank=opt.rank, world_size=opt.world_size,
-                  num_workers=opt.num_workers, pin_memory=opt.pin_memory)
+                  pin_memory=opt.pin_memory)
     train_loader, train_sampler = build_loader(train_dataset, opt.local_batch_size,
-                                               shuffle=True, **common)
+                                               shuffle=True, num_workers=opt.num_workers,
+                                               **common)
+    val_workers = min(getattr(opt, 'num_workers_val', opt.num_workers), os.cpu_count() or 1)
     val_loader, _ = build_loader(val_dataset, opt.local_batch_size_val, shuffle=False, pad=False,
-                                 **common)
+                                 num_workers=val_workers, **common)
     return train_loader, train_sampler, val_loader, num_classes

@@ -4,29 +4,49 @@ epoch and the evaluation of the test split, as plain functions (MAE's ``engine_*
 import time
 
 import torch
+import torch.nn as nn
 
-from runtime import all_reduce_sum, autocast, check_finite, is_main_process, step_statistics, \
-    to_device
+from runtime import all_reduce_sum, autocast, is_main_process, step_statistics, to_device
+from sampling import mix_seed
+from training_run import check_finite
 from util import AverageMeter, correct_counts, warmup_learning_rate
 
 
-def train_classifier(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
+def train_classifier(train_loader, model, criterion, optimizer, scaler, epoch, opt, run,
+                     device_augment=None):
     """One epoch of cross-entropy training (main_ce.py and main_linear.py).
 
     ``model(images)`` returns logits; the caller sets train/eval modes (main_linear.py
     keeps its frozen encoder in eval mode). Updates ``run``'s loss/acc meters. Returns
     ``(loss, top-1, stopped_at)``; ``stopped_at`` is the step a signal stopped the epoch
-    at (the caller saves and exits), else None.
+    at (the caller saves and exits), else None. ``device_augment`` (--gpu_aug) turns the
+    loader's uint8 images into augmented, normalised ones on the device.
     """
     batch_time, data_time = AverageMeter(), AverageMeter()
     losses, top1 = run.meters['loss'], run.meters['acc']
     start = run.epoch_start_step(epoch)
     total_steps = start + len(train_loader)  # a resumed epoch's loader holds only the rest
+    batch_norm_trains = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+                            for m in model.modules())
     end = time.time()
     for i, (images, labels) in enumerate(train_loader):
         step = start + i
         # measure data loading time
         data_time.update(time.time() - end)
+        if batch_norm_trains and len(labels) == 1:
+            # BatchNorm in training mode cannot normalise one value per channel. Every rank
+            # holds an equal (padded) share, so all ranks skip this same step; it still
+            # counts as a step, so step numbers and a mid-epoch resume are unchanged
+            run.note_once('one-sample batch', f'epoch {epoch}, step {step + 1}: a training batch'
+                          f' of one image is skipped (BatchNorm cannot normalise a single'
+                          f' sample); a --batch_size that does not leave one image over at the'
+                          f' end of an epoch uses them all')
+            end = time.time()
+            continue
+        if device_augment is not None:
+            # the seed makes a resumed step draw the same crops; each rank draws its own
+            images = device_augment(images.to(opt.device, non_blocking=True),
+                                    seed=mix_seed('gpu_aug', opt.seed, epoch, step, opt.rank))
         images = to_device(images, opt)
         labels = labels.to(opt.device, non_blocking=True)
         bsz = labels.shape[0]
@@ -92,11 +112,15 @@ def validate(val_loader, model, criterion, opt, num_classes):
             batch_time.update(time.time() - end)
             end = time.time()
             if idx % opt.print_freq == 0 and is_main_process():
+                # the reference's line: this batch's value, then the running average
+                bsz = labels.shape[0]
                 loss_avg, n, correct1 = totals[0].item(), totals[1].item(), totals[2].item()
                 print('Test: [{0}/{1}]\t'
                       'Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
-                      'Loss {2:.4f}\tAcc@1 {3:.3f}'.format(
-                          idx, len(val_loader), loss_avg / n, 100.0 * correct1 / n,
+                      'Loss {2:.4f} ({3:.4f})\t'
+                      'Acc@1 {4:.3f} ({5:.3f})'.format(
+                          idx, len(val_loader), loss.item(), loss_avg / n,
+                          100.0 * counts[0].item() / bsz, 100.0 * correct1 / n,
                           batch_time=batch_time), flush=True)
     all_reduce_sum(totals)
     loss_sum, n, *correct = totals.tolist()
@@ -104,6 +128,7 @@ def validate(val_loader, model, criterion, opt, num_classes):
     accs = [100.0 * c / n for c in correct]
     top5 = accs[1] if len(accs) > 1 else None
     if is_main_process():
-        print(' * Acc@1 {:.3f}'.format(accs[0])
-              + (' Acc@5 {:.3f}'.format(top5) if top5 is not None else ''), flush=True)
+        print(' * Acc@1 {:.3f}'.format(accs[0]), flush=True)
+        if top5 is not None:
+            print(' * Acc@5 {:.3f}'.format(top5), flush=True)
     return loss_sum / n, accs[0], top5

@@ -162,6 +162,9 @@ class KNNMonitor:
             test_set = data.build_dataset(opt.dataset, 'test', transform,
                                           data_folder=opt.data_folder,
                                           test_folder=opt.test_folder)
+        # the labels are class indices: they mean the same only if both splits have the
+        # same classes (main_ce.py and main_linear.py check the same)
+        data.check_same_classes(train_set, test_set)
         self.num_classes = len(train_set.classes)
         self.train_loader, self.test_loader = [
             build_loader(dataset, opt.local_batch_size_val, shuffle=False, seed=opt.seed,

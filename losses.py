@@ -11,7 +11,12 @@ for 'one') has logits l_aj = z_a . z_j / T against every row j except its own, a
 where m_aj is the weight of row j as a positive of anchor a (same label, the given mask, or another view of
 the same sample for SimCLR), S_a = sum_j m_aj and P'_a = S_a, replaced by 1 when S_a < 1e-6 so that an
 anchor without positives adds 0 (not NaN) yet still counts in the mean. The loss is the mean of loss_a over
-anchors: the value of HobbitLong/SupContrast's SupConLoss after its Dec 2023 fix, on every input.
+anchors: the value of HobbitLong/SupContrast's SupConLoss after its Dec 2023 fix wherever that value is
+finite. Two deliberate differences: the logits and softmax are computed in float32 (float64 for float64
+input), so float16/bfloat16 features from autocast are promoted first; and the anchor's own column is
+dropped before the row maximum is taken, so features that are not L2-normalised and have a large norm give a
+finite loss where the reference's (whose maximum is then the self-similarity, leaving every other exp at 0
+and log 0 = -inf) is NaN.
 
 The general formula: keys, a queue, hybrid
 ------------------------------------------

@@ -13,34 +13,43 @@ import data
 import engine
 import options
 import runtime
-from checkpoint import Run
-from networks.resnet_big import MODEL_NAMES, STEMS, SupCEResNet
-from util import AverageMeter, UserError, adjust_learning_rate, set_optimizer
+from augment import add_augmentation_arguments
+from networks.encoders import build_encoder, check_model_name
+from networks.resnet_big import SupCEResNet
+from optim import build_optimizer
+from training_run import Run
+from util import AverageMeter, UserError, adjust_learning_rate
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser('argument for training')
+    parser = argparse.ArgumentParser(
+        prog='main_ce.py', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description='Train the whole network with cross-entropy (the baseline); checkpoints go'
+                    ' to ./save/SupCon/<dataset>_models/SupCE_<run name>/.')
 
-    parser.add_argument('--print_freq', type=int, default=10, help='print frequency')
-    parser.add_argument('--save_freq', type=int, default=50, help='save frequency')
+    parser.add_argument('--print_freq', type=int, default=10, help='print every N steps')
+    parser.add_argument('--save_freq', type=int, default=50,
+                        help='keep ckpt_epoch_N.pth every N epochs')
     parser.add_argument('--batch_size', type=int, default=256,
                         help='global batch size (summed over GPUs and processes)')
     parser.add_argument('--num_workers', type=int, default=16,
                         help='data loading workers per process, capped at the CPUs present')
+    parser.add_argument('--num_workers_val', type=int, default=8,
+                        help='data loading workers for the test split (the fork\'s flag)')
     parser.add_argument('--epochs', type=int, default=500, help='number of training epochs')
 
     # optimization
     parser.add_argument('--learning_rate', type=float, default=0.2, help='learning rate')
     parser.add_argument('--lr_decay_epochs', type=str, default='350,400,450',
-                        help='where to decay lr, can be a list')
+                        help='comma-separated epochs after which the learning rate decays'
+                             ' (without --cosine)')
     parser.add_argument('--lr_decay_rate', type=float, default=0.1, help='decay rate for learning rate')
     parser.add_argument('--weight_decay', type=float, default=1e-4, help='weight decay')
     parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
+    options.add_optimizer_argument(parser)
 
     # model
-    parser.add_argument('--model', type=str, default='resnet50', help=', '.join(MODEL_NAMES))
-    parser.add_argument('--stem', type=str, default='cifar', help=', '.join(STEMS) +
-                        ': imagenet (7x7 stride-2 conv + max-pool) makes large images far cheaper')
+    options.add_model_arguments(parser)
 
     # other setting
     parser.add_argument('--cosine', action='store_true', help='using cosine annealing')
@@ -50,17 +59,20 @@ def parse_option(argv=None):
     parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
 
     data.add_arguments(parser, test_folder=True)
+    add_augmentation_arguments(parser)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 
-    options.check_choice(opt.model, MODEL_NAMES, '--model')
-    options.check_choice(opt.stem, STEMS, '--stem')
     options.check_common_options(opt)
+    check_model_name(opt.model)
+    if opt.num_workers_val < 0:
+        raise UserError(f'--num_workers_val must be 0 or more, got {opt.num_workers_val}')
     if opt.dataset == 'path' and (opt.data_folder is None or opt.test_folder is None):
         raise UserError('--dataset path needs --data_folder and --test_folder (one'
-                             ' sub-folder per class each) and --mean/--std')
-    if opt.data_folder is None:
-        opt.data_folder = './datasets/'
+                        ' sub-folder per class each) and --mean/--std')
+    data.resolve_defaults(opt)
+    if opt.stem is None:
+        opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
@@ -72,8 +84,7 @@ def parse_option(argv=None):
         opt.model_name = '{}_cosine'.format(opt.model_name)
     # warm-up for large-batch training (forced above 256, as the reference)
     options.configure_warmup(opt, large_batch=256)
-    if opt.stem != 'cifar':  # the reference's names stay unchanged for its own stem
-        opt.model_name = '{}_stem_{}'.format(opt.model_name, opt.stem)
+    options.extend_run_name(opt)
 
     opt.tb_folder = os.path.join(opt.tb_path, opt.model_name)
     opt.save_folder = os.path.join(opt.model_path, opt.model_name)
@@ -81,21 +92,31 @@ def parse_option(argv=None):
 
 
 def set_loader(opt):
-    return data.classification_loaders(opt)
+    """(train_loader, train_sampler, val_loader, num_classes, device_augment or None)."""
+    loaders = data.classification_loaders(opt, uint8_train=opt.gpu_aug)
+    device_augment = None
+    if opt.gpu_aug:
+        from gpu_augment import DeviceAugment
+        mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+        device_augment = DeviceAugment(opt.size, mean, std, kind='ce').to(opt.device)
+    return (*loaders, device_augment)
 
 
 def set_model(opt, num_classes):
-    model = SupCEResNet(name=opt.model, num_classes=num_classes, stem=opt.stem)
+    encoder = build_encoder(opt.model, stem=opt.stem, size=opt.size,
+                            patch_size=opt.patch_size, pretrained_file=opt.pretrained)
+    model = SupCEResNet(name=opt.model, num_classes=num_classes, stem=opt.stem, encoder=encoder)
     criterion = nn.CrossEntropyLoss()
     model = runtime.prepare_model(model, opt, parallel='encoder')
     return model, criterion
 
 
-def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
+def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run,
+          device_augment=None):
     """One epoch of training; returns (loss, acc, stopped_at)."""
     model.train()
     return engine.train_classifier(train_loader, model, criterion, optimizer, scaler, epoch,
-                                   opt, run)
+                                   opt, run, device_augment=device_augment)
 
 
 def main():
@@ -106,17 +127,18 @@ def main():
     options.print_options(opt)
 
     # build data loader
-    train_loader, train_sampler, val_loader, num_classes = set_loader(opt)
+    train_loader, train_sampler, val_loader, num_classes, device_augment = set_loader(opt)
 
     # build model and criterion
     model, criterion = set_model(opt, num_classes)
 
     # build optimizer
-    optimizer = set_optimizer(opt, model)
+    optimizer = build_optimizer(opt, model)
     scaler = runtime.make_scaler(opt)
 
     start_epoch = run.restore(model, optimizer, scaler)
     best_acc = run.extra.get('best_acc', best_acc)
+    val_acc = run.extra.get('val_acc')
     logger = run.logger
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
     eval_model = runtime.unwrap(model) if opt.distributed else model
@@ -129,7 +151,7 @@ def main():
         # train for one epoch
         time1 = time.time()
         loss, train_acc, stopped_at = train(train_loader, model, criterion, optimizer, scaler,
-                                            epoch, opt, run)
+                                            epoch, opt, run, device_augment=device_augment)
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
         time2 = time.time()
@@ -159,6 +181,8 @@ def main():
     run.close()
     if runtime.is_main_process():
         print('best accuracy: {:.2f}'.format(best_acc))
+        if val_acc is not None:  # the last epoch's: unlike the best, not chosen on the test split
+            print('final accuracy: {:.2f}'.format(val_acc))
 
 
 if __name__ == '__main__':

@@ -16,54 +16,71 @@ import data
 import engine
 import options
 import runtime
-from checkpoint import Run, bare_state_dict, load_checkpoint
+from checkpoint import bare_state_dict, load_checkpoint
 from networks.from_checkpoint import build_encoder, checkpoint_model
 from networks.resnet_big import MODEL_NAMES, LinearClassifier
-from util import AverageMeter, UserError, adjust_learning_rate, set_optimizer
+from networks.timm_backbone import is_timm_model
+from optim import build_optimizer
+from training_run import Run
+from util import AverageMeter, UserError, adjust_learning_rate
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser('argument for training')
+    parser = argparse.ArgumentParser(
+        prog='main_linear.py', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description='Train a linear classifier on the frozen encoder of --ckpt (linear'
+                    ' evaluation); results go to ./save/SupCon/<dataset>_linear_models/.')
 
-    parser.add_argument('--print_freq', type=int, default=10, help='print frequency')
-    parser.add_argument('--save_freq', type=int, default=50, help='save frequency')
+    parser.add_argument('--print_freq', type=int, default=10, help='print every N steps')
+    parser.add_argument('--save_freq', type=int, default=50,
+                        help='keep ckpt_epoch_N.pth every N epochs')
     parser.add_argument('--batch_size', type=int, default=256,
                         help='global batch size (summed over GPUs and processes)')
     parser.add_argument('--num_workers', type=int, default=16,
                         help='data loading workers per process, capped at the CPUs present')
+    parser.add_argument('--num_workers_val', type=int, default=8,
+                        help='data loading workers for the test split (the fork\'s flag)')
     parser.add_argument('--epochs', type=int, default=100, help='number of training epochs')
 
     # optimization
     parser.add_argument('--learning_rate', type=float, default=0.1, help='learning rate')
     parser.add_argument('--lr_decay_epochs', type=str, default='60,75,90',
-                        help='where to decay lr, can be a list')
+                        help='comma-separated epochs after which the learning rate decays'
+                             ' (without --cosine)')
     parser.add_argument('--lr_decay_rate', type=float, default=0.2, help='decay rate for learning rate')
     parser.add_argument('--weight_decay', type=float, default=0, help='weight decay')
     parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
+    options.add_optimizer_argument(parser)
 
     # model
     parser.add_argument('--model', type=str, default=None,
-                        help=', '.join(MODEL_NAMES) + '; default: the checkpoint\'s (resnet50'
-                             ' for a checkpoint that does not say)')
+                        help='the encoder in --ckpt: ' + ', '.join(MODEL_NAMES) + ' or a timm'
+                             ' name; default: what the checkpoint records (resnet50 for one that'
+                             ' does not say); when given it must agree')
+    parser.add_argument('--key_encoder', action='store_true',
+                        help='evaluate the momentum (key) encoder of a --moco checkpoint instead'
+                             ' of the trained (query) encoder')
 
     # other setting
     parser.add_argument('--cosine', action='store_true', help='using cosine annealing')
     parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
-    parser.add_argument('--ckpt', type=str, default='', help='path to pre-trained model')
+    parser.add_argument('--ckpt', type=str, default='',
+                        help='(required) the pretraining checkpoint to evaluate')
 
     data.add_arguments(parser, test_folder=True)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 
     options.check_common_options(opt)
+    if opt.num_workers_val < 0:
+        raise UserError(f'--num_workers_val must be 0 or more, got {opt.num_workers_val}')
     if not opt.ckpt:
         raise UserError('--ckpt is required: pass the pretraining checkpoint to evaluate,'
                              ' e.g. ./save/SupCon/cifar10_models/<run>/last.pth')
     if opt.dataset == 'path' and (opt.data_folder is None or opt.test_folder is None):
         raise UserError('--dataset path needs --data_folder and --test_folder (one'
                              ' sub-folder per class each) and --mean/--std')
-    if opt.data_folder is None:
-        opt.data_folder = './datasets/'
+    data.resolve_defaults(opt)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
     # the checkpoint's options say which encoder it holds (read lazily: set_model loads
@@ -78,6 +95,7 @@ def parse_option(argv=None):
         opt.model_name = '{}_cosine'.format(opt.model_name)
     # warm-up stays opt-in here, as in the reference's linear script
     options.configure_warmup(opt, large_batch=None)
+    options.extend_run_name(opt, stem=False)
 
     # one folder per evaluated checkpoint, so evaluating several never mixes them
     ckpt_path = os.path.abspath(opt.ckpt)
@@ -113,12 +131,18 @@ class FrozenEncoderClassifier(nn.Module):
 
 def set_model(opt, num_classes):
     ckpt = load_checkpoint(opt.ckpt)
-    encoder, _ = build_encoder(ckpt, opt.ckpt, opt.model)
+    encoder, _ = build_encoder(ckpt, opt.ckpt, opt.model, key_encoder=opt.key_encoder)
+    pretrained_size = ckpt['opt'].get('size')
     del ckpt
+    if (is_timm_model(opt.model) and pretrained_size is not None
+            and pretrained_size != opt.size):
+        raise UserError(f'--size {opt.size} differs from the {pretrained_size} the {opt.model}'
+                        f' encoder was built for; pass --size {pretrained_size}')
     # the frozen encoder: no gradients, BatchNorm statistics never updated
     encoder.requires_grad_(False)
 
-    classifier = LinearClassifier(name=opt.model, num_classes=num_classes)
+    classifier = LinearClassifier(name=opt.model, num_classes=num_classes,
+                                  dim_in=encoder.feature_dim)
     criterion = nn.CrossEntropyLoss()
 
     encoder = runtime.prepare_model(encoder, opt, parallel='')
@@ -157,12 +181,13 @@ def main():
     encoder_snapshot = {k: v.detach().cpu().clone() for k, v in bare_state_dict(encoder).items()}
 
     # build optimizer: the classifier's weight and bias, nothing else
-    optimizer = set_optimizer(opt, classifier)
+    optimizer = build_optimizer(opt, classifier)
     assert len(optimizer.param_groups[0]['params']) == 2
     scaler = runtime.make_scaler(opt)
 
     start_epoch = run.restore(classifier, optimizer, scaler)
     best_acc = run.extra.get('best_acc', best_acc)
+    val_acc = run.extra.get('val_acc')
     logger = run.logger
 
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
@@ -207,6 +232,8 @@ def main():
     check_encoder_unchanged(encoder, encoder_snapshot)
     if runtime.is_main_process():
         print('best accuracy: {:.2f}'.format(best_acc))
+        if val_acc is not None:  # the last epoch's: unlike the best, not chosen on the test split
+            print('final accuracy: {:.2f}'.format(val_acc))
 
 
 if __name__ == '__main__':

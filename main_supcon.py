@@ -10,22 +10,30 @@ import time
 import torch
 
 import data
-from augment import supcon_transform
 import options
 import runtime
-from checkpoint import Run
+from augment import add_augmentation_arguments, supcon_transform
 from losses import SupConLoss
-from sampling import build_loader
-from networks.resnet_big import MODEL_NAMES, STEMS, SupConResNet
-from util import AverageMeter, UserError, adjust_learning_rate, set_optimizer, \
-    warmup_learning_rate
+from moco import KeyEncoder, LabelQueue
+from networks.encoders import build_encoder, check_model_name
+from networks.resnet_big import SupConResNet
+from optim import build_optimizer
+from sampling import build_loader, mix_seed
+from training_run import Run, check_finite
+from util import AverageMeter, UserError, adjust_learning_rate, warmup_learning_rate
+
+METHODS = ('SupCon', 'SimCLR', 'SupCon_hybrid')
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser('argument for training')
+    parser = argparse.ArgumentParser(
+        prog='main_supcon.py', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description='Pretrain an encoder with SupCon, SimCLR or the hybrid loss; checkpoints go'
+                    ' to ./save/SupCon/<dataset>_models/<run name>/.')
 
-    parser.add_argument('--print_freq', type=int, default=10, help='print frequency')
-    parser.add_argument('--save_freq', type=int, default=50, help='save frequency')
+    parser.add_argument('--print_freq', type=int, default=10, help='print every N steps')
+    parser.add_argument('--save_freq', type=int, default=50,
+                        help='keep ckpt_epoch_N.pth every N epochs')
     parser.add_argument('--batch_size', type=int, default=256,
                         help='global batch size (summed over GPUs and processes)')
     parser.add_argument('--num_workers', type=int, default=16,
@@ -35,19 +43,27 @@ def parse_option(argv=None):
     # optimization
     parser.add_argument('--learning_rate', type=float, default=0.05, help='learning rate')
     parser.add_argument('--lr_decay_epochs', type=str, default='700,800,900',
-                        help='where to decay lr, can be a list')
+                        help='comma-separated epochs after which the learning rate decays'
+                             ' (without --cosine)')
     parser.add_argument('--lr_decay_rate', type=float, default=0.1, help='decay rate for learning rate')
     parser.add_argument('--weight_decay', type=float, default=1e-4, help='weight decay')
     parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
+    options.add_optimizer_argument(parser)
 
     # model
-    parser.add_argument('--model', type=str, default='resnet50', help=', '.join(MODEL_NAMES))
-    parser.add_argument('--stem', type=str, default='cifar', help=', '.join(STEMS) +
-                        ': imagenet (7x7 stride-2 conv + max-pool) makes large images far cheaper')
+    options.add_model_arguments(parser)
 
     # method
-    parser.add_argument('--method', type=str, default='SupCon', help='SupCon or SimCLR')
+    parser.add_argument('--method', type=str, default='SupCon', help=', '.join(METHODS))
     parser.add_argument('--temp', type=float, default=0.07, help='temperature for loss function')
+    parser.add_argument('--moco', action='store_true',
+                        help='momentum key encoder and a labelled queue of past keys (for small'
+                             ' batches; README "Small batches")')
+    parser.add_argument('--moco_k', type=int, default=None,
+                        help='--moco: queue length (4096 when not given)')
+    parser.add_argument('--moco_m', type=float, default=None,
+                        help='--moco: momentum of the key encoder\'s moving average (0.999 when'
+                             ' not given)')
 
     # other setting
     parser.add_argument('--cosine', action='store_true', help='using cosine annealing')
@@ -59,23 +75,34 @@ def parse_option(argv=None):
                         help='every N epochs, print and log a kNN top-1 accuracy of the test'
                              ' split (0 = off)')
 
-    data.add_arguments(parser, test_folder=True)
+    data.add_arguments(parser, test_folder=True, knn_only=True)
+    add_augmentation_arguments(parser)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 
-    options.check_choice(opt.model, MODEL_NAMES, '--model')
-    options.check_choice(opt.stem, STEMS, '--stem')
-    options.check_choice(opt.method, ('SupCon', 'SimCLR'), '--method')
+    options.check_choice(opt.method, METHODS + ('SupConHybrid',), '--method')
+    if opt.method == 'SupConHybrid':  # the fork's later name for the same loss
+        opt.method = 'SupCon_hybrid'
     options.check_common_options(opt)
-    if opt.temp <= 0:
-        raise UserError(f'--temp must be positive, got {opt.temp}')
-    if opt.knn_every < 0:
-        raise UserError(f'--knn_every must be 0 (off) or more, got {opt.knn_every}')
+    check_model_name(opt.model)
     if opt.dataset == 'path' and opt.data_folder is None:
         raise UserError('--dataset path needs --data_folder (one sub-folder per class)'
-                             ' and --mean/--std, e.g. --mean "(0.4914, 0.4822, 0.4465)"')
-    if opt.data_folder is None:
-        opt.data_folder = './datasets/'
+                        ' and --mean/--std, e.g. --mean "(0.4914, 0.4822, 0.4465)"')
+    data.resolve_defaults(opt)
+    if opt.stem is None:
+        opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
+    if opt.knn_every < 0:
+        raise UserError(f'--knn_every must be 0 (off) or more, got {opt.knn_every}')
+    if not opt.moco and (opt.moco_k is not None or opt.moco_m is not None):
+        raise UserError('--moco_k/--moco_m only act with --moco; add --moco or drop them')
+    if opt.moco:
+        opt.moco_k = 4096 if opt.moco_k is None else opt.moco_k
+        opt.moco_m = 0.999 if opt.moco_m is None else opt.moco_m
+        if opt.moco_k < 1:
+            raise UserError(f'--moco_k must be a positive queue length, got {opt.moco_k}')
+        if not 0 <= opt.moco_m <= 1:
+            raise UserError(f'--moco_m must be in [0, 1] (0 copies the trained encoder, 1 never'
+                            f' updates the key encoder), got {opt.moco_m}')
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
@@ -87,8 +114,7 @@ def parse_option(argv=None):
         opt.model_name = '{}_cosine'.format(opt.model_name)
     # warm-up for large-batch training (forced above 256, as the reference)
     options.configure_warmup(opt, large_batch=256)
-    if opt.stem != 'cifar':  # the reference's names stay unchanged for its own stem
-        opt.model_name = '{}_stem_{}'.format(opt.model_name, opt.stem)
+    options.extend_run_name(opt)
 
     opt.tb_folder = os.path.join(opt.tb_path, opt.model_name)
     opt.save_folder = os.path.join(opt.model_path, opt.model_name)
@@ -96,26 +122,60 @@ def parse_option(argv=None):
 
 
 def set_loader(opt):
+    """(train_loader, train_sampler, device_augment or None) of two-view training batches.
+
+    With --gpu_aug the loader hands over uint8 images and ``device_augment`` makes the two
+    views on the training device; otherwise the loader's workers make them (the reference).
+    """
     mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
-    train_transform = supcon_transform(opt.size, mean, std)
+    if opt.gpu_aug:
+        from gpu_augment import DeviceAugment, to_uint8_tensor
+        train_transform = to_uint8_tensor(data.fixed_size(opt.dataset, opt.size))
+        device_augment = DeviceAugment(opt.size, mean, std, kind='supcon').to(opt.device)
+    else:
+        train_transform = supcon_transform(opt.size, mean, std, aug=opt.aug)
+        device_augment = None
     with runtime.main_process_first():
         train_dataset = data.build_dataset(opt.dataset, 'train', train_transform,
-                                           data_folder=opt.data_folder)
+                                           data_folder=opt.data_folder,
+                                           val_split=opt.val_split)
+    if opt.num_classes is not None and opt.num_classes != len(train_dataset.classes):
+        raise UserError(f'--num_classes {opt.num_classes} does not match the'
+                        f' {len(train_dataset.classes)} classes of the training data; drop'
+                        f' --num_classes (pretraining reads them from the data) or fix it')
     train_loader, train_sampler = build_loader(
         train_dataset, opt.local_batch_size, shuffle=True, seed=opt.seed, rank=opt.rank,
         world_size=opt.world_size, num_workers=opt.num_workers, pin_memory=opt.pin_memory)
-    return train_loader, train_sampler
+    return train_loader, train_sampler, device_augment
 
 
 def set_model(opt):
-    model = SupConResNet(name=opt.model, stem=opt.stem)
-    criterion = SupConLoss(temperature=opt.temp)
+    """(model, criterion, moco or None); ``moco`` holds the key encoder and the queue."""
+    encoder = build_encoder(opt.model, stem=opt.stem, size=opt.size,
+                            patch_size=opt.patch_size, pretrained_file=opt.pretrained)
+    model = SupConResNet(name=opt.model, stem=opt.stem, encoder=encoder)
+    criterion = SupConLoss(temperature=opt.temp, hybrid=opt.method == 'SupCon_hybrid')
     model = runtime.prepare_model(model, opt, parallel='encoder')
-    return model, criterion
+    moco = None
+    if opt.moco:
+        # after prepare_model: the key encoder copies the model as it runs (device, SyncBN)
+        query = runtime.unwrap(model)
+        moco = torch.nn.ModuleDict({
+            'key_encoder': KeyEncoder(query),
+            'queue': LabelQueue(opt.moco_k, query.head[-1].out_features
+                                if isinstance(query.head, torch.nn.Sequential)
+                                else query.head.out_features),
+        }).to(opt.device)
+    return model, criterion, moco
 
 
-def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
-    """One epoch of training; returns (loss, stopped_at)."""
+def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run, moco=None,
+          device_augment=None):
+    """One epoch of training; returns (loss, stopped_at).
+
+    With ``moco`` the key encoder follows the model after every step and the step's keys
+    go into the queue; with ``device_augment`` the two views are made on the device.
+    """
     model.train()
 
     batch_time = AverageMeter()
@@ -129,7 +189,12 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
         step = start + i
         data_time.update(time.time() - end)
 
-        images = torch.cat([images[0], images[1]], dim=0)
+        if device_augment is not None:
+            # both views at once, on the device; the seed makes a resumed step draw the same crops
+            images = device_augment(images.to(opt.device, non_blocking=True),
+                                    seed=mix_seed('gpu_aug', opt.seed, epoch, step, opt.rank))
+        else:
+            images = torch.cat([images[0], images[1]], dim=0)
         images = runtime.to_device(images, opt)
         labels = labels.to(opt.device, non_blocking=True)
         bsz = labels.shape[0]
@@ -142,21 +207,36 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run):
             features = model(images)
         f1, f2 = torch.split(features, [bsz, bsz], dim=0)
         features = torch.cat([f1.unsqueeze(1), f2.unsqueeze(1)], dim=1)
-        if opt.method == 'SupCon':
-            loss = criterion(features, labels)
+        loss_labels = None if opt.method == 'SimCLR' else labels
+        if moco is not None:
+            # keys of the same two views from the momentum encoder (shuffled across ranks for
+            # BatchNorm), contrasted together with the queue of earlier steps' keys
+            with runtime.autocast(opt):
+                keys = moco['key_encoder'].encode(
+                    images, shuffle_seed=mix_seed('shuffle', opt.seed, epoch, step))
+            k1, k2 = torch.split(keys.float(), [bsz, bsz], dim=0)
+            keys = torch.stack([k1, k2], dim=1)
+            queue, queue_labels = moco['queue'].contents()
+            loss = criterion(features, loss_labels, keys=keys, queue=queue,
+                             queue_labels=queue_labels if loss_labels is not None else None)
         else:
-            loss = criterion(features)
+            loss = criterion(features, loss_labels)
 
         # SGD
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if moco is not None:
+            moco['key_encoder'].update(runtime.unwrap(model), opt.moco_m)
+            # view by view, so the queue's order is the global batch's on any number of ranks
+            for view_keys in (k1, k2):
+                moco['queue'].enqueue(view_keys, labels)
 
         # one host sync a step: loss over ranks, NaN check, a stop all ranks agree on
         loss_sum, n, stop = runtime.step_statistics(opt, loss.detach() * bsz, bsz,
-                                                 run.stop.requested)
-        runtime.check_finite(loss_sum, epoch, step + 1, opt)
+                                                    run.stop.requested)
+        check_finite(loss_sum, epoch, step + 1, opt)
         losses.update(loss_sum / n, n)
 
         # measure elapsed time
@@ -183,17 +263,17 @@ def main():
     options.print_options(opt)
 
     # build data loader
-    train_loader, train_sampler = set_loader(opt)
+    train_loader, train_sampler, device_augment = set_loader(opt)
 
     # build model and criterion
-    model, criterion = set_model(opt)
+    model, criterion, moco = set_model(opt)
 
     # build optimizer
-    optimizer = set_optimizer(opt, model)
+    optimizer = build_optimizer(opt, model)
     scaler = runtime.make_scaler(opt)
 
     # resume, checkpoints and tensorboard
-    start_epoch = run.restore(model, optimizer, scaler)
+    start_epoch = run.restore(model, optimizer, scaler, moco=moco)
     logger = run.logger
     knn_monitor = None
     if opt.knn_every:
@@ -208,7 +288,7 @@ def main():
         # train for one epoch
         time1 = time.time()
         loss, stopped_at = train(train_loader, model, criterion, optimizer, scaler, epoch,
-                                 opt, run)
+                                 opt, run, moco=moco, device_augment=device_augment)
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
         time2 = time.time()

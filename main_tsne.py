@@ -7,6 +7,7 @@ draws the 2-D t-SNE map one colour per class. Default output: next to the
 checkpoint, ``<ckpt name>_tsne_<features>.png``.
 """
 import argparse
+import math
 import os
 import time
 
@@ -21,7 +22,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 import data  # noqa: E402
 import runtime  # noqa: E402
 from augment import test_transform  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import folder_write_problem, load_checkpoint  # noqa: E402
 from features import extract_features  # noqa: E402
 from networks.from_checkpoint import build_encoder, build_head, checkpoint_method  # noqa: E402
 from networks.resnet_big import MODEL_NAMES  # noqa: E402
@@ -32,11 +33,16 @@ FIGSIZE, DPI = (5, 5), 100  # 500x500 px: small enough to commit next to the cod
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser('argument for the t-SNE figure')
+    parser = argparse.ArgumentParser(
+        prog='main_tsne.py', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description='Draw a t-SNE map of a checkpoint\'s features on the test split.')
 
-    parser.add_argument('--ckpt', type=str, default='', help='path to a pre-trained model')
+    parser.add_argument('--ckpt', type=str, default='',
+                        help='(required) the checkpoint whose encoder to draw')
     parser.add_argument('--model', type=str, default=None,
                         help=', '.join(MODEL_NAMES) + '; default: the checkpoint\'s')
+    parser.add_argument('--key_encoder', action='store_true',
+                        help='draw the momentum (key) encoder of a --moco checkpoint')
     parser.add_argument('--features', type=str, default='encoder', choices=['encoder', 'head'],
                         help='encoder: the pooled features linear evaluation uses; head: the'
                              ' L2-normalised projections the contrastive loss saw'
@@ -55,11 +61,12 @@ def parse_option(argv=None):
     runtime.add_runtime_arguments(parser, training=False)
     opt = parser.parse_args(argv)
 
+    data.resolve_defaults(opt)
     if opt.max_samples < 2:
         raise UserError(f'--max_samples must be at least 2 (t-SNE needs two points),'
                         f' got {opt.max_samples}')
-    if opt.perplexity <= 0:
-        raise UserError(f'--perplexity must be positive, got {opt.perplexity}')
+    if not math.isfinite(opt.perplexity) or opt.perplexity <= 0:
+        raise UserError(f'--perplexity must be a finite number > 0, got {opt.perplexity}')
     for name in ('size', 'batch_size_val'):
         if getattr(opt, name) < 1:
             raise UserError(f'--{name} must be a positive integer, got {getattr(opt, name)}')
@@ -71,14 +78,32 @@ def parse_option(argv=None):
     if opt.dataset == 'path' and opt.test_folder is None:
         raise UserError('--dataset path needs --test_folder (one sub-folder per class)'
                         ' and --mean/--std')
-    if opt.data_folder is None:
-        opt.data_folder = './datasets/'
-
     if opt.out is None:
         stem = os.path.splitext(os.path.basename(opt.ckpt))[0]
         opt.out = os.path.join(os.path.dirname(os.path.abspath(opt.ckpt)),
                                f'{stem}_tsne_{opt.features}.png')
+    check_output(opt.out)
     return opt
+
+
+def check_output(path):
+    """Refuse an --out the figure could not be written to, before any data or t-SNE work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lower().lstrip('.')
+    problem = None
+    if os.path.isdir(path):
+        problem = 'it is a directory'
+    elif extension not in kinds:
+        problem = (f'{"." + extension if extension else "no"} extension; matplotlib writes'
+                   f' {", ".join(sorted(kinds))}')
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        problem = 'the file is read-only'
+    else:
+        problem = folder_write_problem(os.path.dirname(os.path.abspath(path)))
+    if problem:
+        raise UserError(f'--out {path}: cannot write the figure there ({problem}); pass a'
+                        f' writable path ending in .png')
 
 
 def stratified_subset(targets, max_samples, seed):
@@ -123,8 +148,9 @@ def set_loader(opt):
 def set_model(opt):
     """(encoder, head or None, title): the checkpoint's networks, frozen, and what they are."""
     ckpt = load_checkpoint(opt.ckpt)
-    encoder, model = build_encoder(ckpt, opt.ckpt, opt.model)
-    head = build_head(ckpt, opt.ckpt, model) if opt.features == 'head' else None
+    encoder, model = build_encoder(ckpt, opt.ckpt, opt.model, key_encoder=opt.key_encoder)
+    head = (build_head(ckpt, opt.ckpt, model, encoder.feature_dim, key_encoder=opt.key_encoder)
+            if opt.features == 'head' else None)
     epoch = '?' if ckpt.get('epoch') is None else ckpt['epoch']
     title = f'{checkpoint_method(ckpt)} · {model} · epoch {epoch}'
     del ckpt

@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from networks.resnet_big import MODEL_NAMES, STEMS
+from optim import OPTIMIZER_NAMES
 from runtime import is_main_process
 from util import UserError
 
@@ -45,13 +47,36 @@ def check_choice(value, choices, flag):
         raise UserError(f'{flag} {value} is not known; choose one of {", ".join(choices)}')
 
 
+#: Float flags of the training scripts: (their range in words, the test of a finite value).
+FLOAT_FLAGS = {
+    'learning_rate': ('> 0', lambda v: v > 0),
+    'temp': ('> 0', lambda v: v > 0),
+    'momentum': ('in [0, 1)', lambda v: 0 <= v < 1),
+    'weight_decay': ('>= 0', lambda v: v >= 0),
+    'lr_decay_rate': ('in (0, 1]', lambda v: 0 < v <= 1),
+}
+
+
+def check_float_option(opt, name):
+    """Refuse NaN, infinity and out-of-range values of a float flag (when the script has it)."""
+    value = getattr(opt, name, None)
+    if value is None or name not in FLOAT_FLAGS:
+        return
+    words, in_range = FLOAT_FLAGS[name]
+    if not math.isfinite(value) or not in_range(value):
+        raise UserError(f'--{name} must be a finite number {words}, got {value}')
+
+
 def check_common_options(opt):
     for name in ('batch_size', 'epochs', 'save_freq', 'print_freq', 'size', 'batch_size_val'):
         value = getattr(opt, name, None)
         if value is not None and value < 1:
             raise UserError(f'--{name} must be a positive integer, got {value}')
-    if opt.learning_rate <= 0:
-        raise UserError(f'--learning_rate must be positive, got {opt.learning_rate}')
+    for name in FLOAT_FLAGS:
+        check_float_option(opt, name)
+    for name, value in sorted(vars(opt).items()):  # any other float flag: no NaN or infinity
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f'--{name} must be a finite number, got {value}')
     if opt.num_workers < 0:
         raise UserError(f'--num_workers must be 0 or more, got {opt.num_workers}')
 
@@ -77,3 +102,46 @@ def plain_options(opt):
                 isinstance(v, (bool, int, float, str)) for v in value):
             plain[key] = list(value)
     return plain
+
+
+def add_model_arguments(parser):
+    """--model and the backbone flags the reference does not have (main_supcon.py, main_ce.py)."""
+    parser.add_argument('--model', type=str, default='resnet50',
+                        help=', '.join(MODEL_NAMES) + ' (CIFAR-stem ResNets), or any timm model'
+                             ' name, e.g. vit_small_patch16_224, convnext_tiny')
+    parser.add_argument('--stem', type=str, default=None,
+                        help=', '.join(STEMS) + ' for our ResNets: imagenet (7x7 stride-2 conv +'
+                             ' max-pool) makes large images far cheaper; default: imagenet for'
+                             ' --dataset imagenet, else cifar')
+    parser.add_argument('--patch_size', type=int, default=None,
+                        help='timm ViT-style models: patch size (e.g. 4 for 32x32 images)')
+    parser.add_argument('--pretrained', type=str, default=None,
+                        help='timm models: a local timm checkpoint to start from (never'
+                             ' downloaded)')
+
+
+def add_optimizer_argument(parser):
+    """--optimizer sgd|lars (``optim.py``)."""
+    parser.add_argument('--optimizer', type=str, default='sgd', choices=OPTIMIZER_NAMES,
+                        help='lars: timm\'s LARS for large batches, biases and norms excluded'
+                             ' (optim.py)')
+
+
+def extend_run_name(opt, stem=True):
+    """Append what the reference does not have to ``opt.model_name``, only when it is used,
+    so that the reference's run names stay exactly as they were. ``stem=False``: the stem
+    is the checkpoint's, not a choice of this run (main_linear.py)."""
+    suffixes = []
+    if stem and getattr(opt, 'stem', 'cifar') != 'cifar':
+        suffixes.append(f'stem_{opt.stem}')
+    if getattr(opt, 'moco', False):
+        suffixes.append(f'moco_k{opt.moco_k}_m{opt.moco_m}')
+    if getattr(opt, 'optimizer', 'sgd') != 'sgd':
+        suffixes.append(opt.optimizer)
+    if getattr(opt, 'aug', 'simclr') != 'simclr':
+        suffixes.append(f'aug_{opt.aug}')
+    if getattr(opt, 'key_encoder', False):
+        suffixes.append('key_encoder')
+    if getattr(opt, 'val_split', 0):
+        suffixes.append(f'val_{opt.val_split}')
+    opt.model_name = '_'.join([opt.model_name] + suffixes)

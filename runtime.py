@@ -7,9 +7,9 @@ script; the rest are small helpers the training loops call (``autocast``,
 """
 import argparse
 import contextlib
-import math
 import os
 import random
+import re
 import sys
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from networks.cpu_bf16_conv import use_matmul_weight_grad
-from util import NonFiniteLossError, UserError
+from util import UserError
 
 
 def add_runtime_arguments(parser, training=True):
@@ -71,24 +71,22 @@ def setup_runtime(opt):
     Sets ``opt.device``, ``opt.distributed``, ``opt.rank``, ``opt.world_size``,
     ``opt.local_batch_size`` and caps ``opt.num_workers`` at the CPUs present.
     """
-    opt.distributed = 'WORLD_SIZE' in os.environ and 'LOCAL_RANK' in os.environ
-    opt.rank, opt.world_size, local_rank = 0, 1, 0
-    want = opt.device
+    opt.world_size, opt.rank, local_rank = torchrun_environment()
+    opt.distributed = opt.world_size > 1
+    want = str(opt.device)
+    if not DEVICE_PATTERN.fullmatch(want):
+        raise UserError(f'--device must be auto, cpu, cuda or cuda:N, got {want!r}')
     if want == 'auto':
         want = 'cuda' if torch.cuda.is_available() else 'cpu'
     if want.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {opt.device}: CUDA is not available on this machine;'
                         f' use --device cpu')
-    if opt.distributed:
-        opt.rank = int(os.environ['RANK'])
-        opt.world_size = int(os.environ['WORLD_SIZE'])
-        local_rank = int(os.environ['LOCAL_RANK'])
-        if want.startswith('cuda'):
-            want = f'cuda:{local_rank}'
-    try:
-        opt.device = torch.device(want)
-    except RuntimeError:
-        raise UserError(f'--device must be auto, cpu, cuda or cuda:N, got {opt.device!r}') from None
+    if want.startswith('cuda:') and int(want[5:]) >= torch.cuda.device_count():
+        raise UserError(f'--device {want}: this machine has {torch.cuda.device_count()} CUDA'
+                        f' device(s), numbered from 0')
+    if opt.distributed and want.startswith('cuda'):
+        want = f'cuda:{local_rank}'
+    opt.device = torch.device(want)
     # checked before the process group starts, so every rank fails at once
     batch_size = getattr(opt, 'batch_size', opt.world_size)  # main_tsne.py only evaluates
     if batch_size % opt.world_size:
@@ -126,6 +124,46 @@ def setup_runtime(opt):
     else:
         opt.seed_given = True
     seed_everything(opt.seed + opt.rank)
+
+
+DEVICE_PATTERN = re.compile(r'auto|cpu|cuda(:[0-9]+)?')
+
+
+def torchrun_environment():
+    """(world size, rank, local rank) from torchrun's variables; (1, 0, 0) for one process.
+
+    WORLD_SIZE=1 (torchrun with one process, or variables left over in a shell) is one
+    process: no process group is started. Values that are not numbers, or a rank outside
+    the world, are refused with a one-line error.
+    """
+    if 'WORLD_SIZE' not in os.environ:
+        return 1, 0, 0
+    values = []
+    for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        text = os.environ.get(name, '0' if name != 'WORLD_SIZE' else '')
+        try:
+            values.append(int(text))
+        except ValueError:
+            raise UserError(f'the environment variable {name}={text!r} is not a whole number;'
+                            f' start the processes with torchrun, or unset WORLD_SIZE, RANK and'
+                            f' LOCAL_RANK to run one process') from None
+    world_size, rank, local_rank = values
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise UserError(f'the environment says WORLD_SIZE={world_size}, RANK={rank},'
+                        f' LOCAL_RANK={local_rank}, which cannot be: start the processes with'
+                        f' torchrun, or unset WORLD_SIZE, RANK and LOCAL_RANK to run one process')
+    if world_size == 1:
+        return 1, 0, 0
+    missing = [name for name in ('RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+               if not os.environ.get(name)]
+    if missing:  # variables left in a shell, not torchrun (which sets them all)
+        names = ' and '.join([', '.join(missing[:-1]), missing[-1]] if missing[:-1] else missing)
+        raise UserError(f'WORLD_SIZE={world_size} is set but {names}'
+                        f' {"is" if len(missing) == 1 else "are"} not: start the processes'
+                        f' with torchrun (e.g. torchrun --nproc_per_node {world_size}'
+                        f' {os.path.basename(sys.argv[0])} ...), or unset WORLD_SIZE, RANK and'
+                        f' LOCAL_RANK to run one process')
+    return world_size, rank, local_rank
 
 
 def configure_precision(opt):
@@ -258,16 +296,8 @@ def step_statistics(opt, *values):
     return stats.tolist()
 
 
-def check_finite(loss, epoch, step, opt):
-    if not math.isfinite(loss):
-        raise NonFiniteLossError(
-            f'loss is {loss} at epoch {epoch}, step {step}: training diverged and nothing was'
-            f' saved from it; lower --learning_rate (now {opt.learning_rate}), add --warm, or'
-            f' resume from the last checkpoint in {opt.save_folder}')
-
-
 def run_main(main):
-    """Run a script's ``main``; user errors print one line and exit 2."""
+    """Run a script's ``main``; user errors print one line and exit 2, Ctrl-C exits 130."""
     try:
         main()
     except UserError as exc:
@@ -278,4 +308,10 @@ def run_main(main):
         print(f'error: {message}', file=sys.stderr, flush=True)
         cleanup_runtime()
         sys.exit(2)
+    except KeyboardInterrupt as exc:  # Ctrl-C without a handler, or GracefulStop's second one
+        message = str(exc).strip() or 'interrupted by Ctrl-C'
+        print(f'error: {message}', file=sys.stderr, flush=True)
+        with contextlib.suppress(Exception):
+            cleanup_runtime()
+        sys.exit(130)
     cleanup_runtime()

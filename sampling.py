@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from util import UserError
 
 
-def _mix_seed(*parts):
+def mix_seed(*parts):
     """A 63-bit integer determined only by `parts` (stable across processes and runs)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
@@ -61,7 +61,7 @@ class SeededSampler(Sampler):
         """This rank's indices for the current epoch, before skipping `start`."""
         if self.shuffle:
             generator = torch.Generator()
-            generator.manual_seed(_mix_seed('order', self.seed, self.epoch))
+            generator.manual_seed(mix_seed('order', self.seed, self.epoch))
             indices = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             indices = list(range(self.num_samples))
@@ -73,7 +73,7 @@ class SeededSampler(Sampler):
 
     def __iter__(self):
         for index in self.rank_indices()[self.start:]:
-            yield _mix_seed('sample', self.seed, self.epoch, index), index
+            yield mix_seed('sample', self.seed, self.epoch, index), index
 
     def __len__(self):
         return max(0, self._rank_share_size() - self.start)
@@ -128,7 +128,7 @@ def build_loader(dataset, batch_size, *, shuffle, seed, rank=0, world_size=1, nu
     # The loader draws its workers' base seed from this generator rather than
     # from torch's global RNG, so iterating leaves the caller's RNG as it was.
     generator = torch.Generator()
-    generator.manual_seed(_mix_seed('loader', seed, rank))
+    generator.manual_seed(mix_seed('loader', seed, rank))
     loader = DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler,
                         num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
                         persistent_workers=num_workers > 0,

@@ -33,24 +33,33 @@ class TBLogger:
 
     ``purge_step`` hides events at or after the step a resumed run starts from,
     so a run killed after logging but before saving shows no duplicated step.
+    The folder and its event file are made at the first ``log_value``, so a run that
+    fails before it has anything to log leaves no empty TensorBoard folder behind.
     """
 
     def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step = log_dir, purge_step
         self.writer = None
-        if is_main_process():
+        self.closed = False
+
+    def _open(self):
+        if self.writer is None and not self.closed and is_main_process():
             from torch.utils.tensorboard import SummaryWriter
-            wait_for_a_later_second(log_dir)
-            self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
+            wait_for_a_later_second(self.log_dir)
+            self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step)
+        return self.writer
 
     def log_value(self, name, value, step):
-        if self.writer is not None:
-            self.writer.add_scalar(name, value, step)
+        writer = self._open()
+        if writer is not None:
+            writer.add_scalar(name, value, step)
 
     def flush(self):
         if self.writer is not None:
             self.writer.flush()
 
     def close(self):
+        self.closed = True
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -44,6 +44,8 @@ CONFIGS = {
     'amp+compile': ['--amp', '--compile'],
     'amp-fp16+compile': ['--amp', '--amp_dtype', 'float16', '--compile'],
     'amp-onednn-wgrad': ['--amp', '--cpu_bf16_wgrad', 'onednn'],
+    'fp32+gpu_aug': ['--gpu_aug'],  # augmentation as batched tensor ops on the device (kornia)
+    'amp+gpu_aug': ['--amp', '--gpu_aug'],
 }
 DEFAULT_CONFIGS = {
     'cpu': ['fp32', 'amp', 'amp-onednn-wgrad', 'amp-no-cl', 'fp32+cl', 'compile', 'amp+compile'],
@@ -90,22 +92,25 @@ class TimedBatches:
 def build_run(argv):
     """Everything main_supcon.main() builds before its epoch loop, in the same order."""
     import checkpoint
+    import training_run
     import main_supcon
     import runtime
     import util
     opt = main_supcon.parse_option(argv)
     runtime.setup_runtime(opt)
-    run = checkpoint.Run(opt, meters={'loss': util.AverageMeter()})
-    train_loader, train_sampler = main_supcon.set_loader(opt)
-    model, criterion = main_supcon.set_model(opt)
+    run = training_run.Run(opt, meters={'loss': util.AverageMeter()})
+    train_loader, train_sampler, device_augment = main_supcon.set_loader(opt)
+    model, criterion, moco = main_supcon.set_model(opt)
     optimizer = util.set_optimizer(opt, model)
     scaler = runtime.make_scaler(opt)
     run.restore(model, optimizer, scaler)
-    return opt, run, train_loader, train_sampler, model, criterion, optimizer, scaler
+    extra = dict(moco=moco, device_augment=device_augment)
+    return opt, run, train_loader, train_sampler, model, criterion, optimizer, scaler, extra
 
 
 def script_argv(args, config):
     argv = ['--dataset', args.dataset, '--model', args.model, '--size', str(args.size),
+            *(['--patch_size', str(args.patch_size)] if args.model.startswith('vit') else []),
             '--batch_size', str(args.batch_size), '--num_workers', str(args.num_workers),
             '--device', args.device, '--epochs', '1', '--print_freq', '1000000', '--seed', '0',
             '--trial', 'bench']
@@ -128,10 +133,11 @@ def peak_memory(opt):
 def measure_steps(args, config):
     """Warm-up + timed steps of main_supcon.train(); per-step times in seconds."""
     import main_supcon
-    opt, run, loader, sampler, model, criterion, optimizer, scaler = build_run(script_argv(args, config))
+    opt, run, loader, sampler, model, criterion, optimizer, scaler, extra = build_run(
+        script_argv(args, config))
     run.begin_epoch(1, sampler)
     batches = TimedBatches(loader, sampler, args.warmup + args.steps, opt.local_batch_size)
-    loss, _ = main_supcon.train(batches, model, criterion, optimizer, scaler, 1, opt, run)
+    loss, _ = main_supcon.train(batches, model, criterion, optimizer, scaler, 1, opt, run, **extra)
     steps = [b - a for a, b in zip(batches.asked, batches.asked[1:])]
     data = [g - a for a, g in zip(batches.asked, batches.got)]
     timed, timed_data = steps[args.warmup:], data[args.warmup:]
@@ -144,13 +150,14 @@ def measure_steps(args, config):
 def measure_epoch(args, config):
     """One whole main_supcon epoch (every batch, the short last one included) after a short warm-up."""
     import main_supcon
-    opt, run, loader, sampler, model, criterion, optimizer, scaler = build_run(script_argv(args, config))
+    opt, run, loader, sampler, model, criterion, optimizer, scaler, extra = build_run(
+        script_argv(args, config))
     run.begin_epoch(1, sampler)
     warm = TimedBatches(loader, sampler, args.warmup, opt.local_batch_size)
-    main_supcon.train(warm, model, criterion, optimizer, scaler, 1, opt, run)
+    main_supcon.train(warm, model, criterion, optimizer, scaler, 1, opt, run, **extra)
     run.begin_epoch(2, sampler)
     start = time.perf_counter()
-    loss, _ = main_supcon.train(loader, model, criterion, optimizer, scaler, 2, opt, run)
+    loss, _ = main_supcon.train(loader, model, criterion, optimizer, scaler, 2, opt, run, **extra)
     epoch_s = time.perf_counter() - start
     return dict(describe(opt), kind='epoch', loss=loss, batch_size=opt.batch_size,
                 steps_per_epoch=len(loader), warmup_s=sum(b - a for a, b in zip(warm.asked, warm.asked[1:])),
@@ -159,10 +166,10 @@ def measure_epoch(args, config):
 
 # --------------------------------------------------------------------------- driver
 
-def run_config_in_subprocess(args, config):
+def run_config_in_subprocess(args, config, model):
     """(result dict or None, error text); a fresh process so no config inherits another's caches or compiles."""
-    command = [sys.executable, os.path.abspath(__file__), '--worker', config]
-    for name in ('device', 'model', 'size', 'batch_size', 'steps', 'warmup', 'num_workers', 'dataset'):
+    command = [sys.executable, os.path.abspath(__file__), '--worker', config, '--model', model]
+    for name in ('device', 'size', 'batch_size', 'steps', 'warmup', 'num_workers', 'dataset', 'patch_size'):
         command += [f'--{name}', str(getattr(args, name))]
     if args.data_folder:
         command += ['--data_folder', args.data_folder]
@@ -187,7 +194,8 @@ def print_header(args):
     device = args.device
     if device.startswith('cuda') and torch.cuda.is_available():
         device = f'{device} ({torch.cuda.get_device_name()})'
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, {args.model}, '
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, '
+          f'{", ".join(args.models)}, '
           f'--dataset {args.dataset} --size {args.size} --batch_size {args.batch_size} '
           f'(= {2 * args.batch_size} images through the network per step), --num_workers {args.num_workers} '
           f'(capped at the CPUs)', flush=True)
@@ -199,17 +207,17 @@ def collect(args, key):
     Interleaving (fp32, amp, ..., fp32, amp, ...) spreads the slow drifts of a shared machine over all
     configurations; the median run (by `key`) of each is reported, with all its values under 'rounds'.
     """
-    runs, errors = {config: [] for config in args.configs}, {}
+    runs, errors = {label: [] for label, _, _ in args.entries}, {}
     for round_index in range(args.rounds):
-        for config in args.configs:
-            if config in errors:
+        for label, model, config in args.entries:
+            if label in errors:
                 continue
-            result, error = run_config_in_subprocess(args, config)
+            result, error = run_config_in_subprocess(args, config, model)
             if result is None:
-                errors[config] = error
+                errors[label] = error
                 continue
-            runs[config].append(result)
-            print(f'round {round_index + 1}/{args.rounds} {config}: {key} {result[key]:.3f}', flush=True)
+            runs[label].append(dict(result, model=model))
+            print(f'round {round_index + 1}/{args.rounds} {label}: {key} {result[key]:.3f}', flush=True)
     medians = {}
     for config, results in runs.items():
         if results:
@@ -233,14 +241,15 @@ def bench_steps(args):
     print('\n| config | precision | channels_last | compile | step ms | img/s | samples/s | vs fp32 | data % '
           '| warm-up s | peak GiB | spread |')
     print('|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
-    base = 2 * results['fp32']['batch_size'] / results['fp32']['step_s'] if 'fp32' in results else None
-    for config in args.configs:
+    for config, model, plain in args.entries:
         if config in errors:
             print(f'| {config} | {errors[config]} ||||||||||', flush=True)
             continue
         result = results[config]
+        base_label = 'fp32' if len(args.models) == 1 else f'{model}/fp32'
+        base = results.get(base_label)
         images_per_s = 2 * result['batch_size'] / result['step_s']
-        speedup = f'{images_per_s / base:.2f}x' if base else '-'
+        speedup = f'{images_per_s / (2 * base["batch_size"] / base["step_s"]):.2f}x' if base else '-'
         peak = f"{result['peak_gib']:.2f}" if result['peak_gib'] is not None else '-'
         print(f"| {config} | {result['amp_dtype']} | {'on' if result['channels_last'] else 'off'} | "
               f"{'yes' if result['compile'] else 'no'} | {1000 * result['step_s']:.0f} | {images_per_s:.0f} | "
@@ -256,7 +265,7 @@ def bench_epoch(args):
     results, errors = collect(args, 'epoch_s')
     print('\n| config | precision | channels_last | steps | epoch s | img/s | loss | spread |')
     print('|---|---|---|---|---|---|---|---|', flush=True)
-    for config in args.configs:
+    for config, _, _ in args.entries:
         if config in errors:
             print(f'| {config} | {errors[config]} |||||||', flush=True)
             continue
@@ -275,6 +284,10 @@ def parse_option(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', type=str, default='cpu', help='cpu, cuda or cuda:N')
     parser.add_argument('--model', type=str, default='resnet18', help='resnet18 on CPU; resnet50 for a GPU')
+    parser.add_argument('--models', nargs='+', default=None,
+                        help='several models side by side (every config for each, interleaved); rows are'
+                             ' labelled model/config, e.g. --models resnet18 vit_tiny_patch16_224 convnext_atto')
+    parser.add_argument('--patch_size', type=int, default=4, help='--patch_size for vit* models')
     parser.add_argument('--dataset', type=str, default='digits', help='digits runs offline (1437 images)')
     parser.add_argument('--data_folder', type=str, default=None, help='passed to main_supcon.py when given')
     parser.add_argument('--size', type=int, default=32, help='crop size')
@@ -304,6 +317,10 @@ def parse_option(argv=None):
                         DEFAULT_CONFIGS['cuda' if args.device.startswith('cuda') else 'cpu'])
     if args.skip_compile:
         args.configs = [c for c in args.configs if 'compile' not in c]
+    args.models = args.models or [args.model]
+    # (row label, model, config): plain config names when there is one model
+    args.entries = [(config if len(args.models) == 1 else f'{model}/{config}', model, config)
+                    for model in args.models for config in args.configs]
     return args
 
 

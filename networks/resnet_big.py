@@ -184,13 +184,24 @@ def feature_dim(name):
     return _lookup(name)[1]
 
 
-class SupConResNet(nn.Module):
-    """Encoder plus projection head; returns unit-norm embeddings for the contrastive loss."""
+def _encoder(name, stem, encoder):
+    """The ResNet ``name`` and its width, or the given ``(module, width)`` of another backbone."""
+    if encoder is not None:
+        return encoder
+    model_fun, dim_in = _lookup(name)
+    return model_fun(stem=stem), dim_in
 
-    def __init__(self, name='resnet50', head='mlp', feat_dim=128, stem='cifar'):
+
+class SupConResNet(nn.Module):
+    """Encoder plus projection head; returns unit-norm embeddings for the contrastive loss.
+
+    ``encoder=(module, width)`` puts another backbone (a timm model, ``networks.encoders``)
+    in place of the ResNet ``name``; the module names stay ``encoder`` and ``head``.
+    """
+
+    def __init__(self, name='resnet50', head='mlp', feat_dim=128, stem='cifar', encoder=None):
         super().__init__()
-        model_fun, dim_in = _lookup(name)
-        self.encoder = model_fun(stem=stem)
+        self.encoder, dim_in = _encoder(name, stem, encoder)
         if head == 'linear':
             self.head = nn.Linear(dim_in, feat_dim)
         elif head == 'mlp':
@@ -212,10 +223,9 @@ class SupConResNet(nn.Module):
 class SupCEResNet(nn.Module):
     """Encoder plus a linear classifier, trained end to end with cross-entropy (the baseline)."""
 
-    def __init__(self, name='resnet50', num_classes=10, stem='cifar'):
+    def __init__(self, name='resnet50', num_classes=10, stem='cifar', encoder=None):
         super().__init__()
-        model_fun, dim_in = _lookup(name)
-        self.encoder = model_fun(stem=stem)
+        self.encoder, dim_in = _encoder(name, stem, encoder)
         self.fc = nn.Linear(dim_in, num_classes)
 
     def forward(self, x):
@@ -238,9 +248,10 @@ class LinearBatchNorm(nn.Module):
 class LinearClassifier(nn.Module):
     """Linear probe trained on top of a frozen encoder's features."""
 
-    def __init__(self, name='resnet50', num_classes=10):
+    def __init__(self, name='resnet50', num_classes=10, dim_in=None):
         super().__init__()
-        _, feat_dim = _lookup(name)
+        # dim_in: the feature width of a backbone other than the ResNet ``name``
+        feat_dim = dim_in if dim_in is not None else _lookup(name)[1]
         self.fc = nn.Linear(feat_dim, num_classes)
 
     def forward(self, features):

@@ -46,7 +46,7 @@ def is_timm_model(name):
     return bool(_timm().is_model(name))
 
 
-def _unknown_name_error(name):
+def unknown_model_error(name):
     timm = _timm()
     base = name.split('.')[0].lower()
     known = timm.list_models()
@@ -56,7 +56,7 @@ def _unknown_name_error(name):
     hint = f"did you mean {', '.join(close)}? " if close else ''
     family = base.split('_')[0][:8] or 'vit'
     return UserError(
-        f"unknown model {name!r}: not one of {', '.join(MODEL_NAMES)} nor a timm model; "
+        f"--model {name} is not known: not one of {', '.join(MODEL_NAMES)} nor a timm model; "
         f"{hint}see timm.list_models('{family}*') for the names timm knows"
     )
 
@@ -95,7 +95,7 @@ def create_encoder(name, size, patch_size=None, pretrained_file=None):
         raise UserError(f'model {name!r}: only timm registry names are accepted (nothing is'
                         ' downloaded); give weights with a local pretrained file instead')
     if not _timm().is_model(name):
-        raise _unknown_name_error(name)
+        raise unknown_model_error(name)
 
     kwargs = {'img_size': size}
     if patch_size is not None:

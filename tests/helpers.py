@@ -257,3 +257,11 @@ def read_scalars(tb_folder):
 
 if __name__ == '__main__':
     _serve(sys.argv[1])
+
+
+def free_port():
+    """A TCP port free on the loopback interface now (for a gloo process group)."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]

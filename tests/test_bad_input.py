@@ -79,7 +79,7 @@ CASES = {
     # the options do not say the architecture: the weights themselves must not fit
     'ckpt_other_architecture_weights': lambda d: (
         *linear(d, d.reference_without_model, '--model', 'resnet34'),
-        [str(d.reference_without_model), 'does not fit --model resnet34']),
+        [str(d.reference_without_model), 'does not fit', 'resnet34']),
     'model_resnet7': lambda d: (*supcon(d, '--model', 'resnet7'),
                                 ['--model resnet7', 'resnet18', 'resnet50']),
     'linear_model_resnet7': lambda d: (*linear(d, d.ours, '--model', 'resnet7'),
@@ -95,7 +95,57 @@ CASES = {
                                            ['--device cuda', 'CUDA is not available']),
     'lr_decay_epochs_not_numbers': lambda d: (*supcon(d, '--lr_decay_epochs', 'a,b'),
                                               ['--lr_decay_epochs', "'a,b'"]),
+    # float flags: finite and in range, in every training script
+    'momentum_negative': lambda d: (*supcon(d, '--momentum', '-1'),
+                                    ['--momentum must be a finite number in [0, 1)', 'got -1.0']),
+    'weight_decay_negative': lambda d: (
+        'main_ce', path_data(d) + TINY + ['--num_workers', '0', '--weight_decay', '-1'],
+        ['--weight_decay must be a finite number >= 0', 'got -1.0']),
+    'learning_rate_nan': lambda d: (*linear(d, d.ours, '--learning_rate', 'nan'),
+                                    ['--learning_rate must be a finite number > 0', 'got nan']),
+    'learning_rate_inf': lambda d: (*supcon(d, '--learning_rate', 'inf'),
+                                    ['--learning_rate must be a finite number > 0', 'got inf']),
+    'lr_decay_rate_zero': lambda d: (*supcon(d, '--lr_decay_rate', '0'),
+                                     ['--lr_decay_rate must be a finite number in (0, 1]']),
+    'temp_nan': lambda d: (*supcon(d, '--temp', 'nan'), ['--temp must be a finite number > 0']),
+    'device_mps': lambda d: (*supcon(d, '--device', 'mps'),
+                             ["--device must be auto, cpu, cuda or cuda:N, got 'mps'"]),
+    'device_meta': lambda d: (*linear(d, d.ours, '--device', 'meta'),
+                              ["--device must be auto, cpu, cuda or cuda:N, got 'meta'"]),
+    # checkpoints that cannot be resumed from or evaluated
+    'resume_without_epoch': lambda d: (*supcon(d, '--resume', d.no_epoch),
+                                       [f'--resume {d.no_epoch}: it records no epoch']),
+    'resume_with_nan_weights': lambda d: (*supcon(d, '--resume', d.diverged),
+                                          [f'--resume {d.diverged}: it holds NaN or infinite',
+                                           'diverged run']),
+    'resume_a_directory': lambda d: (*supcon(d, '--resume', d.ours.parent),
+                                     [f'--resume {d.ours.parent} is a directory',
+                                      str(d.ours)]),
+    'ckpt_a_directory': lambda d: (*linear(d, d.ours.parent),
+                                   [f'--ckpt {d.ours.parent} is a directory']),
+    'ckpt_options_not_a_dict': lambda d: (*linear(d, d.opt_list),
+                                          [f'--ckpt {d.opt_list} stores its options ("opt") as'
+                                           f' a list']),
+    'ckpt_pickled_code': lambda d: (*linear(d, d.evil),
+                                    [f'--ckpt {d.evil} holds pickled code or objects other than'
+                                     f' weights', 'refused']),
+    # silently wrong before: a kNN accuracy over other classes, a data set read 40 times
+    'knn_test_classes_differ': lambda d: (
+        *supcon(d, '--knn_every', '1', data=path_data(d, test='other_test')),
+        ['different classes', 'only in train: c', 'only in test: d']),
+    'symlink_loop': lambda d: (*supcon(d, data=path_data(d, 'looped', None)),
+                               [str(d.root / 'looped' / 'a' / 'loop'), 'a loop']),
 }
+
+
+class RunsShell:
+    """Pickles as a call of os.system: loading it unsafely would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
 
 
 def prepare(root):
@@ -117,6 +167,19 @@ def prepare(root):
     torch.save([1, 2], d.a_list)
     d.reference_without_model = ckpts / 'reference' / 'ckpt_epoch_3.pth'
     save_reference_checkpoint(d.reference_without_model, record_model=False)
+    d.no_epoch = ckpts / 'no_epoch.pth'
+    torch.save({'model': torch.load(d.ours)['model']}, d.no_epoch)
+    d.diverged = ckpts / 'diverged.pth'
+    state = torch.load(d.ours)
+    state['model']['encoder.conv1.weight'][0] = float('nan')  # as an older version could save
+    torch.save(state, d.diverged)
+    d.opt_list = ckpts / 'opt_list.pth'
+    torch.save(dict(state, opt=['resnet18']), d.opt_list)
+    d.marker = root / 'pwned'
+    d.evil = ckpts / 'evil.pth'
+    torch.save(dict(torch.load(d.ours), opt=RunsShell(d.marker)), d.evil)
+    write_image_folder(root / 'looped', {'a': 2, 'b': 2}, size=12)
+    (root / 'looped' / 'a' / 'loop').symlink_to('..')  # ImageFolder read it 40 times over
     return d
 
 
@@ -150,6 +213,7 @@ def assert_user_error(result, words, cwd):
         assert word in lines[0], f'{word!r} not in: {lines[0]}'
     assert 'Traceback' not in result.stdout + result.stderr, output
     assert saved_files(cwd) == [], output
+    assert not list(cwd.rglob('*_tensorboard/*')), output  # no empty TensorBoard folder either
 
 
 @pytest.mark.parametrize('name', list(CASES))
@@ -158,6 +222,8 @@ def test_bad_input_exits_2_with_one_error_line(name, results, prepared):
         pytest.skip('this machine has CUDA')
     forked, expected = results
     assert_user_error(forked[name], expected[name], prepared.root / 'runs' / name)
+    assert 'weights_only' not in forked[name].stderr  # never advice to load unsafely
+    assert not prepared.marker.exists()
 
 
 def test_forked_run_matches_a_real_subprocess(results, prepared, tmp_path):

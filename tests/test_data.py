@@ -11,18 +11,8 @@ from augment import test_transform as make_test_transform  # not collected as a 
 from data import (DATASET_NAMES, MEAN_STD, DataError, build_dataset, check_num_classes,
                   check_same_classes, parse_triple, resolve_mean_std)
 from sampling import build_loader
+from test_cifar import MEAN, STD, assert_one_line
 from util import UserError
-
-MEAN, STD = MEAN_STD['cifar10']
-CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
-                 'dog', 'frog', 'horse', 'ship', 'truck']
-
-
-def assert_one_line(exc_info, *fragments):
-    message = str(exc_info.value)
-    assert '\n' not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 from test_cifar import cifar10_root  # noqa: F401,F811  (a fixture)
@@ -105,6 +95,35 @@ def test_bad_image_folder_is_user_error(tmp_path, make):
     assert_one_line(info, '--data_folder', str(folder), problem)
 
 
+def test_image_folder_reads_nested_and_linked_folders_as_imagefolder_does(tmp_path):
+    from torchvision import datasets
+    root = write_image_folder(tmp_path / 'train', {'a': 2, 'b': 1, 'c': 1}, size=(4, 4))
+    write_image_folder(root / 'a' / 'sub', {'deeper': 2}, size=(4, 4))
+    (root / 'a' / 'notes.txt').write_text('not an image')
+    elsewhere = write_image_folder(tmp_path / 'elsewhere', {'more': 2}, size=(4, 4))
+    (root / 'c' / 'linked').symlink_to(elsewhere / 'more')  # a link out of the tree is fine
+    dataset = build_dataset('path', 'train', None, data_folder=root)
+    reference = datasets.ImageFolder(str(root), allow_empty=True)
+    assert dataset.samples == reference.samples and dataset.classes == reference.classes
+    assert dataset.targets == [0, 0, 0, 0, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize('link, target, problem', [
+    ('a/loop', '..', 'a/loop is a symbolic link back to {root}, a folder that contains it'),
+    ('a/sub/self', '.', 'a/sub/self is a symbolic link back to {root}/a/sub'),
+    ('b/other', '../a', '{root}/b/other and {root}/a are the same folder'),
+])
+def test_a_folder_reached_twice_through_a_link_is_refused(tmp_path, link, target, problem):
+    """ImageFolder follows links without a loop check: a loop read the images dozens of times."""
+    root = write_image_folder(tmp_path / 'train', {'a': 2, 'b': 1}, size=(4, 4))
+    (root / 'a' / 'sub').mkdir()
+    (root / link).symlink_to(target)
+    with pytest.raises(UserError) as info:
+        build_dataset('path', 'train', None, data_folder=root)
+    assert_one_line(info, f'--data_folder {root}: ', problem.format(root=root.resolve()),
+                    'remove')
+
+
 def test_path_test_split_needs_test_folder(tmp_path):
     root = write_image_folder(tmp_path / 'train', {'a': 1})
     with pytest.raises(UserError) as info:
@@ -157,8 +176,8 @@ def test_corrupt_image_in_worker_keeps_one_line_message(tmp_path):
 
 def test_unknown_dataset_name():
     with pytest.raises(UserError) as info:
-        build_dataset('imagenet', 'train', None)
-    assert_one_line(info, 'imagenet', ', '.join(DATASET_NAMES))
+        build_dataset('svhn', 'train', None)
+    assert_one_line(info, 'svhn', ', '.join(DATASET_NAMES))
 
 
 # --------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import re
 import shutil
 import subprocess
 
-import torch
+from checkpoint import load_checkpoint
 
 from helpers import REPO, describe, script_env
 
@@ -35,7 +35,7 @@ def test_demo_fp32_other_seed_end_to_end(tmp_path):
     assert len(accuracy) == 1 and 0 <= float(accuracy[0]) <= 100, describe(result)
 
     run = root / 'save/SupCon/digits_models' / RUN.format('fp32_seed1')
-    ckpt = torch.load(run / 'last.pth', weights_only=True)
+    ckpt = load_checkpoint(str(run / 'last.pth'))  # weights_only, opt as a dict
     assert ckpt['opt']['amp'] is False and ckpt['opt']['seed'] == 1
     assert ckpt['opt']['trial'] == 'fp32_seed1' and ckpt['epoch'] == 1
     # the linear run is filed under the pretraining run it evaluated

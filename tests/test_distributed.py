@@ -9,7 +9,6 @@ import glob
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -28,17 +27,12 @@ import engine
 import runtime
 from sampling import SeededDataset, build_loader
 from losses import SupConLoss
+from helpers import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD_SIZE = 2
 BATCH = 8  # global batch of the one-step tests: 4 samples x 2 views per rank
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3])  # every rank holds positives of the other's anchors
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- one SGD step, 1 vs 2 processes
@@ -63,6 +57,8 @@ CASES = {  # name: (BatchNorm, SupCon labels)
     'simclr': (False, False),
     'supcon_syncbn': (True, True),
     'simclr_syncbn': (True, False),
+    'supcon_moco': (False, True),
+    'simclr_moco': (False, False),
 }
 
 
@@ -91,6 +87,42 @@ def sgd_steps(model, view1, view2, labels, steps=2):
     return {k: v.detach().cpu().clone() for k, v in checkpoint.bare_state_dict(model).items()}
 
 
+def moco_steps(model, view1, view2, labels, steps=3, queue_size=12):
+    """main_supcon.py --moco's step: queries from the model, keys from its moving average
+    (shuffled across ranks), contrasted with the labelled queue, then EMA and enqueue.
+
+    Returns the model's weights, the key encoder's weights and the queue's rows and labels.
+    A queue of 12 rows takes 8 keys a step: it fills, then wraps around.
+    """
+    from moco import KeyEncoder, LabelQueue
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+    criterion = SupConLoss(temperature=0.1)
+    bare = model.module if hasattr(model, 'module') else model
+    key_encoder, queue = KeyEncoder(bare), LabelQueue(queue_size, 5)  # rows kept in float32
+    model.train()
+    bsz = view1.shape[0]
+    queue_labels_of = labels if labels is not None else torch.zeros(bsz, dtype=torch.long)
+    for step in range(steps):
+        images = torch.cat([view1, view2], dim=0)
+        features = model(images)
+        features = torch.stack(torch.split(features, [bsz, bsz], dim=0), dim=1)
+        keys = key_encoder.encode(images, shuffle_seed=step)
+        keys = torch.stack(torch.split(keys, [bsz, bsz], dim=0), dim=1)
+        rows, row_labels = queue.contents()
+        loss = criterion(features, labels, keys=keys, queue=rows,
+                         queue_labels=row_labels if labels is not None else None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        key_encoder.update(bare, 0.9)
+        for view in range(2):  # view by view: the global batch's order on any number of ranks
+            queue.enqueue(keys[:, view], queue_labels_of)
+    rows, row_labels = queue.contents()
+    return {'model': {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
+            'key': {k: v.detach().cpu().clone() for k, v in key_encoder.model.state_dict().items()},
+            'queue': rows.cpu(), 'queue_labels': row_labels.cpu(), 'ptr': int(queue.ptr)}
+
+
 def _init_gloo(rank, port):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
@@ -115,7 +147,13 @@ def _worker(rank, port, names, device_name, out_file):
                 model, device_ids=[device.index] if device.type == 'cuda' else None)
             half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
             labels = LABELS[half].to(device) if supervised else None
-            results[name] = sgd_steps(model, view1[half].to(device), view2[half].to(device), labels)
+            steps = moco_steps if name.endswith('_moco') else sgd_steps
+            results[name] = steps(model, view1[half].to(device), view2[half].to(device), labels)
+            if name.endswith('_moco'):  # every rank's queue, to compare
+                queues = [None] * WORLD_SIZE
+                dist.all_gather_object(queues, (results[name]['queue'],
+                                                results[name]['queue_labels']))
+                results[name]['queues'] = queues
         if device.type == 'cpu':
             result, indices = _validate(rank, WORLD_SIZE)
             shares = [None] * WORLD_SIZE
@@ -150,7 +188,7 @@ FORK_OK = pytest.mark.filterwarnings('ignore:This process .* is multi-threaded:D
 @pytest.fixture(scope='module')
 def cpu_ranks(tmp_path_factory):
     out_file = str(tmp_path_factory.mktemp('ranks') / 'cpu.pt')
-    return run_two_ranks(['supcon', 'simclr'], 'cpu', out_file)
+    return run_two_ranks(['supcon', 'simclr', 'supcon_moco', 'simclr_moco'], 'cpu', out_file)
 
 
 def check_one_step_equivalence(ddp, names, device):
@@ -237,7 +275,8 @@ def _runtime_opt(**kw):
 
 def _torchrun_env(monkeypatch, world_size):
     for key, value in dict(WORLD_SIZE=world_size, LOCAL_RANK=0, RANK=0,
-                           LOCAL_WORLD_SIZE=world_size).items():
+                           LOCAL_WORLD_SIZE=world_size, MASTER_ADDR='127.0.0.1',
+                           MASTER_PORT=29500).items():
         monkeypatch.setenv(key, str(value))
 
 
@@ -346,7 +385,8 @@ def check_run(proc, cwd, expect_best):
     checkpoints = glob.glob(os.path.join(str(cwd), 'save', '**', '*.pth'), recursive=True)
     assert sorted(os.path.basename(p) for p in checkpoints) == ['checkpoint.pth', 'last.pth']
     for path in checkpoints:
-        state = torch.load(path, map_location='cpu', weights_only=True)['model']
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location='cpu', weights_only=True)['model']
         assert not [k for k in state if 'module.' in k or '_orig_mod.' in k], list(state)[:5]
     events = glob.glob(os.path.join(str(cwd), 'save', '**', 'events.out.tfevents.*'),
                        recursive=True)
@@ -391,9 +431,9 @@ def test_main_linear_under_torchrun_matches_one_process(supcon_run, tiny_data, t
     one = single('main_linear.py', args, tmp_path / 'one')
     assert one.returncode == 0, one.stderr[-3000:]
     # same global batch, seeded sampler, exact gradient averaging: the same classifier...
-    want = torch.load(glob.glob(os.path.join(str(tmp_path / 'one'), 'save', '**', 'last.pth'),
-                                recursive=True)[0], weights_only=True)['model']
-    got = torch.load(saved['last.pth'], weights_only=True)['model']
+    want = checkpoint.load_checkpoint(glob.glob(os.path.join(str(tmp_path / 'one'), 'save', '**',
+                                                             'last.pth'), recursive=True)[0])['model']
+    got = checkpoint.load_checkpoint(saved['last.pth'])['model']
     assert sorted(got) == ['fc.bias', 'fc.weight']
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
@@ -415,3 +455,24 @@ def test_odd_global_batch_under_torchrun_fails_with_one_line(tiny_data, tmp_path
                ' global batch, pick a multiple of 2')
     assert message + '\n' in proc.stderr, proc.stderr[-3000:]
     assert not glob.glob(os.path.join(str(tmp_path), 'save', '**', '*.pth'), recursive=True)
+
+
+@FORK_OK
+@pytest.mark.parametrize('name', ['supcon_moco', 'simclr_moco'])
+def test_moco_steps_on_two_ranks_equal_one_process(cpu_ranks, name):
+    """Keys and labels are gathered before they are enqueued: both ranks hold the same queue,
+    and three steps (the queue fills and wraps) equal one process on the whole batch. The
+    net has no BatchNorm, so shuffling the keys across ranks must not change them."""
+    _, supervised = CASES[name]
+    got = cpu_ranks[name]
+    (rows0, labels0), (rows1, labels1) = got['queues']
+    assert torch.equal(rows0, rows1) and torch.equal(labels0, labels1)
+    state, view1, view2 = make_case(name)
+    model = TinyNet(False).double()
+    model.load_state_dict(state)
+    single = moco_steps(model, view1, view2, LABELS if supervised else None)
+    assert got['ptr'] == single['ptr'] == (3 * 2 * BATCH) % 12
+    assert relative_error(got['model'], single['model'], state) < 1e-6
+    assert relative_error(got['key'], single['key'], state) < 1e-6
+    torch.testing.assert_close(got['queue'], single['queue'], rtol=1e-6, atol=1e-6)
+    assert torch.equal(got['queue_labels'], single['queue_labels'])

@@ -170,6 +170,20 @@ def test_knn_monitor_path_needs_test_folder():
     assert '\n' not in str(info.value)
 
 
+def test_knn_monitor_refuses_test_classes_other_than_the_training_ones(tmp_path):
+    """Labels are class indices: with other class folders the kNN accuracy means nothing."""
+    write_image_folder(tmp_path / 'train', 1, seed=0)
+    write_image_folder(tmp_path / 'test', 1, seed=1)
+    (tmp_path / 'test' / 'class_2').rename(tmp_path / 'test' / 'class_9')
+    opt = monitor_opt(dataset='path', data_folder=tmp_path / 'train',
+                      test_folder=tmp_path / 'test', mean='0.5,0.5,0.5', std='0.3,0.3,0.3')
+    with pytest.raises(UserError) as info:
+        KNNMonitor(opt)
+    message = str(info.value)
+    assert message.startswith('train and test data have different classes')
+    assert 'only in train: class_2; only in test: class_9' in message and '\n' not in message
+
+
 DIST_SCRIPT = textwrap.dedent('''
     import argparse, sys, torch
     import torch.nn as nn

@@ -25,7 +25,7 @@ def test_checkpoint_helpers_read_reference_and_ce_checkpoints(tmp_path):
     encoder, name = from_checkpoint.build_encoder(ckpt, path)
     assert name == 'resnet18' and not encoder.training
     torch.testing.assert_close(encoder.conv1.weight, model.encoder.conv1.weight)
-    head = from_checkpoint.build_head(ckpt, path, name)
+    head = from_checkpoint.build_head(ckpt, path, name, encoder.feature_dim)
     torch.testing.assert_close(head.weight, model.head.weight)
     assert from_checkpoint.checkpoint_method(ckpt) == 'SimCLR'
     with pytest.raises(UserError, match='pass --model resnet18'):
@@ -34,4 +34,4 @@ def test_checkpoint_helpers_read_reference_and_ce_checkpoints(tmp_path):
     ce = {'model': SupCEResNet('resnet18', num_classes=3).state_dict(), 'opt': {}, 'epoch': 1}
     assert from_checkpoint.checkpoint_method(ce) == 'SupCE'
     with pytest.raises(UserError, match='cross-entropy .* use --features encoder'):
-        from_checkpoint.build_head(ce, 'ce.pth', 'resnet18')
+        from_checkpoint.build_head(ce, 'ce.pth', 'resnet18', 512)

@@ -3,7 +3,6 @@ hybrid, keys and a labelled queue against a per-anchor loop."""
 import datetime
 import math
 import os
-import socket
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import losses  # noqa: E402
+from helpers import free_port  # noqa: E402
 from losses import (LeanSupConFunction, PositivePairs, SameClassExclusion, SupConLoss, auto_chunk_size,  # noqa: E402
                     gather_with_grad)
 
@@ -585,12 +585,6 @@ def _distributed_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def distributed_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp('supcon_gloo'))
@@ -629,3 +623,25 @@ def test_gather_with_grad_handles_unequal_sizes(distributed_results):
 def test_mask_with_several_ranks_raises(distributed_results):
     for result in distributed_results:
         assert 'pass labels instead' in result.get('mask_error', '')
+
+
+def test_large_norm_features_stay_finite_where_the_reference_gives_nan():
+    """Not L2-normalised, norm 100: the reference's row maximum is the self-similarity, every
+    other exp underflows to 0 and its loss is NaN; ours leaves the own column out first."""
+    torch.manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(6, 2, 8, dtype=torch.float64), dim=-1)
+    features = (100 * features).requires_grad_()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert torch.isnan(reference_supcon_loss(features, labels))
+    loss = SupConLoss()(features, labels)
+    assert torch.isfinite(loss)
+    # the same formula with a stable log-sum-exp over every row but the anchor's own
+    z = torch.cat(torch.unbind(features.detach(), 1))
+    logits = z @ z.t() / 0.07
+    logits.fill_diagonal_(float('-inf'))
+    log_prob = logits - torch.logsumexp(logits, 1, keepdim=True)
+    same = (labels.repeat(2)[:, None] == labels.repeat(2)[None, :]).fill_diagonal_(False)
+    expected = -(log_prob.masked_fill(~same, 0).sum(1) / same.sum(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    loss.backward()
+    assert torch.isfinite(features.grad).all()

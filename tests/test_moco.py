@@ -2,7 +2,6 @@
 import datetime
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moco import KeyEncoder, LabelQueue, gather_no_grad, shuffle_across_ranks, unshuffle_across_ranks
+from helpers import free_port
 
 
 def small_model(seed=0):
@@ -254,12 +254,6 @@ def _distributed_worker(rank, port, out_dir):
         torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope='module')

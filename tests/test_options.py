@@ -4,22 +4,10 @@ import io
 
 import pytest
 import torch
-import torch.nn as nn
 
 import options
+from test_util import schedule
 from util import UserError
-
-
-def schedule(**overrides):
-    opt = dict(learning_rate=0.5, cosine=True, lr_decay_rate=0.1, epochs=10,
-               lr_decay_epochs=[3, 6], batch_size=32, warm=False, model_name='run')
-    opt.update(overrides)
-    return argparse.Namespace(**opt)
-
-
-def sgd(lr=0.777, groups=1):
-    params = [nn.Parameter(torch.zeros(1)) for _ in range(groups)]
-    return torch.optim.SGD([{'params': [p]} for p in params], lr=lr)
 
 
 # --------------------------------------------------------------------------- warm-up
@@ -77,3 +65,59 @@ def test_plain_options_keeps_only_plain_values():
     torch.save({'opt': plain}, buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True)['opt'] == plain
+
+
+# --------------------------------------------------------------------------- float flags
+
+def training_options(**changes):
+    values = dict(batch_size=4, epochs=1, save_freq=1, print_freq=1, size=8, batch_size_val=4,
+                  num_workers=0, learning_rate=0.05, momentum=0.9, weight_decay=1e-4,
+                  lr_decay_rate=0.1, temp=0.07)
+    values.update(changes)
+    return argparse.Namespace(**values)
+
+
+@pytest.mark.parametrize('name, value, words', [
+    ('learning_rate', float('nan'), 'a finite number > 0'),
+    ('learning_rate', float('inf'), 'a finite number > 0'),
+    ('learning_rate', 0.0, 'a finite number > 0'),
+    ('temp', float('nan'), 'a finite number > 0'),
+    ('temp', -0.1, 'a finite number > 0'),
+    ('momentum', -1.0, 'in [0, 1)'),
+    ('momentum', 1.0, 'in [0, 1)'),
+    ('momentum', float('nan'), 'in [0, 1)'),
+    ('weight_decay', -1.0, '>= 0'),
+    ('weight_decay', float('inf'), '>= 0'),
+    ('lr_decay_rate', 0.0, 'in (0, 1]'),
+    ('lr_decay_rate', 1.5, 'in (0, 1]'),
+    ('lr_decay_rate', float('-inf'), 'in (0, 1]'),
+    ('moco_m', float('nan'), 'a finite number'),  # any other float flag: finite at least
+])
+def test_float_flags_must_be_finite_and_in_range(name, value, words):
+    with pytest.raises(UserError) as info:
+        options.check_common_options(training_options(**{name: value}))
+    message = str(info.value)
+    assert message.startswith(f'--{name} must be ') and words in message
+    assert message.endswith(f'got {value}') and '\n' not in message
+
+
+def test_float_flags_accept_their_boundaries_and_missing_flags():
+    options.check_common_options(training_options(momentum=0.0, weight_decay=0.0,
+                                                  lr_decay_rate=1.0, learning_rate=1e-8))
+    linear = training_options()
+    del linear.temp  # main_ce.py and main_linear.py have no --temp
+    options.check_common_options(linear)
+
+
+@pytest.mark.parametrize('script', ['main_supcon', 'main_ce', 'main_linear'])
+@pytest.mark.parametrize('flag, value', [('--learning_rate', 'nan'), ('--learning_rate', 'inf'),
+                                         ('--momentum', '-1'), ('--weight_decay', '-1'),
+                                         ('--lr_decay_rate', '0')])
+def test_every_training_script_refuses_bad_float_flags(script, flag, value):
+    import importlib
+    module = importlib.import_module(script)
+    args = [flag, value, '--dataset', 'digits']
+    if script == 'main_linear':
+        args += ['--ckpt', 'never_read.pth']  # the flags are checked before it is read
+    with pytest.raises(UserError, match=f'^{flag} must be a finite number'):
+        module.parse_option(args)

@@ -5,6 +5,7 @@ Uninterrupted runs and resumes call the script's ``main()`` in this process
 (importing torch again per run would cost most of the test time); the runs that
 are killed or signalled are real subprocesses started with the script's path.
 """
+import argparse
 import contextlib
 import importlib
 import io
@@ -26,10 +27,17 @@ from PIL import Image
 
 import util
 import checkpoint
+import training_run
 import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ('main_supcon', 'main_ce', 'main_linear')
+# more runs of the kill-and-resume test: 'script+name' adds these options to the script's
+VARIANTS = {
+    'main_supcon+moco': {'moco': True, 'moco_k': 12, 'moco_m': 0.9},  # the queue wraps each epoch
+    'main_supcon+gpu_aug': {'gpu_aug': True},
+    'main_ce+gpu_aug': {'gpu_aug': True},
+}
 EPOCHS = 3
 STEPS_PER_EPOCH = 4  # 16 training images, --batch_size 4
 LOSS_TAG = {'main_supcon': 'loss', 'main_ce': 'train_loss', 'main_linear': 'train_loss'}
@@ -156,6 +164,9 @@ class Runs:
         self._resumed = {}
 
     def args(self, script, **changes):
+        """The command line of ``script`` (or of a ``script+variant`` of VARIANTS)."""
+        script, _, variant = script.partition('+')
+        changes = dict(VARIANTS.get(f'{script}+{variant}', {}), **changes) if variant else changes
         options = {'dataset': 'path', 'data_folder': self.images / 'train',
                    'test_folder': self.images / 'test', 'mean': '(0.5,0.5,0.5)',
                    'std': '(0.25,0.25,0.25)', 'size': 8, 'batch_size': 4, 'epochs': EPOCHS,
@@ -166,7 +177,8 @@ class Runs:
         else:
             options['model'] = 'resnet18'
         options.update(changes)
-        return [item for key, value in options.items() for item in (f'--{key}', value)]
+        return [item for key, value in options.items()
+                for item in ((f'--{key}',) if value is True else (f'--{key}', value))]
 
     def pretrained(self):
         """One epoch of SupCon pretraining, the encoder main_linear evaluates."""
@@ -185,9 +197,9 @@ class Runs:
             cwd = self.root / f'{script}_A'
             cwd.mkdir()
             args = self.args(script)
-            result = call(script, args, cwd)
+            result = call(script.partition('+')[0], args, cwd)
             assert result.code == 0, result.err
-            self._references[script] = cwd, save_folder(script, args, cwd) / 'last.pth'
+            self._references[script] = cwd, save_folder(script.partition('+')[0], args, cwd) / 'last.pth'
         return self._references[script]
 
     def killed_and_resumed(self, script):
@@ -196,8 +208,8 @@ class Runs:
             cwd = self.root / f'{script}_B'
             cwd.mkdir()
             args = self.args(script)
-            ckpt_path = save_folder(script, args, cwd) / 'checkpoint.pth'
-            proc = spawn(script, args, cwd)
+            ckpt_path = save_folder(script.partition('+')[0], args, cwd) / 'checkpoint.pth'
+            proc = spawn(script.partition('+')[0], args, cwd)
             output = []
             for line in proc.stdout:
                 output.append(line)
@@ -212,7 +224,7 @@ class Runs:
             proc.stdout.close()
             assert proc.returncode == -signal.SIGKILL, ''.join(output)
             assert checkpoint.load_checkpoint(str(ckpt_path), '--resume')['epoch'] >= 1
-            result = call(script, args + ['--resume', 'auto'], cwd)
+            result = call(script.partition('+')[0], args + ['--resume', 'auto'], cwd)
             assert result.code == 0, result.err
             self._resumed[script] = cwd, result
         return self._resumed[script]
@@ -234,15 +246,20 @@ def remove_checkpoints(tmp_path):
 
 # --------------------------------------------------------------------------- kill and resume
 
-@pytest.mark.parametrize('script', SCRIPTS)
+@pytest.mark.parametrize('script', SCRIPTS + tuple(VARIANTS))
 def test_kill_after_epoch_1_and_resume_auto_equals_uninterrupted_run(runs, script):
     _, reference = runs.reference(script)
     cwd, result = runs.killed_and_resumed(script)
     args = runs.args(script)
     assert 'resumed from ' in result.out and 'continuing at epoch ' in result.out
-    diff = max_abs_diff(reference, save_folder(script, args, cwd) / 'last.pth')
+    resumed = save_folder(script.partition('+')[0], args, cwd) / 'last.pth'
+    diff = max_abs_diff(reference, resumed)
     print(f'{script}: kill-and-resume max abs weight diff {diff:g}')
     assert diff <= 1e-6
+    if script.endswith('+moco'):  # the key encoder and the queue continue exactly too
+        a, b = (checkpoint.load_checkpoint(str(path))['moco'] for path in (reference, resumed))
+        assert a.keys() == b.keys() and int(a['queue.count']) == 12
+        assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
@@ -294,7 +311,7 @@ def test_sigterm_mid_epoch_saves_the_position_and_resumes_exactly(runs, tmp_path
 def test_ctrl_c_stops_after_the_step_and_a_second_one_aborts(capsys):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        stop = checkpoint.GracefulStop()
+        stop = training_run.GracefulStop()
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs between bytecodes of the main thread
         assert stop.requested and stop.name == 'SIGINT'
@@ -401,7 +418,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     args = runs.args(script)
     ckpt_path = save_folder(script, args, tmp_path) / 'checkpoint.pth'
     state = {'diverged': False, 'saved': None}
-    real_end_epoch, real_set_model = checkpoint.Run.end_epoch, module.set_model
+    real_end_epoch, real_set_model = training_run.Run.end_epoch, module.set_model
 
     def end_epoch(self, epoch):
         real_end_epoch(self, epoch)
@@ -416,7 +433,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
             return loss * float('nan') if state['diverged'] else loss
         return model, diverging
 
-    monkeypatch.setattr(checkpoint.Run, 'end_epoch', end_epoch)
+    monkeypatch.setattr(training_run.Run, 'end_epoch', end_epoch)
     monkeypatch.setattr(module, 'set_model', set_model)
     result = call(script, args, tmp_path)
     assert_one_line_error(result, 'error: loss is nan at epoch 2, step 1')
@@ -424,6 +441,37 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert checkpoint.load_checkpoint(str(ckpt_path), '--resume')['epoch'] == 1
     assert all(v.isfinite().all() for v in weights(ckpt_path).values() if v.is_floating_point())
     assert sorted(os.listdir(ckpt_path.parent)) == ['checkpoint.pth']
+
+
+def test_a_diverging_run_saves_only_finite_files_and_resume_auto_takes_the_furthest(
+        runs, tmp_path):
+    """At lr 1e6 the weights become infinite in an epoch's last step, after its loss was
+    checked: that state must never be written (an older version saved it as epoch 4)."""
+    script = 'main_supcon'
+    args = runs.args(script, epochs=8, batch_size=16, learning_rate=1e6, save_freq=2)
+    folder = save_folder(script, args, tmp_path)
+    result = call(script, args, tmp_path)
+    assert_one_line_error(result, 'training diverged', 'nothing was saved from it',
+                          'the last good checkpoint is ', 'checkpoint.pth; lower --learning_rate')
+    files = sorted(folder.glob('*.pth'))
+    assert len(files) >= 2, result.out
+    positions = {}
+    for path in files:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, weights_only=True)
+        for name, tensor in checkpoint.named_tensors(state):
+            if tensor.is_floating_point():
+                assert torch.isfinite(tensor).all(), f'{path.name}: {name}'
+        positions[path.name] = state['epoch']
+
+    # `touch` the oldest file: --resume auto must still take the furthest one
+    last = max(positions.values())
+    future = time.time() + 60
+    os.utime(folder / 'ckpt_epoch_2.pth', (future, future))
+    result = call(script, runs.args(script, epochs=last, batch_size=16, learning_rate=1e6,
+                                    save_freq=2) + ['--resume', 'auto'], tmp_path)
+    assert result.code == 0, result.err
+    assert f'checkpoint.pth: all {last} epochs are done already' in result.out, result.out
 
 
 # --------------------------------------------------------------------------- options

@@ -3,22 +3,9 @@ import argparse
 
 import pytest
 import torch
-import torch.nn as nn
 
 import runtime
 from util import UserError
-
-
-def schedule(**overrides):
-    opt = dict(learning_rate=0.5, cosine=True, lr_decay_rate=0.1, epochs=10,
-               lr_decay_epochs=[3, 6], batch_size=32, warm=False, model_name='run')
-    opt.update(overrides)
-    return argparse.Namespace(**opt)
-
-
-def sgd(lr=0.777, groups=1):
-    params = [nn.Parameter(torch.zeros(1)) for _ in range(groups)]
-    return torch.optim.SGD([{'params': [p]} for p in params], lr=lr)
 
 
 # --------------------------------------------------------------------------- run_main
@@ -58,3 +45,73 @@ def test_run_main_lets_success_and_bugs_through(capsys):
 
     with pytest.raises(ValueError):
         runtime.run_main(buggy)
+
+
+# --------------------------------------------------------------------------- setup_runtime
+
+def runtime_opt(**changes):
+    values = dict(device='cpu', batch_size=8, batch_size_val=4, num_workers=0, amp=False,
+                  amp_dtype='auto', channels_last=None, compile=False, seed=0, syncBN=False)
+    values.update(changes)
+    return argparse.Namespace(**values)
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    for key in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
+                'MASTER_PORT'):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize('device', ['mps', 'meta', 'cuda:x', 'CPU', 'cpu:0', ''])
+def test_only_auto_cpu_cuda_and_cuda_n_are_devices(device, no_torchrun):
+    with pytest.raises(UserError) as info:
+        runtime.setup_runtime(runtime_opt(device=device))
+    assert str(info.value) == (f'--device must be auto, cpu, cuda or cuda:N, got {device!r}')
+
+
+def test_a_cuda_index_beyond_the_devices_is_refused(no_torchrun):
+    with pytest.raises(UserError, match='--device cuda:99: ') as info:
+        runtime.setup_runtime(runtime_opt(device='cuda:99'))
+    assert '\n' not in str(info.value)
+
+
+def test_leftover_world_size_1_is_one_process(no_torchrun, capsys):
+    for key in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        no_torchrun.setenv(key, '1' if key == 'WORLD_SIZE' else '0')
+    opt = runtime_opt()
+    with torch.random.fork_rng():
+        runtime.setup_runtime(opt)
+    assert not opt.distributed and (opt.rank, opt.world_size) == (0, 1)
+    assert not torch.distributed.is_initialized() and opt.local_batch_size == 8
+
+
+@pytest.mark.parametrize('env, words', [
+    (dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0'), 'MASTER_ADDR and MASTER_PORT are not'),
+    (dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0', MASTER_ADDR='localhost'),
+     'MASTER_PORT is not'),
+    (dict(WORLD_SIZE='two', RANK='0', LOCAL_RANK='0'), "WORLD_SIZE='two' is not a whole number"),
+    (dict(WORLD_SIZE='2', RANK='2', LOCAL_RANK='0'), 'WORLD_SIZE=2, RANK=2'),
+    (dict(WORLD_SIZE='2', LOCAL_RANK='0'), 'but RANK, MASTER_ADDR and MASTER_PORT are not'),
+])
+def test_torchrun_variables_without_torchrun_are_one_line_errors(no_torchrun, env, words):
+    for key, value in env.items():
+        no_torchrun.setenv(key, value)
+    with pytest.raises(UserError) as info:
+        runtime.setup_runtime(runtime_opt())
+    message = str(info.value)
+    assert words in message and 'torchrun' in message and '\n' not in message
+    assert not torch.distributed.is_initialized()
+
+
+# --------------------------------------------------------------------------- Ctrl-C, divergence
+
+def test_run_main_turns_ctrl_c_into_one_line_and_exit_130(capsys):
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as info:
+        runtime.run_main(main)
+    assert info.value.code == 130
+    assert capsys.readouterr().err == 'error: interrupted by Ctrl-C\n'

@@ -7,20 +7,10 @@ import torch
 
 from augment import supcon_transform
 
-from data import (MEAN_STD, ArrayImageDataset)
+from data import ArrayImageDataset
 from sampling import SeededDataset, SeededSampler, build_loader
+from test_cifar import MEAN, STD, assert_one_line
 from util import TwoCropTransform, UserError
-
-MEAN, STD = MEAN_STD['cifar10']
-CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
-                 'dog', 'frog', 'horse', 'ship', 'truck']
-
-
-def assert_one_line(exc_info, *fragments):
-    message = str(exc_info.value)
-    assert '\n' not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 # --------------------------------------------------------------------------

@@ -49,8 +49,14 @@ def best_accuracy(stdout):
 
 
 def load_plain(path):
-    ckpt = torch.load(path, weights_only=True)
-    assert isinstance(ckpt['opt'], dict)
+    """A checkpoint as a user's tool reads it: ``opt`` an argparse.Namespace as the reference
+    writes it (the one class allowed besides tensors), holding plain values only; returned
+    with ``opt`` as a dict."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, weights_only=True)
+    assert isinstance(ckpt['opt'], argparse.Namespace)
+    assert ckpt['opt'].model == vars(ckpt['opt'])['model']  # ckpt['opt'].model works
+    ckpt['opt'] = vars(ckpt['opt'])
     assert all(isinstance(v, PLAIN) for v in ckpt['opt'].values()), ckpt['opt']
     assert not [k for k in ckpt['model'] if 'module.' in k or '_orig_mod.' in k]
     return ckpt
@@ -141,7 +147,8 @@ def seed_linear(seed_pretrain):
         '--data_folder', './datasets/animals10_300x300/train/',
         '--test_folder', './datasets/animals10_300x300/test/', '--size', '8',
         '--num_classes', '10',
-        '--ckpt', f'./save/SupCon/path_models/{SEED_RUN}/ckpt_epoch_2.pth'] + FAST, cwd=root)
+        '--ckpt', f'./save/SupCon/path_models/{SEED_RUN}/ckpt_epoch_2.pth',
+        '--num_workers_val', '4'] + FAST, cwd=root)  # the fork's flag, on its command
     return root, result
 
 
@@ -202,7 +209,15 @@ def test_seed_classifier_command(seed_linear):
                                        epochs=2, lr_decay_epochs=[60, 75, 90]), 2)
     assert best_accuracy(result.stdout) == pytest.approx(
         max(v for _, v in scalars['val_acc']), abs=0.006)
-    assert ' Acc@5 ' in result.stdout  # 10 classes
+    # the reference's lines: each test batch's value with the running average in brackets,
+    # then ' * Acc@1 X' and (10 classes) ' * Acc@5 X' on lines of their own
+    assert re.search(r'^Test: \[0/1\]\tTime [\d.]+ \([\d.]+\)\tLoss [\d.]+ \([\d.]+\)\t'
+                     r'Acc@1 [\d.]+ \([\d.]+\)$', result.stdout, re.M), result.stdout
+    assert re.search(r'^ \* Acc@1 \d+\.\d{3}$', result.stdout, re.M)
+    assert re.search(r'^ \* Acc@5 \d+\.\d{3}$', result.stdout, re.M)
+    assert result.stdout.count('==> Saving...') == 3  # epochs 1 and 2, last.pth
+    final = re.search(r'^final accuracy: ([\d.]+)$', result.stdout, re.M)
+    assert final and float(final.group(1)) == pytest.approx(scalars['val_acc'][-1][1], abs=0.006)
     assert 'Train epoch 1, total time' in result.stdout
     assert 'Train epoch 2, total time' in result.stdout
 

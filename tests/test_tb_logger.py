@@ -1,22 +1,7 @@
 """Tests for tb_logger.py: event files of a resumed run sort after the killed run's."""
-import argparse
 
-import torch
-import torch.nn as nn
 
 import tb_logger
-
-
-def schedule(**overrides):
-    opt = dict(learning_rate=0.5, cosine=True, lr_decay_rate=0.1, epochs=10,
-               lr_decay_epochs=[3, 6], batch_size=32, warm=False, model_name='run')
-    opt.update(overrides)
-    return argparse.Namespace(**opt)
-
-
-def sgd(lr=0.777, groups=1):
-    params = [nn.Parameter(torch.zeros(1)) for _ in range(groups)]
-    return torch.optim.SGD([{'params': [p]} for p in params], lr=lr)
 
 
 def test_a_new_event_file_sorts_after_the_existing_ones(tmp_path):
@@ -27,6 +12,7 @@ def test_a_new_event_file_sorts_after_the_existing_ones(tmp_path):
     tb_logger.wait_for_a_later_second(str(tmp_path))
     assert int(time.time()) > now
     logger = tb_logger.TBLogger(str(tmp_path), purge_step=2)
+    logger.log_value('loss', 1.0, 2)  # the event file is made at the first value
     logger.close()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 2 and names[0] == f'events.out.tfevents.{now}.host.99999.0'
@@ -38,3 +24,24 @@ def test_a_new_event_file_sorts_after_the_existing_ones(tmp_path):
     tb_logger.wait_for_a_later_second(str(tmp_path / 'missing'))
     tb_logger.wait_for_a_later_second(str(old))
     assert time.time() - start < 0.5
+
+
+def test_the_folder_is_made_at_the_first_value_and_purge_step_still_applies(tmp_path):
+    """A run that fails before it logs anything leaves no empty TensorBoard folder."""
+    from helpers import read_scalars
+    folder = tmp_path / 'tb' / 'run'
+    logger = tb_logger.TBLogger(str(folder), purge_step=1)
+    logger.flush()
+    logger.close()
+    assert not (tmp_path / 'tb').exists()
+
+    first = tb_logger.TBLogger(str(folder), purge_step=1)
+    for step in (1, 2, 3):
+        first.log_value('loss', float(step), step)
+    first.close()
+    first.log_value('loss', 9.0, 9)  # closed: ignored, as before
+    resumed = tb_logger.TBLogger(str(folder), purge_step=2)  # killed after epoch 1 was saved
+    assert len(list(folder.iterdir())) == 1  # nothing new until a value comes
+    resumed.log_value('loss', 20.0, 2)
+    resumed.close()
+    assert read_scalars(folder)['loss'] == [(1, 1.0), (2, 20.0)]

@@ -113,3 +113,40 @@ def test_main_tsne_user_errors_exit_2_with_one_line(case, tmp_path, monkeypatch,
     else:
         assert 'no such file' in err
     assert not glob.glob(str(tmp_path / '*.png'))
+
+
+@pytest.mark.parametrize('case', ['perplexity_nan', 'perplexity_inf', 'out_is_a_folder',
+                                  'out_not_an_image', 'out_not_writable'])
+def test_main_tsne_refuses_bad_flags_before_loading_anything(case, tmp_path, monkeypatch,
+                                                             capsys):
+    """--out is checked before the data, the model and t-SNE, not after minutes of work."""
+    import checkpoint
+    import main_tsne
+
+    def never(*args, **kwargs):
+        raise AssertionError('loaded data before checking the flags')
+
+    monkeypatch.setattr(main_tsne, 'set_loader', never)
+    monkeypatch.setattr(main_tsne, 'set_model', never)
+    args = ['--ckpt', str(tmp_path / 'any.pth'), '--dataset', 'digits', '--device', 'cpu']
+    expected = {
+        'perplexity_nan': (['--perplexity', 'nan'], '--perplexity must be a finite number > 0'),
+        'perplexity_inf': (['--perplexity', 'inf'], '--perplexity must be a finite number > 0'),
+        'out_is_a_folder': (['--out', str(tmp_path)], 'it is a directory'),
+        'out_not_an_image': (['--out', str(tmp_path / 'map.txt')], '.txt extension'),
+        'out_not_writable': (['--out', str(tmp_path / 'figs' / 'map.png')], 'Permission denied'),
+    }
+    extra, words = expected[case]
+    if case == 'out_not_writable':
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, 'Permission denied')
+        monkeypatch.setattr(checkpoint.tempfile, 'mkstemp', refuse)
+    monkeypatch.setattr(sys, 'argv', ['main_tsne.py'] + args + extra)
+    with pytest.raises(SystemExit) as info:
+        runtime.run_main(main_tsne.main)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and err.count('\n') == 1 and words in err, err
+    if case.startswith('out'):
+        assert err.startswith(f'error: --out {extra[1]}: cannot write the figure there')
+    assert not (tmp_path / 'figs').exists()
