@@ -162,9 +162,7 @@ def set_model(opt):
         query = runtime.unwrap(model)
         moco = torch.nn.ModuleDict({
             'key_encoder': KeyEncoder(query),
-            'queue': LabelQueue(opt.moco_k, query.head[-1].out_features
-                                if isinstance(query.head, torch.nn.Sequential)
-                                else query.head.out_features),
+            'queue': LabelQueue(opt.moco_k, query.feat_dim),
         }).to(opt.device)
     return model, criterion, moco
 

@@ -202,6 +202,7 @@ class SupConResNet(nn.Module):
     def __init__(self, name='resnet50', head='mlp', feat_dim=128, stem='cifar', encoder=None):
         super().__init__()
         self.encoder, dim_in = _encoder(name, stem, encoder)
+        self.feat_dim = feat_dim  # the width of the L2-normalised projections
         if head == 'linear':
             self.head = nn.Linear(dim_in, feat_dim)
         elif head == 'mlp':

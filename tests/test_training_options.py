@@ -146,8 +146,11 @@ def test_timm_backbone_pretrains_then_linear_and_tsne(folder, tmp_path, model, e
     assert (tmp_path / 'tsne.png').exists()
 
 
-def test_timm_backbone_in_cross_entropy(folder, tmp_path):
-    run_ok('main_ce', path_args(folder, model='convnext_atto'), tmp_path)
+def test_timm_backbone_in_cross_entropy_with_amp_and_resume(folder, tmp_path):
+    run_ok('main_ce', path_args(folder, model='convnext_atto', amp=True), tmp_path)
+    result = run_ok('main_ce', path_args(folder, model='convnext_atto', amp=True, epochs=2,
+                                         resume='auto'), tmp_path)
+    assert 'continuing at epoch 2' in result.out
 
 
 def test_unknown_model_is_one_line_with_a_hint(tmp_path):

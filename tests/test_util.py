@@ -108,3 +108,27 @@ def test_top_k_above_the_class_count_counts_every_sample():
     output = torch.tensor([[0.2, 0.5, 0.3], [0.9, 0.0, 0.1]])
     top1, top5 = util.correct_counts(output, torch.tensor([2, 0]), topk=(1, 5))
     assert (top1.item(), top5.item()) == (1.0, 2.0)  # with 3 classes top-5 holds all of them
+
+
+def test_save_model_writes_the_references_format(tmp_path, capsys):
+    """Users' scripts call util.save_model as the reference's: opt kept as a Namespace, loadable
+    with weights_only=True once Namespace is allowed, and '==> Saving...' printed."""
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = argparse.Namespace(model='resnet18', learning_rate=0.1)
+    path = tmp_path / 'ckpt_epoch_5.pth'
+    util.save_model(model, optimizer, opt, 5, str(path))
+    assert capsys.readouterr().out == '==> Saving...\n'
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        saved = torch.load(path, weights_only=True)
+    assert set(saved) == {'opt', 'model', 'optimizer', 'epoch'} and saved['epoch'] == 5
+    assert isinstance(saved['opt'], argparse.Namespace) and saved['opt'].model == 'resnet18'
+    assert torch.equal(saved['model']['weight'], model.weight)
+    assert saved['optimizer']['param_groups'][0]['momentum'] == 0.9
+    assert [p.name for p in tmp_path.iterdir()] == ['ckpt_epoch_5.pth']  # no temporary left
+
+
+def test_two_crop_transform_makes_two_independent_views():
+    transform = util.TwoCropTransform(lambda x: x + torch.rand(1))
+    first, second = transform(torch.zeros(1))
+    assert first.shape == second.shape == (1,) and not torch.equal(first, second)
