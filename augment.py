@@ -17,6 +17,9 @@ cross-entropy and the linear classifier (``train_transform``) once.
                         9 of 10, in place of the jitter and grayscale
 ``stacked_randaugment`` ``RandAugment``, 2 ops, magnitude 10 of 10,     the same as for SupCon
                         then the ``simclr`` jitter and grayscale
+``none``                refused (two identical views teach nothing)     no augmentation: the test
+                                                                        transform (a probe on fixed
+                                                                        features)
 ======================  ==============================================  ==============================
 
 The test transform is the same for every ``--aug``: ``Resize((size, size))``,
@@ -59,6 +62,8 @@ from torchvision import transforms
 from util import TwoCropTransform, UserError
 
 AUG_NAMES = ('simclr', 'autoaugment', 'randaugment', 'stacked_randaugment')
+# main_ce.py and main_linear.py may also train on the plain test transform
+CLASSIFIER_AUG_NAMES = AUG_NAMES + ('none',)
 
 RANDAUGMENT_NUM_OPS = 2
 RANDAUGMENT_MAGNITUDE = 9
@@ -66,9 +71,12 @@ STACKED_RANDAUGMENT_MAGNITUDE = 10
 MAGNITUDE_BINS = 11  # magnitudes 0..10, the RandAugment paper's scale
 
 
-def _check(aug):
-    if aug not in AUG_NAMES:
-        raise UserError(f"unknown augmentation {aug!r}; expected one of {', '.join(AUG_NAMES)}")
+def _check(aug, names=AUG_NAMES):
+    if aug == 'none' and 'none' not in names:
+        raise UserError("--aug none would give SupCon/SimCLR two identical views of each image;"
+                        " it is for main_linear.py and main_ce.py: pick another --aug")
+    if aug not in names:
+        raise UserError(f"unknown augmentation {aug!r}; expected one of {', '.join(names)}")
 
 
 def _crop_flip(size):
@@ -115,7 +123,9 @@ def supcon_transform(size, mean, std, aug='simclr'):
 
 def train_transform(size, mean, std, aug='simclr'):
     """Augmentation for cross-entropy and linear-classifier training."""
-    _check(aug)
+    _check(aug, CLASSIFIER_AUG_NAMES)
+    if aug == 'none':
+        return test_transform(size, mean, std)
     return transforms.Compose(
         _crop_flip(size) + _policy(aug, contrastive=False) + _finish(mean, std))
 
@@ -126,12 +136,18 @@ def test_transform(size, mean, std):
     return transforms.Compose([transforms.Resize((size, size))] + _finish(mean, std))
 
 
-def add_augmentation_arguments(parser):
-    """``--aug`` and ``--gpu_aug`` (main_supcon.py and main_ce.py)."""
+def add_augmentation_arguments(parser, classifier=False, gpu_aug=True):
+    """``--aug`` (and ``--gpu_aug``). ``classifier=True`` (main_ce.py, main_linear.py) also
+    offers ``--aug none``, training on the test transform."""
     group = parser.add_argument_group('augmentation (not in the reference)')
-    group.add_argument('--aug', type=str, default='simclr', choices=AUG_NAMES,
+    names = CLASSIFIER_AUG_NAMES if classifier else AUG_NAMES
+    extra = ('; none: no augmentation, training images get the test transform' if classifier
+             else '')
+    group.add_argument('--aug', type=str, default='simclr', choices=names,
                        help='training augmentation (augment.py has the table); simclr is the'
-                            ' reference\'s')
+                            ' reference\'s' + extra)
+    if not gpu_aug:
+        return group
     group.add_argument('--gpu_aug', action='store_true',
                        help='loader workers only decode; crops, flips and colour run batched on'
                             ' the training device (kornia; README "Augmentation on the GPU")')

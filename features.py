@@ -143,6 +143,8 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
 class KNNMonitor:
     """kNN top-1 of the test split against the un-augmented training split (--knn_every).
 
+    With ``--val_split`` the held-out training images take the test split's place (and
+    the memory bank is the rest of the training images), so the test split stays unread.
     Both loaders are built once; every call re-extracts both sets with the
     current encoder, since the memory bank changes as the encoder trains.
     """
@@ -155,13 +157,12 @@ class KNNMonitor:
         self.opt, self.k, self.temperature = opt, k, temperature
         mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
         transform = test_transform(opt.size, mean, std)
+        splits = dict(data_folder=opt.data_folder, test_folder=opt.test_folder,
+                      val_split=getattr(opt, 'val_split', 0))
+        self.held_out = 'held-out' if splits['val_split'] else 'test'
         with main_process_first():
-            train_set = data.build_dataset(opt.dataset, 'train', transform,
-                                           data_folder=opt.data_folder,
-                                           test_folder=opt.test_folder)
-            test_set = data.build_dataset(opt.dataset, 'test', transform,
-                                          data_folder=opt.data_folder,
-                                          test_folder=opt.test_folder)
+            train_set = data.build_dataset(opt.dataset, 'train', transform, **splits)
+            test_set = data.build_dataset(opt.dataset, 'test', transform, **splits)
         # the labels are class indices: they mean the same only if both splits have the
         # same classes (main_ce.py and main_linear.py check the same)
         data.check_same_classes(train_set, test_set)
@@ -179,13 +180,13 @@ class KNNMonitor:
             train_x, train_y = extract_features(encoder, self.train_loader, self.opt,
                                                 desc=f'knn epoch {epoch}: train split')
             test_x, test_y = extract_features(encoder, self.test_loader, self.opt,
-                                              desc=f'knn epoch {epoch}: test split')
+                                              desc=f'knn epoch {epoch}: {self.held_out} split')
         device = self.opt.device
         acc = knn_accuracy(train_x.to(device), train_y, test_x.to(device), test_y,
                            self.num_classes, self.k, self.temperature)
         if is_main_process():
             print(f'knn_acc epoch {epoch}: {acc:.2f}', flush=True)
-            print(f'  (kNN over {len(test_y)} test and {len(train_y)} train images took'
+            print(f'  (kNN over {len(test_y)} {self.held_out} and {len(train_y)} train images took'
                   f' {time.time() - start:.1f} s)', flush=True)
         return acc
 

@@ -59,7 +59,7 @@ def parse_option(argv=None):
     parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
 
     data.add_arguments(parser, test_folder=True)
-    add_augmentation_arguments(parser)
+    add_augmentation_arguments(parser, classifier=True)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 

@@ -16,6 +16,7 @@ import data
 import engine
 import options
 import runtime
+from augment import add_augmentation_arguments
 from checkpoint import bare_state_dict, load_checkpoint
 from networks.from_checkpoint import build_encoder, checkpoint_model
 from networks.resnet_big import MODEL_NAMES, LinearClassifier
@@ -68,6 +69,7 @@ def parse_option(argv=None):
                         help='(required) the pretraining checkpoint to evaluate')
 
     data.add_arguments(parser, test_folder=True)
+    add_augmentation_arguments(parser, classifier=True, gpu_aug=False)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 

@@ -73,7 +73,7 @@ def parse_option(argv=None):
     parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
     parser.add_argument('--knn_every', type=int, default=0,
                         help='every N epochs, print and log a kNN top-1 accuracy of the test'
-                             ' split (0 = off)')
+                             ' split (of the held-out images with --val_split; 0 = off)')
 
     data.add_arguments(parser, test_folder=True, knn_only=True)
     add_augmentation_arguments(parser)

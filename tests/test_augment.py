@@ -134,3 +134,14 @@ def test_unknown_aug_is_a_one_line_user_error():
             build(SIZE, MEAN, STD, aug='cutmix')
         assert 'cutmix' in str(info.value) and 'autoaugment' in str(info.value)
         assert '\n' not in str(info.value)
+
+
+def test_aug_none_trains_classifiers_on_the_test_transform_and_is_refused_for_supcon(image):
+    plain = train_transform(SIZE, MEAN, STD, aug='none')
+    expected = old_test_transform(SIZE, MEAN, STD)(image)
+    torch.manual_seed(0)
+    for _ in range(3):  # no randomness left: every call gives the test transform's tensor
+        assert torch.equal(plain(image), expected)
+    with pytest.raises(UserError, match='two identical views') as info:
+        supcon_transform(SIZE, MEAN, STD, aug='none')
+    assert '\n' not in str(info.value) and 'main_linear.py' in str(info.value)

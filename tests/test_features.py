@@ -149,6 +149,19 @@ def monitor_opt(**changes):
     return SimpleNamespace(**opt)
 
 
+def test_knn_monitor_with_val_split_never_reads_the_test_split(capsys):
+    full = KNNMonitor(monitor_opt())
+    held = KNNMonitor(monitor_opt(val_split=0.2))
+    train_rows = len(full.train_loader.dataset)
+    # the 20% held out of the training images replace the test split; the bank is the rest
+    assert len(held.test_loader.dataset) + len(held.train_loader.dataset) == train_rows
+    assert 0.19 < len(held.test_loader.dataset) / train_rows < 0.21
+    assert (held.test_loader.dataset.dataset.indices
+            == data.build_dataset('digits', 'test', None, val_split=0.2).indices)
+    held(nn.Sequential(nn.Flatten()), 1)
+    assert f'{len(held.test_loader.dataset)} held-out and' in capsys.readouterr().out
+
+
 def test_knn_monitor_on_digits_pixels(capsys):
     # kNN on raw pixels already separates the digits well: a sanity check of the whole path
     encoder = nn.Sequential(nn.Flatten())

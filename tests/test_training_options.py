@@ -1,5 +1,5 @@
 """End to end, the training options the reference does not have: --moco, --gpu_aug, timm
-backbones, --optimizer lars, --aug, --dataset imagenet, --val_split (tiny models and images)."""
+backbones, --optimizer lars, --aug (and main_linear's --aug none), --dataset imagenet, --val_split (tiny models and images)."""
 import numpy as np
 import pytest
 import torch
@@ -9,6 +9,7 @@ import data
 import main_ce
 import main_linear
 import main_supcon
+import runtime
 from checkpoint import load_checkpoint
 from networks.from_checkpoint import build_encoder
 from test_resume import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
@@ -178,6 +179,35 @@ def test_aug_policies_train(folder, tmp_path, script, aug):
     run_ok(script, args, tmp_path)
     module = main_supcon if script == 'main_supcon' else main_ce
     assert last_checkpoint(module, args, tmp_path).parent.name.endswith(f'_aug_{aug}')
+
+
+def test_linear_evaluation_without_augmentation(tmp_path):
+    """main_linear.py --aug none: the classifier trains on the test transform's tensors."""
+    pretrain = DIGITS + ['--batch_size', '256', '--epochs', '1']
+    run_ok('main_supcon', pretrain, tmp_path)
+    ckpt = last_checkpoint(main_supcon, pretrain, tmp_path)
+    args = DIGITS + ['--batch_size', '256', '--epochs', '1', '--aug', 'none', '--ckpt', str(ckpt)]
+    opt = main_linear.parse_option(args)
+    runtime.setup_runtime(opt)  # one process, CPU: nothing to clean up
+    train_loader, _, val_loader, _ = main_linear.set_loader(opt)
+    train_set, test_set = train_loader.dataset.dataset, val_loader.dataset.dataset
+    views = [train_loader.dataset[(seed, 0)][0] for seed in range(3)]  # three sample seeds
+    assert all(torch.equal(view, views[0]) for view in views)
+    assert torch.equal(views[0], test_set.transform(Image.fromarray(train_set.images[0])))
+    # the same check sees the reference's crop-and-flip: one image, three different tensors
+    default = main_linear.parse_option(args[:-4] + args[-2:])
+    runtime.setup_runtime(default)
+    cropped = main_linear.set_loader(default)[0].dataset
+    crops = [cropped[(seed, 0)][0] for seed in range(3)]
+    assert not all(torch.equal(crop, crops[0]) for crop in crops)
+    result = run_ok('main_linear', args, tmp_path)
+    assert 'final accuracy:' in result.out
+    assert (tmp_path / opt.save_folder / 'last.pth').exists()
+    assert opt.save_folder.endswith('_aug_none')
+    assert default.aug == 'simclr' and not default.save_folder.endswith('_aug_none')
+    assert main_ce.parse_option(DIGITS + ['--aug', 'none']).aug == 'none'
+    with pytest.raises(SystemExit):  # argparse: --aug none is not a choice for SupCon/SimCLR
+        main_supcon.parse_option(DIGITS + ['--aug', 'none'])
 
 
 # --------------------------------------------------------------------------- --dataset imagenet
