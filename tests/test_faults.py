@@ -1,7 +1,7 @@
 """Faults met during a run, end to end: a last batch of one image, a full disk, a save
 folder that cannot be written, torchrun variables left in the environment.
 
-Each script runs in this process (``test_resume.call``) on a few 8x8 images with
+Each script runs in this process (``inprocess.call``) on a few 8x8 images with
 resnet18: one or two steps, no subprocess start-up.
 """
 import errno
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import checkpoint
-from test_resume import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 
 DATA = ['--dataset', 'path', '--mean', '(0.5,0.5,0.5)', '--std', '(0.25,0.25,0.25)',
         '--size', '8', '--model', 'resnet18', '--epochs', '1', '--num_workers', '0',

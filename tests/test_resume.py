@@ -6,7 +6,6 @@ Uninterrupted runs and resumes call the script's ``main()`` in this process
 are killed or signalled are real subprocesses started with the script's path.
 """
 import argparse
-import contextlib
 import importlib
 import io
 import os
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
+from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 import util
 import checkpoint
 import training_run
-import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ('main_supcon', 'main_ce', 'main_linear')
@@ -46,46 +44,6 @@ SUBPROCESS_TIMEOUT_S = 240
 
 # --------------------------------------------------------------------------- helpers
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses get (OMP_NUM_THREADS=1): fast on shared
-    cores, and the same arithmetic in this process and in the scripts' own."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def call(script, args, cwd):
-    """``python <script>.py args`` from ``cwd``, run in this process."""
-    module = importlib.import_module(script)
-    out, err = io.StringIO(), io.StringIO()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    argv, here = sys.argv, os.getcwd()
-    sys.argv = [str(REPO / f'{script}.py')] + [str(a) for a in args]
-    os.chdir(cwd)
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runtime.run_main(module.main)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-        os.chdir(here)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    return Result(code, out.getvalue(), err.getvalue())
-
-
 def spawn(script, args, cwd):
     """The script as a subprocess, stdout and stderr merged, line-buffered text."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
@@ -96,11 +54,6 @@ def spawn(script, args, cwd):
     watchdog.daemon = True
     watchdog.start()
     return proc
-
-
-def save_folder(script, args, cwd):
-    return Path(cwd) / importlib.import_module(script).parse_option(
-        [str(a) for a in args]).save_folder
 
 
 def tb_folder(script, args, cwd):
@@ -130,13 +83,6 @@ def scalars(folder, tag):
     accumulator.Reload()
     return [(event.step, event.value) for event in accumulator.Scalars(tag)]
 
-
-def assert_one_line_error(result, *fragments):
-    assert result.code == 2, result.out + result.err
-    message = result.err.strip()
-    assert '\n' not in message and message.startswith('error: '), result.err
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 @pytest.fixture(scope='module')

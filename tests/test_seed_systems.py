@@ -17,7 +17,7 @@ from checkpoint import load_checkpoint
 from helpers import FAST
 from networks.from_checkpoint import build_encoder, build_head, from_torchvision_layout
 from networks.resnet_big import SupConResNet
-from test_resume import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
+from inprocess import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
 
 DIGITS = ['--dataset', 'digits', '--model', 'resnet18', '--size', '8'] + FAST
 # a tenth of the digits' training images (144), for quick end-to-end runs

@@ -12,7 +12,7 @@ import main_supcon
 import runtime
 from checkpoint import load_checkpoint
 from networks.from_checkpoint import build_encoder
-from test_resume import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
+from inprocess import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
 
 DIGITS = ['--dataset', 'digits', '--model', 'resnet18', '--size', '8', '--num_workers', '0',
           '--device', 'cpu', '--seed', '0', '--print_freq', '1000']
