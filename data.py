@@ -105,7 +105,7 @@ def resolve_defaults(opt):
         raise UserError(f'--gpu_aug implements the simclr augmentation only; drop --gpu_aug or'
                         f' use --aug simclr (not {opt.aug})')
     if (opt.dataset in ('cifar10', 'cifar100') and (opt.mean or opt.std)
-            and int(os.environ.get('RANK', 0)) == 0):
+            and os.environ.get('RANK', '0').strip() in ('0', '')):  # rank 0 (RANK checked later)
         print(f'note: using the given --mean/--std for {opt.dataset}; the reference ignores them'
               f' and always uses its own {opt.dataset} constants')
 

@@ -90,6 +90,14 @@ def test_cifar_mean_std_are_applied_and_said_once(capsys):
     assert 'note:' not in capsys.readouterr().out
 
 
+def test_the_cifar_note_is_said_by_rank_0_only_and_survives_a_bad_rank(capsys, monkeypatch):
+    flags = ['--mean', '(0.5, 0.5, 0.5)', '--std', '(0.2, 0.2, 0.2)']
+    for rank, said in (('1', False), ('abc', False), ('0', True)):
+        monkeypatch.setenv('RANK', rank)  # a bad RANK is refused later, by runtime.setup_runtime
+        main_ce.parse_option(flags)
+        assert ('note: using the given' in capsys.readouterr().out) == said, rank
+
+
 def test_supcon_checks_num_classes_against_the_data(tmp_path):
     result = call('main_supcon', SMALL + ['--num_classes', '7'], tmp_path)
     assert result.code == 2, describe(result)
