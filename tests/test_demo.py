@@ -5,10 +5,9 @@ import shutil
 import subprocess
 
 from checkpoint import load_checkpoint
-
 from helpers import REPO, describe, script_env
 
-RUN = 'SupCon_digits_resnet18_lr_0.1_decay_0.0001_bsz_64_temp_0.1_trial_{}_cosine'
+RUN = 'SupCon_digits_resnet18_lr_0.1_decay_0.0001_bsz_128_temp_0.1_trial_{}_cosine'
 
 
 def demo_copy(tmp_path):
@@ -31,16 +30,21 @@ def test_demo_fp32_other_seed_end_to_end(tmp_path):
     root = demo_copy(tmp_path)
     result = run_demo(root, EPOCHS='1', LINEAR_EPOCHS='1', PRECISION='fp32', SEED='1')
     assert result.returncode == 0, describe(result)
-    accuracy = re.findall(r'^best accuracy: ([0-9.]+)$', result.stdout, flags=re.M)
-    assert len(accuracy) == 1 and 0 <= float(accuracy[0]) <= 100, describe(result)
+    for which in ('best', 'final'):
+        accuracy = re.findall(rf'^{which} accuracy: ([0-9.]+)$', result.stdout, flags=re.M)
+        assert len(accuracy) == 1 and 0 <= float(accuracy[0]) <= 100, describe(result)
+    assert re.search(r'^demo: SupCon, 1 pretraining \+ 1 linear epochs, 1 thread\(s\): \d+ s$',
+                     result.stdout, flags=re.M), describe(result)
 
     run = root / 'save/SupCon/digits_models' / RUN.format('fp32_seed1')
-    ckpt = load_checkpoint(str(run / 'last.pth'))  # weights_only, opt as a dict
+    ckpt = load_checkpoint(str(run / 'last.pth'))
     assert ckpt['opt']['amp'] is False and ckpt['opt']['seed'] == 1
     assert ckpt['opt']['trial'] == 'fp32_seed1' and ckpt['epoch'] == 1
-    # the linear run is filed under the pretraining run it evaluated
+    assert ckpt['opt']['size'] == 12
+    # the linear run is filed under the pretraining run it evaluated, trained without augmentation
     linear = list((root / 'save/SupCon/digits_linear_models').rglob('*.pth'))
     assert linear and all(RUN.format('fp32_seed1') in str(p) for p in linear)
+    assert all(p.parent.name.endswith('_aug_none') for p in linear)
 
 
 def test_demo_rejects_an_unknown_precision(tmp_path):
@@ -48,4 +52,13 @@ def test_demo_rejects_an_unknown_precision(tmp_path):
     result = run_demo(root, PRECISION='fp16')
     assert result.returncode == 2, describe(result)
     assert "PRECISION must be amp or fp32, not 'fp16'" in result.stderr
+    assert not (root / 'save').exists()
+
+
+def test_demo_rejects_a_bad_thread_count(tmp_path):
+    root = demo_copy(tmp_path)
+    for bad in ('0', 'two', '-1', '1.5'):
+        result = run_demo(root, THREADS=bad)
+        assert result.returncode == 2, describe(result)
+        assert f"THREADS must be a number of threads, 1 or more, not '{bad}'" in result.stderr
     assert not (root / 'save').exists()
