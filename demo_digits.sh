@@ -24,7 +24,7 @@ SEED=${SEED:-0}
 THREADS=${THREADS:-1}
 SIZE=12         # the 8x8 digits upscaled: the crops keep more detail than at --size 8
 BATCH=128
-LR=0.1          # pretraining learning rate
+LR=0.03         # pretraining learning rate: the one benchmarks/digits_results.sh chose for SupCon
 LINEAR_LR=0.1
 case "$PRECISION" in
     amp) AMP_FLAG=--amp; TRIAL=0 ;;

@@ -7,7 +7,7 @@ import subprocess
 from checkpoint import load_checkpoint
 from helpers import REPO, describe, script_env
 
-RUN = 'SupCon_digits_resnet18_lr_0.1_decay_0.0001_bsz_128_temp_0.1_trial_{}_cosine'
+RUN = 'SupCon_digits_resnet18_lr_0.03_decay_0.0001_bsz_128_temp_0.1_trial_{}_cosine'
 
 
 def demo_copy(tmp_path):
