@@ -186,7 +186,8 @@ def test_linear_evaluation_without_augmentation(tmp_path):
     pretrain = DIGITS + ['--batch_size', '256', '--epochs', '1']
     run_ok('main_supcon', pretrain, tmp_path)
     ckpt = last_checkpoint(main_supcon, pretrain, tmp_path)
-    args = DIGITS + ['--batch_size', '256', '--epochs', '1', '--aug', 'none', '--ckpt', str(ckpt)]
+    linear = pretrain + ['--ckpt', str(ckpt)]
+    args = linear + ['--aug', 'none']
     opt = main_linear.parse_option(args)
     runtime.setup_runtime(opt)  # one process, CPU: nothing to clean up
     train_loader, _, val_loader, _ = main_linear.set_loader(opt)
@@ -195,7 +196,7 @@ def test_linear_evaluation_without_augmentation(tmp_path):
     assert all(torch.equal(view, views[0]) for view in views)
     assert torch.equal(views[0], test_set.transform(Image.fromarray(train_set.images[0])))
     # the same check sees the reference's crop-and-flip: one image, three different tensors
-    default = main_linear.parse_option(args[:-4] + args[-2:])
+    default = main_linear.parse_option(linear)
     runtime.setup_runtime(default)
     cropped = main_linear.set_loader(default)[0].dataset
     crops = [cropped[(seed, 0)][0] for seed in range(3)]
