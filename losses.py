@@ -1,33 +1,35 @@
-"""Supervised contrastive loss (SupCon, Khosla et al. 2020), with SimCLR's loss as its label-free case.
+"""Supervised contrastive loss (SupCon, Khosla et al. 2020), with SimCLR's loss as its label-free
+case.
 
 The formula
 -----------
-The n_views views of bsz samples are stacked view-major into a contrast set of N = bsz * n_views rows
-(row v * bsz + i is view v of sample i). An anchor a (every row for contrast_mode='all', the view-0 rows
-for 'one') has logits l_aj = z_a . z_j / T against every row j except its own, and
+The n_views views of bsz samples are stacked view-major into a contrast set of N = bsz * n_views
+rows (row v * bsz + i is view v of sample i). An anchor a (every row for contrast_mode='all', the
+view-0 rows for 'one') has logits l_aj = z_a . z_j / T against every row j except its own, and
 
     loss_a = -(T / T_base) / P'_a * sum_j m_aj * (l_aj - log sum_{k != a} exp(l_ak))
 
-where m_aj is the weight of row j as a positive of anchor a (same label, the given mask, or another view of
-the same sample for SimCLR), S_a = sum_j m_aj and P'_a = S_a, replaced by 1 when S_a < 1e-6 so that an
-anchor without positives adds 0 (not NaN) yet still counts in the mean. The loss is the mean of loss_a over
-anchors: the value of HobbitLong/SupContrast's SupConLoss after its Dec 2023 fix wherever that value is
-finite. Two deliberate differences: the logits and softmax are computed in float32 (float64 for float64
-input), so float16/bfloat16 features from autocast are promoted first; and the anchor's own column is
-dropped before the row maximum is taken, so features that are not L2-normalised and have a large norm give a
-finite loss where the reference's (whose maximum is then the self-similarity, leaving every other exp at 0
-and log 0 = -inf) is NaN.
+where m_aj is the weight of row j as a positive of anchor a (same label, the given mask, or another
+view of the same sample for SimCLR), S_a = sum_j m_aj and P'_a = S_a, replaced by 1 when S_a < 1e-6
+so that an anchor without positives adds 0 (not NaN) yet still counts in the mean. The loss is the
+mean of loss_a over anchors: the value of HobbitLong/SupContrast's SupConLoss after its Dec 2023 fix
+wherever that value is finite. Two deliberate differences: the logits and softmax are computed in
+float32 (float64 for float64 input), so float16/bfloat16 features from autocast are promoted first;
+and the anchor's own column is dropped before the row maximum is taken, so features that are not
+L2-normalised and have a large norm give a finite loss where the reference's (whose maximum is then
+the self-similarity, leaving every other exp at 0 and log 0 = -inf) is NaN.
 
 The general formula: keys, a queue, hybrid
 ------------------------------------------
-Write y_i for sample i's label and q_a = anchor a's feature (view v of sample i, from `features`; the
-anchors never change). The contrast set C is a batch part followed by a queue part:
-  * batch part: N = bsz * n_views rows, view-major as above, taken from `keys` when keys are given (a
-    momentum encoder's features of the same images, treated as constants) and from `features` otherwise;
-    row (v', i') belongs to sample i' and has label y_i';
-  * queue part: the K rows of `queue` (constants), with labels `queue_labels`; they belong to no sample.
-The anchor's "self" row s(a) is row (v, i) of the batch part: its own feature, or its own key of the same
-view. With l_aj = q_a . c_j / T for every j in C, each anchor splits C - {s(a)} into
+Write y_i for sample i's label and q_a = anchor a's feature (view v of sample i, from `features`;
+the anchors never change). The contrast set C is a batch part followed by a queue part:
+  * batch part: N = bsz * n_views rows, view-major as above, taken from `keys` when keys are given
+    (a momentum encoder's features of the same images, treated as constants) and from `features`
+    otherwise; row (v', i') belongs to sample i' and has label y_i';
+  * queue part: the K rows of `queue` (constants), with labels `queue_labels`; they belong to no
+    sample.
+The anchor's "self" row s(a) is row (v, i) of the batch part: its own feature, or its own key of the
+same view. With l_aj = q_a . c_j / T for every j in C, each anchor splits C - {s(a)} into
     positives    m_aj = 1 (or mask[i, i'] with a mask, which allows neither keys nor a queue);
     negatives    m_aj = 0, but in the denominator;
     left out     in neither sum (the logit is set to -inf),
@@ -36,271 +38,129 @@ and the loss is unchanged in form:
     loss_a = -(T / T_base) / P'_a * sum_{j in C} m_aj * (l_aj - log sum_{k in D_a} exp(l_ak)),
     loss   = mean of loss_a over the anchors,
 
-with D_a = C minus s(a) minus the left-out rows, S_a = sum_j m_aj, and P'_a = S_a, or 1 when S_a < 1e-6, as
-before. Which rows are which:
+with D_a = C minus s(a) minus the left-out rows, S_a = sum_j m_aj, and P'_a = S_a, or 1 when S_a <
+1e-6, as before. Which rows are which:
     SupCon (labels):   positives = rows of label y_i (batch rows other than s(a), and queue rows);
                        negatives = all other rows; nothing else left out.
-    SimCLR (no labels): positives = the other batch rows of sample i (its other views' features or keys);
+    SimCLR (no labels): positives = the other batch rows of sample i (its other views' features
+    or keys);
                        negatives = every other row, every queue row included (queue_labels unused).
     hybrid (labels):   positives = the other batch rows of sample i, as SimCLR;
                        negatives = rows whose label differs from y_i (batch and queue);
-                       left out  = rows of label y_i that are not positives: other samples of the same class
-                       in the batch, and queue rows of class y_i.
+                       left out  = rows of label y_i that are not positives: other samples of the
+                       same class in the batch, and queue rows of class y_i.
 Positives always lie in D_a. An anchor whose D_a is empty adds 0 (it has no positive either).
 
-hybrid follows Thomas-Gottwald/SupContrastShape (branch mdcomp, `hybrid=True`, its `--method SupConHybrid`):
-anchor's own row excluded, mean over the positives, the T / T_base factor and the mean over anchors are
-the fork's, and on every input where the fork's value is finite (n_views >= 2) the values agree. Where they
-differ: with n_views = 1 no anchor has a positive and the fork returns NaN (0 / 0) where this returns 0;
-the fork silently falls back to SimCLR / the mask when hybrid is asked for without labels, where this
-raises ValueError; the fork has neither keys nor a queue, so hybrid's treatment of queue rows (those of the
-anchor's class left out, the others negatives) is this module's own extension of the same rule.
+hybrid follows Thomas-Gottwald/SupContrastShape (branch mdcomp, `hybrid=True`, its `--method
+SupConHybrid`):
+anchor's own row excluded, mean over the positives, the T / T_base factor and the mean over anchors
+are the fork's, and on every input where the fork's value is finite (n_views >= 2) the values agree.
+Where they differ: with n_views = 1 no anchor has a positive and the fork returns NaN (0 / 0) where
+this returns 0; the fork silently falls back to SimCLR / the mask when hybrid is asked for without
+labels, where this raises ValueError; the fork has neither keys nor a queue, so hybrid's treatment
+of queue rows (those of the anchor's class left out, the others negatives) is this module's own
+extension of the same rule.
 
 The memory trick
 ----------------
-Written out directly the formula keeps about eight N x N matrices alive for autograd. Here only the logits
-are ever N x N (or chunk_size x N, and with a queue chunk_size x (N + K)), and they are never saved:
-  * the positive term needs no pair mask: sum_j m_aj l_aj = z_a . (sum_j m_aj z_j) / T, and since m only
-    depends on which sample (or label) a row belongs to, sum_j m_aj z_j is a sum of per-group feature sums
-    minus the anchor's own row;
-  * forward keeps only each anchor's log-sum-exp; backward recomputes the logits and turns them into the
-    softmax p in place, using  d loss / d l_aj = -(T / T_base) / (n_anchors * P'_a) * (m_aj - S_a * p_aj),
-    whose m part again reduces to per-group sums and whose p part is two matrix products;
-  * the self row and hybrid's left-out rows are set to -inf inside each block of logits, in forward and
-    again in backward (p_aj = 0 there, and m_aj = 0), so no exclusion mask is saved either (hybrid builds
-    a boolean block of the same shape as the logits, 1 byte an entry, while it fills one).
+Written out directly the formula keeps about eight N x N matrices alive for autograd. Here only the
+logits are ever N x N (or chunk_size x N, and with a queue chunk_size x (N + K)), and they are never
+saved:
+  * the positive term needs no pair mask: sum_j m_aj l_aj = z_a . (sum_j m_aj z_j) / T, and since m
+    only depends on which sample (or label) a row belongs to, sum_j m_aj z_j is a sum of per-group
+    feature sums minus the anchor's own row;
+  * forward keeps only each anchor's log-sum-exp; backward recomputes the logits and turns them into
+    the softmax p in place, using  d loss / d l_aj = -(T / T_base) / (n_anchors * P'_a) * (m_aj -
+    S_a * p_aj), whose m part again reduces to per-group sums and whose p part is two matrix
+    products;
+  * the self row and hybrid's left-out rows are set to -inf inside each block of logits, in forward
+    and again in backward (p_aj = 0 there, and m_aj = 0), so no exclusion mask is saved either
+    (hybrid builds a boolean block of the same shape as the logits, 1 byte an entry, while it fills
+    one).
 When no chunk_size is given and one block of logits, n_anchors x |C| x (4 bytes for float32, 8 for
-float64), would exceed the memory budget (MEMORY_BUDGET, 256 MiB, or SupConLoss's memory_budget), the
-anchors are cut into blocks of as many rows as fit in it.
+float64), would exceed the memory budget (MEMORY_BUDGET, 256 MiB, or SupConLoss's memory_budget),
+the anchors are cut into blocks of as many rows as fit in it.
 
 Distributed
 -----------
-Under torch.distributed with more than one rank, each rank contrasts its own anchors with every rank's
-samples (gathered with gradient; keys are gathered without) and returns the mean over its own anchors;
-DDP's gradient averaging then gives the single-process gradient of the whole batch when ranks hold equal
-batches. Labels are gathered along; the queue and its labels are the same on every rank and are not.
+Under torch.distributed with more than one rank, each rank contrasts its own anchors with every
+rank's samples (gathered with gradient; keys are gathered without) and returns the mean over its own
+anchors;
+DDP's gradient averaging then gives the single-process gradient of the whole batch when ranks hold
+equal batches. Labels are gathered along; the queue and its labels are the same on every rank and
+are not.
 """
+
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from torch.autograd.function import once_differentiable
 
-from gather import all_gather_rows, gather_sizes, gather_with_grad, is_distributed
-
-CONTRAST_MODES = ('all', 'one')
-# Largest block of logits (bytes) computed at once when no chunk_size is given.
-MEMORY_BUDGET = 256 * 2 ** 20
-
-
-class PositivePairs:
-    """Which contrast rows are positives of which anchor, stored per row instead of per pair.
-
-    Anchor a and contrast row j belong to groups anchor_group[a] and contrast_group[j]; the positive weight is
-    m_aj = weight[anchor_group[a], contrast_group[j]] (or 1 when the groups are equal if weight is None),
-    except m = 0 at j = self_column[a], the anchor's own row.
-    """
-
-    def __init__(self, anchor_group, contrast_group, self_column, num_groups=None, weight=None):
-        self.anchor_group = anchor_group
-        self.contrast_group = contrast_group
-        self.self_column = self_column
-        self.weight = weight
-        self.num_anchor_groups = num_groups if weight is None else weight.shape[0]
-        self.num_contrast_groups = num_groups if weight is None else weight.shape[1]
-        own_group = contrast_group[self_column]
-        self.self_weight = ((anchor_group == own_group) if weight is None else weight[anchor_group, own_group])
-
-    def count(self, dtype):
-        """S_a = sum_j m_aj for every anchor."""
-        rows_per_group = torch.zeros(self.num_contrast_groups, dtype=dtype, device=self.contrast_group.device)
-        # index_add_ rather than bincount, which waits for the GPU to learn the output size.
-        rows_per_group.index_add_(0, self.contrast_group, torch.ones_like(self.contrast_group, dtype=dtype))
-        if self.weight is not None:
-            rows_per_group = self.weight.to(dtype) @ rows_per_group
-        return rows_per_group[self.anchor_group] - self.self_weight.to(dtype)
-
-    def sum_over_positives(self, contrast):
-        """sum_j m_aj * contrast[j] for every anchor a."""
-        group_sums = contrast.new_zeros(self.num_contrast_groups, contrast.shape[1])
-        group_sums.index_add_(0, self.contrast_group, contrast)
-        if self.weight is not None:
-            group_sums = self.weight.to(contrast.dtype) @ group_sums
-        own_row = self.self_weight.to(contrast.dtype)[:, None] * contrast[self.self_column]
-        return group_sums[self.anchor_group] - own_row
-
-    def sum_over_anchors(self, per_anchor):
-        """sum_a m_aj * per_anchor[a] for every contrast row j."""
-        group_sums = per_anchor.new_zeros(self.num_anchor_groups, per_anchor.shape[1])
-        group_sums.index_add_(0, self.anchor_group, per_anchor)
-        if self.weight is not None:
-            group_sums = self.weight.to(per_anchor.dtype).t() @ group_sums
-        own_row = self.self_weight.to(per_anchor.dtype)[:, None] * per_anchor
-        return group_sums[self.contrast_group].index_add_(0, self.self_column, own_row, alpha=-1)
-
-
-def _label_groups(labels):
-    """Group id of every label, in [0, len(labels)): equal labels share an id, unused ids stay empty.
-
-    torch.unique would do, but it makes the host wait for the GPU to learn how many labels there are.
-    """
-    sorted_labels, order = torch.sort(labels, stable=True)
-    position = torch.arange(labels.numel(), device=labels.device)
-    starts_a_run = torch.ones_like(sorted_labels, dtype=torch.bool)
-    starts_a_run[1:] = sorted_labels[1:] != sorted_labels[:-1]
-    run_start = torch.where(starts_a_run, position, 0).cummax(0).values
-    return torch.empty_like(position).index_put_((order,), run_start)
-
-
-class SameClassExclusion:
-    """hybrid's left-out rows: contrast rows of the anchor's class that are not its positives.
-
-    anchor_class [A] and contrast_class [C] are label group ids; a row is a positive when its positive group
-    (pairs.contrast_group) equals the anchor's (pairs.anchor_group), so pairs must be unweighted.
-    """
-
-    def __init__(self, anchor_class, contrast_class, pairs):
-        if pairs.weight is not None:
-            raise ValueError("SameClassExclusion needs unweighted PositivePairs")
-        self.anchor_class = anchor_class
-        self.contrast_class = contrast_class
-        self.pairs = pairs
-
-    def fill_(self, logits, rows):
-        """Set the left-out entries of the block of logits of anchors `rows` to -inf, in place."""
-        left_out = self.anchor_class[rows, None] == self.contrast_class[None, :]
-        left_out &= self.pairs.anchor_group[rows, None] != self.pairs.contrast_group[None, :]
-        return logits.masked_fill_(left_out, float('-inf'))
-
-
-def _logits_without_self(anchor_block, contrast, self_column_block, temperature, excluded=None, rows=None):
-    logits = (anchor_block / temperature) @ contrast.t()
-    # -inf makes the anchor's own column vanish from both the max and the softmax.
-    logits.scatter_(1, self_column_block[:, None], float('-inf'))
-    return logits if excluded is None else excluded.fill_(logits, rows)
-
-
-def _row_blocks(n_rows, chunk_size):
-    step = chunk_size or max(n_rows, 1)
-    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
-
-
-def auto_chunk_size(n_anchors, n_contrast, element_size, memory_budget=MEMORY_BUDGET):
-    """Anchor rows per block so that a block of logits (rows x n_contrast) fits in memory_budget bytes.
-
-    None (one block) when all n_anchors rows fit; at least 1 row however small the budget.
-    """
-    row_bytes = max(n_contrast, 1) * element_size
-    if n_anchors * row_bytes <= memory_budget:
-        return None
-    return max(1, int(memory_budget // row_bytes))
-
-
-class LeanSupConFunction(torch.autograd.Function):
-    """Mean SupCon loss over anchors that saves no N x N tensor (see the module docstring).
-
-    apply(anchor [A, D], contrast [N, D], pairs: PositivePairs, temperature, base_temperature, chunk_size,
-          queue=None [K, D], excluded=None)
-    The contrast set is contrast followed by queue (a constant: it gets no gradient); pairs' contrast
-    groups and self columns index that set. excluded (SameClassExclusion or None) leaves rows out of the
-    denominators. The gradient of contrast is only computed when contrast requires one.
-    """
-
-    @staticmethod
-    def forward(ctx, anchor, contrast, pairs, temperature, base_temperature, chunk_size, queue=None,
-                excluded=None):
-        with torch.autocast(anchor.device.type, enabled=False):
-            every_row = contrast if queue is None else torch.cat([contrast, queue])
-            log_sum_exp = anchor.new_empty(anchor.shape[0])
-            for rows in _row_blocks(anchor.shape[0], chunk_size):
-                logits = _logits_without_self(anchor[rows], every_row, pairs.self_column[rows], temperature,
-                                              excluded, rows)
-                # The row max keeps exp from overflowing; it cancels out of the log-softmax exactly. A row
-                # with nothing left in its denominator has max -inf: 0 keeps its exp at 0 instead of NaN.
-                row_max = logits.amax(1, keepdim=True)
-                row_max.masked_fill_(row_max == float('-inf'), 0.0)
-                logits.sub_(row_max).exp_()
-                log_sum_exp[rows] = logits.sum(1).log_().add_(row_max.squeeze(1))
-                del logits
-            # An empty denominator (log 0 = -inf) goes with no positive; 0 keeps 0 * -inf from making NaN.
-            log_sum_exp.masked_fill_(log_sum_exp == float('-inf'), 0.0)
-
-            positive_count = pairs.count(anchor.dtype)
-            safe_count = torch.where(positive_count < 1e-6, torch.ones_like(positive_count), positive_count)
-            positive_logit_sum = ((anchor / temperature) * pairs.sum_over_positives(every_row)).sum(1)
-            mean_log_prob_pos = (positive_logit_sum - positive_count * log_sum_exp) / safe_count
-            loss = -(temperature / base_temperature) * mean_log_prob_pos.mean()
-            del every_row
-
-        ctx.save_for_backward(anchor, contrast, queue, log_sum_exp, positive_count, safe_count)
-        ctx.pairs, ctx.temperature, ctx.base_temperature, ctx.chunk_size, ctx.excluded = (
-            pairs, temperature, base_temperature, chunk_size, excluded)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        anchor, contrast, queue, log_sum_exp, positive_count, safe_count = ctx.saved_tensors
-        pairs, temperature, excluded = ctx.pairs, ctx.temperature, ctx.excluded
-        want_contrast = ctx.needs_input_grad[1]
-        n_contrast = contrast.shape[0]
-        with torch.autocast(anchor.device.type, enabled=False):
-            every_row = contrast if queue is None else torch.cat([contrast, queue])
-            # coef_a * (m_aj - S_a p_aj) is d loss / d l_aj; l = anchor . contrast / T gives the 1/T below.
-            coef = grad_loss * -(ctx.temperature / ctx.base_temperature) / (anchor.shape[0] * safe_count)
-            softmax_coef = (coef * positive_count)[:, None]
-            coef = coef[:, None]
-
-            grad_anchor = coef * pairs.sum_over_positives(every_row)
-            grad_contrast = pairs.sum_over_anchors(coef * anchor)[:n_contrast] if want_contrast else None
-            for rows in _row_blocks(anchor.shape[0], ctx.chunk_size):
-                probs = _logits_without_self(anchor[rows], every_row, pairs.self_column[rows], temperature,
-                                             excluded, rows)
-                probs.sub_(log_sum_exp[rows, None]).exp_()
-                grad_anchor[rows] -= softmax_coef[rows] * (probs @ every_row)
-                if want_contrast:
-                    # the queue's columns get no gradient: only the first n_contrast columns are used
-                    grad_contrast.addmm_(probs[:, :n_contrast].t(), softmax_coef[rows] * anchor[rows], alpha=-1)
-                del probs
-            grad_anchor /= temperature
-            if want_contrast:
-                grad_contrast /= temperature
-        return grad_anchor, grad_contrast, None, None, None, None, None, None
+from supcon.contrastive import (
+    CONTRAST_MODES,
+    MEMORY_BUDGET,
+    LeanSupConFunction,
+    PositivePairs,
+    SameClassExclusion,
+    _label_groups,
+    auto_chunk_size,
+)
+from supcon.distributed import (
+    all_gather_rows,
+    gather_sizes,
+    gather_with_grad,
+    get_rank,
+    is_distributed,
+)
 
 
 class SupConLoss(nn.Module):
-    """SupCon loss; SimCLR's when neither labels nor mask is given; SupContrastShape's hybrid with hybrid=True.
+    """SupCon loss; SimCLR's when neither labels nor mask is given; SupContrastShape's hybrid with
+    hybrid=True.
 
-    __init__(temperature=0.07, contrast_mode='all', base_temperature=0.07, chunk_size=None, hybrid=False,
-             memory_budget=None)
-    forward(features, labels=None, mask=None, keys=None, queue=None, queue_labels=None) -> 0-dim tensor
+    __init__(temperature=0.07, contrast_mode='all', base_temperature=0.07, chunk_size=None,
+             hybrid=False, memory_budget=None)
+    forward(features, labels=None, mask=None, keys=None, queue=None, queue_labels=None)
+    -> 0-dim tensor
 
-    features: [bsz, n_views, ...], L2-normalised, the anchors (queries); labels: [bsz]; mask: [bsz, bsz] float
-    with mask[i, j] the weight of sample j as a positive of anchor sample i.
-    keys: [bsz, n_views, ...] like features, e.g. from a momentum encoder; detached. When given, the anchors
-    contrast with the keys instead of with the features, and an anchor's own key of its own view is its
-    "self" row (left out).
-    queue: [K, D] L2-normalised constant rows (detached, not gathered across ranks) appended to the contrast
-    set; queue_labels [K], required with labels (and with hybrid), optional and unused without.
-    hybrid: positives are the other views of the anchor's own sample (as SimCLR); batch and queue rows of
-    the anchor's class that are not positives leave the denominator; needs labels.
+    features: [bsz, n_views, ...], L2-normalised, the anchors (queries); labels: [bsz]; mask: [bsz,
+    bsz] float with mask[i, j] the weight of sample j as a positive of anchor sample i.
+    keys: [bsz, n_views, ...] like features, e.g. from a momentum encoder; detached. When given, the
+    anchors contrast with the keys instead of with the features, and an anchor's own key of its own
+    view is its "self" row (left out).
+    queue: [K, D] L2-normalised constant rows (detached, not gathered across ranks) appended to the
+    contrast set; queue_labels [K], required with labels (and with hybrid), optional and unused
+    without.
+    hybrid: positives are the other views of the anchor's own sample (as SimCLR); batch and queue
+    rows of the anchor's class that are not positives leave the denominator; needs labels.
     The exact formula for every case is in the module docstring.
 
-    chunk_size (anchor rows per block) caps the largest temporary at chunk_size x (rows of the contrast set);
+    chunk_size (anchor rows per block) caps the largest temporary at chunk_size x (rows of the
+    contrast set);
     without it, blocks are cut automatically when one would exceed memory_budget bytes (default
     MEMORY_BUDGET). Computed in float32 (float64 for float64 input), also under autocast. Under
-    torch.distributed (world size > 1) local anchors contrast with all ranks' samples (or keys); see the
-    module docstring.
+    torch.distributed (world size > 1) local anchors contrast with all ranks' samples (or keys); see
+    the module docstring.
     """
 
-    def __init__(self, temperature=0.07, contrast_mode='all', base_temperature=0.07, chunk_size=None,
-                 hybrid=False, memory_budget=None):
+    def __init__(
+        self,
+        temperature=0.07,
+        contrast_mode='all',
+        base_temperature=0.07,
+        chunk_size=None,
+        hybrid=False,
+        memory_budget=None,
+    ):
         super().__init__()
         if contrast_mode not in CONTRAST_MODES:
-            raise ValueError(f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}")
+            raise ValueError(
+                f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}"
+            )
         if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         if memory_budget is not None and not memory_budget > 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+            raise ValueError(
+                f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}"
+            )
         self.temperature = temperature
         self.contrast_mode = contrast_mode
         self.base_temperature = base_temperature
@@ -310,42 +170,60 @@ class SupConLoss(nn.Module):
 
     def _check_arguments(self, features, labels, mask, keys, queue, queue_labels):
         if features.dim() < 3:
-            raise ValueError(f"features must be [bsz, n_views, ...] with at least 3 dims, "
-                             f"got shape {tuple(features.shape)}; add a views dim, e.g. features[:, None]")
+            raise ValueError(
+                f"features must be [bsz, n_views, ...] with at least 3 dims, "
+                f"got shape {tuple(features.shape)}; add a views dim, e.g. features[:, None]"
+            )
         if labels is not None and mask is not None:
             raise ValueError("give labels or mask, not both")
         if self.hybrid and mask is not None:
             raise ValueError("hybrid=True takes labels, not a mask")
         if self.hybrid and labels is None:
-            raise ValueError("hybrid=True needs labels: its negatives are the samples of other classes")
+            raise ValueError(
+                "hybrid=True needs labels: its negatives are the samples of other classes"
+            )
         if mask is not None and (keys is not None or queue is not None):
-            raise ValueError("a mask only describes the batch's own samples; it cannot be used with keys or "
-                             "a queue, pass labels instead")
+            raise ValueError(
+                "a mask only describes the batch's own samples; it cannot be used with keys or "
+                "a queue, pass labels instead"
+            )
         if keys is not None and tuple(keys.shape) != tuple(features.shape):
-            raise ValueError(f"keys must have the shape of features, {tuple(features.shape)}, "
-                             f"got {tuple(keys.shape)}")
+            raise ValueError(
+                f"keys must have the shape of features, {tuple(features.shape)}, "
+                f"got {tuple(keys.shape)}"
+            )
         if queue is None:
             if queue_labels is not None:
                 raise ValueError("queue_labels given without a queue")
             return
         dim = features[0, 0].numel()
         if queue.dim() != 2 or queue.shape[1] != dim:
-            raise ValueError(f"queue must be [K, D] with D = {dim} (the features' size per view), "
-                             f"got shape {tuple(queue.shape)}")
+            raise ValueError(
+                f"queue must be [K, D] with D = {dim} (the features' size per view), "
+                f"got shape {tuple(queue.shape)}"
+            )
         if labels is not None and queue_labels is None:
-            raise ValueError("queue_labels are needed with labels and a queue (positives among the queue rows "
-                             "are the rows of the anchor's label)" if not self.hybrid else
-                             "queue_labels are needed with hybrid=True and a queue (queue rows of the anchor's "
-                             "class leave the denominator)")
+            raise ValueError(
+                "queue_labels are needed with labels and a queue (positives among the queue rows "
+                "are the rows of the anchor's label)"
+                if not self.hybrid
+                else "queue_labels are needed with hybrid=True and a queue (queue rows of the "
+                "anchor's "
+                "class leave the denominator)"
+            )
         if queue_labels is not None and queue_labels.numel() != queue.shape[0]:
-            raise ValueError(f"got {queue_labels.numel()} queue_labels for a queue of {queue.shape[0]} rows")
+            raise ValueError(
+                f"got {queue_labels.numel()} queue_labels for a queue of {queue.shape[0]} rows"
+            )
 
     def forward(self, features, labels=None, mask=None, keys=None, queue=None, queue_labels=None):
         self._check_arguments(features, labels, mask, keys, queue, queue_labels)
         distributed = is_distributed()
         if distributed and mask is not None:
-            raise ValueError("a mask only describes the local batch and cannot be used with several "
-                             "distributed ranks; pass labels instead")
+            raise ValueError(
+                "a mask only describes the local batch and cannot be used with several "
+                "distributed ranks; pass labels instead"
+            )
         bsz, n_views = features.shape[:2]
         device = features.device
         if labels is not None:
@@ -360,7 +238,9 @@ class SupConLoss(nn.Module):
                 features = features.float()
             features = features.reshape(bsz, n_views, -1)
             if keys is not None:
-                keys = keys.detach().to(device=device, dtype=features.dtype).reshape(bsz, n_views, -1)
+                keys = (
+                    keys.detach().to(device=device, dtype=features.dtype).reshape(bsz, n_views, -1)
+                )
             n_queue = 0
             if queue is not None:
                 queue = queue.detach().to(device=device, dtype=features.dtype)
@@ -370,7 +250,7 @@ class SupConLoss(nn.Module):
 
             if distributed:
                 sizes = gather_sizes(bsz, device)
-                offset, total = sum(sizes[:dist.get_rank()]), sum(sizes)
+                offset, total = sum(sizes[: get_rank()]), sum(sizes)
                 if keys is None:
                     contrast = torch.cat(torch.unbind(gather_with_grad(features, sizes), 1))
                 else:
@@ -384,11 +264,16 @@ class SupConLoss(nn.Module):
             if self.contrast_mode == 'one':
                 anchor, anchor_views = features[:, 0], 1
             else:
-                anchor = contrast if keys is None and not distributed else torch.cat(torch.unbind(features, 1))
+                anchor = (
+                    contrast
+                    if keys is None and not distributed
+                    else torch.cat(torch.unbind(features, 1))
+                )
                 anchor_views = n_views
 
-            # Anchor row v * bsz + i is local sample i's view v, at global row v * total + offset + i of the
-            # batch part of the contrast set (features or keys); queue rows follow at N + k.
+            # Anchor row v * bsz + i is local sample i's view v, at global row v * total + offset +
+            # i of the batch part of the contrast set (features or keys); queue rows follow at N +
+            # k.
             local_sample = offset + torch.arange(bsz, device=device)
             view = torch.arange(anchor_views, device=device)
             self_column = (view[:, None] * total + local_sample[None, :]).reshape(-1)
@@ -396,31 +281,59 @@ class SupConLoss(nn.Module):
             contrast_sample = torch.arange(total, device=device).repeat(n_views)
             if n_queue:
                 # queue rows belong to no sample: group `total`, which no anchor has
-                contrast_sample = torch.cat([contrast_sample, contrast_sample.new_full((n_queue,), total)])
+                contrast_sample = torch.cat(
+                    [contrast_sample, contrast_sample.new_full((n_queue,), total)]
+                )
             n_sample_groups = total + (1 if n_queue else 0)
 
             excluded = None
             if mask is not None:
-                pairs = PositivePairs(anchor_sample, contrast_sample, self_column,
-                                      weight=mask.to(device=device, dtype=features.dtype))
+                pairs = PositivePairs(
+                    anchor_sample,
+                    contrast_sample,
+                    self_column,
+                    weight=mask.to(device=device, dtype=features.dtype),
+                )
             elif labels is not None:
                 every_label = labels if queue_labels is None else torch.cat([labels, queue_labels])
                 label_group = _label_groups(every_label)
-                contrast_label_group = label_group[contrast_sample[:contrast.shape[0]]]
+                contrast_label_group = label_group[contrast_sample[: contrast.shape[0]]]
                 if n_queue:
                     contrast_label_group = torch.cat([contrast_label_group, label_group[total:]])
                 if self.hybrid:
-                    pairs = PositivePairs(anchor_sample, contrast_sample, self_column, num_groups=n_sample_groups)
-                    excluded = SameClassExclusion(label_group[anchor_sample], contrast_label_group, pairs)
+                    pairs = PositivePairs(
+                        anchor_sample, contrast_sample, self_column, num_groups=n_sample_groups
+                    )
+                    excluded = SameClassExclusion(
+                        label_group[anchor_sample], contrast_label_group, pairs
+                    )
                 else:
-                    pairs = PositivePairs(label_group[anchor_sample], contrast_label_group, self_column,
-                                          num_groups=every_label.numel())
+                    pairs = PositivePairs(
+                        label_group[anchor_sample],
+                        contrast_label_group,
+                        self_column,
+                        num_groups=every_label.numel(),
+                    )
             else:
-                pairs = PositivePairs(anchor_sample, contrast_sample, self_column, num_groups=n_sample_groups)
+                pairs = PositivePairs(
+                    anchor_sample, contrast_sample, self_column, num_groups=n_sample_groups
+                )
 
             chunk_size = self.chunk_size
             if chunk_size is None:
-                chunk_size = auto_chunk_size(anchor.shape[0], contrast.shape[0] + n_queue,
-                                             features.element_size(), self.memory_budget)
-            return LeanSupConFunction.apply(anchor, contrast, pairs, self.temperature, self.base_temperature,
-                                            chunk_size, queue, excluded)
+                chunk_size = auto_chunk_size(
+                    anchor.shape[0],
+                    contrast.shape[0] + n_queue,
+                    features.element_size(),
+                    self.memory_budget,
+                )
+            return LeanSupConFunction.apply(
+                anchor,
+                contrast,
+                pairs,
+                self.temperature,
+                self.base_temperature,
+                chunk_size,
+                queue,
+                excluded,
+            )

@@ -3,47 +3,65 @@
 Same flags, defaults and output names as the reference ``main_ce.py`` (plus
 ``--dataset path`` and ``digits``); runs on CPU, GPUs and under torchrun.
 """
+
 import argparse
 import os
 import time
 
 import torch.nn as nn
 
-import data
-import engine
-import options
-import runtime
-from augment import add_augmentation_arguments
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupCEResNet
-from optim import build_optimizer
-from training_run import Run
+from supcon import data, engine, options, runtime
+from supcon.augment import add_augmentation_arguments
+from supcon.optim import build_optimizer
+from supcon.training_run import Run
 from util import AverageMeter, UserError, adjust_learning_rate
 
 
 def parse_option(argv=None):
     parser = argparse.ArgumentParser(
-        prog='main_ce.py', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog='main_ce.py',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Train the whole network with cross-entropy (the baseline); checkpoints go'
-                    ' to ./save/SupCon/<dataset>_models/SupCE_<run name>/.')
+        ' to ./save/SupCon/<dataset>_models/SupCE_<run name>/.',
+    )
 
     parser.add_argument('--print_freq', type=int, default=10, help='print every N steps')
-    parser.add_argument('--save_freq', type=int, default=50,
-                        help='keep ckpt_epoch_N.pth every N epochs')
-    parser.add_argument('--batch_size', type=int, default=256,
-                        help='global batch size (summed over GPUs and processes)')
-    parser.add_argument('--num_workers', type=int, default=16,
-                        help='data loading workers per process, capped at the CPUs present')
-    parser.add_argument('--num_workers_val', type=int, default=8,
-                        help='data loading workers for the test split (the fork\'s flag)')
+    parser.add_argument(
+        '--save_freq', type=int, default=50, help='keep ckpt_epoch_N.pth every N epochs'
+    )
+    parser.add_argument(
+        '--batch_size',
+        type=int,
+        default=256,
+        help='global batch size (summed over GPUs and processes)',
+    )
+    parser.add_argument(
+        '--num_workers',
+        type=int,
+        default=16,
+        help='data loading workers per process, capped at the CPUs present',
+    )
+    parser.add_argument(
+        '--num_workers_val',
+        type=int,
+        default=8,
+        help='data loading workers for the test split (the fork\'s flag)',
+    )
     parser.add_argument('--epochs', type=int, default=500, help='number of training epochs')
 
     # optimization
     parser.add_argument('--learning_rate', type=float, default=0.2, help='learning rate')
-    parser.add_argument('--lr_decay_epochs', type=str, default='350,400,450',
-                        help='comma-separated epochs after which the learning rate decays'
-                             ' (without --cosine)')
-    parser.add_argument('--lr_decay_rate', type=float, default=0.1, help='decay rate for learning rate')
+    parser.add_argument(
+        '--lr_decay_epochs',
+        type=str,
+        default='350,400,450',
+        help='comma-separated epochs after which the learning rate decays (without --cosine)',
+    )
+    parser.add_argument(
+        '--lr_decay_rate', type=float, default=0.1, help='decay rate for learning rate'
+    )
     parser.add_argument('--weight_decay', type=float, default=1e-4, help='weight decay')
     parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
     options.add_optimizer_argument(parser)
@@ -53,8 +71,11 @@ def parse_option(argv=None):
 
     # other setting
     parser.add_argument('--cosine', action='store_true', help='using cosine annealing')
-    parser.add_argument('--syncBN', action='store_true',
-                        help='synchronise BatchNorm over processes (under torchrun)')
+    parser.add_argument(
+        '--syncBN',
+        action='store_true',
+        help='synchronise BatchNorm over processes (under torchrun)',
+    )
     parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
     parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
 
@@ -68,8 +89,10 @@ def parse_option(argv=None):
     if opt.num_workers_val < 0:
         raise UserError(f'--num_workers_val must be 0 or more, got {opt.num_workers_val}')
     if opt.dataset == 'path' and (opt.data_folder is None or opt.test_folder is None):
-        raise UserError('--dataset path needs --data_folder and --test_folder (one'
-                        ' sub-folder per class each) and --mean/--std')
+        raise UserError(
+            '--dataset path needs --data_folder and --test_folder (one'
+            ' sub-folder per class each) and --mean/--std'
+        )
     data.resolve_defaults(opt)
     if opt.stem is None:
         opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
@@ -77,9 +100,9 @@ def parse_option(argv=None):
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
-    opt.model_name = 'SupCE_{}_{}_lr_{}_decay_{}_bsz_{}_trial_{}'.\
-        format(opt.dataset, opt.model, opt.learning_rate, opt.weight_decay,
-               opt.batch_size, opt.trial)
+    opt.model_name = 'SupCE_{}_{}_lr_{}_decay_{}_bsz_{}_trial_{}'.format(
+        opt.dataset, opt.model, opt.learning_rate, opt.weight_decay, opt.batch_size, opt.trial
+    )
     if opt.cosine:
         opt.model_name = '{}_cosine'.format(opt.model_name)
     # warm-up for large-batch training (forced above 256, as the reference)
@@ -96,27 +119,41 @@ def set_loader(opt):
     loaders = data.classification_loaders(opt, uint8_train=opt.gpu_aug)
     device_augment = None
     if opt.gpu_aug:
-        from gpu_augment import DeviceAugment
+        from supcon.gpu_augment import DeviceAugment
+
         mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
         device_augment = DeviceAugment(opt.size, mean, std, kind='ce').to(opt.device)
     return (*loaders, device_augment)
 
 
 def set_model(opt, num_classes):
-    encoder = build_encoder(opt.model, stem=opt.stem, size=opt.size,
-                            patch_size=opt.patch_size, pretrained_file=opt.pretrained)
+    encoder = build_encoder(
+        opt.model,
+        stem=opt.stem,
+        size=opt.size,
+        patch_size=opt.patch_size,
+        pretrained_file=opt.pretrained,
+    )
     model = SupCEResNet(name=opt.model, num_classes=num_classes, stem=opt.stem, encoder=encoder)
     criterion = nn.CrossEntropyLoss()
     model = runtime.prepare_model(model, opt, parallel='encoder')
     return model, criterion
 
 
-def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run,
-          device_augment=None):
+def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run, device_augment=None):
     """One epoch of training; returns (loss, acc, stopped_at)."""
     model.train()
-    return engine.train_classifier(train_loader, model, criterion, optimizer, scaler, epoch,
-                                   opt, run, device_augment=device_augment)
+    return engine.train_classifier(
+        train_loader,
+        model,
+        criterion,
+        optimizer,
+        scaler,
+        epoch,
+        opt,
+        run,
+        device_augment=device_augment,
+    )
 
 
 def main():
@@ -150,8 +187,17 @@ def main():
 
         # train for one epoch
         time1 = time.time()
-        loss, train_acc, stopped_at = train(train_loader, model, criterion, optimizer, scaler,
-                                            epoch, opt, run, device_augment=device_augment)
+        loss, train_acc, stopped_at = train(
+            train_loader,
+            model,
+            criterion,
+            optimizer,
+            scaler,
+            epoch,
+            opt,
+            run,
+            device_augment=device_augment,
+        )
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
         time2 = time.time()
@@ -160,8 +206,7 @@ def main():
 
         # evaluation
         eval_model.eval()
-        val_loss, val_acc, _ = engine.validate(val_loader, eval_model, criterion, opt,
-                                                num_classes)
+        val_loss, val_acc, _ = engine.validate(val_loader, eval_model, criterion, opt, num_classes)
         if val_acc > best_acc:
             best_acc = val_acc
 

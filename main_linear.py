@@ -5,6 +5,7 @@ from ``--ckpt`` (ours or the reference's), stays in eval mode and is checked to
 be unchanged at the end. The classifier and its TensorBoard logs are saved under
 ``save/SupCon/{dataset}_linear_models/`` and ``..._linear_tensorboard/``.
 """
+
 import argparse
 import os
 import time
@@ -12,61 +13,86 @@ import time
 import torch
 import torch.nn as nn
 
-import data
-import engine
-import options
-import runtime
-from augment import add_augmentation_arguments
-from checkpoint import bare_state_dict, load_checkpoint
-from networks.from_checkpoint import build_encoder, checkpoint_model
+from networks.from_checkpoint import checkpoint_model, encoder_from_checkpoint
 from networks.resnet_big import MODEL_NAMES, LinearClassifier
 from networks.timm_backbone import is_timm_model
-from optim import build_optimizer
-from training_run import Run
+from supcon import data, engine, options, runtime
+from supcon.augment import add_augmentation_arguments
+from supcon.checkpoint import bare_state_dict, load_checkpoint
+from supcon.optim import build_optimizer
+from supcon.training_run import Run
 from util import AverageMeter, UserError, adjust_learning_rate
 
 
 def parse_option(argv=None):
     parser = argparse.ArgumentParser(
-        prog='main_linear.py', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog='main_linear.py',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Train a linear classifier on the frozen encoder of --ckpt (linear'
-                    ' evaluation); results go to ./save/SupCon/<dataset>_linear_models/.')
+        ' evaluation); results go to ./save/SupCon/<dataset>_linear_models/.',
+    )
 
     parser.add_argument('--print_freq', type=int, default=10, help='print every N steps')
-    parser.add_argument('--save_freq', type=int, default=50,
-                        help='keep ckpt_epoch_N.pth every N epochs')
-    parser.add_argument('--batch_size', type=int, default=256,
-                        help='global batch size (summed over GPUs and processes)')
-    parser.add_argument('--num_workers', type=int, default=16,
-                        help='data loading workers per process, capped at the CPUs present')
-    parser.add_argument('--num_workers_val', type=int, default=8,
-                        help='data loading workers for the test split (the fork\'s flag)')
+    parser.add_argument(
+        '--save_freq', type=int, default=50, help='keep ckpt_epoch_N.pth every N epochs'
+    )
+    parser.add_argument(
+        '--batch_size',
+        type=int,
+        default=256,
+        help='global batch size (summed over GPUs and processes)',
+    )
+    parser.add_argument(
+        '--num_workers',
+        type=int,
+        default=16,
+        help='data loading workers per process, capped at the CPUs present',
+    )
+    parser.add_argument(
+        '--num_workers_val',
+        type=int,
+        default=8,
+        help='data loading workers for the test split (the fork\'s flag)',
+    )
     parser.add_argument('--epochs', type=int, default=100, help='number of training epochs')
 
     # optimization
     parser.add_argument('--learning_rate', type=float, default=0.1, help='learning rate')
-    parser.add_argument('--lr_decay_epochs', type=str, default='60,75,90',
-                        help='comma-separated epochs after which the learning rate decays'
-                             ' (without --cosine)')
-    parser.add_argument('--lr_decay_rate', type=float, default=0.2, help='decay rate for learning rate')
+    parser.add_argument(
+        '--lr_decay_epochs',
+        type=str,
+        default='60,75,90',
+        help='comma-separated epochs after which the learning rate decays (without --cosine)',
+    )
+    parser.add_argument(
+        '--lr_decay_rate', type=float, default=0.2, help='decay rate for learning rate'
+    )
     parser.add_argument('--weight_decay', type=float, default=0, help='weight decay')
     parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
     options.add_optimizer_argument(parser)
 
     # model
-    parser.add_argument('--model', type=str, default=None,
-                        help='the encoder in --ckpt: ' + ', '.join(MODEL_NAMES) + ' or a timm'
-                             ' name; default: what the checkpoint records (resnet50 for one that'
-                             ' does not say); when given it must agree')
-    parser.add_argument('--key_encoder', action='store_true',
-                        help='evaluate the momentum (key) encoder of a --moco checkpoint instead'
-                             ' of the trained (query) encoder')
+    parser.add_argument(
+        '--model',
+        type=str,
+        default=None,
+        help='the encoder in --ckpt: ' + ', '.join(MODEL_NAMES) + ' or a timm'
+        ' name; default: what the checkpoint records (resnet50 for one that'
+        ' does not say); when given it must agree',
+    )
+    parser.add_argument(
+        '--key_encoder',
+        action='store_true',
+        help='evaluate the momentum (key) encoder of a --moco checkpoint instead'
+        ' of the trained (query) encoder',
+    )
 
     # other setting
     parser.add_argument('--cosine', action='store_true', help='using cosine annealing')
     parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
-    parser.add_argument('--ckpt', type=str, default='',
-                        help='(required) the pretraining checkpoint to evaluate')
+    parser.add_argument(
+        '--ckpt', type=str, default='', help='(required) the pretraining checkpoint to evaluate'
+    )
 
     data.add_arguments(parser, test_folder=True)
     add_augmentation_arguments(parser, classifier=True, gpu_aug=False)
@@ -77,11 +103,15 @@ def parse_option(argv=None):
     if opt.num_workers_val < 0:
         raise UserError(f'--num_workers_val must be 0 or more, got {opt.num_workers_val}')
     if not opt.ckpt:
-        raise UserError('--ckpt is required: pass the pretraining checkpoint to evaluate,'
-                             ' e.g. ./save/SupCon/cifar10_models/<run>/last.pth')
+        raise UserError(
+            '--ckpt is required: pass the pretraining checkpoint to evaluate,'
+            ' e.g. ./save/SupCon/cifar10_models/<run>/last.pth'
+        )
     if opt.dataset == 'path' and (opt.data_folder is None or opt.test_folder is None):
-        raise UserError('--dataset path needs --data_folder and --test_folder (one'
-                             ' sub-folder per class each) and --mean/--std')
+        raise UserError(
+            '--dataset path needs --data_folder and --test_folder (one'
+            ' sub-folder per class each) and --mean/--std'
+        )
     data.resolve_defaults(opt)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
@@ -91,8 +121,9 @@ def parse_option(argv=None):
     opt.model, opt.stem = checkpoint_model(saved, opt.ckpt, opt.model)
     del saved
 
-    opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.\
-        format(opt.dataset, opt.model, opt.learning_rate, opt.weight_decay, opt.batch_size)
+    opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.format(
+        opt.dataset, opt.model, opt.learning_rate, opt.weight_decay, opt.batch_size
+    )
     if opt.cosine:
         opt.model_name = '{}_cosine'.format(opt.model_name)
     # warm-up stays opt-in here, as in the reference's linear script
@@ -105,8 +136,7 @@ def parse_option(argv=None):
     ckpt_name = os.path.splitext(os.path.basename(ckpt_path))[0]
     run_dir = os.path.join(pretrain_run, ckpt_name, opt.model_name)
     opt.save_folder = os.path.join('./save/SupCon/{}_linear_models'.format(opt.dataset), run_dir)
-    opt.tb_folder = os.path.join('./save/SupCon/{}_linear_tensorboard'.format(opt.dataset),
-                                 run_dir)
+    opt.tb_folder = os.path.join('./save/SupCon/{}_linear_tensorboard'.format(opt.dataset), run_dir)
     return opt
 
 
@@ -133,18 +163,20 @@ class FrozenEncoderClassifier(nn.Module):
 
 def set_model(opt, num_classes):
     ckpt = load_checkpoint(opt.ckpt)
-    encoder, _ = build_encoder(ckpt, opt.ckpt, opt.model, key_encoder=opt.key_encoder)
+    encoder, _ = encoder_from_checkpoint(ckpt, opt.ckpt, opt.model, key_encoder=opt.key_encoder)
     pretrained_size = ckpt['opt'].get('size')
     del ckpt
-    if (is_timm_model(opt.model) and pretrained_size is not None
-            and pretrained_size != opt.size):
-        raise UserError(f'--size {opt.size} differs from the {pretrained_size} the {opt.model}'
-                        f' encoder was built for; pass --size {pretrained_size}')
+    if is_timm_model(opt.model) and pretrained_size is not None and pretrained_size != opt.size:
+        raise UserError(
+            f'--size {opt.size} differs from the {pretrained_size} the {opt.model}'
+            f' encoder was built for; pass --size {pretrained_size}'
+        )
     # the frozen encoder: no gradients, BatchNorm statistics never updated
     encoder.requires_grad_(False)
 
-    classifier = LinearClassifier(name=opt.model, num_classes=num_classes,
-                                  dim_in=encoder.feature_dim)
+    classifier = LinearClassifier(
+        name=opt.model, num_classes=num_classes, dim_in=encoder.feature_dim
+    )
     criterion = nn.CrossEntropyLoss()
 
     encoder = runtime.prepare_model(encoder, opt, parallel='')
@@ -157,8 +189,9 @@ def train(train_loader, encoder, classifier, criterion, optimizer, scaler, epoch
     encoder.eval()
     classifier.train()
     model = FrozenEncoderClassifier(encoder, classifier)
-    return engine.train_classifier(train_loader, model, criterion, optimizer, scaler, epoch,
-                                   opt, run)
+    return engine.train_classifier(
+        train_loader, model, criterion, optimizer, scaler, epoch, opt, run
+    )
 
 
 def check_encoder_unchanged(encoder, snapshot):
@@ -202,19 +235,23 @@ def main():
 
         # train for one epoch
         time1 = time.time()
-        loss, acc, stopped_at = train(train_loader, encoder, classifier, criterion, optimizer,
-                                      scaler, epoch, opt, run)
+        loss, acc, stopped_at = train(
+            train_loader, encoder, classifier, criterion, optimizer, scaler, epoch, opt, run
+        )
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
         time2 = time.time()
         if runtime.is_main_process():
-            print('Train epoch {}, total time {:.2f}, accuracy:{:.2f}'.format(
-                epoch, time2 - time1, acc), flush=True)
+            print(
+                'Train epoch {}, total time {:.2f}, accuracy:{:.2f}'.format(
+                    epoch, time2 - time1, acc
+                ),
+                flush=True,
+            )
 
         # eval for one epoch
         eval_model.eval()
-        val_loss, val_acc, _ = engine.validate(val_loader, eval_model, criterion, opt,
-                                               num_classes)
+        val_loss, val_acc, _ = engine.validate(val_loader, eval_model, criterion, opt, num_classes)
         if val_acc > best_acc:
             best_acc = val_acc
 
@@ -225,8 +262,11 @@ def main():
         logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
         logger.flush()
 
-        run.extra = {'best_acc': best_acc, 'val_acc': val_acc,
-                     'encoder_ckpt': os.path.abspath(opt.ckpt)}
+        run.extra = {
+            'best_acc': best_acc,
+            'val_acc': val_acc,
+            'encoder_ckpt': os.path.abspath(opt.ckpt),
+        }
         run.end_epoch(epoch)
 
     run.save('last.pth', opt.epochs)

@@ -3,23 +3,22 @@
 Same flags, defaults and output names as the reference ``main_supcon.py``; runs
 on CPU, on one or several GPUs, and under torchrun (see README.md).
 """
+
 import argparse
 import os
 import time
 
 import torch
 
-import data
-import options
-import runtime
-from augment import add_augmentation_arguments, supcon_transform
 from losses import SupConLoss
-from moco import KeyEncoder, LabelQueue
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupConResNet
-from optim import build_optimizer
-from sampling import build_loader, mix_seed
-from training_run import Run, check_finite
+from supcon import data, options, runtime
+from supcon.augment import add_augmentation_arguments, supcon_transform
+from supcon.moco import KeyEncoder, LabelQueue
+from supcon.optim import build_optimizer
+from supcon.sampling import build_loader, mix_seed
+from supcon.training_run import Run, check_finite
 from util import AverageMeter, UserError, adjust_learning_rate, warmup_learning_rate
 
 METHODS = ('SupCon', 'SimCLR', 'SupCon_hybrid')
@@ -27,25 +26,41 @@ METHODS = ('SupCon', 'SimCLR', 'SupCon_hybrid')
 
 def parse_option(argv=None):
     parser = argparse.ArgumentParser(
-        prog='main_supcon.py', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog='main_supcon.py',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Pretrain an encoder with SupCon, SimCLR or the hybrid loss; checkpoints go'
-                    ' to ./save/SupCon/<dataset>_models/<run name>/.')
+        ' to ./save/SupCon/<dataset>_models/<run name>/.',
+    )
 
     parser.add_argument('--print_freq', type=int, default=10, help='print every N steps')
-    parser.add_argument('--save_freq', type=int, default=50,
-                        help='keep ckpt_epoch_N.pth every N epochs')
-    parser.add_argument('--batch_size', type=int, default=256,
-                        help='global batch size (summed over GPUs and processes)')
-    parser.add_argument('--num_workers', type=int, default=16,
-                        help='data loading workers per process, capped at the CPUs present')
+    parser.add_argument(
+        '--save_freq', type=int, default=50, help='keep ckpt_epoch_N.pth every N epochs'
+    )
+    parser.add_argument(
+        '--batch_size',
+        type=int,
+        default=256,
+        help='global batch size (summed over GPUs and processes)',
+    )
+    parser.add_argument(
+        '--num_workers',
+        type=int,
+        default=16,
+        help='data loading workers per process, capped at the CPUs present',
+    )
     parser.add_argument('--epochs', type=int, default=1000, help='number of training epochs')
 
     # optimization
     parser.add_argument('--learning_rate', type=float, default=0.05, help='learning rate')
-    parser.add_argument('--lr_decay_epochs', type=str, default='700,800,900',
-                        help='comma-separated epochs after which the learning rate decays'
-                             ' (without --cosine)')
-    parser.add_argument('--lr_decay_rate', type=float, default=0.1, help='decay rate for learning rate')
+    parser.add_argument(
+        '--lr_decay_epochs',
+        type=str,
+        default='700,800,900',
+        help='comma-separated epochs after which the learning rate decays (without --cosine)',
+    )
+    parser.add_argument(
+        '--lr_decay_rate', type=float, default=0.1, help='decay rate for learning rate'
+    )
     parser.add_argument('--weight_decay', type=float, default=1e-4, help='weight decay')
     parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
     options.add_optimizer_argument(parser)
@@ -56,24 +71,38 @@ def parse_option(argv=None):
     # method
     parser.add_argument('--method', type=str, default='SupCon', help=', '.join(METHODS))
     parser.add_argument('--temp', type=float, default=0.07, help='temperature for loss function')
-    parser.add_argument('--moco', action='store_true',
-                        help='momentum key encoder and a labelled queue of past keys (for small'
-                             ' batches; README "Small batches")')
-    parser.add_argument('--moco_k', type=int, default=None,
-                        help='--moco: queue length (4096 when not given)')
-    parser.add_argument('--moco_m', type=float, default=None,
-                        help='--moco: momentum of the key encoder\'s moving average (0.999 when'
-                             ' not given)')
+    parser.add_argument(
+        '--moco',
+        action='store_true',
+        help='momentum key encoder and a labelled queue of past keys (for small'
+        ' batches; README "Small batches")',
+    )
+    parser.add_argument(
+        '--moco_k', type=int, default=None, help='--moco: queue length (4096 when not given)'
+    )
+    parser.add_argument(
+        '--moco_m',
+        type=float,
+        default=None,
+        help='--moco: momentum of the key encoder\'s moving average (0.999 when not given)',
+    )
 
     # other setting
     parser.add_argument('--cosine', action='store_true', help='using cosine annealing')
-    parser.add_argument('--syncBN', action='store_true',
-                        help='synchronise BatchNorm over processes (under torchrun)')
+    parser.add_argument(
+        '--syncBN',
+        action='store_true',
+        help='synchronise BatchNorm over processes (under torchrun)',
+    )
     parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
     parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
-    parser.add_argument('--knn_every', type=int, default=0,
-                        help='every N epochs, print and log a kNN top-1 accuracy of the test'
-                             ' split (of the held-out images with --val_split; 0 = off)')
+    parser.add_argument(
+        '--knn_every',
+        type=int,
+        default=0,
+        help='every N epochs, print and log a kNN top-1 accuracy of the test'
+        ' split (of the held-out images with --val_split; 0 = off)',
+    )
 
     data.add_arguments(parser, test_folder=True, knn_only=True)
     add_augmentation_arguments(parser)
@@ -86,8 +115,10 @@ def parse_option(argv=None):
     options.check_common_options(opt)
     check_model_name(opt.model)
     if opt.dataset == 'path' and opt.data_folder is None:
-        raise UserError('--dataset path needs --data_folder (one sub-folder per class)'
-                        ' and --mean/--std, e.g. --mean "(0.4914, 0.4822, 0.4465)"')
+        raise UserError(
+            '--dataset path needs --data_folder (one sub-folder per class)'
+            ' and --mean/--std, e.g. --mean "(0.4914, 0.4822, 0.4465)"'
+        )
     data.resolve_defaults(opt)
     if opt.stem is None:
         opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
@@ -101,15 +132,24 @@ def parse_option(argv=None):
         if opt.moco_k < 1:
             raise UserError(f'--moco_k must be a positive queue length, got {opt.moco_k}')
         if not 0 <= opt.moco_m <= 1:
-            raise UserError(f'--moco_m must be in [0, 1] (0 copies the trained encoder, 1 never'
-                            f' updates the key encoder), got {opt.moco_m}')
+            raise UserError(
+                f'--moco_m must be in [0, 1] (0 copies the trained encoder, 1 never'
+                f' updates the key encoder), got {opt.moco_m}'
+            )
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
-    opt.model_name = '{}_{}_{}_lr_{}_decay_{}_bsz_{}_temp_{}_trial_{}'.\
-        format(opt.method, opt.dataset, opt.model, opt.learning_rate,
-               opt.weight_decay, opt.batch_size, opt.temp, opt.trial)
+    opt.model_name = '{}_{}_{}_lr_{}_decay_{}_bsz_{}_temp_{}_trial_{}'.format(
+        opt.method,
+        opt.dataset,
+        opt.model,
+        opt.learning_rate,
+        opt.weight_decay,
+        opt.batch_size,
+        opt.temp,
+        opt.trial,
+    )
     if opt.cosine:
         opt.model_name = '{}_cosine'.format(opt.model_name)
     # warm-up for large-batch training (forced above 256, as the reference)
@@ -129,30 +169,49 @@ def set_loader(opt):
     """
     mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
     if opt.gpu_aug:
-        from gpu_augment import DeviceAugment, to_uint8_tensor
+        from supcon.gpu_augment import DeviceAugment, to_uint8_tensor
+
         train_transform = to_uint8_tensor(data.fixed_size(opt.dataset, opt.size))
         device_augment = DeviceAugment(opt.size, mean, std, kind='supcon').to(opt.device)
     else:
         train_transform = supcon_transform(opt.size, mean, std, aug=opt.aug)
         device_augment = None
     with runtime.main_process_first():
-        train_dataset = data.build_dataset(opt.dataset, 'train', train_transform,
-                                           data_folder=opt.data_folder,
-                                           val_split=opt.val_split)
+        train_dataset = data.build_dataset(
+            opt.dataset,
+            'train',
+            train_transform,
+            data_folder=opt.data_folder,
+            val_split=opt.val_split,
+        )
     if opt.num_classes is not None and opt.num_classes != len(train_dataset.classes):
-        raise UserError(f'--num_classes {opt.num_classes} does not match the'
-                        f' {len(train_dataset.classes)} classes of the training data; drop'
-                        f' --num_classes (pretraining reads them from the data) or fix it')
+        raise UserError(
+            f'--num_classes {opt.num_classes} does not match the'
+            f' {len(train_dataset.classes)} classes of the training data; drop'
+            f' --num_classes (pretraining reads them from the data) or fix it'
+        )
     train_loader, train_sampler = build_loader(
-        train_dataset, opt.local_batch_size, shuffle=True, seed=opt.seed, rank=opt.rank,
-        world_size=opt.world_size, num_workers=opt.num_workers, pin_memory=opt.pin_memory)
+        train_dataset,
+        opt.local_batch_size,
+        shuffle=True,
+        seed=opt.seed,
+        rank=opt.rank,
+        world_size=opt.world_size,
+        num_workers=opt.num_workers,
+        pin_memory=opt.pin_memory,
+    )
     return train_loader, train_sampler, device_augment
 
 
 def set_model(opt):
     """(model, criterion, moco or None); ``moco`` holds the key encoder and the queue."""
-    encoder = build_encoder(opt.model, stem=opt.stem, size=opt.size,
-                            patch_size=opt.patch_size, pretrained_file=opt.pretrained)
+    encoder = build_encoder(
+        opt.model,
+        stem=opt.stem,
+        size=opt.size,
+        patch_size=opt.patch_size,
+        pretrained_file=opt.pretrained,
+    )
     model = SupConResNet(name=opt.model, stem=opt.stem, encoder=encoder)
     criterion = SupConLoss(temperature=opt.temp, hybrid=opt.method == 'SupCon_hybrid')
     model = runtime.prepare_model(model, opt, parallel='encoder')
@@ -160,15 +219,27 @@ def set_model(opt):
     if opt.moco:
         # after prepare_model: the key encoder copies the model as it runs (device, SyncBN)
         query = runtime.unwrap(model)
-        moco = torch.nn.ModuleDict({
-            'key_encoder': KeyEncoder(query),
-            'queue': LabelQueue(opt.moco_k, query.feat_dim),
-        }).to(opt.device)
+        moco = torch.nn.ModuleDict(
+            {
+                'key_encoder': KeyEncoder(query),
+                'queue': LabelQueue(opt.moco_k, query.feat_dim),
+            }
+        ).to(opt.device)
     return model, criterion, moco
 
 
-def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run, moco=None,
-          device_augment=None):
+def train(
+    train_loader,
+    model,
+    criterion,
+    optimizer,
+    scaler,
+    epoch,
+    opt,
+    run,
+    moco=None,
+    device_augment=None,
+):
     """One epoch of training; returns (loss, stopped_at).
 
     With ``moco`` the key encoder follows the model after every step and the step's keys
@@ -189,8 +260,10 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run, mo
 
         if device_augment is not None:
             # both views at once, on the device; the seed makes a resumed step draw the same crops
-            images = device_augment(images.to(opt.device, non_blocking=True),
-                                    seed=mix_seed('gpu_aug', opt.seed, epoch, step, opt.rank))
+            images = device_augment(
+                images.to(opt.device, non_blocking=True),
+                seed=mix_seed('gpu_aug', opt.seed, epoch, step, opt.rank),
+            )
         else:
             images = torch.cat([images[0], images[1]], dim=0)
         images = runtime.to_device(images, opt)
@@ -211,12 +284,18 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run, mo
             # BatchNorm), contrasted together with the queue of earlier steps' keys
             with runtime.autocast(opt):
                 keys = moco['key_encoder'].encode(
-                    images, shuffle_seed=mix_seed('shuffle', opt.seed, epoch, step))
+                    images, shuffle_seed=mix_seed('shuffle', opt.seed, epoch, step)
+                )
             k1, k2 = torch.split(keys.float(), [bsz, bsz], dim=0)
             keys = torch.stack([k1, k2], dim=1)
             queue, queue_labels = moco['queue'].contents()
-            loss = criterion(features, loss_labels, keys=keys, queue=queue,
-                             queue_labels=queue_labels if loss_labels is not None else None)
+            loss = criterion(
+                features,
+                loss_labels,
+                keys=keys,
+                queue=queue,
+                queue_labels=queue_labels if loss_labels is not None else None,
+            )
         else:
             loss = criterion(features, loss_labels)
 
@@ -232,8 +311,9 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run, mo
                 moco['queue'].enqueue(view_keys, labels)
 
         # one host sync a step: loss over ranks, NaN check, a stop all ranks agree on
-        loss_sum, n, stop = runtime.step_statistics(opt, loss.detach() * bsz, bsz,
-                                                    run.stop.requested)
+        loss_sum, n, stop = runtime.step_statistics(
+            opt, loss.detach() * bsz, bsz, run.stop.requested
+        )
         check_finite(loss_sum, epoch, step + 1, opt)
         losses.update(loss_sum / n, n)
 
@@ -243,12 +323,20 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run, mo
 
         # print info
         if (step + 1) % opt.print_freq == 0 and runtime.is_main_process():
-            print('Train: [{0}][{1}/{2}]\t'
-                  'BT {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
-                  'DT {data_time.val:.3f} ({data_time.avg:.3f})\t'
-                  'loss {loss.val:.3f} ({loss.avg:.3f})'.format(
-                      epoch, step + 1, total_steps, batch_time=batch_time,
-                      data_time=data_time, loss=losses), flush=True)
+            print(
+                'Train: [{0}][{1}/{2}]\t'
+                'BT {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
+                'DT {data_time.val:.3f} ({data_time.avg:.3f})\t'
+                'loss {loss.val:.3f} ({loss.avg:.3f})'.format(
+                    epoch,
+                    step + 1,
+                    total_steps,
+                    batch_time=batch_time,
+                    data_time=data_time,
+                    loss=losses,
+                ),
+                flush=True,
+            )
         if stop:
             return losses.avg, step + 1
     return losses.avg, None
@@ -275,7 +363,8 @@ def main():
     logger = run.logger
     knn_monitor = None
     if opt.knn_every:
-        from features import KNNMonitor
+        from supcon.features import KNNMonitor
+
         knn_monitor = KNNMonitor(opt)
 
     # training routine
@@ -285,8 +374,18 @@ def main():
 
         # train for one epoch
         time1 = time.time()
-        loss, stopped_at = train(train_loader, model, criterion, optimizer, scaler, epoch,
-                                 opt, run, moco=moco, device_augment=device_augment)
+        loss, stopped_at = train(
+            train_loader,
+            model,
+            criterion,
+            optimizer,
+            scaler,
+            epoch,
+            opt,
+            run,
+            moco=moco,
+            device_augment=device_augment,
+        )
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
         time2 = time.time()

@@ -6,12 +6,14 @@ the frozen encoder (or, with ``--features head``, the projection head), and
 draws the 2-D t-SNE map one colour per class. Default output: next to the
 checkpoint, ``<ckpt name>_tsne_<features>.png``.
 """
+
 import argparse
 import math
 import os
 import time
 
 import matplotlib
+
 matplotlib.use('Agg')  # files only: no display needed on a training machine
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -19,43 +21,80 @@ import torch  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-import data  # noqa: E402
-import runtime  # noqa: E402
-from augment import test_transform  # noqa: E402
-from checkpoint import folder_write_problem, load_checkpoint  # noqa: E402
-from features import extract_features  # noqa: E402
-from networks.from_checkpoint import build_encoder, build_head, checkpoint_method  # noqa: E402
+from networks.from_checkpoint import (
+    checkpoint_method,
+    encoder_from_checkpoint,
+    head_from_checkpoint,
+)  # noqa: E402
 from networks.resnet_big import MODEL_NAMES  # noqa: E402
-from sampling import build_loader  # noqa: E402
-from util import UserError  # noqa: E402
+from supcon import (
+    data,  # noqa: E402
+    runtime,  # noqa: E402
+)
+from supcon.augment import test_transform  # noqa: E402
+from supcon.checkpoint import folder_write_problem, load_checkpoint  # noqa: E402
+from supcon.errors import UserError  # noqa: E402
+from supcon.features import extract_features  # noqa: E402
+from supcon.sampling import build_loader  # noqa: E402
 
 FIGSIZE, DPI = (5, 5), 100  # 500x500 px: small enough to commit next to the code
 
 
 def parse_option(argv=None):
     parser = argparse.ArgumentParser(
-        prog='main_tsne.py', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description='Draw a t-SNE map of a checkpoint\'s features on the test split.')
+        prog='main_tsne.py',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description='Draw a t-SNE map of a checkpoint\'s features on the test split.',
+    )
 
-    parser.add_argument('--ckpt', type=str, default='',
-                        help='(required) the checkpoint whose encoder to draw')
-    parser.add_argument('--model', type=str, default=None,
-                        help=', '.join(MODEL_NAMES) + '; default: the checkpoint\'s')
-    parser.add_argument('--key_encoder', action='store_true',
-                        help='draw the momentum (key) encoder of a --moco checkpoint')
-    parser.add_argument('--features', type=str, default='encoder', choices=['encoder', 'head'],
-                        help='encoder: the pooled features linear evaluation uses; head: the'
-                             ' L2-normalised projections the contrastive loss saw'
-                             ' (SupCon/SimCLR checkpoints only)')
-    parser.add_argument('--max_samples', type=int, default=2000,
-                        help='test images embedded at most (a fixed class-balanced subset);'
-                             ' t-SNE time grows quickly with it')
-    parser.add_argument('--perplexity', type=float, default=30.0,
-                        help='t-SNE perplexity (capped at the number of points - 1)')
-    parser.add_argument('--out', type=str, default=None,
-                        help='PNG to write; default: <ckpt dir>/<ckpt name>_tsne_<features>.png')
-    parser.add_argument('--num_workers', type=int, default=16,
-                        help='data loading workers, capped at the CPUs present')
+    parser.add_argument(
+        '--ckpt', type=str, default='', help='(required) the checkpoint whose encoder to draw'
+    )
+    parser.add_argument(
+        '--model',
+        type=str,
+        default=None,
+        help=', '.join(MODEL_NAMES) + '; default: the checkpoint\'s',
+    )
+    parser.add_argument(
+        '--key_encoder',
+        action='store_true',
+        help='draw the momentum (key) encoder of a --moco checkpoint',
+    )
+    parser.add_argument(
+        '--features',
+        type=str,
+        default='encoder',
+        choices=['encoder', 'head'],
+        help='encoder: the pooled features linear evaluation uses; head: the'
+        ' L2-normalised projections the contrastive loss saw'
+        ' (SupCon/SimCLR checkpoints only)',
+    )
+    parser.add_argument(
+        '--max_samples',
+        type=int,
+        default=2000,
+        help='test images embedded at most (a fixed class-balanced subset);'
+        ' t-SNE time grows quickly with it',
+    )
+    parser.add_argument(
+        '--perplexity',
+        type=float,
+        default=30.0,
+        help='t-SNE perplexity (capped at the number of points - 1)',
+    )
+    parser.add_argument(
+        '--out',
+        type=str,
+        default=None,
+        help='PNG to write; default: <ckpt dir>/<ckpt name>_tsne_<features>.png',
+    )
+    parser.add_argument(
+        '--num_workers',
+        type=int,
+        default=16,
+        help='data loading workers, capped at the CPUs present',
+    )
 
     data.add_arguments(parser, test_folder=True)
     runtime.add_runtime_arguments(parser, training=False)
@@ -63,8 +102,9 @@ def parse_option(argv=None):
 
     data.resolve_defaults(opt)
     if opt.max_samples < 2:
-        raise UserError(f'--max_samples must be at least 2 (t-SNE needs two points),'
-                        f' got {opt.max_samples}')
+        raise UserError(
+            f'--max_samples must be at least 2 (t-SNE needs two points), got {opt.max_samples}'
+        )
     if not math.isfinite(opt.perplexity) or opt.perplexity <= 0:
         raise UserError(f'--perplexity must be a finite number > 0, got {opt.perplexity}')
     for name in ('size', 'batch_size_val'):
@@ -73,15 +113,19 @@ def parse_option(argv=None):
     if opt.num_workers < 0:
         raise UserError(f'--num_workers must be 0 or more, got {opt.num_workers}')
     if not opt.ckpt:
-        raise UserError('--ckpt is required: pass the checkpoint to draw, e.g.'
-                        ' ./save/SupCon/cifar10_models/<run>/last.pth')
+        raise UserError(
+            '--ckpt is required: pass the checkpoint to draw, e.g.'
+            ' ./save/SupCon/cifar10_models/<run>/last.pth'
+        )
     if opt.dataset == 'path' and opt.test_folder is None:
-        raise UserError('--dataset path needs --test_folder (one sub-folder per class)'
-                        ' and --mean/--std')
+        raise UserError(
+            '--dataset path needs --test_folder (one sub-folder per class) and --mean/--std'
+        )
     if opt.out is None:
         stem = os.path.splitext(os.path.basename(opt.ckpt))[0]
-        opt.out = os.path.join(os.path.dirname(os.path.abspath(opt.ckpt)),
-                               f'{stem}_tsne_{opt.features}.png')
+        opt.out = os.path.join(
+            os.path.dirname(os.path.abspath(opt.ckpt)), f'{stem}_tsne_{opt.features}.png'
+        )
     check_output(opt.out)
     return opt
 
@@ -89,21 +133,26 @@ def parse_option(argv=None):
 def check_output(path):
     """Refuse an --out the figure could not be written to, before any data or t-SNE work."""
     from matplotlib.backend_bases import FigureCanvasBase
+
     kinds = FigureCanvasBase.get_supported_filetypes()
     extension = os.path.splitext(path)[1].lower().lstrip('.')
     problem = None
     if os.path.isdir(path):
         problem = 'it is a directory'
     elif extension not in kinds:
-        problem = (f'{"." + extension if extension else "no"} extension; matplotlib writes'
-                   f' {", ".join(sorted(kinds))}')
+        problem = (
+            f'{"." + extension if extension else "no"} extension; matplotlib writes'
+            f' {", ".join(sorted(kinds))}'
+        )
     elif os.path.exists(path) and not os.access(path, os.W_OK):
         problem = 'the file is read-only'
     else:
         problem = folder_write_problem(os.path.dirname(os.path.abspath(path)))
     if problem:
-        raise UserError(f'--out {path}: cannot write the figure there ({problem}); pass a'
-                        f' writable path ending in .png')
+        raise UserError(
+            f'--out {path}: cannot write the figure there ({problem}); pass a'
+            f' writable path ending in .png'
+        )
 
 
 def stratified_subset(targets, max_samples, seed):
@@ -130,27 +179,45 @@ def set_loader(opt):
     mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
     with runtime.main_process_first():
         test_dataset = data.build_dataset(
-            opt.dataset, 'test', test_transform(opt.size, mean, std),
-            data_folder=opt.data_folder, test_folder=opt.test_folder)
+            opt.dataset,
+            'test',
+            test_transform(opt.size, mean, std),
+            data_folder=opt.data_folder,
+            test_folder=opt.test_folder,
+        )
     class_names = list(test_dataset.classes)
     if opt.num_classes is not None and opt.num_classes != len(class_names):
-        raise UserError(f'--num_classes {opt.num_classes} does not match the'
-                        f' {len(class_names)} classes of the test data; drop'
-                        f' --num_classes or fix it')
+        raise UserError(
+            f'--num_classes {opt.num_classes} does not match the'
+            f' {len(class_names)} classes of the test data; drop'
+            f' --num_classes or fix it'
+        )
     subset = stratified_subset(test_dataset.targets, opt.max_samples, opt.seed)
     loader, _ = build_loader(
-        torch.utils.data.Subset(test_dataset, subset.tolist()), opt.local_batch_size_val,
-        shuffle=False, seed=opt.seed, rank=opt.rank, world_size=opt.world_size,
-        num_workers=opt.num_workers, pin_memory=opt.pin_memory, pad=False)
+        torch.utils.data.Subset(test_dataset, subset.tolist()),
+        opt.local_batch_size_val,
+        shuffle=False,
+        seed=opt.seed,
+        rank=opt.rank,
+        world_size=opt.world_size,
+        num_workers=opt.num_workers,
+        pin_memory=opt.pin_memory,
+        pad=False,
+    )
     return loader, class_names
 
 
 def set_model(opt):
     """(encoder, head or None, title): the checkpoint's networks, frozen, and what they are."""
     ckpt = load_checkpoint(opt.ckpt)
-    encoder, model = build_encoder(ckpt, opt.ckpt, opt.model, key_encoder=opt.key_encoder)
-    head = (build_head(ckpt, opt.ckpt, model, encoder.feature_dim, key_encoder=opt.key_encoder)
-            if opt.features == 'head' else None)
+    encoder, model = encoder_from_checkpoint(ckpt, opt.ckpt, opt.model, key_encoder=opt.key_encoder)
+    head = (
+        head_from_checkpoint(
+            ckpt, opt.ckpt, model, encoder.feature_dim, key_encoder=opt.key_encoder
+        )
+        if opt.features == 'head'
+        else None
+    )
     epoch = '?' if ckpt.get('epoch') is None else ckpt['epoch']
     title = f'{checkpoint_method(ckpt)} · {model} · epoch {epoch}'
     del ckpt
@@ -185,17 +252,38 @@ def plot(points, labels, names, title, opt):
     for c in range(n):
         mask = labels == c
         if mask.any():
-            ax.scatter(points[mask, 0], points[mask, 1], s=6, color=colours[c], label=names[c],
-                       linewidths=0, alpha=0.8)
+            ax.scatter(
+                points[mask, 0],
+                points[mask, 1],
+                s=6,
+                color=colours[c],
+                label=names[c],
+                linewidths=0,
+                alpha=0.8,
+            )
     ax.set_title(title, fontsize=11, pad=14)
-    ax.text(0.5, 1.01, f'{opt.dataset} test, {len(labels)} images, {opt.features} features',
-            transform=ax.transAxes, ha='center', va='bottom', fontsize=7, color='0.4')
+    ax.text(
+        0.5,
+        1.01,
+        f'{opt.dataset} test, {len(labels)} images, {opt.features} features',
+        transform=ax.transAxes,
+        ha='center',
+        va='bottom',
+        fontsize=7,
+        color='0.4',
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     if n <= 20:  # beyond that a legend is unreadable; the colours still separate classes
         fig.subplots_adjust(left=0.02, right=0.80, top=0.90, bottom=0.02)
-        ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5), fontsize=7, markerscale=2,
-                  frameon=False, handletextpad=0.2)
+        ax.legend(
+            loc='center left',
+            bbox_to_anchor=(1.01, 0.5),
+            fontsize=7,
+            markerscale=2,
+            frameon=False,
+            handletextpad=0.2,
+        )
     else:
         fig.subplots_adjust(left=0.02, right=0.98, top=0.90, bottom=0.02)
     return fig
@@ -213,8 +301,11 @@ def main():
 
     # extract features (every rank's share, gathered) and embed them on the main process
     if runtime.is_main_process():
-        print(f'extracting {opt.features} features of {len(loader.dataset)} {opt.dataset} test'
-              f' images with {opt.ckpt}', flush=True)
+        print(
+            f'extracting {opt.features} features of {len(loader.dataset)} {opt.dataset} test'
+            f' images with {opt.ckpt}',
+            flush=True,
+        )
     features, labels = extract_features(encoder, loader, opt, head=head, desc='test split')
     if not runtime.is_main_process():
         return
@@ -229,8 +320,10 @@ def main():
         fig.savefig(opt.out, dpi=DPI)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f'--out {opt.out}: cannot write the figure ({reason}); pass a'
-                             f' writable path ending in .png') from None
+        raise UserError(
+            f'--out {opt.out}: cannot write the figure ({reason}); pass a'
+            f' writable path ending in .png'
+        ) from None
     finally:
         plt.close(fig)
     print(f'wrote {opt.out}', flush=True)

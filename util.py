@@ -2,26 +2,19 @@
 
 Users' own scripts import these (``from util import TwoCropTransform, AverageMeter,
 adjust_learning_rate, warmup_learning_rate, accuracy, set_optimizer, save_model``), so
-they stay here; ``UserError`` is the one-line error every script prints. This module
-imports nothing else of the project: the other modules import from it.
+they stay here; ``UserError`` is the one-line error every script prints (defined in
+``supcon.errors``). Of the project it imports only the two leaf modules ``supcon.errors``
+and ``supcon.atomic`` (the one atomic write), so every other module may import it.
 """
+
 import argparse
-import contextlib
 import math
-import os
-import tempfile
 
 import numpy as np
 import torch
 
-
-class UserError(Exception):
-    """A problem the user can fix; the message is one line naming it and the fix."""
-
-
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite: training diverged."""
-
+from supcon.atomic import atomic_save
+from supcon.errors import NonFiniteLossError, UserError  # noqa: F401 (re-exported)
 
 
 class TwoCropTransform:
@@ -65,7 +58,7 @@ def correct_counts(output, target, topk=(1,)):
     maxk = min(max(topk), output.shape[1])
     _, pred = output.topk(maxk, 1, True, True)
     hits = pred.t().eq(target.view(1, -1))
-    return [hits[:min(k, maxk)].reshape(-1).float().sum() for k in topk]
+    return [hits[: min(k, maxk)].reshape(-1).float().sum() for k in topk]
 
 
 def accuracy(output, target, topk=(1,)):
@@ -75,7 +68,6 @@ def accuracy(output, target, topk=(1,)):
         return [c.mul(100.0 / batch_size) for c in correct_counts(output, target, topk)]
 
 
-
 # --------------------------------------------------------------------------- schedule
 
 
@@ -83,12 +75,12 @@ def learning_rate_at(opt, epoch):
     """Epoch learning rate of the reference: cosine to lr * rate**3, or step decay."""
     lr = opt.learning_rate
     if opt.cosine:
-        eta_min = lr * (opt.lr_decay_rate ** 3)
+        eta_min = lr * (opt.lr_decay_rate**3)
         lr = eta_min + (lr - eta_min) * (1 + math.cos(math.pi * epoch / opt.epochs)) / 2
     else:
         steps = int(np.sum(epoch > np.asarray(opt.lr_decay_epochs)))
         if steps > 0:
-            lr = lr * (opt.lr_decay_rate ** steps)
+            lr = lr * (opt.lr_decay_rate**steps)
     return lr
 
 
@@ -110,8 +102,12 @@ def set_lr(optimizer, lr):
 
 
 def set_optimizer(opt, model):
-    return torch.optim.SGD(model.parameters(), lr=opt.learning_rate,
-                           momentum=opt.momentum, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=opt.learning_rate,
+        momentum=opt.momentum,
+        weight_decay=opt.weight_decay,
+    )
 
 
 def save_model(model, optimizer, opt, epoch, save_file):
@@ -127,15 +123,5 @@ def save_model(model, optimizer, opt, epoch, save_file):
         'optimizer': optimizer.state_dict(),
         'epoch': epoch,
     }
-    folder = os.path.dirname(os.path.abspath(save_file))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(save_file) + '.', suffix='.tmp',
-                               dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
-        os.replace(tmp, save_file)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    atomic_save(state, save_file)
     del state

@@ -1,10 +1,12 @@
-"""Time and peak memory of one forward+backward of the SupCon loss: plain formula vs losses.SupConLoss.
+"""Time and peak memory of one forward+backward of the SupCon loss: plain formula vs
+losses.SupConLoss.
 
     python benchmarks/bench_loss.py [--sizes 512 2048 8192] [--device cpu cuda] [--repeats 5]
 
-N = bsz * 2 views, D = 128, 10 classes. Prints a markdown table. Every (device, N, method) case runs in a
-fresh subprocess so that one case's peak cannot hide behind an earlier, larger one.
+N = bsz * 2 views, D = 128, 10 classes. Prints a markdown table. Every (device, N, method) case runs
+in a fresh subprocess so that one case's peak cannot hide behind an earlier, larger one.
 """
+
 import argparse
 import json
 import os
@@ -26,18 +28,23 @@ METHODS = ('plain', 'lean', 'lean-chunked')
 
 
 def plain_supcon_loss(features, labels, temperature=0.1, base_temperature=0.07):
-    """The loss as the original repository writes it (contrast_mode='all'): every N x N step materialised."""
+    """The loss as the original repository writes it (contrast_mode='all'): every N x N step
+    materialised."""
     bsz, n_views = features.shape[:2]
     labels = labels.reshape(-1, 1)
     same_label = (labels == labels.t()).float()
     contrast = torch.cat(torch.unbind(features, 1))
     similarity = contrast @ contrast.t() / temperature
     logits = similarity - similarity.max(1, keepdim=True).values.detach()
-    not_self = torch.ones_like(logits).scatter(1, torch.arange(bsz * n_views, device=features.device)[:, None], 0)
+    not_self = torch.ones_like(logits).scatter(
+        1, torch.arange(bsz * n_views, device=features.device)[:, None], 0
+    )
     positives = same_label.repeat(n_views, n_views) * not_self
     log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
     positive_count = positives.sum(1)
-    positive_count = torch.where(positive_count < 1e-6, torch.ones_like(positive_count), positive_count)
+    positive_count = torch.where(
+        positive_count < 1e-6, torch.ones_like(positive_count), positive_count
+    )
     mean_log_prob_pos = (positives * log_prob).sum(1) / positive_count
     return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
 
@@ -68,7 +75,8 @@ def synchronize(device):
 def measure_one_case(method, n, dim, device, repeats, chunk_size):
     """Peak memory above the inputs, then median time; runs inside its own subprocess."""
     loss_fn = make_loss(method, chunk_size)
-    # A tiny run first, so thread pools, BLAS workspaces and the CUDA context are not counted as the loss's.
+    # A tiny run first, so thread pools, BLAS workspaces and the CUDA context are not counted as the
+    # loss's.
     forward_backward(loss_fn, *make_inputs(64, dim, device, seed=1))
     features, labels = make_inputs(n, dim, device)
     synchronize(device)
@@ -80,10 +88,13 @@ def measure_one_case(method, n, dim, device, repeats, chunk_size):
         synchronize(device)
         peak_bytes = torch.cuda.max_memory_allocated() - baseline
     else:
-        # ru_maxrss is this process's resident high-water mark (KiB on Linux). The baseline is taken after the
-        # inputs exist and libraries are warm, so the increase is what the forward+backward itself needed at
-        # its peak. Tensors this large are mmap'ed by the allocator and returned on free, so RSS follows live
-        # tensors, and every N x N temporary is fully written, so none of it is counted as untouched pages.
+        # ru_maxrss is this process's resident high-water mark (KiB on Linux). The baseline is taken
+        # after the inputs exist and libraries are warm, so the increase is what the
+        # forward+backward itself
+        # needed at
+        # its peak. Tensors this large are mmap'ed by the allocator and returned on free, so RSS
+        # follows live tensors, and every N x N temporary is fully written, so none of it is counted
+        # as untouched pages.
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         forward_backward(loss_fn, features, labels)
         peak_bytes = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) * 1024
@@ -95,28 +106,60 @@ def measure_one_case(method, n, dim, device, repeats, chunk_size):
         forward_backward(loss_fn, features, labels)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return {'time_ms': 1000 * statistics.median(times), 'peak_mib': peak_bytes / 2 ** 20}
+    return {'time_ms': 1000 * statistics.median(times), 'peak_mib': peak_bytes / 2**20}
 
 
 def run_case_in_subprocess(method, n, args, device):
-    command = [sys.executable, os.path.abspath(__file__), '--worker', method, '--sizes', str(n),
-               '--device', device, '--repeats', str(args.repeats), '--dim', str(args.dim),
-               '--chunk-size', str(args.chunk_size)] + (['--threads', str(args.threads)] if args.threads else [])
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        '--worker',
+        method,
+        '--sizes',
+        str(n),
+        '--device',
+        device,
+        '--repeats',
+        str(args.repeats),
+        '--dim',
+        str(args.dim),
+        '--chunk-size',
+        str(args.chunk_size),
+    ] + (['--threads', str(args.threads)] if args.threads else [])
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def parse_option():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--sizes', type=int, nargs='+', default=[512, 2048, 8192],
-                        help='N = bsz * 2 views; the plain formula needs about 8 N x N floats')
-    parser.add_argument('--device', nargs='+', default=None,
-                        help='devices to run on; default: cpu, and cuda when present')
-    parser.add_argument('--repeats', type=int, default=5, help='timed runs per case, after one warm-up run')
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        '--sizes',
+        type=int,
+        nargs='+',
+        default=[512, 2048, 8192],
+        help='N = bsz * 2 views; the plain formula needs about 8 N x N floats',
+    )
+    parser.add_argument(
+        '--device',
+        nargs='+',
+        default=None,
+        help='devices to run on; default: cpu, and cuda when present',
+    )
+    parser.add_argument(
+        '--repeats', type=int, default=5, help='timed runs per case, after one warm-up run'
+    )
     parser.add_argument('--dim', type=int, default=128, help='feature dimension D')
-    parser.add_argument('--chunk-size', type=int, default=512, help='anchor rows per block for lean-chunked')
-    parser.add_argument('--threads', type=int, default=None,
-                        help='CPU threads for torch; default: torch\'s own choice (all cores)')
+    parser.add_argument(
+        '--chunk-size', type=int, default=512, help='anchor rows per block for lean-chunked'
+    )
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='CPU threads for torch; default: torch\'s own choice (all cores)',
+    )
     parser.add_argument('--worker', choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device is None:
@@ -129,12 +172,24 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(measure_one_case(args.worker, args.sizes[0], args.dim, args.device[0],
-                                          args.repeats, args.chunk_size)))
+        print(
+            json.dumps(
+                measure_one_case(
+                    args.worker,
+                    args.sizes[0],
+                    args.dim,
+                    args.device[0],
+                    args.repeats,
+                    args.chunk_size,
+                )
+            )
+        )
         return
 
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, D={args.dim}, '
-          f'chunk_size={args.chunk_size}, median of {args.repeats} runs after a warm-up\n')
+    print(
+        f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, D={args.dim}, '
+        f'chunk_size={args.chunk_size}, median of {args.repeats} runs after a warm-up\n'
+    )
     print('| device | N | method | time ms | peak MiB | time vs plain | peak vs plain |')
     print('|---|---|---|---|---|---|---|')
     for device in args.device:
@@ -143,9 +198,13 @@ def main():
             for method in METHODS:
                 result = run_case_in_subprocess(method, n, args, device)
                 plain = plain or result
-                print(f"| {device} | {n} | {method} | {result['time_ms']:.1f} | {result['peak_mib']:.1f} | "
-                      f"{result['time_ms'] / plain['time_ms']:.2f} | "
-                      f"{result['peak_mib'] / max(plain['peak_mib'], 1e-9):.2f} |", flush=True)
+                print(
+                    f"| {device} | {n} | {method} | {result['time_ms']:.1f} | "
+                    f"{result['peak_mib']:.1f} | "
+                    f"{result['time_ms'] / plain['time_ms']:.2f} | "
+                    f"{result['peak_mib'] / max(plain['peak_mib'], 1e-9):.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == '__main__':

@@ -1,24 +1,28 @@
-"""Images per second of real main_supcon.py training steps, per precision / memory-format / compile setting.
+"""Images per second of real main_supcon.py training steps, per precision / memory-format / compile
+setting.
 
-    python benchmarks/bench_train.py [--configs fp32 amp ...] [--device cpu] [--model resnet18] [--size 32]
-                                     [--batch_size 128] [--steps 8] [--warmup 2] [--num_workers N]
-    python benchmarks/bench_train.py --epoch_time            # one full epoch, fp32 vs --amp
-    python benchmarks/bench_train.py --rounds 3              # each configuration 3 times, interleaved; medians
-    python benchmarks/bench_train.py --device cuda --model resnet50
+    python benchmarks/bench_train.py [--configs fp32 amp ...] [--device cpu] [--model resnet18]
+                                     [--size 32] [--batch_size 128] [--steps 8] [--warmup 2]
+    [--num_workers N] python benchmarks/bench_train.py --epoch_time            # one full epoch,
+    fp32 vs --amp python benchmarks/bench_train.py --rounds 3              # each configuration 3
+    times, interleaved; medians python benchmarks/bench_train.py --device cuda --model resnet50
 
-Every configuration runs in a fresh subprocess that builds its run exactly as main_supcon.main() does
-(parse_option, setup_runtime, Run, set_loader, set_model, set_optimizer, make_scaler, Run.restore) and then
-calls main_supcon.train() itself, over the real loader cut to warmup + steps full batches. Timing comes from
-that loader wrapper: a step runs from the moment train() asks for its batch to the moment it asks for the
-next one, so it includes the wait for data, the forward, the loss, the SGD step and train()'s one host sync
+Every configuration runs in a fresh subprocess that builds its run exactly as main_supcon.main()
+does (parse_option, setup_runtime, Run, set_loader, set_model, set_optimizer, make_scaler,
+Run.restore) and then calls main_supcon.train() itself, over the real loader cut to warmup + steps
+full batches. Timing comes from that loader wrapper: a step runs from the moment train() asks for
+its batch to the moment it asks for the next one, so it includes the wait for data, the forward, the
+loss, the SGD step and train()'s one host sync
 per step (which makes CUDA timings honest without extra synchronisation).
 
-Counting: a step of --batch_size B feeds the network 2 * B images (two views each). "img/s" counts those
-2 * B images per step; "samples/s" counts the B data-set images (the reference's "batch"). The step time is
-the median over the timed steps; the warm-up steps (cuDNN autotuning, oneDNN primitive creation,
-torch.compile) are excluded and their total time is reported on its own. "data %" is the reference's DT over
-BT: time waiting for the loader over total step time, summed over the timed steps.
+Counting: a step of --batch_size B feeds the network 2 * B images (two views each). "img/s" counts
+those 2 * B images per step; "samples/s" counts the B data-set images (the reference's "batch"). The
+step time is the median over the timed steps; the warm-up steps (cuDNN autotuning, oneDNN primitive
+creation, torch.compile) are excluded and their total time is reported on its own. "data %" is the
+reference's DT over BT: time waiting for the loader over total step time, summed over the timed
+steps.
 """
+
 import argparse
 import json
 import os
@@ -30,8 +34,8 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-# name: main_supcon.py flags. --amp means bfloat16 on CPU and on GPUs that support it (see runtime.configure_precision)
-# and turns channels_last on unless --no-channels_last is given.
+# name: main_supcon.py flags. --amp means bfloat16 on CPU and on GPUs that support it (see
+# runtime.configure_precision) and turns channels_last on unless --no-channels_last is given.
 CONFIGS = {
     'fp32': [],
     'fp32+cl': ['--channels_last'],
@@ -53,13 +57,17 @@ DEFAULT_CONFIGS = {
 }
 
 
-# --------------------------------------------------------------------------- one configuration (worker)
+# --------------------------------------------------------------------------- one configuration
+# (worker)
+
 
 class TimedBatches:
-    """The loader's first `limit` full batches (across epochs if needed), with when each was asked for and got.
+    """The loader's first `limit` full batches (across epochs if needed), with when each was asked
+    for and got.
 
-    train() sees an ordinary iterable of (images, labels). asked[i] is when it asked for batch i, got[i] when it
-    received it; asked[limit] is when it asked past the last one, i.e. when the last step had finished.
+    train() sees an ordinary iterable of (images, labels). asked[i] is when it asked for batch i,
+    got[i] when it received it; asked[limit] is when it asked past the last one, i.e. when the last
+    step had finished.
     """
 
     def __init__(self, loader, sampler, limit, batch_size):
@@ -74,7 +82,8 @@ class TimedBatches:
         while True:
             self.sampler.set_epoch(self.epoch)
             for images, labels in self.loader:
-                # the short last batch of an epoch would time a different shape (and recompile under --compile)
+                # the short last batch of an epoch would time a different shape (and recompile under
+                # --compile)
                 if labels.shape[0] == self.batch_size:
                     yield images, labels
             self.epoch += 1
@@ -91,11 +100,10 @@ class TimedBatches:
 
 def build_run(argv):
     """Everything main_supcon.main() builds before its epoch loop, in the same order."""
-    import checkpoint
-    import training_run
     import main_supcon
-    import runtime
     import util
+    from supcon import runtime, training_run
+
     opt = main_supcon.parse_option(argv)
     runtime.setup_runtime(opt)
     run = training_run.Run(opt, meters={'loss': util.AverageMeter()})
@@ -109,49 +117,87 @@ def build_run(argv):
 
 
 def script_argv(args, config):
-    argv = ['--dataset', args.dataset, '--model', args.model, '--size', str(args.size),
-            *(['--patch_size', str(args.patch_size)] if args.model.startswith('vit') else []),
-            '--batch_size', str(args.batch_size), '--num_workers', str(args.num_workers),
-            '--device', args.device, '--epochs', '1', '--print_freq', '1000000', '--seed', '0',
-            '--trial', 'bench']
+    argv = [
+        '--dataset',
+        args.dataset,
+        '--model',
+        args.model,
+        '--size',
+        str(args.size),
+        *(['--patch_size', str(args.patch_size)] if args.model.startswith('vit') else []),
+        '--batch_size',
+        str(args.batch_size),
+        '--num_workers',
+        str(args.num_workers),
+        '--device',
+        args.device,
+        '--epochs',
+        '1',
+        '--print_freq',
+        '1000000',
+        '--seed',
+        '0',
+        '--trial',
+        'bench',
+    ]
     if args.data_folder:
         argv += ['--data_folder', args.data_folder]
     return argv + CONFIGS[config]
 
 
 def describe(opt):
-    return {'amp_dtype': opt.amp_dtype if opt.amp else 'float32', 'channels_last': bool(opt.channels_last),
-            'compile': bool(opt.compile), 'num_workers': opt.num_workers, 'device': str(opt.device),
-            'conv_wgrad': opt.cpu_bf16_wgrad}
+    return {
+        'amp_dtype': opt.amp_dtype if opt.amp else 'float32',
+        'channels_last': bool(opt.channels_last),
+        'compile': bool(opt.compile),
+        'num_workers': opt.num_workers,
+        'device': str(opt.device),
+        'conv_wgrad': opt.cpu_bf16_wgrad,
+    }
 
 
 def peak_memory(opt):
     import torch
-    return torch.cuda.max_memory_allocated(opt.device) / 2 ** 30 if opt.device.type == 'cuda' else None
+
+    return (
+        torch.cuda.max_memory_allocated(opt.device) / 2**30 if opt.device.type == 'cuda' else None
+    )
 
 
 def measure_steps(args, config):
     """Warm-up + timed steps of main_supcon.train(); per-step times in seconds."""
     import main_supcon
+
     opt, run, loader, sampler, model, criterion, optimizer, scaler, extra = build_run(
-        script_argv(args, config))
+        script_argv(args, config)
+    )
     run.begin_epoch(1, sampler)
     batches = TimedBatches(loader, sampler, args.warmup + args.steps, opt.local_batch_size)
     loss, _ = main_supcon.train(batches, model, criterion, optimizer, scaler, 1, opt, run, **extra)
     steps = [b - a for a, b in zip(batches.asked, batches.asked[1:])]
     data = [g - a for a, g in zip(batches.asked, batches.got)]
-    timed, timed_data = steps[args.warmup:], data[args.warmup:]
-    return dict(describe(opt), kind='steps', loss=loss, batch_size=opt.batch_size,
-                steps_per_epoch=len(loader), warmup_s=sum(steps[:args.warmup]),
-                step_s=statistics.median(timed), data_share=sum(timed_data) / sum(timed),
-                peak_gib=peak_memory(opt))
+    timed, timed_data = steps[args.warmup :], data[args.warmup :]
+    return dict(
+        describe(opt),
+        kind='steps',
+        loss=loss,
+        batch_size=opt.batch_size,
+        steps_per_epoch=len(loader),
+        warmup_s=sum(steps[: args.warmup]),
+        step_s=statistics.median(timed),
+        data_share=sum(timed_data) / sum(timed),
+        peak_gib=peak_memory(opt),
+    )
 
 
 def measure_epoch(args, config):
-    """One whole main_supcon epoch (every batch, the short last one included) after a short warm-up."""
+    """One whole main_supcon epoch (every batch, the short last one included) after a short
+    warm-up."""
     import main_supcon
+
     opt, run, loader, sampler, model, criterion, optimizer, scaler, extra = build_run(
-        script_argv(args, config))
+        script_argv(args, config)
+    )
     run.begin_epoch(1, sampler)
     warm = TimedBatches(loader, sampler, args.warmup, opt.local_batch_size)
     main_supcon.train(warm, model, criterion, optimizer, scaler, 1, opt, run, **extra)
@@ -159,17 +205,36 @@ def measure_epoch(args, config):
     start = time.perf_counter()
     loss, _ = main_supcon.train(loader, model, criterion, optimizer, scaler, 2, opt, run, **extra)
     epoch_s = time.perf_counter() - start
-    return dict(describe(opt), kind='epoch', loss=loss, batch_size=opt.batch_size,
-                steps_per_epoch=len(loader), warmup_s=sum(b - a for a, b in zip(warm.asked, warm.asked[1:])),
-                epoch_s=epoch_s, images=len(loader.dataset), peak_gib=peak_memory(opt))
+    return dict(
+        describe(opt),
+        kind='epoch',
+        loss=loss,
+        batch_size=opt.batch_size,
+        steps_per_epoch=len(loader),
+        warmup_s=sum(b - a for a, b in zip(warm.asked, warm.asked[1:])),
+        epoch_s=epoch_s,
+        images=len(loader.dataset),
+        peak_gib=peak_memory(opt),
+    )
 
 
 # --------------------------------------------------------------------------- driver
 
+
 def run_config_in_subprocess(args, config, model):
-    """(result dict or None, error text); a fresh process so no config inherits another's caches or compiles."""
+    """(result dict or None, error text); a fresh process so no config inherits another's caches or
+    compiles."""
     command = [sys.executable, os.path.abspath(__file__), '--worker', config, '--model', model]
-    for name in ('device', 'size', 'batch_size', 'steps', 'warmup', 'num_workers', 'dataset', 'patch_size'):
+    for name in (
+        'device',
+        'size',
+        'batch_size',
+        'steps',
+        'warmup',
+        'num_workers',
+        'dataset',
+        'patch_size',
+    ):
         command += [f'--{name}', str(getattr(args, name))]
     if args.data_folder:
         command += ['--data_folder', args.data_folder]
@@ -178,8 +243,9 @@ def run_config_in_subprocess(args, config, model):
     if args.epoch_time:
         command.append('--epoch_time')
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                              env=dict(os.environ))
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, env=dict(os.environ)
+        )
     except subprocess.TimeoutExpired:
         return None, f'timed out after {args.timeout} s'
     lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
@@ -191,21 +257,28 @@ def run_config_in_subprocess(args, config, model):
 
 def print_header(args):
     import torch
+
     device = args.device
     if device.startswith('cuda') and torch.cuda.is_available():
         device = f'{device} ({torch.cuda.get_device_name()})'
-    print(f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, '
-          f'{", ".join(args.models)}, '
-          f'--dataset {args.dataset} --size {args.size} --batch_size {args.batch_size} '
-          f'(= {2 * args.batch_size} images through the network per step), --num_workers {args.num_workers} '
-          f'(capped at the CPUs)', flush=True)
+    print(
+        f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, '
+        f'{", ".join(args.models)}, '
+        f'--dataset {args.dataset} --size {args.size} --batch_size {args.batch_size} '
+        f'(= {2 * args.batch_size} images through the network per step),'
+        f' --num_workers {args.num_workers} '
+        f'(capped at the CPUs)',
+        flush=True,
+    )
 
 
 def collect(args, key):
-    """Run every configuration args.rounds times, interleaved; returns ({config: median run}, {config: error}).
+    """Run every configuration args.rounds times, interleaved; returns ({config: median run},
+    {config: error}).
 
-    Interleaving (fp32, amp, ..., fp32, amp, ...) spreads the slow drifts of a shared machine over all
-    configurations; the median run (by `key`) of each is reported, with all its values under 'rounds'.
+    Interleaving (fp32, amp, ..., fp32, amp, ...) spreads the slow drifts of a shared machine over
+    all configurations; the median run (by `key`) of each is reported, with all its values under
+    'rounds'.
     """
     runs, errors = {label: [] for label, _, _ in args.entries}, {}
     for round_index in range(args.rounds):
@@ -217,31 +290,46 @@ def collect(args, key):
                 errors[label] = error
                 continue
             runs[label].append(dict(result, model=model))
-            print(f'round {round_index + 1}/{args.rounds} {label}: {key} {result[key]:.3f}', flush=True)
+            print(
+                f'round {round_index + 1}/{args.rounds} {label}: {key} {result[key]:.3f}',
+                flush=True,
+            )
     medians = {}
     for config, results in runs.items():
         if results:
             ordered = sorted(results, key=lambda r: r[key])
-            medians[config] = dict(ordered[(len(ordered) - 1) // 2], rounds=[r[key] for r in results])
+            medians[config] = dict(
+                ordered[(len(ordered) - 1) // 2], rounds=[r[key] for r in results]
+            )
     return medians, errors
 
 
 def spread(result):
     """(max - min) / median of a configuration's rounds, in percent; '-' for a single round."""
     values = result['rounds']
-    return f'{100 * (max(values) - min(values)) / sorted(values)[(len(values) - 1) // 2]:.0f}%' \
-        if len(values) > 1 else '-'
+    return (
+        f'{100 * (max(values) - min(values)) / sorted(values)[(len(values) - 1) // 2]:.0f}%'
+        if len(values) > 1
+        else '-'
+    )
 
 
 def bench_steps(args):
     print_header(args)
-    print(f'median of {args.steps} steps after {args.warmup} warm-up steps, median of {args.rounds} interleaved '
-          f'round(s); img/s counts both views (2 x batch), samples/s the data-set images\n', flush=True)
+    print(
+        f'median of {args.steps} steps after {args.warmup} warm-up steps,'
+        f' median of {args.rounds} interleaved '
+        f'round(s); img/s counts both views (2 x batch), samples/s the data-set images\n',
+        flush=True,
+    )
     results, errors = collect(args, 'step_s')
-    print('\n| config | precision | channels_last | compile | step ms | img/s | samples/s | vs fp32 | data % '
-          '| warm-up s | peak GiB | spread |')
+    print(
+        '\n| config | precision | channels_last | compile | step ms | img/s | samples/s | vs fp32 |'
+        ' data % '
+        '| warm-up s | peak GiB | spread |'
+    )
     print('|---|---|---|---|---|---|---|---|---|---|---|---|', flush=True)
-    for config, model, plain in args.entries:
+    for config, model, _plain in args.entries:
         if config in errors:
             print(f'| {config} | {errors[config]} ||||||||||', flush=True)
             continue
@@ -249,19 +337,29 @@ def bench_steps(args):
         base_label = 'fp32' if len(args.models) == 1 else f'{model}/fp32'
         base = results.get(base_label)
         images_per_s = 2 * result['batch_size'] / result['step_s']
-        speedup = f'{images_per_s / (2 * base["batch_size"] / base["step_s"]):.2f}x' if base else '-'
+        speedup = (
+            f'{images_per_s / (2 * base["batch_size"] / base["step_s"]):.2f}x' if base else '-'
+        )
         peak = f"{result['peak_gib']:.2f}" if result['peak_gib'] is not None else '-'
-        print(f"| {config} | {result['amp_dtype']} | {'on' if result['channels_last'] else 'off'} | "
-              f"{'yes' if result['compile'] else 'no'} | {1000 * result['step_s']:.0f} | {images_per_s:.0f} | "
-              f"{images_per_s / 2:.0f} | {speedup} | {100 * result['data_share']:.1f} | "
-              f"{result['warmup_s']:.1f} | {peak} | {spread(result)} |", flush=True)
+        print(
+            f"| {config} | {result['amp_dtype']} | {'on' if result['channels_last'] else 'off'} | "
+            f"{'yes' if result['compile'] else 'no'} | {1000 * result['step_s']:.0f} | "
+            f"{images_per_s:.0f} | "
+            f"{images_per_s / 2:.0f} | {speedup} | {100 * result['data_share']:.1f} | "
+            f"{result['warmup_s']:.1f} | {peak} | {spread(result)} |",
+            flush=True,
+        )
     return results
 
 
 def bench_epoch(args):
     print_header(args)
-    print(f'one full epoch each ({args.warmup} warm-up steps first, not counted), median of {args.rounds} '
-          f'interleaved round(s)\n', flush=True)
+    print(
+        f'one full epoch each ({args.warmup} warm-up steps first, not counted),'
+        f' median of {args.rounds} '
+        f'interleaved round(s)\n',
+        flush=True,
+    )
     results, errors = collect(args, 'epoch_s')
     print('\n| config | precision | channels_last | steps | epoch s | img/s | loss | spread |')
     print('|---|---|---|---|---|---|---|---|', flush=True)
@@ -270,42 +368,88 @@ def bench_epoch(args):
             print(f'| {config} | {errors[config]} |||||||', flush=True)
             continue
         result = results[config]
-        print(f"| {config} | {result['amp_dtype']} | {'on' if result['channels_last'] else 'off'} | "
-              f"{result['steps_per_epoch']} | {result['epoch_s']:.1f} | "
-              f"{2 * result['images'] / result['epoch_s']:.0f} | {result['loss']:.3f} | {spread(result)} |",
-              flush=True)
+        print(
+            f"| {config} | {result['amp_dtype']} | {'on' if result['channels_last'] else 'off'} | "
+            f"{result['steps_per_epoch']} | {result['epoch_s']:.1f} | "
+            f"{2 * result['images'] / result['epoch_s']:.0f} | {result['loss']:.3f} | "
+            f"{spread(result)} |",
+            flush=True,
+        )
     if 'fp32' in results and 'amp' in results:
-        print(f"\nepoch time fp32 / --amp = {results['fp32']['epoch_s'] / results['amp']['epoch_s']:.2f}",
-              flush=True)
+        print(
+            '\nepoch time fp32 / --amp = '
+            f"{results['fp32']['epoch_s'] / results['amp']['epoch_s']:.2f}",
+            flush=True,
+        )
     return results
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument('--device', type=str, default='cpu', help='cpu, cuda or cuda:N')
-    parser.add_argument('--model', type=str, default='resnet18', help='resnet18 on CPU; resnet50 for a GPU')
-    parser.add_argument('--models', nargs='+', default=None,
-                        help='several models side by side (every config for each, interleaved); rows are'
-                             ' labelled model/config, e.g. --models resnet18 vit_tiny_patch16_224 convnext_atto')
+    parser.add_argument(
+        '--model', type=str, default='resnet18', help='resnet18 on CPU; resnet50 for a GPU'
+    )
+    parser.add_argument(
+        '--models',
+        nargs='+',
+        default=None,
+        help='several models side by side (every config for each, interleaved); rows are'
+        ' labelled model/config, e.g. --models resnet18 vit_tiny_patch16_224 convnext_atto',
+    )
     parser.add_argument('--patch_size', type=int, default=4, help='--patch_size for vit* models')
-    parser.add_argument('--dataset', type=str, default='digits', help='digits runs offline (1437 images)')
-    parser.add_argument('--data_folder', type=str, default=None, help='passed to main_supcon.py when given')
+    parser.add_argument(
+        '--dataset', type=str, default='digits', help='digits runs offline (1437 images)'
+    )
+    parser.add_argument(
+        '--data_folder', type=str, default=None, help='passed to main_supcon.py when given'
+    )
     parser.add_argument('--size', type=int, default=32, help='crop size')
-    parser.add_argument('--batch_size', type=int, default=128, help='samples per step; the network sees twice')
+    parser.add_argument(
+        '--batch_size', type=int, default=128, help='samples per step; the network sees twice'
+    )
     parser.add_argument('--steps', type=int, default=8, help='timed steps per configuration')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed steps first (compile, autotuning)')
-    parser.add_argument('--configs', nargs='+', default=None, choices=sorted(CONFIGS),
-                        help='default: ' + '; '.join(f'{d}: {" ".join(c)}' for d, c in DEFAULT_CONFIGS.items()))
-    parser.add_argument('--num_workers', type=int, default=os.cpu_count() or 1,
-                        help='loader workers (default: all CPUs), as main_supcon.py --num_workers')
-    parser.add_argument('--skip_compile', action='store_true', help='leave out the --compile configurations')
-    parser.add_argument('--epoch_time', action='store_true',
-                        help='time one full epoch of fp32 and of --amp instead and print their ratio')
-    parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads; default: torch\'s own')
-    parser.add_argument('--rounds', type=int, default=1,
-                        help='run the configurations this many times, interleaved, and report medians')
-    parser.add_argument('--timeout', type=int, default=1200, help='seconds allowed per configuration')
-    parser.add_argument('--json', type=str, default=None, help='also write the results to this file')
+    parser.add_argument(
+        '--warmup', type=int, default=2, help='untimed steps first (compile, autotuning)'
+    )
+    parser.add_argument(
+        '--configs',
+        nargs='+',
+        default=None,
+        choices=sorted(CONFIGS),
+        help='default: ' + '; '.join(f'{d}: {" ".join(c)}' for d, c in DEFAULT_CONFIGS.items()),
+    )
+    parser.add_argument(
+        '--num_workers',
+        type=int,
+        default=os.cpu_count() or 1,
+        help='loader workers (default: all CPUs), as main_supcon.py --num_workers',
+    )
+    parser.add_argument(
+        '--skip_compile', action='store_true', help='leave out the --compile configurations'
+    )
+    parser.add_argument(
+        '--epoch_time',
+        action='store_true',
+        help='time one full epoch of fp32 and of --amp instead and print their ratio',
+    )
+    parser.add_argument(
+        '--threads', type=int, default=None, help='torch intra-op threads; default: torch\'s own'
+    )
+    parser.add_argument(
+        '--rounds',
+        type=int,
+        default=1,
+        help='run the configurations this many times, interleaved, and report medians',
+    )
+    parser.add_argument(
+        '--timeout', type=int, default=1200, help='seconds allowed per configuration'
+    )
+    parser.add_argument(
+        '--json', type=str, default=None, help='also write the results to this file'
+    )
     parser.add_argument('--worker', choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
@@ -313,14 +457,20 @@ def parse_option(argv=None):
     if args.data_folder:
         args.data_folder = os.path.abspath(args.data_folder)
     if args.configs is None:
-        args.configs = (['fp32', 'amp'] if args.epoch_time else
-                        DEFAULT_CONFIGS['cuda' if args.device.startswith('cuda') else 'cpu'])
+        args.configs = (
+            ['fp32', 'amp']
+            if args.epoch_time
+            else DEFAULT_CONFIGS['cuda' if args.device.startswith('cuda') else 'cpu']
+        )
     if args.skip_compile:
         args.configs = [c for c in args.configs if 'compile' not in c]
     args.models = args.models or [args.model]
     # (row label, model, config): plain config names when there is one model
-    args.entries = [(config if len(args.models) == 1 else f'{model}/{config}', model, config)
-                    for model in args.models for config in args.configs]
+    args.entries = [
+        (config if len(args.models) == 1 else f'{model}/{config}', model, config)
+        for model in args.models
+        for config in args.configs
+    ]
     return args
 
 
@@ -328,6 +478,7 @@ def main():
     args = parse_option()
     if args.threads:
         import torch
+
         torch.set_num_threads(args.threads)
     if args.worker:
         measure = measure_epoch if args.epoch_time else measure_steps
@@ -339,8 +490,14 @@ def main():
         results = bench_steps(args)
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump({'args': {k: v for k, v in vars(args).items() if k != 'worker'}, 'results': results}, f,
-                      indent=1)
+            json.dump(
+                {
+                    'args': {k: v for k, v in vars(args).items() if k != 'worker'},
+                    'results': results,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == '__main__':

@@ -21,8 +21,8 @@ on the frozen encoder (LINEAR, the same settings for both and for every rate; by
 un-augmented images, ``--aug none``, as demo_digits.sh does); cross-entropy is main_ce.py, with the
 reference's crop-and-flip augmentation. Every method trains its network for EPOCHS epochs (the
 contrastive ones see two views of each image per epoch, cross-entropy one; the linear classifier's
-epochs come on top). The defaults are demo_digits.sh's settings, so the SupCon runs at lr 0.1 are the
-demo's runs.
+epochs come on top). The defaults are demo_digits.sh's settings, so the SupCon runs at lr 0.1 are
+the demo's runs.
 
 The cross-entropy encoders of the seed runs also get the same linear stage as SupCon and SimCLR
 ("cross-entropy encoder + linear"): the network's own classifier was trained on augmented views, so
@@ -37,12 +37,13 @@ renamed when it exits 0); a run whose log exists is not run again, and a run tha
 continues from its last epoch (``--resume auto``; a finished run whose log was deleted is only
 re-read, not retrained: delete its folder under ./save/SupCon/ too to train it again). Runs are
 filed under ./save/SupCon/ with the trial name ``res<seed>_<settings>`` (e.g.
-``res0_s12_e20_b128_t0.1_l20_0.1_none``; the search runs' names end in ``_val_0.2``), so they never mix with
-the demo's runs or with runs of other settings. Each run gets one intra-op thread
+``res0_s12_e20_b128_t0.1_l20_0.1_none``; the search runs' names end in ``_val_0.2``), so they never
+mix with the demo's runs or with runs of other settings. Each run gets one intra-op thread
 (``OMP_NUM_THREADS=1``): on this shared 2-core machine two threads per process were several times
 slower whenever other jobs ran. ``--jobs 2`` runs two of them at a time. Ends with the t-SNE
 pictures of the seed-0 test runs in figures/ (``--no_tsne`` skips them).
 """
+
 import argparse
 import json
 import os
@@ -92,14 +93,24 @@ class Bench:
         self.args = args
         self.out = Path(args.out)
         # runs of other settings never share a log or a run folder with these
-        self.tag = (f's{args.size}_e{args.epochs}_b{args.batch_size}_t{fmt(args.temp)}'
-                    f'_l{args.linear_epochs}_{fmt(args.linear_lr)}_{args.linear_aug}')
+        self.tag = (
+            f's{args.size}_e{args.epochs}_b{args.batch_size}_t{fmt(args.temp)}'
+            f'_l{args.linear_epochs}_{fmt(args.linear_lr)}_{args.linear_aug}'
+        )
         self.logs = self.out / 'logs' / self.tag
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.common = ['--dataset', 'digits', '--model', 'resnet18', '--size', str(args.size),
-                       '--amp', '--num_workers', str(args.num_workers)]
-        self.env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
-                        PYTHONUNBUFFERED='1')
+        self.common = [
+            '--dataset',
+            'digits',
+            '--model',
+            'resnet18',
+            '--size',
+            str(args.size),
+            '--amp',
+            '--num_workers',
+            str(args.num_workers),
+        ]
+        self.env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
         for key in ('WORLD_SIZE', 'LOCAL_RANK', 'RANK', 'LOCAL_WORLD_SIZE'):
             self.env.pop(key, None)
         self.ran_seconds = 0.0
@@ -118,14 +129,17 @@ class Bench:
         with open(part, 'a') as handle:  # a resumed run's log keeps the killed part
             handle.write('# ' + ' '.join(command[1:]) + '\n')
             handle.flush()
-            code = subprocess.call(command, cwd=str(REPO), env=self.env, stdout=handle,
-                                   stderr=subprocess.STDOUT)
+            code = subprocess.call(
+                command, cwd=str(REPO), env=self.env, stdout=handle, stderr=subprocess.STDOUT
+            )
         seconds = time.time() - start
         self.ran_seconds += seconds
         if code != 0:
             tail = ''.join(part.read_text().splitlines(True)[-15:])
-            raise RuntimeError(f'{name} exited {code} after {seconds:.0f} s; its output is in '
-                               f'{part}; last lines:\n{tail}')
+            raise RuntimeError(
+                f'{name} exited {code} after {seconds:.0f} s; its output is in '
+                f'{part}; last lines:\n{tail}'
+            )
         with open(part, 'a') as handle:
             handle.write(f'# exit 0, {seconds:.1f} s\n')
         part.rename(log)
@@ -155,25 +169,56 @@ class Bench:
         suffix = f'_val_{fmt(VAL_SPLIT)}' if val else ''
         split = ['--val_split', fmt(VAL_SPLIT)] if val else []
         name = f'{method}_lr{fmt(lr)}_seed{seed}' + ('_val' if val else '_test')
-        tail = ['--seed', seed, '--cosine', '--epochs', args.epochs, '--save_freq', 100000,
-                '--print_freq', 1000, '--trial', trial, '--resume', 'auto'] + split
+        tail = [
+            '--seed',
+            seed,
+            '--cosine',
+            '--epochs',
+            args.epochs,
+            '--save_freq',
+            100000,
+            '--print_freq',
+            1000,
+            '--trial',
+            trial,
+            '--resume',
+            'auto',
+        ] + split
         if method == 'CE':
-            text = self.run(name, 'main_ce.py', self.common + [
-                '--batch_size', args.batch_size, '--learning_rate', fmt(lr)] + tail)
+            text = self.run(
+                name,
+                'main_ce.py',
+                self.common + ['--batch_size', args.batch_size, '--learning_rate', fmt(lr)] + tail,
+            )
             folder = self.one_folder(
                 f'save/SupCon/digits_models/SupCE_digits_resnet18_lr_{fmt(lr)}_decay_*_bsz_'
-                f'{args.batch_size}_trial_{trial}_cosine{suffix}')
+                f'{args.batch_size}_trial_{trial}_cosine{suffix}'
+            )
             result = dict(self.accuracies(text, name), ckpt=str(folder / 'last.pth'))
             if not val:  # the same linear probe as SupCon's and SimCLR's, on this encoder
                 probe = self.linear(name + '_probe', folder / 'last.pth', seed, split)
                 result['probe'] = self.accuracies(probe, name + '_probe')
             return result
-        self.run(name + '_pretrain', 'main_supcon.py', self.common + [
-            '--method', method, '--batch_size', args.batch_size, '--learning_rate', fmt(lr),
-            '--temp', fmt(args.temp)] + tail)
+        self.run(
+            name + '_pretrain',
+            'main_supcon.py',
+            self.common
+            + [
+                '--method',
+                method,
+                '--batch_size',
+                args.batch_size,
+                '--learning_rate',
+                fmt(lr),
+                '--temp',
+                fmt(args.temp),
+            ]
+            + tail,
+        )
         folder = self.one_folder(
             f'save/SupCon/digits_models/{method}_digits_resnet18_lr_{fmt(lr)}_decay_*_bsz_'
-            f'{args.batch_size}_temp_{fmt(args.temp)}_trial_{trial}_cosine{suffix}')
+            f'{args.batch_size}_temp_{fmt(args.temp)}_trial_{trial}_cosine{suffix}'
+        )
         ckpt = folder / 'last.pth'
         text = self.linear(name + '_linear', ckpt, seed, split)
         return dict(self.accuracies(text, name), ckpt=str(ckpt))
@@ -181,11 +226,31 @@ class Bench:
     def linear(self, name, ckpt, seed, split):
         """main_linear.py on ``ckpt`` with the LINEAR settings; its log's text."""
         args = self.args
-        return self.run(name, 'main_linear.py', self.common + [
-            '--seed', seed, '--batch_size', LINEAR['batch_size'],
-            '--learning_rate', fmt(args.linear_lr), '--cosine', '--aug', args.linear_aug,
-            '--epochs', args.linear_epochs, '--print_freq', 1000, '--resume', 'auto',
-            '--ckpt', Path(ckpt).relative_to(REPO)] + split)
+        return self.run(
+            name,
+            'main_linear.py',
+            self.common
+            + [
+                '--seed',
+                seed,
+                '--batch_size',
+                LINEAR['batch_size'],
+                '--learning_rate',
+                fmt(args.linear_lr),
+                '--cosine',
+                '--aug',
+                args.linear_aug,
+                '--epochs',
+                args.linear_epochs,
+                '--print_freq',
+                1000,
+                '--resume',
+                'auto',
+                '--ckpt',
+                Path(ckpt).relative_to(REPO),
+            ]
+            + split,
+        )
 
     # ------------------------------------------------------------------ the whole comparison
 
@@ -200,10 +265,9 @@ class Bench:
         methods = args.methods
         validation = {m: {} for m in methods}
         todo = [(m, lr) for m in methods for lr in START]
-        extensions = {m: 0 for m in methods}
+        extensions = dict.fromkeys(methods, 0)
         while todo:
-            scores = self.pool_map([(self.method_run, m, lr, SEARCH_SEED, True)
-                                    for m, lr in todo])
+            scores = self.pool_map([(self.method_run, m, lr, SEARCH_SEED, True) for m, lr in todo])
             for (m, lr), score in zip(todo, scores):
                 validation[m][lr] = {'final': score['final'], 'best': score['best']}
             todo = []
@@ -215,24 +279,39 @@ class Bench:
                 if step and 0 <= index < len(LADDER) and extensions[m] < MAX_EXTENSIONS:
                     extensions[m] += 1
                     todo.append((m, LADDER[index]))
-                    say(f'{m}: the best rate so far, {best}, is at the edge of those tried;'
-                        f' trying {LADDER[index]} too')
+                    say(
+                        f'{m}: the best rate so far, {best}, is at the edge of those tried;'
+                        f' trying {LADDER[index]} too'
+                    )
         chosen = {m: self.choose(validation[m]) for m in methods}
         for m in methods:
-            say(f'{m}: validation final/best top-1 by rate: ' + ', '.join(
-                f'{lr}: {validation[m][lr]["final"]:.2f}/{validation[m][lr]["best"]:.2f}'
-                for lr in sorted(validation[m])) + f' -> lr {chosen[m]}')
+            say(
+                f'{m}: validation final/best top-1 by rate: '
+                + ', '.join(
+                    f'{lr}: {validation[m][lr]["final"]:.2f}/{validation[m][lr]["best"]:.2f}'
+                    for lr in sorted(validation[m])
+                )
+                + f' -> lr {chosen[m]}'
+            )
 
         tests = [(m, seed) for m in methods for seed in args.seeds]
-        results = self.pool_map([(self.method_run, m, chosen[m], seed, False)
-                                 for m, seed in tests])
+        results = self.pool_map([(self.method_run, m, chosen[m], seed, False) for m, seed in tests])
         per_seed = {m: {} for m in methods}
         for (m, seed), result in zip(tests, results):
             per_seed[m][seed] = result
 
-        summary = {'settings': self.settings(), 'validation': validation, 'chosen_lr': chosen,
-                   'test': {m: {str(s): {k: r[k] for k in ('best', 'final', 'probe') if k in r}
-                                for s, r in per_seed[m].items()} for m in methods}}
+        summary = {
+            'settings': self.settings(),
+            'validation': validation,
+            'chosen_lr': chosen,
+            'test': {
+                m: {
+                    str(s): {k: r[k] for k in ('best', 'final', 'probe') if k in r}
+                    for s, r in per_seed[m].items()
+                }
+                for m in methods
+            },
+        }
         table = self.table(methods, validation, chosen, per_seed)
         if not args.no_tsne:
             self.tsne(methods, per_seed)
@@ -242,9 +321,11 @@ class Bench:
         (self.out / 'table.md').write_text(table + '\n')
         print()
         print(table)
-        print(f'\nthis call: {summary["wall_seconds_this_call"]:.0f} s wall clock, '
-              f'{self.ran_seconds:.0f} s of runs (runs found in {self.logs} were not rerun); '
-              f'{self.out / "results.json"} has every number')
+        print(
+            f'\nthis call: {summary["wall_seconds_this_call"]:.0f} s wall clock, '
+            f'{self.ran_seconds:.0f} s of runs (runs found in {self.logs} were not rerun); '
+            f'{self.out / "results.json"} has every number'
+        )
 
     @staticmethod
     def choose(scores):
@@ -253,11 +334,21 @@ class Bench:
 
     def settings(self):
         a = self.args
-        return {'size': a.size, 'epochs': a.epochs, 'batch_size': a.batch_size, 'temp': a.temp,
-                'linear': dict(LINEAR, epochs=a.linear_epochs, learning_rate=a.linear_lr,
-                               aug=a.linear_aug), 'val_split': VAL_SPLIT,
-                'lr_start': START, 'lr_ladder': LADDER, 'max_extensions': MAX_EXTENSIONS,
-                'seeds': a.seeds, 'amp': True}
+        return {
+            'size': a.size,
+            'epochs': a.epochs,
+            'batch_size': a.batch_size,
+            'temp': a.temp,
+            'linear': dict(
+                LINEAR, epochs=a.linear_epochs, learning_rate=a.linear_lr, aug=a.linear_aug
+            ),
+            'val_split': VAL_SPLIT,
+            'lr_start': START,
+            'lr_ladder': LADDER,
+            'max_extensions': MAX_EXTENSIONS,
+            'seeds': a.seeds,
+            'amp': True,
+        }
 
     def table(self, methods, validation, chosen, per_seed):
         def mean_std(values):
@@ -271,6 +362,7 @@ class Bench:
             f' per seed final / best |',
             '|---|---|---|---|---|',
         ]
+
         def row(label, search, results):
             finals = [r['final'] for r in results]
             bests = [r['best'] for r in results]
@@ -278,12 +370,21 @@ class Bench:
             return f'| {label} | {search} | {mean_std(finals)} | {mean_std(bests)} | {each} |'
 
         for m in methods:
-            search = ', '.join(('**{}**' if lr == chosen[m] else '{}').format(
-                f'{lr}: {validation[m][lr]["final"]:.2f}') for lr in sorted(validation[m]))
+            search = ', '.join(
+                ('**{}**' if lr == chosen[m] else '{}').format(
+                    f'{lr}: {validation[m][lr]["final"]:.2f}'
+                )
+                for lr in sorted(validation[m])
+            )
             lines.append(row(LABELS[m], search, [per_seed[m][s] for s in seeds]))
             if m == 'CE':
-                lines.append(row(PROBE_LABEL, f'the encoders above, lr {chosen[m]}',
-                                 [per_seed[m][s]['probe'] for s in seeds]))
+                lines.append(
+                    row(
+                        PROBE_LABEL,
+                        f'the encoders above, lr {chosen[m]}',
+                        [per_seed[m][s]['probe'] for s in seeds],
+                    )
+                )
         return '\n'.join(lines)
 
     def tsne(self, methods, per_seed):
@@ -292,22 +393,41 @@ class Bench:
         for m in methods:
             out = f'figures/tsne_digits_{TSNE_NAMES[m]}.png'
             ckpt = Path(per_seed[m][seed]['ckpt']).relative_to(REPO)
-            command = [sys.executable, str(REPO / 'main_tsne.py'), '--dataset', 'digits',
-                       '--size', str(self.args.size), '--ckpt', str(ckpt), '--max_samples', '360',
-                       '--num_workers', '0', '--out', out]
+            command = [
+                sys.executable,
+                str(REPO / 'main_tsne.py'),
+                '--dataset',
+                'digits',
+                '--size',
+                str(self.args.size),
+                '--ckpt',
+                str(ckpt),
+                '--max_samples',
+                '360',
+                '--num_workers',
+                '0',
+                '--out',
+                out,
+            ]
             say(f'[tsne ] {out}')
-            result = subprocess.run(command, cwd=str(REPO), env=self.env, capture_output=True,
-                                    text=True)
+            result = subprocess.run(
+                command, cwd=str(REPO), env=self.env, capture_output=True, text=True
+            )
             if result.returncode != 0:
-                raise RuntimeError(f't-SNE of {ckpt} failed:\n{result.stdout[-2000:]}'
-                                   f'{result.stderr[-2000:]}')
+                raise RuntimeError(
+                    f't-SNE of {ckpt} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}'
+                )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--out', default='save/digits_results',
-                        help='logs, results.json and table.md (relative to the repository root)')
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        '--out',
+        default='save/digits_results',
+        help='logs, results.json and table.md (relative to the repository root)',
+    )
     parser.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
@@ -315,13 +435,16 @@ def parse_args(argv=None):
     parser.add_argument('--epochs', type=int, default=EPOCHS)
     parser.add_argument('--linear_epochs', type=int, default=LINEAR['epochs'])
     parser.add_argument('--linear_lr', type=float, default=LINEAR['learning_rate'])
-    parser.add_argument('--linear_aug', default=LINEAR['aug'], choices=('none', 'simclr'),
-                        help="main_linear.py's --aug: none trains the classifier on un-augmented"
-                             " images, simclr on the reference's crops and flips")
+    parser.add_argument(
+        '--linear_aug',
+        default=LINEAR['aug'],
+        choices=('none', 'simclr'),
+        help="main_linear.py's --aug: none trains the classifier on un-augmented"
+        " images, simclr on the reference's crops and flips",
+    )
     parser.add_argument('--batch_size', type=int, default=BATCH)
     parser.add_argument('--temp', type=float, default=TEMP)
-    parser.add_argument('--num_workers', type=int, default=1,
-                        help='data loading workers per run')
+    parser.add_argument('--num_workers', type=int, default=1, help='data loading workers per run')
     parser.add_argument('--no_tsne', action='store_true', help='skip the t-SNE figures')
     args = parser.parse_args(argv)
     if args.jobs < 1:

@@ -15,6 +15,7 @@ configurations are measured under the same load. Each run writes its logs under 
 checkpoints below ``--out``/save/, since the scripts save under ./save/ of their working folder);
 a run whose linear log already holds ``final accuracy`` is skipped, so the script can be rerun.
 """
+
 import argparse
 import json
 import os
@@ -33,8 +34,11 @@ CONFIGS = {
     'SupCon + moco m=0.99': ['--moco', '--moco_k', '1024', '--moco_m', '0.99'],
     'SupCon + moco m=0.999': ['--moco', '--moco_k', '1024', '--moco_m', '0.999'],
 }
-SLUG = {'SupCon': 'supcon', 'SupCon + moco m=0.99': 'moco_m0.99',
-        'SupCon + moco m=0.999': 'moco_m0.999'}
+SLUG = {
+    'SupCon': 'supcon',
+    'SupCon + moco m=0.99': 'moco_m0.99',
+    'SupCon + moco m=0.999': 'moco_m0.999',
+}
 
 
 def parse_args(argv=None):
@@ -42,33 +46,88 @@ def parse_args(argv=None):
     p.add_argument('--out', default=os.path.join(REPO, 'save', 'moco_digits'))
     p.add_argument('--epochs', type=int, default=6, help='pretraining epochs (all runs)')
     p.add_argument('--linear_epochs', type=int, default=10, help='linear epochs (all runs)')
-    p.add_argument('--lrs', type=float, nargs='+', default=[0.025, 0.05, 0.1],
-                   help='pretraining learning rates searched for every configuration')
+    p.add_argument(
+        '--lrs',
+        type=float,
+        nargs='+',
+        default=[0.025, 0.05, 0.1],
+        help='pretraining learning rates searched for every configuration',
+    )
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--val_split', type=float, default=0.2)
     p.add_argument('--batch_size', type=int, default=16, help='pretraining batch size')
     p.add_argument('--jobs', type=int, default=2, help='runs at a time (1 thread each)')
-    p.add_argument('--configs', nargs='+', default=list(SLUG.values()),
-                   choices=list(SLUG.values()))
+    p.add_argument('--configs', nargs='+', default=list(SLUG.values()), choices=list(SLUG.values()))
     return p.parse_args(argv)
 
 
 def pretrain_args(opt, extra, lr, seed, val):
-    args = ['--dataset', 'digits', '--model', 'resnet18', '--size', '8', '--method', 'SupCon',
-            '--batch_size', str(opt.batch_size), '--learning_rate', str(lr), '--cosine',
-            '--temp', '0.1', '--amp', '--epochs', str(opt.epochs), '--save_freq', str(opt.epochs),
-            '--print_freq', '100000', '--num_workers', '0', '--seed', str(seed),
-            '--trial', f's{seed}', '--resume', 'auto'] + extra
+    args = [
+        '--dataset',
+        'digits',
+        '--model',
+        'resnet18',
+        '--size',
+        '8',
+        '--method',
+        'SupCon',
+        '--batch_size',
+        str(opt.batch_size),
+        '--learning_rate',
+        str(lr),
+        '--cosine',
+        '--temp',
+        '0.1',
+        '--amp',
+        '--epochs',
+        str(opt.epochs),
+        '--save_freq',
+        str(opt.epochs),
+        '--print_freq',
+        '100000',
+        '--num_workers',
+        '0',
+        '--seed',
+        str(seed),
+        '--trial',
+        f's{seed}',
+        '--resume',
+        'auto',
+    ] + extra
     if val:
         args += ['--val_split', str(opt.val_split)]
     return args
 
 
 def linear_args(opt, ckpt, seed, val):
-    args = ['--dataset', 'digits', '--size', '8', '--batch_size', '64', '--learning_rate', '0.5',
-            '--cosine', '--amp', '--epochs', str(opt.linear_epochs),
-            '--save_freq', str(opt.linear_epochs), '--print_freq', '100000', '--num_workers', '0',
-            '--num_workers_val', '0', '--seed', str(seed), '--resume', 'auto', '--ckpt', ckpt]
+    args = [
+        '--dataset',
+        'digits',
+        '--size',
+        '8',
+        '--batch_size',
+        '64',
+        '--learning_rate',
+        '0.5',
+        '--cosine',
+        '--amp',
+        '--epochs',
+        str(opt.linear_epochs),
+        '--save_freq',
+        str(opt.linear_epochs),
+        '--print_freq',
+        '100000',
+        '--num_workers',
+        '0',
+        '--num_workers_val',
+        '0',
+        '--seed',
+        str(seed),
+        '--resume',
+        'auto',
+        '--ckpt',
+        ckpt,
+    ]
     if val:
         args += ['--val_split', str(opt.val_split)]
     return args
@@ -115,8 +174,13 @@ def job(opt, name, lr, seed, val, env, stop):
         found = re.findall(r'^saved (\S+last\.pth)$', read(pre_log), re.M)
         if not (found and os.path.isfile(os.path.join(opt.out, found[-1]))):
             say(f'[{time.strftime("%H:%M:%S")}] pretrain {tag}')
-            run_logged('main_supcon.py', pretrain_args(opt, CONFIGS[name], lr, seed, val),
-                       pre_log, opt.out, env)
+            run_logged(
+                'main_supcon.py',
+                pretrain_args(opt, CONFIGS[name], lr, seed, val),
+                pre_log,
+                opt.out,
+                env,
+            )
             found = re.findall(r'^saved (\S+last\.pth)$', read(pre_log), re.M)
         say(f'[{time.strftime("%H:%M:%S")}] linear   {tag}')
         run_logged('main_linear.py', linear_args(opt, found[-1], seed, val), lin_log, opt.out, env)
@@ -124,10 +188,15 @@ def job(opt, name, lr, seed, val, env, stop):
     epoch_times = {}
     for n, t in re.findall(r'^epoch (\d+), total time ([\d.]+)$', read(pre_log), re.M):
         epoch_times[int(n)] = float(t)  # a resumed run's later line for an epoch wins
-    return {'config': name, 'lr': lr, 'seed': seed, 'val': val,
-            'best': float(re.findall(r'^best accuracy: ([\d.]+)$', text, re.M)[-1]),
-            'final': float(re.findall(r'^final accuracy: ([\d.]+)$', text, re.M)[-1]),
-            'epoch_times': [epoch_times[k] for k in sorted(epoch_times)]}
+    return {
+        'config': name,
+        'lr': lr,
+        'seed': seed,
+        'val': val,
+        'best': float(re.findall(r'^best accuracy: ([\d.]+)$', text, re.M)[-1]),
+        'final': float(re.findall(r'^final accuracy: ([\d.]+)$', text, re.M)[-1]),
+        'epoch_times': [epoch_times[k] for k in sorted(epoch_times)],
+    }
 
 
 def run_all(opt, specs, env):
@@ -172,9 +241,14 @@ def main():
         rows = [r for r in search if r['config'] == n]
         best = max(rows, key=lambda r: (r['final'], r['best'], -r['lr']))
         chosen[n] = best
-        print(f'{n}: search ' + ', '.join(f'lr {r["lr"]}: final {r["final"]:.2f}'
-                                          f' (best {r["best"]:.2f})' for r in rows)
-              + f' -> lr {best["lr"]}', flush=True)
+        print(
+            f'{n}: search '
+            + ', '.join(
+                f'lr {r["lr"]}: final {r["final"]:.2f} (best {r["best"]:.2f})' for r in rows
+            )
+            + f' -> lr {best["lr"]}',
+            flush=True,
+        )
 
     # 2. the seeds at the chosen rates, on the whole training set, evaluated on the test split
     test = run_all(opt, [(n, chosen[n]['lr'], s, False) for s in opt.seeds for n in names], env)
@@ -202,11 +276,15 @@ def main():
             f' {fmt_mean_std([r["final"] for r in rows])} |'
             f' {fmt_mean_std([r["best"] for r in rows])} |'
             f' {", ".join("%.2f" % r["final"] for r in rows)} |'
-            f' {statistics.median(times):.2f} | {min(times):.2f}-{max(times):.2f} |')
-    lines += ['', 'std: sample standard deviation over the seeds; sec/epoch: the "epoch N, total'
-              ' time T" lines of the test runs (all seeds and epochs); val final: linear final'
-              f' accuracy on the --val_split {opt.val_split} part, seed 0.',
-              f'wall time of this invocation: {time.time() - started:.0f} s']
+            f' {statistics.median(times):.2f} | {min(times):.2f}-{max(times):.2f} |'
+        )
+    lines += [
+        '',
+        'std: sample standard deviation over the seeds; sec/epoch: the "epoch N, total'
+        ' time T" lines of the test runs (all seeds and epochs); val final: linear final'
+        f' accuracy on the --val_split {opt.val_split} part, seed 0.',
+        f'wall time of this invocation: {time.time() - started:.0f} s',
+    ]
     table = '\n'.join(lines)
     with open(os.path.join(opt.out, 'results.md'), 'w') as f:
         f.write(table + '\n')

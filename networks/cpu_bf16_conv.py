@@ -6,13 +6,14 @@ swapped in: it turns every ``nn.Conv2d`` of the model into ``MatmulWeightGradCon
 with the same parameters, so the model definition and the checkpoints stay ``nn.Conv2d``'s.
 
 
-Under ``torch.autocast('cpu', dtype=torch.bfloat16)`` oneDNN computes a convolution's weight gradient
-well for large maps but slowly for small ones: for ResNet-18's last stage (512 channels, 4x4 maps at
-32x32 input, batch 256) it reaches about a quarter of the speed of the same arithmetic done as one
-matrix product, and those few layers take a third of the whole bf16 training step. On exactly those
-layers this module computes the weight gradient as that matrix product instead:
+Under ``torch.autocast('cpu', dtype=torch.bfloat16)`` oneDNN computes a convolution's weight
+gradient well for large maps but slowly for small ones: for ResNet-18's last stage (512 channels,
+4x4 maps at 32x32 input, batch 256) it reaches about a quarter of the speed of the same arithmetic
+done as one matrix product, and those few layers take a third of the whole bf16 training step. On
+exactly those layers this module computes the weight gradient as that matrix product instead:
 
-    grad_w[o, (kh, kw, c)] = sum over (image, output pixel) of grad_out[., o] * patch[., (kh, kw, c)]
+    grad_w[o, (kh, kw, c)] = sum over (image, output pixel) of grad_out[., o] * patch[.,
+    (kh, kw, c)]
 
 with the patches cut from a zero-padded channels-last view of the input. Everything else (the
 forward pass, the input gradient, every other layer, fp32, CUDA, ``torch.compile``) is the stock
@@ -23,25 +24,28 @@ product wins by 3-4x when the output map has at most 16 pixels, and by 1.2-1.8x 
 64 pixels) with 256 or more input channels; elsewhere oneDNN is faster. The gradient agrees with
 oneDNN's to bfloat16 precision (both accumulate in float32 and round once to bfloat16).
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 # at most this many bytes for the patch matrix of one layer; larger layers keep oneDNN's path
-MAX_PATCH_BYTES = 512 * 2 ** 20
+MAX_PATCH_BYTES = 512 * 2**20
 
 
 def _autocast_cpu_bf16():
     if hasattr(torch, 'get_autocast_dtype'):  # torch >= 2.4
-        return (torch.is_autocast_enabled('cpu')
-                and torch.get_autocast_dtype('cpu') == torch.bfloat16)
+        return (
+            torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+        )
     return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
 
 
 def _compiling():
     compiler = getattr(torch, 'compiler', None)
-    return bool(compiler is not None and hasattr(compiler, 'is_compiling')
-                and compiler.is_compiling())
+    return bool(
+        compiler is not None and hasattr(compiler, 'is_compiling') and compiler.is_compiling()
+    )
 
 
 def wants_matmul_weight_grad(out_pixels, in_channels):
@@ -95,11 +99,22 @@ class _Bf16ConvMatmulWeightGrad(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                grad_out, x_low, weight_low, None, list(ctx.stride), list(ctx.padding), [1, 1],
-                False, [0, 0], 1, [True, False, False])[0].to(x_dtype)
+                grad_out,
+                x_low,
+                weight_low,
+                None,
+                list(ctx.stride),
+                list(ctx.padding),
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                [True, False, False],
+            )[0].to(x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = weight_grad_by_matmul(x_low, grad_out, weight_low.shape[2:], ctx.stride,
-                                           ctx.padding).to(weight_dtype)
+            grad_w = weight_grad_by_matmul(
+                x_low, grad_out, weight_low.shape[2:], ctx.stride, ctx.padding
+            ).to(weight_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = grad_out.float().sum(dim=(0, 2, 3)).to(bias_dtype)
         return grad_x, grad_w, grad_b, None, None
@@ -112,23 +127,45 @@ class MatmulWeightGradConv2d(nn.Conv2d):
     """
 
     def _use_matmul_weight_grad(self, x):
-        if not (x.device.type == 'cpu' and x.dim() == 4 and torch.is_grad_enabled()
-                and self.weight.requires_grad and _autocast_cpu_bf16()):
+        if not (
+            x.device.type == 'cpu'
+            and x.dim() == 4
+            and torch.is_grad_enabled()
+            and self.weight.requires_grad
+            and _autocast_cpu_bf16()
+        ):
             return False
-        if (self.groups != 1 or tuple(self.dilation) != (1, 1) or self.padding_mode != 'zeros'
-                or isinstance(self.padding, str) or _compiling()):
+        if (
+            self.groups != 1
+            or tuple(self.dilation) != (1, 1)
+            or self.padding_mode != 'zeros'
+            or isinstance(self.padding, str)
+            or _compiling()
+        ):
             return False
         out_h = output_size(x.shape[2], self.kernel_size[0], self.stride[0], self.padding[0])
         out_w = output_size(x.shape[3], self.kernel_size[1], self.stride[1], self.padding[1])
-        patch_bytes = 2 * x.shape[0] * out_h * out_w * self.in_channels * self.kernel_size[0] \
+        patch_bytes = (
+            2
+            * x.shape[0]
+            * out_h
+            * out_w
+            * self.in_channels
+            * self.kernel_size[0]
             * self.kernel_size[1]
-        return (out_h > 0 and out_w > 0 and patch_bytes <= MAX_PATCH_BYTES
-                and wants_matmul_weight_grad(out_h * out_w, self.in_channels))
+        )
+        return (
+            out_h > 0
+            and out_w > 0
+            and patch_bytes <= MAX_PATCH_BYTES
+            and wants_matmul_weight_grad(out_h * out_w, self.in_channels)
+        )
 
     def forward(self, x):
         if self._use_matmul_weight_grad(x):
-            return _Bf16ConvMatmulWeightGrad.apply(x, self.weight, self.bias, tuple(self.stride),
-                                                   tuple(self.padding))
+            return _Bf16ConvMatmulWeightGrad.apply(
+                x, self.weight, self.bias, tuple(self.stride), tuple(self.padding)
+            )
         return super().forward(x)
 
 

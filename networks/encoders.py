@@ -6,9 +6,10 @@ timm without its classifier (``networks.timm_backbone``). Either way the result 
 that maps images to pooled features, and its feature width, which sizes the projection head
 and the linear classifier.
 """
+
 from networks.resnet_big import MODEL_NAMES, STEMS, model_dict
 from networks.timm_backbone import create_encoder, is_timm_model, unknown_model_error
-from util import UserError
+from supcon.errors import UserError
 
 
 def build_encoder(name, stem='cifar', size=32, patch_size=None, pretrained_file=None):
@@ -17,16 +18,21 @@ def build_encoder(name, stem='cifar', size=32, patch_size=None, pretrained_file=
         if stem not in STEMS:
             raise UserError(f'--stem {stem} is not known; choose one of {", ".join(STEMS)}')
         if patch_size is not None:
-            raise UserError(f'--patch_size is for timm ViT-style models, not --model {name};'
-                            f' drop --patch_size')
+            raise UserError(
+                f'--patch_size is for timm ViT-style models, not --model {name}; drop --patch_size'
+            )
         if pretrained_file is not None:
-            raise UserError(f'--pretrained loads a local timm checkpoint, not --model {name};'
-                            f' drop --pretrained (use --resume to continue one of our runs)')
+            raise UserError(
+                f'--pretrained loads a local timm checkpoint, not --model {name};'
+                f' drop --pretrained (use --resume to continue one of our runs)'
+            )
         constructor, dim = model_dict[name]
         return constructor(stem=stem), dim
     if stem != 'cifar':
-        raise UserError(f'--stem is for our ResNets ({", ".join(MODEL_NAMES)}); the timm model'
-                        f' {name} has its own stem: drop --stem')
+        raise UserError(
+            f'--stem is for our ResNets ({", ".join(MODEL_NAMES)}); the timm model'
+            f' {name} has its own stem: drop --stem'
+        )
     return create_encoder(name, size, patch_size=patch_size, pretrained_file=pretrained_file)
 
 

@@ -7,23 +7,28 @@ torchvision's layout (see ``from_torchvision_layout``).
 
 In Python, the encoder of such a file is::
 
-    from checkpoint import load_checkpoint
-    from networks.from_checkpoint import build_encoder
-    encoder, model = build_encoder(load_checkpoint('supcon.pth'), 'supcon.pth')
+    from supcon.checkpoint import load_checkpoint
+    from networks.from_checkpoint import encoder_from_checkpoint
+    encoder, model = encoder_from_checkpoint(load_checkpoint('supcon.pth'), 'supcon.pth')
     features = encoder(images)   # [N, 2048] pooled features
 """
+
 import re
 
 from networks.encoders import build_encoder as build_backbone
 from networks.encoders import is_known_model
 from networks.resnet_big import MODEL_NAMES, SupConResNet
-from util import UserError
+from supcon.errors import UserError
 
 # torchvision's ResNet names a block's projection `downsample`; the reference (and we) `shortcut`
 _TORCHVISION_BLOCK = re.compile(r'^encoder\.layer\d+\.\d+\.downsample\.')
 # blocks per stage -> our model name, for a torchvision-layout encoder without recorded options
-_DEPTHS = {(2, 2, 2, 2, False): 'resnet18', (3, 4, 6, 3, False): 'resnet34',
-           (3, 4, 6, 3, True): 'resnet50', (3, 4, 23, 3, True): 'resnet101'}
+_DEPTHS = {
+    (2, 2, 2, 2, False): 'resnet18',
+    (3, 4, 6, 3, False): 'resnet34',
+    (3, 4, 6, 3, True): 'resnet50',
+    (3, 4, 23, 3, True): 'resnet101',
+}
 
 
 def from_torchvision_layout(state):
@@ -46,14 +51,20 @@ def from_torchvision_layout(state):
         renamed[key] = value
     blocks = []
     for stage in range(1, 5):
-        indices = {int(m.group(1)) for key in renamed
-                   for m in [re.match(rf'^encoder\.layer{stage}\.(\d+)\.', key)] if m}
+        indices = {
+            int(m.group(1))
+            for key in renamed
+            for m in [re.match(rf'^encoder\.layer{stage}\.(\d+)\.', key)]
+            if m
+        }
         blocks.append(len(indices))
     bottleneck = any(re.match(r'^encoder\.layer1\.0\.conv3\.', key) for key in renamed)
     model = _DEPTHS.get(tuple(blocks) + (bottleneck,))
     if model is None:
-        raise UserError(f'a torchvision-layout ResNet with {blocks} blocks per stage is not one'
-                        f' of {", ".join(MODEL_NAMES)}')
+        raise UserError(
+            f'a torchvision-layout ResNet with {blocks} blocks per stage is not one'
+            f' of {", ".join(MODEL_NAMES)}'
+        )
     conv1 = renamed.get('encoder.conv1.weight')
     stem = 'imagenet' if conv1 is not None and conv1.shape[-1] == 7 else 'cifar'
     return renamed, model, stem
@@ -69,11 +80,16 @@ def encoder_state(ckpt, key_encoder=False):
     saved = dict(ckpt.get('opt', {}))
     if key_encoder:
         moco, prefix = ckpt.get('moco'), 'key_encoder.model.'
-        state = {k[len(prefix):]: v for k, v in moco.items()
-                 if k.startswith(prefix)} if isinstance(moco, dict) else {}
+        state = (
+            {k[len(prefix) :]: v for k, v in moco.items() if k.startswith(prefix)}
+            if isinstance(moco, dict)
+            else {}
+        )
         if not state:
-            raise UserError('--key_encoder needs a checkpoint of main_supcon.py --moco (it holds'
-                            ' the momentum encoder); drop --key_encoder for this one')
+            raise UserError(
+                '--key_encoder needs a checkpoint of main_supcon.py --moco (it holds'
+                ' the momentum encoder); drop --key_encoder for this one'
+            )
     else:
         state = ckpt['model']
     converted = from_torchvision_layout(state)
@@ -94,11 +110,15 @@ def checkpoint_model(ckpt, path, model=None):
     if model is None:
         model = saved.get('model', 'resnet50')
     if not is_known_model(model):
-        raise UserError(f'--model {model} is not known; choose one of {", ".join(MODEL_NAMES)}'
-                        f' or a timm model name')
+        raise UserError(
+            f'--model {model} is not known; choose one of {", ".join(MODEL_NAMES)}'
+            f' or a timm model name'
+        )
     if saved.get('model') not in (None, model):
-        raise UserError(f'--ckpt {path} holds a {saved["model"]} encoder, not --model'
-                        f' {model}; pass --model {saved["model"]}')
+        raise UserError(
+            f'--ckpt {path} holds a {saved["model"]} encoder, not --model'
+            f' {model}; pass --model {saved["model"]}'
+        )
     return model, saved.get('stem', 'cifar')
 
 
@@ -109,21 +129,22 @@ def checkpoint_method(ckpt):
     return ckpt.get('opt', {}).get('method', 'SupCon')
 
 
-def build_encoder(ckpt, path, model=None, key_encoder=False):
+def encoder_from_checkpoint(ckpt, path, model=None, key_encoder=False):
     """The checkpoint's encoder with its weights loaded, in eval mode; returns (encoder, model).
 
     The encoder's feature width is ``encoder.feature_dim``.
     """
     model, stem = checkpoint_model(ckpt, path, model)
     state, saved = encoder_state(ckpt, key_encoder)
-    encoder, dim = build_backbone(model, stem=stem, size=saved.get('size') or 32,
-                                  patch_size=saved.get('patch_size'))
+    encoder, dim = build_backbone(
+        model, stem=stem, size=saved.get('size') or 32, patch_size=saved.get('patch_size')
+    )
     load_encoder(encoder, state, path, model)
     encoder.feature_dim = dim
     return encoder.eval(), model
 
 
-def build_head(ckpt, path, model, dim_in, key_encoder=False):
+def head_from_checkpoint(ckpt, path, model, dim_in, key_encoder=False):
     """The projection head of a SupCon/SimCLR checkpoint, weights loaded, in eval mode.
 
     Its kind (mlp or linear) and width are read from the weights, because the
@@ -135,40 +156,56 @@ def build_head(ckpt, path, model, dim_in, key_encoder=False):
     elif 'head.weight' in state:
         kind, feat_dim = 'linear', state['head.weight'].shape[0]
     elif any(key.startswith('fc.') for key in state):
-        raise UserError(f'--features head needs a projection head, but --ckpt {path} is a'
-                        f' cross-entropy (SupCE) checkpoint with a classifier instead; use'
-                        f' --features encoder')
+        raise UserError(
+            f'--features head needs a projection head, but --ckpt {path} is a'
+            f' cross-entropy (SupCE) checkpoint with a classifier instead; use'
+            f' --features encoder'
+        )
     else:
-        raise UserError(f'--features head needs a projection head, but --ckpt {path} has'
-                        f' no "head." weights; use --features encoder')
+        raise UserError(
+            f'--features head needs a projection head, but --ckpt {path} has'
+            f' no "head." weights; use --features encoder'
+        )
     placeholder = (None, dim_in)  # only the head is kept
     head = SupConResNet(name=model, head=kind, feat_dim=feat_dim, encoder=placeholder).head
-    head_state = {k[len('head.'):]: v for k, v in state.items() if k.startswith('head.')}
+    head_state = {k[len('head.') :]: v for k, v in state.items() if k.startswith('head.')}
     try:
         head.load_state_dict(head_state, strict=True)
     except RuntimeError:
-        raise UserError(f'--ckpt {path}: its projection head does not fit a {model}'
-                        f' encoder ({dim_in} features); pass the --model it'
-                        f' was trained with') from None
+        raise UserError(
+            f'--ckpt {path}: its projection head does not fit a {model}'
+            f' encoder ({dim_in} features); pass the --model it'
+            f' was trained with'
+        ) from None
     return head.eval()
 
 
 def load_encoder(encoder, state_dict, path, model_name):
     """Load the ``encoder.*`` weights of a checkpoint into ``encoder`` strictly."""
     prefix = 'encoder.'
-    enc_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    enc_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not enc_state:
-        raise UserError(f'--ckpt {path} holds no encoder weights (no "encoder." keys); pass a'
-                        f' checkpoint written by main_supcon.py or main_ce.py')
+        raise UserError(
+            f'--ckpt {path} holds no encoder weights (no "encoder." keys); pass a'
+            f' checkpoint written by main_supcon.py or main_ce.py'
+        )
     expected = encoder.state_dict()
     missing = [k for k in expected if k not in enc_state]
     unexpected = [k for k in enc_state if k not in expected]
     reshaped = [k for k in expected if k in enc_state and enc_state[k].shape != expected[k].shape]
     if missing or unexpected or reshaped:
-        what = ', '.join(f'{len(keys)} {kind} (e.g. {keys[0]})' for kind, keys in (
-            ('missing', missing), ('unexpected', unexpected), ('of another shape', reshaped))
-            if keys)
-        raise UserError(f'--ckpt {path} does not fit a {model_name} encoder: {what} weights;'
-                        f' pass the --model it was trained with, or check that it is a'
-                        f' checkpoint of these scripts')
+        what = ', '.join(
+            f'{len(keys)} {kind} (e.g. {keys[0]})'
+            for kind, keys in (
+                ('missing', missing),
+                ('unexpected', unexpected),
+                ('of another shape', reshaped),
+            )
+            if keys
+        )
+        raise UserError(
+            f'--ckpt {path} does not fit a {model_name} encoder: {what} weights;'
+            f' pass the --model it was trained with, or check that it is a'
+            f' checkpoint of these scripts'
+        )
     encoder.load_state_dict(enc_state, strict=True)

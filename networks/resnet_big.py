@@ -3,10 +3,10 @@
 Module names and nesting follow the reference SupContrast `networks/resnet_big.py` exactly, so
 state dicts written by the reference code load here without renaming (and vice versa).
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 STEMS = ('cifar', 'imagenet')
 
@@ -31,7 +31,9 @@ class BasicBlock(nn.Module):
     def __init__(self, in_planes, planes, stride=1, is_last=False):
         super().__init__()
         self.is_last = is_last
-        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -80,10 +82,12 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """ResNet trunk that returns flattened, globally pooled features (no classifier).
 
-    stem='cifar' is the reference's: a 3x3 stride-1 conv and no max-pool, which keeps full resolution
-    for 32x32 images. stem='imagenet' is torchvision's 7x7 stride-2 conv plus a stride-2 max-pool,
-    which cuts every later activation by 16x in area and is what large inputs (e.g. 300x300) need.
-    Both stems name their conv `conv1`, so state-dict keys are identical; only conv1's kernel differs.
+    stem='cifar' is the reference's: a 3x3 stride-1 conv and no max-pool, which keeps full
+    resolution for 32x32 images. stem='imagenet' is torchvision's 7x7 stride-2 conv plus a stride-2
+    max-pool, which cuts every later activation by 16x in area and is what large inputs (e.g.
+    300x300) need.
+    Both stems name their conv `conv1`, so state-dict keys are identical; only conv1's kernel
+    differs.
     """
 
     def __init__(self, block, num_blocks, in_channel=3, zero_init_residual=False, stem='cifar'):
@@ -234,8 +238,8 @@ class SupCEResNet(nn.Module):
 
 
 class LinearBatchNorm(nn.Module):
-    """BatchNorm over a [N, dim] batch done by BatchNorm2d on [N, dim, 1, 1], as the reference has it
-    (so that SyncBatchNorm's conversion, which handles 2-d BatchNorm, applies to it too)."""
+    """BatchNorm over a [N, dim] batch done by BatchNorm2d on [N, dim, 1, 1], as the reference
+    has it (so that SyncBatchNorm's conversion, which handles 2-d BatchNorm, applies to it too)."""
 
     def __init__(self, dim, affine=True):
         super().__init__()

@@ -14,13 +14,14 @@ local checkpoint is given with ``pretrained_file``; this module never downloads.
 
     encoder, dim = create_encoder('vit_tiny_patch16_224', size=32, patch_size=4)
 """
+
 import difflib
 import os
 
 import torch
 
 from networks.resnet_big import MODEL_NAMES
-from util import UserError
+from supcon.errors import UserError
 
 # Names that would make timm fetch from the network or from somewhere other
 # than its registry (Hugging Face hub, local-dir:, ...).
@@ -92,8 +93,10 @@ def create_encoder(name, size, patch_size=None, pretrained_file=None):
     if name in MODEL_NAMES:
         raise UserError(f'{name!r} is one of our CIFAR ResNets; build it with networks.resnet_big')
     if not isinstance(name, str) or name.startswith(_SCHEMES):
-        raise UserError(f'model {name!r}: only timm registry names are accepted (nothing is'
-                        ' downloaded); give weights with a local pretrained file instead')
+        raise UserError(
+            f'model {name!r}: only timm registry names are accepted (nothing is'
+            ' downloaded); give weights with a local pretrained file instead'
+        )
     if not _timm().is_model(name):
         raise unknown_model_error(name)
 
@@ -105,8 +108,10 @@ def create_encoder(name, size, patch_size=None, pretrained_file=None):
         kwargs.pop('img_size')
         model, refused = _create(name, **kwargs)
     if refused == 'patch_size':
-        raise UserError(f'timm model {name!r} has no patch size to set; drop the patch size'
-                        ' option or pick a ViT-style model')
+        raise UserError(
+            f'timm model {name!r} has no patch size to set; drop the patch size'
+            ' option or pick a ViT-style model'
+        )
     if model is None:  # pragma: no cover - _create raises for anything else
         raise UserError(f'timm model {name!r} refused {refused!r}')
 
@@ -117,19 +122,22 @@ def create_encoder(name, size, patch_size=None, pretrained_file=None):
 
 # --------------------------------------------------------------------------- checkpoints
 
+
 def _read_state_dict(path):
     if not os.path.isfile(path):
         raise UserError(f'pretrained file {path!r} not found')
     try:
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file
+
             state = load_file(path, device='cpu')
         else:
             state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:  # corrupt file, pickled objects, ...
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f'cannot read pretrained file {path!r} as a state dict'
-                        f' (weights only): {detail}') from None
+        raise UserError(
+            f'cannot read pretrained file {path!r} as a state dict (weights only): {detail}'
+        ) from None
     # timm's training checkpoints wrap the weights; so do DataParallel ones.
     if isinstance(state, dict):
         for key in ('state_dict', 'model'):
@@ -139,7 +147,7 @@ def _read_state_dict(path):
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f'pretrained file {path!r} holds no state dict of tensors')
     if state and all(k.startswith('module.') for k in state):
-        state = {k[len('module.'):]: v for k, v in state.items()}
+        state = {k[len('module.') :]: v for k, v in state.items()}
     return state
 
 
@@ -152,6 +160,7 @@ def _classifier_names(model):
 def _architecture_filter(model):
     """The ``checkpoint_filter_fn(state_dict, model)`` of the model's timm module, if any."""
     import sys
+
     module = sys.modules.get(type(model).__module__)
     fn = getattr(module, 'checkpoint_filter_fn', None)
     return fn if callable(fn) else None
@@ -162,8 +171,11 @@ def load_pretrained(model, name, path, size=None, patch_size=None):
     state = _read_state_dict(path)
     own = model.state_dict()
     classifiers = _classifier_names(model)
-    state = {k: v for k, v in state.items()
-             if k in own or not any(k == c or k.startswith(c + '.') for c in classifiers)}
+    state = {
+        k: v
+        for k, v in state.items()
+        if k in own or not any(k == c or k.startswith(c + '.') for c in classifiers)
+    }
 
     fn = _architecture_filter(model)
     if fn is not None:
@@ -183,10 +195,14 @@ def load_pretrained(model, name, path, size=None, patch_size=None):
             parts.append(f'{len(unexpected)} unexpected (e.g. {unexpected[0]!r})')
         if wrong:
             k = wrong[0]
-            parts.append(f'{len(wrong)} of another shape (e.g. {k!r} '
-                         f'{list(state[k].shape)} vs {list(own[k].shape)})')
+            parts.append(
+                f'{len(wrong)} of another shape (e.g. {k!r} '
+                f'{list(state[k].shape)} vs {list(own[k].shape)})'
+            )
         setting = f'size {size}' + (f', patch {patch_size}' if patch_size else '')
-        raise UserError(f'pretrained file {path!r} does not fit timm model {name!r} ({setting}):'
-                        f" {', '.join(parts)} keys; give a checkpoint of the same architecture")
+        raise UserError(
+            f'pretrained file {path!r} does not fit timm model {name!r} ({setting}):'
+            f" {', '.join(parts)} keys; give a checkpoint of the same architecture"
+        )
     model.load_state_dict(state, strict=True)
     return model

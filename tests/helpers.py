@@ -10,6 +10,7 @@ handlers, as a fresh ``python main_*.py ...`` would, for a tenth of a second
 instead of several seconds of start-up. Run as a script, this file is that
 driver (``python tests/helpers.py cases.json``).
 """
+
 import argparse
 import atexit
 import json
@@ -35,8 +36,14 @@ FAST = ['--num_workers', '0', '--device', 'cpu', '--seed', '0']
 def script_env():
     """One intra-op thread (the machine is shared; it is also faster here) and no torchrun."""
     env = dict(os.environ)
-    for key in ('WORLD_SIZE', 'LOCAL_RANK', 'RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
-                'MASTER_PORT'):
+    for key in (
+        'WORLD_SIZE',
+        'LOCAL_RANK',
+        'RANK',
+        'LOCAL_WORLD_SIZE',
+        'MASTER_ADDR',
+        'MASTER_PORT',
+    ):
         env.pop(key, None)
     env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     return env
@@ -44,15 +51,22 @@ def script_env():
 
 def run_script(script, args, cwd, timeout=300):
     """``python <repo>/<script>.py args`` in ``cwd``; returns the CompletedProcess (text)."""
-    return subprocess.run([sys.executable, str(REPO / f'{script}.py')] + [str(a) for a in args],
-                          cwd=str(cwd), env=script_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / f'{script}.py')] + [str(a) for a in args],
+        cwd=str(cwd),
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def describe(result):
     """Exit code and output of a run, for assertion messages."""
-    return f'rc={result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n' \
-           f'{result.stderr[-3000:]}'
+    return (
+        f'rc={result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n'
+        f'{result.stderr[-3000:]}'
+    )
 
 
 class ForkedResult:
@@ -78,18 +92,35 @@ def run_scripts_forked(cases, work_dir, timeout=90):
     spec = []
     for name, (script, args, cwd) in cases.items():
         assert script in SCRIPTS, script
-        spec.append({'name': name, 'script': script, 'args': [str(a) for a in args],
-                     'cwd': str(cwd), 'stdout': str(work_dir / f'{name}.out'),
-                     'stderr': str(work_dir / f'{name}.err'), 'timeout': timeout})
+        spec.append(
+            {
+                'name': name,
+                'script': script,
+                'args': [str(a) for a in args],
+                'cwd': str(cwd),
+                'stdout': str(work_dir / f'{name}.out'),
+                'stderr': str(work_dir / f'{name}.err'),
+                'timeout': timeout,
+            }
+        )
     spec_path = work_dir / 'cases.json'
     spec_path.write_text(json.dumps(spec))
-    driver = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(spec_path)],
-                            cwd=str(work_dir), env=script_env(), capture_output=True, text=True,
-                            timeout=timeout * len(spec) + 120)
+    driver = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(spec_path)],
+        cwd=str(work_dir),
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout * len(spec) + 120,
+    )
     assert driver.returncode == 0, describe(driver)
     codes = json.loads((work_dir / 'results.json').read_text())
-    return {case['name']: ForkedResult(codes[case['name']], Path(case['stdout']).read_text(),
-                                       Path(case['stderr']).read_text()) for case in spec}
+    return {
+        case['name']: ForkedResult(
+            codes[case['name']], Path(case['stdout']).read_text(), Path(case['stderr']).read_text()
+        )
+        for case in spec
+    }
 
 
 def _serve(spec_path):
@@ -97,8 +128,10 @@ def _serve(spec_path):
     spec = json.loads(Path(spec_path).read_text())
     sys.path.insert(0, str(REPO))
     import importlib
+
     modules = {script: importlib.import_module(script) for script in SCRIPTS}
-    import runtime
+    from supcon import runtime
+
     codes = {}
     for case in spec:
         sys.stdout.flush()
@@ -154,9 +187,11 @@ def _wait(pid, timeout):
 
 # --------------------------------------------------------------------------- tiny data
 
+
 def write_image_folder(root, counts, size=16, seed=0):
     """``root/<class>/<i>.png`` random RGB images, ``counts[class]`` of each."""
     from PIL import Image
+
     rng = np.random.default_rng(seed)
     root = Path(root)
     for name, count in counts.items():
@@ -170,17 +205,24 @@ def write_image_folder(root, counts, size=16, seed=0):
 def write_cifar10(data_folder, n_train, n_test, seed=0):
     """CIFAR-10 in its real layout (cifar-10-batches-py/, five data batches, test_batch and
     batches.meta, pickled as Python 2 wrote them) with ``n_train`` training images."""
-    from test_cifar import CIFAR10_NAMES, py2_pickle  # the writer test_cifar.py checks cifar.py with
+    from test_cifar import (
+        CIFAR10_NAMES,
+        py2_pickle,
+    )  # the writer test_cifar.py checks cifar.py with
+
     rng = np.random.default_rng(seed)
     folder = Path(data_folder) / 'cifar-10-batches-py'
     folder.mkdir(parents=True)
     sizes = [len(part) for part in np.array_split(np.arange(n_train), 5)]
     for name, n in [(f'data_batch_{i + 1}', n) for i, n in enumerate(sizes)] + [
-            ('test_batch', n_test)]:
-        content = {b'batch_label': name.encode(),
-                   b'data': rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-                   b'labels': [int(v) for v in rng.integers(0, 10, size=n)],
-                   b'filenames': [b'x.png'] * n}
+        ('test_batch', n_test)
+    ]:
+        content = {
+            b'batch_label': name.encode(),
+            b'data': rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            b'labels': [int(v) for v in rng.integers(0, 10, size=n)],
+            b'filenames': [b'x.png'] * n,
+        }
         (folder / name).write_bytes(py2_pickle(content))
     meta = {b'label_names': [n.encode() for n in CIFAR10_NAMES], b'num_vis': 3072}
     (folder / 'batches.meta').write_bytes(py2_pickle(meta))
@@ -189,19 +231,37 @@ def write_cifar10(data_folder, n_train, n_test, seed=0):
 
 def reference_options(**overrides):
     """The ``argparse.Namespace`` the reference main_supcon.py pickles into checkpoints."""
-    opt = dict(print_freq=10, save_freq=50, batch_size=256, num_workers=16, epochs=1000,
-               learning_rate=0.5, lr_decay_epochs=[700, 800, 900], lr_decay_rate=0.1,
-               weight_decay=1e-4, momentum=0.9, model='resnet18', dataset='cifar10',
-               mean=None, std=None, data_folder='./datasets/', size=32, method='SupCon',
-               temp=0.1, cosine=True, syncBN=False, warm=False, trial='0',
-               model_path='./save/SupCon/cifar10_models',
-               tb_path='./save/SupCon/cifar10_tensorboard')
+    opt = dict(
+        print_freq=10,
+        save_freq=50,
+        batch_size=256,
+        num_workers=16,
+        epochs=1000,
+        learning_rate=0.5,
+        lr_decay_epochs=[700, 800, 900],
+        lr_decay_rate=0.1,
+        weight_decay=1e-4,
+        momentum=0.9,
+        model='resnet18',
+        dataset='cifar10',
+        mean=None,
+        std=None,
+        data_folder='./datasets/',
+        size=32,
+        method='SupCon',
+        temp=0.1,
+        cosine=True,
+        syncBN=False,
+        warm=False,
+        trial='0',
+        model_path='./save/SupCon/cifar10_models',
+        tb_path='./save/SupCon/cifar10_tensorboard',
+    )
     opt.update(overrides)
     return argparse.Namespace(**opt)
 
 
-def save_reference_checkpoint(path, model='resnet18', seed=0, record_model=True,
-                              **opt_overrides):
+def save_reference_checkpoint(path, model='resnet18', seed=0, record_model=True, **opt_overrides):
     """A checkpoint saved the reference way: whole Namespace, ``encoder.module.`` keys.
 
     ``record_model=False`` leaves ``model`` out of the options, as in checkpoints whose
@@ -209,34 +269,40 @@ def save_reference_checkpoint(path, model='resnet18', seed=0, record_model=True,
     of the saved SupConResNet.
     """
     import torch
+
     from networks.resnet_big import SupConResNet
+
     torch.manual_seed(seed)
     net = SupConResNet(name=model)
     # The reference wraps the encoder in DataParallel whenever a GPU is present.
-    state = {(f'encoder.module.{k[len("encoder."):]}' if k.startswith('encoder.') else k): v
-             for k, v in net.state_dict().items()}
+    state = {
+        (f'encoder.module.{k[len("encoder.") :]}' if k.startswith('encoder.') else k): v
+        for k, v in net.state_dict().items()
+    }
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
     opt = reference_options(model=model, **opt_overrides)
     if not record_model:
         del opt.model
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({'opt': opt, 'model': state, 'optimizer': optimizer.state_dict(), 'epoch': 3},
-               path)
+    torch.save({'opt': opt, 'model': state, 'optimizer': optimizer.state_dict(), 'epoch': 3}, path)
     return net.state_dict()
 
 
 def save_our_checkpoint(path, model='resnet18', seed=0):
     """A checkpoint as main_supcon.py writes it (plain-dict opt, bare keys)."""
     import torch
-    import checkpoint
-    import options
+
     from networks.resnet_big import SupConResNet
+    from supcon import checkpoint, options
+
     torch.manual_seed(seed)
     net = SupConResNet(name=model)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
     opt = options.plain_options(reference_options(model=model))
-    checkpoint.save_checkpoint({'model': net.state_dict(), 'optimizer': optimizer.state_dict(),
-                          'epoch': 1, 'opt': opt}, str(path))
+    checkpoint.save_checkpoint(
+        {'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': 1, 'opt': opt},
+        str(path),
+    )
     return net.state_dict()
 
 
@@ -247,12 +313,12 @@ def saved_files(root, pattern='*.pth'):
 def read_scalars(tb_folder):
     """{tag: [(step, value), ...]} of the one TensorBoard run in ``tb_folder``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = list(Path(tb_folder).glob('events.out.tfevents.*'))
     assert events, f'no events file in {tb_folder}'
     acc = EventAccumulator(str(tb_folder))
     acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
-            for tag in acc.Tags()['scalars']}
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
 
 
 if __name__ == '__main__':
@@ -262,6 +328,7 @@ if __name__ == '__main__':
 def free_port():
     """A TCP port free on the loopback interface now (for a gloo process group)."""
     import socket
+
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]

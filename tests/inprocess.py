@@ -5,6 +5,7 @@ Importing torch again per run would cost most of the test time, so uninterrupted
 and resumes happen here; runs that must be killed or signalled are real subprocesses
 (``test_resume.spawn``).
 """
+
 import contextlib
 import importlib
 import io
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import runtime
+from supcon import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,8 +64,9 @@ def call(script, args, cwd):
 
 
 def save_folder(script, args, cwd):
-    return Path(cwd) / importlib.import_module(script).parse_option(
-        [str(a) for a in args]).save_folder
+    return (
+        Path(cwd) / importlib.import_module(script).parse_option([str(a) for a in args]).save_folder
+    )
 
 
 def assert_one_line_error(result, *fragments):

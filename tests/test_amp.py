@@ -1,10 +1,13 @@
-"""Mixed precision, channels_last and torch.compile: util's precision helpers and the scripts under --amp.
+"""Mixed precision, channels_last and torch.compile: util's precision helpers and the scripts under
+--amp.
 
-The scripts run for one epoch on a 16-image folder at 8x8 with resnet18 on one CPU thread (2 steps of 8),
-as real subprocesses. Compiling resnet18 on CPU took about 1.5 minutes here (cold inductor cache), so the
-test that does it is marked slow and runs only with RUN_SLOW=1; by default a small conv net goes through the
-same prepare_model path (about 30 s cold, a few seconds once inductor's cache is warm).
+The scripts run for one epoch on a 16-image folder at 8x8 with resnet18 on one CPU thread (2 steps
+of 8), as real subprocesses. Compiling resnet18 on CPU took about 1.5 minutes here (cold inductor
+cache), so the test that does it is marked slow and runs only with RUN_SLOW=1; by default a small
+conv net goes through the same prepare_model path (about 30 s cold, a few seconds once inductor's
+cache is warm).
 """
+
 import argparse
 import copy
 import glob
@@ -15,13 +18,12 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+from helpers import describe, run_script, write_image_folder
 
 import util
-import checkpoint
-import runtime
-from helpers import describe, run_script, write_image_folder
 from losses import SupConLoss
 from networks.resnet_big import SupConResNet
+from supcon import checkpoint, runtime
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 DEVICES = ['cpu', pytest.param('cuda', marks=CUDA)]
@@ -47,11 +49,17 @@ def runtime_options(argv, device='cpu'):
     return opt
 
 
-# --------------------------------------------------------------------------- configure_precision, make_scaler
+# --------------------------------------------------------------------------- configure_precision,
+# make_scaler
+
 
 def test_cpu_amp_is_bfloat16_with_channels_last_on():
     opt = runtime_options(['--amp'])
-    assert (opt.amp_dtype, opt.amp_torch_dtype, opt.channels_last) == ('bfloat16', torch.bfloat16, True)
+    assert (opt.amp_dtype, opt.amp_torch_dtype, opt.channels_last) == (
+        'bfloat16',
+        torch.bfloat16,
+        True,
+    )
     assert runtime_options(['--amp', '--amp_dtype', 'bfloat16']).amp_torch_dtype == torch.bfloat16
 
 
@@ -86,6 +94,7 @@ def test_cuda_float16_gets_an_enabled_scaler_and_bfloat16_none():
 
 # --------------------------------------------------------------------------- autocast dtypes
 
+
 @pytest.mark.parametrize('device', DEVICES)
 def test_autocast_model_output_is_half_and_loss_float32(device):
     opt = runtime_options(['--amp', '--amp_dtype', 'bfloat16'], device)
@@ -102,8 +111,11 @@ def test_autocast_model_output_is_half_and_loss_float32(device):
     assert features.dtype == (torch.float32 if device == 'cuda' else torch.bfloat16)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
-    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
-               for p in model.parameters() if p.grad is not None)
+    assert all(
+        p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        for p in model.parameters()
+        if p.grad is not None
+    )
 
 
 def test_autocast_is_a_no_op_without_amp():
@@ -115,9 +127,11 @@ def test_autocast_is_a_no_op_without_amp():
 
 # --------------------------------------------------------------------------- channels_last
 
+
 @pytest.fixture
 def ieee_fp32(monkeypatch):
-    """Plain float32 on CUDA: with TF32 the two memory formats may pick kernels that round differently."""
+    """Plain float32 on CUDA: with TF32 the two memory formats may pick kernels that round
+    differently."""
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
 
@@ -127,7 +141,9 @@ def contiguous_and_channels_last_models(device='cpu', seed=0):
     model = SupConResNet('resnet18')
     models = {}
     for channels_last in (False, True):
-        opt = runtime_options(['--channels_last' if channels_last else '--no-channels_last'], device)
+        opt = runtime_options(
+            ['--channels_last' if channels_last else '--no-channels_last'], device
+        )
         models[channels_last] = (runtime.prepare_model(copy.deepcopy(model), opt), opt)
     return models
 
@@ -149,8 +165,10 @@ def test_channels_last_eval_outputs_match_contiguous(device, ieee_fp32):
     for channels_last, (model, opt) in contiguous_and_channels_last_models(device).items():
         model.eval()
         with torch.no_grad():
-            outputs[channels_last] = (model(runtime.to_device(images, opt)).float().cpu(),
-                                      model.encoder(runtime.to_device(images, opt)).float().cpu())
+            outputs[channels_last] = (
+                model(runtime.to_device(images, opt)).float().cpu(),
+                model.encoder(runtime.to_device(images, opt)).float().cpu(),
+            )
     for a, b in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
@@ -172,18 +190,31 @@ def test_channels_last_training_step_matches_contiguous(device, ieee_fp32):
         loss.backward()
         grads = {name: p.grad.cpu().clone() for name, p in model.named_parameters()}
         optimizer.step()
-        results[channels_last] = loss.item(), grads, {k: v.cpu() for k, v in model.state_dict().items()}
+        results[channels_last] = (
+            loss.item(),
+            grads,
+            {k: v.cpu() for k, v in model.state_dict().items()},
+        )
     (loss_cl, grads_cl, state_cl), (loss, grads, state) = results[True], results[False]
     assert loss_cl == pytest.approx(loss, rel=1e-3)
     for name in grads:
         scale = grads[name].abs().max().item()
-        torch.testing.assert_close(grads_cl[name], grads[name], rtol=1e-3, atol=1e-3 * scale + 1e-7,
-                                   msg=lambda m: f'{name}: {m}')
+        torch.testing.assert_close(
+            grads_cl[name],
+            grads[name],
+            rtol=1e-3,
+            atol=1e-3 * scale + 1e-7,
+            msg=lambda m: f'{name}: {m}',
+        )
     for name in state:  # weights and BatchNorm running statistics after the step
-        torch.testing.assert_close(state_cl[name].float(), state[name].float(), rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(
+            state_cl[name].float(), state[name].float(), rtol=1e-3, atol=1e-5
+        )
 
 
-# --------------------------------------------------------------------------- torch.compile through prepare_model
+# --------------------------------------------------------------------------- torch.compile through
+# prepare_model
+
 
 def compiled_step(model, opt, images):
     model = runtime.prepare_model(model, opt)
@@ -197,7 +228,9 @@ def compiled_step(model, opt, images):
 def test_compile_through_prepare_model_small_net():
     opt = runtime_options(['--amp', '--compile'])
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)
+    )
     reference = copy.deepcopy(net)
     model, out = compiled_step(net, opt, torch.randn(4, 3, 8, 8))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
@@ -207,8 +240,10 @@ def test_compile_through_prepare_model_small_net():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get('RUN_SLOW') != '1', reason='compiling resnet18 on CPU takes ~1.5 min;'
-                                                                ' set RUN_SLOW=1')
+@pytest.mark.skipif(
+    os.environ.get('RUN_SLOW') != '1',
+    reason='compiling resnet18 on CPU takes ~1.5 min; set RUN_SLOW=1',
+)
 def test_compile_through_prepare_model_resnet18():
     opt = runtime_options(['--compile'])
     torch.manual_seed(0)
@@ -220,27 +255,60 @@ def test_compile_through_prepare_model_resnet18():
     out_eager.square().mean().backward()
     torch.testing.assert_close(out, out_eager, rtol=1e-4, atol=1e-4)
     for (name, p), q in zip(runtime.unwrap(model).named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f'{name}: {m}')
+        torch.testing.assert_close(
+            p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f'{name}: {m}'
+        )
 
 
-# --------------------------------------------------------------------------- the three scripts under --amp
+# --------------------------------------------------------------------------- the three scripts
+# under --amp
+
 
 @pytest.fixture(scope='module')
 def amp_runs(tmp_path_factory):
-    """One epoch of each script with --amp (bfloat16 on CPU), main_linear on main_supcon's checkpoint."""
+    """One epoch of each script with --amp (bfloat16 on CPU), main_linear on main_supcon's
+    checkpoint."""
     root = tmp_path_factory.mktemp('amp')
     write_image_folder(root / 'train', {'a': 8, 'b': 8}, size=8, seed=0)
     write_image_folder(root / 'test', {'a': 4, 'b': 4}, size=8, seed=1)
-    common = ['--dataset', 'path', '--data_folder', root / 'train', '--test_folder', root / 'test',
-              '--mean', '(0.5, 0.5, 0.5)', '--std', '(0.25, 0.25, 0.25)', '--size', '8',
-              '--batch_size', '8', '--epochs', '1', '--learning_rate', '0.01', '--print_freq', '1',
-              '--num_workers', '0', '--device', 'cpu', '--seed', '0', '--amp']
+    common = [
+        '--dataset',
+        'path',
+        '--data_folder',
+        root / 'train',
+        '--test_folder',
+        root / 'test',
+        '--mean',
+        '(0.5, 0.5, 0.5)',
+        '--std',
+        '(0.25, 0.25, 0.25)',
+        '--size',
+        '8',
+        '--batch_size',
+        '8',
+        '--epochs',
+        '1',
+        '--learning_rate',
+        '0.01',
+        '--print_freq',
+        '1',
+        '--num_workers',
+        '0',
+        '--device',
+        'cpu',
+        '--seed',
+        '0',
+        '--amp',
+    ]
     runs = {}
     for script in ('main_supcon', 'main_ce', 'main_linear'):
         cwd = root / script
         cwd.mkdir()
-        extra = ['--ckpt', last_checkpoint(runs['main_supcon'][1])] if script == 'main_linear' else \
-            ['--model', 'resnet18']
+        extra = (
+            ['--ckpt', last_checkpoint(runs['main_supcon'][1])]
+            if script == 'main_linear'
+            else ['--model', 'resnet18']
+        )
         runs[script] = run_script(script, common + extra, cwd), cwd
     return runs
 
@@ -265,8 +333,12 @@ def test_script_runs_an_epoch_under_amp(amp_runs, script):
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     # saved in float32 (autocast never touches the weights)
     assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
-    if script == 'main_supcon':  # a run without --amp (contiguous, float32) loads the channels_last weights
+    if (
+        script == 'main_supcon'
+    ):  # a run without --amp (contiguous, float32) loads the channels_last weights
         model = SupConResNet('resnet18')
         model.load_state_dict(weights)
         assert model.encoder.conv1.weight.is_contiguous()
-        torch.testing.assert_close(model.encoder.conv1.weight, weights['encoder.conv1.weight'], rtol=0, atol=0)
+        torch.testing.assert_close(
+            model.encoder.conv1.weight, weights['encoder.conv1.weight'], rtol=0, atol=0
+        )

@@ -1,13 +1,19 @@
 """Transforms and --aug: shapes, normalisation, the reference pipelines bit for bit."""
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
 
-from augment import AUG_NAMES, RANDAUGMENT_MAGNITUDE, STACKED_RANDAUGMENT_MAGNITUDE
-from augment import supcon_transform, train_transform
-from augment import test_transform as eval_transform  # a test_* name would be collected
+from supcon.augment import (
+    AUG_NAMES,
+    RANDAUGMENT_MAGNITUDE,
+    STACKED_RANDAUGMENT_MAGNITUDE,
+    supcon_transform,
+    train_transform,
+)
+from supcon.augment import test_transform as eval_transform  # a test_* name would be collected
 from util import TwoCropTransform, UserError
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -23,31 +29,39 @@ def image():
 
 # The pipelines data.py held before they moved here, rebuilt as they were.
 def old_supcon_transform(size, mean, std):
-    return TwoCropTransform(transforms.Compose([
-        transforms.RandomResizedCrop(size=size, scale=(0.2, 1.)),
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=mean, std=std),
-    ]))
+    return TwoCropTransform(
+        transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size=size, scale=(0.2, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                transforms.RandomGrayscale(p=0.2),
+                transforms.ToTensor(),
+                transforms.Normalize(mean=mean, std=std),
+            ]
+        )
+    )
 
 
 def old_train_transform(size, mean, std):
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size=size, scale=(0.2, 1.)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=mean, std=std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size=size, scale=(0.2, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=mean, std=std),
+        ]
+    )
 
 
 def old_test_transform(size, mean, std):
-    return transforms.Compose([
-        transforms.Resize((size, size)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=mean, std=std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize((size, size)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=mean, std=std),
+        ]
+    )
 
 
 def _assert_normalised(x):
@@ -73,16 +87,19 @@ def test_every_aug_gives_normalised_tensors(aug, image):
 
 def test_test_transform_resizes_and_normalises(image):
     _assert_normalised(eval_transform(SIZE, MEAN, STD)(image))
-    assert torch.equal(eval_transform(SIZE, MEAN, STD)(image),
-                       old_test_transform(SIZE, MEAN, STD)(image))
+    assert torch.equal(
+        eval_transform(SIZE, MEAN, STD)(image), old_test_transform(SIZE, MEAN, STD)(image)
+    )
 
 
 @pytest.mark.parametrize('seed', [0, 1, 7])
 def test_simclr_is_the_old_pipeline_bit_for_bit(seed, image):
-    pairs = [(supcon_transform(SIZE, MEAN, STD), old_supcon_transform(SIZE, MEAN, STD)),
-             (supcon_transform(SIZE, MEAN, STD, 'simclr'), old_supcon_transform(SIZE, MEAN, STD)),
-             (train_transform(SIZE, MEAN, STD), old_train_transform(SIZE, MEAN, STD)),
-             (train_transform(SIZE, MEAN, STD, 'simclr'), old_train_transform(SIZE, MEAN, STD))]
+    pairs = [
+        (supcon_transform(SIZE, MEAN, STD), old_supcon_transform(SIZE, MEAN, STD)),
+        (supcon_transform(SIZE, MEAN, STD, 'simclr'), old_supcon_transform(SIZE, MEAN, STD)),
+        (train_transform(SIZE, MEAN, STD), old_train_transform(SIZE, MEAN, STD)),
+        (train_transform(SIZE, MEAN, STD, 'simclr'), old_train_transform(SIZE, MEAN, STD)),
+    ]
     for new, old in pairs:
         torch.manual_seed(seed)
         a = new(image)
@@ -91,8 +108,9 @@ def test_simclr_is_the_old_pipeline_bit_for_bit(seed, image):
         a = torch.stack(a) if isinstance(a, list) else a
         b = torch.stack(b) if isinstance(b, list) else b
         assert torch.equal(a, b)
-    assert repr(supcon_transform(SIZE, MEAN, STD).transform) == \
-        repr(old_supcon_transform(SIZE, MEAN, STD).transform)
+    assert repr(supcon_transform(SIZE, MEAN, STD).transform) == repr(
+        old_supcon_transform(SIZE, MEAN, STD).transform
+    )
     assert repr(train_transform(SIZE, MEAN, STD)) == repr(old_train_transform(SIZE, MEAN, STD))
 
 
@@ -119,10 +137,16 @@ def test_pipelines_hold_the_named_ops():
     assert auto.policy == transforms.AutoAugmentPolicy.IMAGENET
     plain = train_transform(SIZE, MEAN, STD, 'randaugment').transforms[2]
     stacked = supcon_transform(SIZE, MEAN, STD, 'stacked_randaugment').transform.transforms
-    assert (plain.num_ops, plain.magnitude, plain.num_magnitude_bins) == \
-        (2, RANDAUGMENT_MAGNITUDE, 11)
-    assert (stacked[2].num_ops, stacked[2].magnitude, stacked[2].num_magnitude_bins) == \
-        (2, STACKED_RANDAUGMENT_MAGNITUDE, 11)
+    assert (plain.num_ops, plain.magnitude, plain.num_magnitude_bins) == (
+        2,
+        RANDAUGMENT_MAGNITUDE,
+        11,
+    )
+    assert (stacked[2].num_ops, stacked[2].magnitude, stacked[2].num_magnitude_bins) == (
+        2,
+        STACKED_RANDAUGMENT_MAGNITUDE,
+        11,
+    )
     jitter = stacked[3]
     assert jitter.p == 0.8 and isinstance(jitter.transforms[0], transforms.ColorJitter)
     assert stacked[4].p == 0.2

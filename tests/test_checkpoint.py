@@ -1,4 +1,5 @@
 """Tests for checkpoint.py: wrapper keys, safe loading, reference checkpoints."""
+
 import errno
 import os
 import time
@@ -7,30 +8,38 @@ import zipfile
 import pytest
 import torch
 import torch.nn as nn
-
-import checkpoint
 from helpers import reference_options
-from util import UserError
 
+from supcon import checkpoint
+from util import UserError
 
 # --------------------------------------------------------------------------- checkpoints
 
+
 def test_strip_wrapper_keys():
     value = torch.ones(1)
-    stripped = checkpoint.strip_wrapper_keys({
-        'encoder.module.conv1.weight': value,
-        'module.head.0.weight': 1,
-        '_orig_mod.encoder.module.layer1.0.bn1.bias': 2,
-        'module._orig_mod.fc.bias': 3,  # DDP over torch.compile
-        'encoder.module.module.conv2.weight': 7,  # nested DataParallel
-        'modules.weight': 4,  # 'modules' is not a wrapper
+    stripped = checkpoint.strip_wrapper_keys(
+        {
+            'encoder.module.conv1.weight': value,
+            'module.head.0.weight': 1,
+            '_orig_mod.encoder.module.layer1.0.bn1.bias': 2,
+            'module._orig_mod.fc.bias': 3,  # DDP over torch.compile
+            'encoder.module.module.conv2.weight': 7,  # nested DataParallel
+            'modules.weight': 4,  # 'modules' is not a wrapper
+            'encoder.submodule.weight': 5,
+            'fc.weight': 6,
+        }
+    )
+    assert stripped == {
+        'encoder.conv1.weight': value,
+        'head.0.weight': 1,
+        'encoder.layer1.0.bn1.bias': 2,
+        'fc.bias': 3,
+        'modules.weight': 4,
         'encoder.submodule.weight': 5,
         'fc.weight': 6,
-    })
-    assert stripped == {'encoder.conv1.weight': value, 'head.0.weight': 1,
-                        'encoder.layer1.0.bn1.bias': 2, 'fc.bias': 3, 'modules.weight': 4,
-                        'encoder.submodule.weight': 5, 'fc.weight': 6,
-                        'encoder.conv2.weight': 7}
+        'encoder.conv2.weight': 7,
+    }
     assert stripped['encoder.conv1.weight'] is value
 
 
@@ -39,8 +48,12 @@ def real_checkpoint():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     net(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    return {'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': 2,
-            'opt': {'model': 'resnet18', 'lr_decay_epochs': [1, 2], 'warm': False}}
+    return {
+        'model': net.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'epoch': 2,
+        'opt': {'model': 'resnet18', 'lr_decay_epochs': [1, 2], 'warm': False},
+    }
 
 
 def test_save_load_round_trip_weights_only(tmp_path):
@@ -63,15 +76,27 @@ def test_loads_a_reference_checkpoint(tmp_path):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.5)
     opt = reference_options()
     path = tmp_path / 'ckpt_epoch_3.pth'
-    torch.save({'opt': opt, 'optimizer': optimizer.state_dict(), 'epoch': 3,
-                'model': {'encoder.module.conv1.weight': weight,
-                          'encoder.module.bn1.num_batches_tracked': torch.tensor(5),
-                          'head.0.bias': torch.zeros(2)}}, path)
+    torch.save(
+        {
+            'opt': opt,
+            'optimizer': optimizer.state_dict(),
+            'epoch': 3,
+            'model': {
+                'encoder.module.conv1.weight': weight,
+                'encoder.module.bn1.num_batches_tracked': torch.tensor(5),
+                'head.0.bias': torch.zeros(2),
+            },
+        },
+        path,
+    )
     ckpt = checkpoint.load_checkpoint(str(path))
     assert isinstance(ckpt['opt'], dict) and ckpt['opt'] == vars(opt)
     assert ckpt['opt']['lr_decay_epochs'] == [700, 800, 900]
-    assert sorted(ckpt['model']) == ['encoder.bn1.num_batches_tracked', 'encoder.conv1.weight',
-                                     'head.0.bias']
+    assert sorted(ckpt['model']) == [
+        'encoder.bn1.num_batches_tracked',
+        'encoder.conv1.weight',
+        'head.0.bias',
+    ]
     assert torch.equal(ckpt['model']['encoder.conv1.weight'], weight)
     assert ckpt['epoch'] == 3 and ckpt['optimizer']['param_groups'][0]['lr'] == 0.5
 
@@ -112,7 +137,7 @@ def test_truncated_random_and_non_checkpoint_files_are_user_errors(tmp_path):
     real = tmp_path / 'real.pth'
     checkpoint.save_checkpoint(real_checkpoint(), str(real))
     truncated = tmp_path / 'truncated.pth'
-    truncated.write_bytes(real.read_bytes()[:real.stat().st_size // 2])
+    truncated.write_bytes(real.read_bytes()[: real.stat().st_size // 2])
     assert zipfile.is_zipfile(real) and not zipfile.is_zipfile(truncated)
     random_bytes = tmp_path / 'random.pth'
     random_bytes.write_bytes(os.urandom(2048))
@@ -120,9 +145,13 @@ def test_truncated_random_and_non_checkpoint_files_are_user_errors(tmp_path):
     torch.save([1, 2], a_list)
     no_model = tmp_path / 'no_model.pth'
     torch.save({'epoch': 3, 'optimizer': {}}, no_model)
-    expected = {truncated: 'not a readable checkpoint', random_bytes: 'not a readable checkpoint',
-                a_list: 'not a SupContrast checkpoint', no_model: 'not a SupContrast checkpoint',
-                tmp_path / 'missing.pth': 'no such file'}
+    expected = {
+        truncated: 'not a readable checkpoint',
+        random_bytes: 'not a readable checkpoint',
+        a_list: 'not a SupContrast checkpoint',
+        no_model: 'not a SupContrast checkpoint',
+        tmp_path / 'missing.pth': 'no such file',
+    }
     for path, words in expected.items():
         with pytest.raises(UserError) as info:
             checkpoint.load_checkpoint(str(path), flag='--ckpt')
@@ -136,8 +165,9 @@ def test_a_directory_is_named_as_such(tmp_path):
     run.mkdir()
     with pytest.raises(UserError) as info:
         checkpoint.load_checkpoint(str(run), flag='--resume')
-    assert str(info.value) == (f'--resume {run} is a directory, not a checkpoint file; pass a'
-                               f' .pth file')
+    assert str(info.value) == (
+        f'--resume {run} is a directory, not a checkpoint file; pass a .pth file'
+    )
     checkpoint.save_checkpoint(real_checkpoint(), str(run / 'last.pth'))
     with pytest.raises(UserError, match=r'is a directory, .* e\.g\. .*last\.pth$'):
         checkpoint.load_checkpoint(str(run))
@@ -158,12 +188,14 @@ def test_options_that_are_not_a_dict_or_namespace_are_refused(tmp_path, opt):
 
 def test_a_legacy_format_file_is_read_when_mapping_is_asked(tmp_path):
     path = tmp_path / 'legacy.pth'
-    torch.save({'model': {'w': torch.ones(2)}, 'epoch': 4}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {'model': {'w': torch.ones(2)}, 'epoch': 4}, path, _use_new_zipfile_serialization=False
+    )
     assert checkpoint.load_checkpoint(str(path), mmap=True)['epoch'] == 4
 
 
 # --------------------------------------------------------------------------- failed saves
+
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
     path = tmp_path / 'run' / 'checkpoint.pth'
@@ -178,9 +210,11 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
     with pytest.raises(UserError) as info:
         checkpoint.save_checkpoint({'model': {'w': torch.zeros(3)}, 'epoch': 2}, str(path))
     monkeypatch.undo()
-    assert str(info.value) == (f'no space left on device while saving {path}; the previous'
-                               f' checkpoint.pth is intact: free some space, then continue'
-                               f' with --resume auto')
+    assert str(info.value) == (
+        f'no space left on device while saving {path}; the previous'
+        f' checkpoint.pth is intact: free some space, then continue'
+        f' with --resume auto'
+    )
     assert path.read_bytes() == before and os.listdir(path.parent) == ['checkpoint.pth']
 
 
@@ -195,12 +229,16 @@ def test_a_folder_that_cannot_be_written_is_a_user_error(tmp_path, monkeypatch):
     assert checkpoint.folder_write_problem(str(folder)) == f'{tmp_path}: Permission denied'
     with pytest.raises(UserError) as info:
         checkpoint.save_checkpoint({'model': {}}, str(folder / 'checkpoint.pth'))
-    assert str(info.value).startswith(f'cannot write checkpoints to {folder} (Permission'
-                                      f' denied): make it writable, or start the script from')
+    assert str(info.value).startswith(
+        f'cannot write checkpoints to {folder} (Permission'
+        f' denied): make it writable, or start the script from'
+    )
     monkeypatch.undo()
     (tmp_path / 'file').write_text('')
-    assert checkpoint.folder_write_problem(str(tmp_path / 'file' / 'run')) == \
-        f'{tmp_path / "file"} is a file, not a folder'
+    assert (
+        checkpoint.folder_write_problem(str(tmp_path / 'file' / 'run'))
+        == f'{tmp_path / "file"} is a file, not a folder'
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only folders')
@@ -214,9 +252,12 @@ def test_a_read_only_folder_is_found_by_the_probe(tmp_path):
 
 # --------------------------------------------------------------------------- resume auto
 
+
 def test_first_nonfinite_names_the_tensor():
-    state = {'model': {'a': torch.ones(3), 'n': torch.tensor(5)},
-             'optimizer': {'state': {0: {'momentum_buffer': torch.zeros(2)}}}}
+    state = {
+        'model': {'a': torch.ones(3), 'n': torch.tensor(5)},
+        'optimizer': {'state': {0: {'momentum_buffer': torch.zeros(2)}}},
+    }
     assert checkpoint.first_nonfinite(state) is None
     state['optimizer']['state'][0]['momentum_buffer'][1] = float('-inf')
     assert checkpoint.first_nonfinite(state) == 'optimizer.state.0.momentum_buffer'
@@ -225,8 +266,10 @@ def test_first_nonfinite_names_the_tensor():
 
 
 def save_at(path, epoch, step=0, value=1.0):
-    checkpoint.save_checkpoint({'model': {'w': torch.full((2,), value)}, 'epoch': epoch,
-                                'step': step, 'opt': {}}, str(path))
+    checkpoint.save_checkpoint(
+        {'model': {'w': torch.full((2,), value)}, 'epoch': epoch, 'step': step, 'opt': {}},
+        str(path),
+    )
 
 
 def test_resume_auto_takes_the_furthest_checkpoint_not_the_newest_file(tmp_path, capsys):

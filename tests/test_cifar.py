@@ -13,15 +13,25 @@ import pytest
 import torch
 from torchvision import transforms
 
-import cifar
-from augment import train_transform
-from augment import test_transform as make_test_transform  # not collected as a test
-from data import MEAN_STD, build_dataset
+from supcon import cifar
+from supcon.augment import test_transform as make_test_transform  # not collected as a test
+from supcon.augment import train_transform
+from supcon.data import MEAN_STD, build_dataset
 from util import UserError
 
 MEAN, STD = MEAN_STD['cifar10']
-CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer',
-                 'dog', 'frog', 'horse', 'ship', 'truck']
+CIFAR10_NAMES = [
+    'airplane',
+    'automobile',
+    'bird',
+    'cat',
+    'deer',
+    'dog',
+    'frog',
+    'horse',
+    'ship',
+    'truck',
+]
 
 
 def assert_one_line(exc_info, *fragments):
@@ -31,9 +41,9 @@ def assert_one_line(exc_info, *fragments):
         assert fragment in message, message
 
 
+# ---------------------------------------------------------- Tiny CIFAR folders in the real layout
 # --------------------------------------------------------------------------
-# Tiny CIFAR folders in the real layout
-# --------------------------------------------------------------------------
+
 
 class _Py2Pickler(pickle._Pickler):
     """Writes bytes as Python 2 `str` opcodes, as the real CIFAR files (pickled by Python 2) do."""
@@ -78,8 +88,12 @@ def cifar10_root(tmp_path):
         batches[f'data_batch_{i}'] = (planar_rows(rng, 2), [(2 * i) % 10, (2 * i + 1) % 10])
     batches['test_batch'] = (planar_rows(rng, 3), [9, 0, 4])
     for name, (rows, labels) in batches.items():
-        content = {b'batch_label': name.encode(), b'data': rows, b'labels': labels,
-                   b'filenames': [b'x.png'] * len(labels)}
+        content = {
+            b'batch_label': name.encode(),
+            b'data': rows,
+            b'labels': labels,
+            b'filenames': [b'x.png'] * len(labels),
+        }
         (folder / name).write_bytes(py2_pickle(content))
     meta = {b'label_names': [n.encode() for n in CIFAR10_NAMES], b'num_vis': 3072}
     (folder / 'batches.meta').write_bytes(py2_pickle(meta))
@@ -92,13 +106,17 @@ def cifar100_root(tmp_path):
     rng = np.random.default_rng(1)
     folder = tmp_path / 'cifar-100-python'
     folder.mkdir()
-    splits = {'train': (planar_rows(rng, 4), [99, 5, 42, 0], [19, 1, 2, 3]),
-              'test': (planar_rows(rng, 2), [7, 98], [4, 5])}
+    splits = {
+        'train': (planar_rows(rng, 4), [99, 5, 42, 0], [19, 1, 2, 3]),
+        'test': (planar_rows(rng, 2), [7, 98], [4, 5]),
+    }
     for name, (rows, fine, coarse) in splits.items():
         content = {b'data': rows, b'fine_labels': fine, b'coarse_labels': coarse}
         (folder / name).write_bytes(pickle.dumps(content))
-    meta = {b'fine_label_names': [f'fine{i}' for i in range(100)],
-            b'coarse_label_names': [f'coarse{i}' for i in range(20)]}
+    meta = {
+        b'fine_label_names': [f'fine{i}' for i in range(100)],
+        b'coarse_label_names': [f'coarse{i}' for i in range(20)],
+    }
     (folder / 'meta').write_bytes(pickle.dumps(meta))
     return tmp_path, splits
 
@@ -148,8 +166,11 @@ def test_test_transform_at_native_size_only_normalises(cifar10_root):
 def test_cifar_missing_without_download(tmp_path):
     with pytest.raises(UserError) as info:
         build_dataset('cifar10', 'train', None, data_folder=str(tmp_path), download=False)
-    assert_one_line(info, os.path.join(str(tmp_path), 'cifar-10-batches-py'),
-                    'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz')
+    assert_one_line(
+        info,
+        os.path.join(str(tmp_path), 'cifar-10-batches-py'),
+        'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
+    )
 
 
 def test_cifar_failed_download_is_user_error_and_restores_timeout(tmp_path, monkeypatch):
@@ -160,12 +181,18 @@ def test_cifar_failed_download_is_user_error_and_restores_timeout(tmp_path, monk
         raise urllib.error.URLError('[Errno -2] Name or service not known')
 
     import torchvision.datasets.utils
+
     monkeypatch.setattr(torchvision.datasets.utils, 'download_and_extract_archive', offline)
     before = socket.getdefaulttimeout()
     with pytest.raises(UserError) as info:
         build_dataset('cifar100', 'test', None, data_folder=str(tmp_path))
-    assert_one_line(info, 'cifar-100-python', 'could not be downloaded', 'Name or service',
-                    'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz')
+    assert_one_line(
+        info,
+        'cifar-100-python',
+        'could not be downloaded',
+        'Name or service',
+        'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
+    )
     assert seen_timeouts == [cifar.DOWNLOAD_TIMEOUT_S]
     assert socket.getdefaulttimeout() == before
 

@@ -1,5 +1,6 @@
 """networks.cpu_bf16_conv: the matmul weight gradient for small maps under CPU bfloat16 autocast,
 and the set-up swap that applies it."""
+
 import argparse
 import copy
 
@@ -7,10 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-import runtime
-from networks.cpu_bf16_conv import (MatmulWeightGradConv2d, use_matmul_weight_grad,
-                                    wants_matmul_weight_grad, weight_grad_by_matmul)
+from networks.cpu_bf16_conv import (
+    MatmulWeightGradConv2d,
+    use_matmul_weight_grad,
+    wants_matmul_weight_grad,
+    weight_grad_by_matmul,
+)
 from networks.resnet_big import SupConResNet
+from supcon import runtime
 
 BF16 = dict(device_type='cpu', dtype=torch.bfloat16)
 
@@ -23,13 +28,16 @@ def reference_weight_grad(x, grad_out, weight, stride, padding):
     return w.grad
 
 
-@pytest.mark.parametrize('shape, kernel, stride, padding', [
-    ((2, 3, 5, 5), (3, 3), (1, 1), (1, 1)),
-    ((2, 4, 7, 6), (3, 3), (2, 2), (1, 1)),    # stride that does not divide the size
-    ((3, 5, 4, 4), (1, 1), (2, 2), (0, 0)),    # the ResNet shortcut
-    ((1, 3, 9, 8), (7, 7), (2, 2), (3, 3)),    # the ImageNet stem
-    ((2, 2, 6, 5), (3, 2), (1, 2), (2, 0)),    # unequal kernel, stride and padding
-])
+@pytest.mark.parametrize(
+    'shape, kernel, stride, padding',
+    [
+        ((2, 3, 5, 5), (3, 3), (1, 1), (1, 1)),
+        ((2, 4, 7, 6), (3, 3), (2, 2), (1, 1)),  # stride that does not divide the size
+        ((3, 5, 4, 4), (1, 1), (2, 2), (0, 0)),  # the ResNet shortcut
+        ((1, 3, 9, 8), (7, 7), (2, 2), (3, 3)),  # the ImageNet stem
+        ((2, 2, 6, 5), (3, 2), (1, 2), (2, 0)),  # unequal kernel, stride and padding
+    ],
+)
 def test_weight_grad_by_matmul_equals_the_convolution_gradient(shape, kernel, stride, padding):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64)
@@ -38,8 +46,9 @@ def test_weight_grad_by_matmul_equals_the_convolution_gradient(shape, kernel, st
     grad_out = torch.randn_like(out)
     expected = reference_weight_grad(x, grad_out, weight, stride, padding)
     for layout in (torch.contiguous_format, torch.channels_last):
-        got = weight_grad_by_matmul(x.contiguous(memory_format=layout), grad_out, kernel, stride,
-                                    padding)
+        got = weight_grad_by_matmul(
+            x.contiguous(memory_format=layout), grad_out, kernel, stride, padding
+        )
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
@@ -80,15 +89,20 @@ def test_small_map_under_bf16_autocast_matches_the_stock_conv(layout, bias):
     assert type(out.grad_fn).__name__ == '_Bf16ConvMatmulWeightGradBackward'
     out_s, grad_x_s, grads_s, _ = run(stock, x, grad_out)
     assert type(out_s.grad_fn).__name__ != '_Bf16ConvMatmulWeightGradBackward'
-    # same forward and input gradient (the same oneDNN primitives), weight gradient to bf16 precision
+    # same forward and input gradient (the same oneDNN primitives), weight gradient to bf16
+    # precision
     assert out.dtype == out_s.dtype == torch.bfloat16
     torch.testing.assert_close(out, out_s, rtol=0, atol=0)
     assert grad_x.dtype == torch.float32
     torch.testing.assert_close(grad_x, grad_x_s, rtol=1e-2, atol=1e-2)
     assert grads['weight'].dtype == torch.float32
-    exact = reference_weight_grad(x.detach().to(torch.bfloat16),
-                                  grad_out.to(torch.bfloat16), fast.weight.to(torch.bfloat16),
-                                  (1, 1), (1, 1))
+    exact = reference_weight_grad(
+        x.detach().to(torch.bfloat16),
+        grad_out.to(torch.bfloat16),
+        fast.weight.to(torch.bfloat16),
+        (1, 1),
+        (1, 1),
+    )
     error_fast = (grads['weight'].double() - exact).abs().max()
     error_stock = (grads_s['weight'].double() - exact).abs().max()
     assert error_fast <= 2 * error_stock + 1e-6 * exact.abs().max()
@@ -119,7 +133,8 @@ def test_other_cases_keep_the_stock_path(case):
 
 
 def test_resnet_step_gradients_agree_with_onednn():
-    """A whole bf16 SupConResNet backward: every parameter's gradient within bf16 noise of oneDNN's."""
+    """A whole bf16 SupConResNet backward: every parameter's gradient within bf16 noise of
+    oneDNN's."""
     torch.manual_seed(0)
     stock_model = SupConResNet('resnet18').to(memory_format=torch.channels_last)
     fast_model = use_matmul_weight_grad(copy.deepcopy(stock_model))
@@ -134,8 +149,11 @@ def test_resnet_step_gradients_agree_with_onednn():
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fast, stock = grads('matmul'), grads('onednn')
-    used = [m for m in fast_model.modules()
-            if isinstance(m, MatmulWeightGradConv2d) and m.in_channels >= 256]
+    used = [
+        m
+        for m in fast_model.modules()
+        if isinstance(m, MatmulWeightGradConv2d) and m.in_channels >= 256
+    ]
     assert used  # layer3/layer4 at 4x4 and 2x2 maps take the matmul path
     for name in stock:
         diff = (fast[name] - stock[name]).norm() / stock[name].norm().clamp_min(1e-12)
@@ -160,19 +178,28 @@ def test_swap_keeps_parameters_and_state_dict():
 
 
 def runtime_options(**overrides):
-    opt = argparse.Namespace(device=torch.device('cpu'), distributed=False, syncBN=False,
-                             channels_last=False, compile=False, amp_torch_dtype=torch.bfloat16,
-                             cpu_bf16_wgrad='matmul')
+    opt = argparse.Namespace(
+        device=torch.device('cpu'),
+        distributed=False,
+        syncBN=False,
+        channels_last=False,
+        compile=False,
+        amp_torch_dtype=torch.bfloat16,
+        cpu_bf16_wgrad='matmul',
+    )
     vars(opt).update(overrides)
     return opt
 
 
-@pytest.mark.parametrize('overrides, swapped', [
-    ({}, True),
-    ({'cpu_bf16_wgrad': 'onednn'}, False),
-    ({'amp_torch_dtype': None}, False),
-    ({'compile': True}, False),
-])
+@pytest.mark.parametrize(
+    'overrides, swapped',
+    [
+        ({}, True),
+        ({'cpu_bf16_wgrad': 'onednn'}, False),
+        ({'amp_torch_dtype': None}, False),
+        ({'compile': True}, False),
+    ],
+)
 def test_prepare_model_applies_the_swap_only_for_cpu_bf16(overrides, swapped):
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     if overrides.get('compile'):

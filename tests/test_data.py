@@ -1,25 +1,35 @@
 """Tests for data.py: image folders, digits, class checks, --mean/--std parsing."""
 
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cifar import (
+    MEAN,
+    STD,
+    assert_one_line,
+    cifar10_root,  # noqa: F401,F811  (a fixture)
+)
 
-from augment import supcon_transform, train_transform
-from augment import test_transform as make_test_transform  # not collected as a test
-from data import (DATASET_NAMES, MEAN_STD, DataError, build_dataset, check_num_classes,
-                  check_same_classes, parse_triple, resolve_mean_std)
-from sampling import build_loader
-from test_cifar import MEAN, STD, assert_one_line
+from supcon.augment import supcon_transform, train_transform
+from supcon.augment import test_transform as make_test_transform  # not collected as a test
+from supcon.data import (
+    DATASET_NAMES,
+    MEAN_STD,
+    DataError,
+    build_dataset,
+    check_num_classes,
+    check_same_classes,
+    parse_triple,
+    resolve_mean_std,
+)
+from supcon.sampling import build_loader
 from util import UserError
-
-
-from test_cifar import cifar10_root  # noqa: F401,F811  (a fixture)
 
 # --------------------------------------------------------------------------
 # Image folders (--dataset path)
 # --------------------------------------------------------------------------
+
 
 def write_image_folder(root, counts, size=(40, 30)):
     rng = np.random.default_rng(2)
@@ -49,8 +59,9 @@ def test_image_folder_classes_targets_and_transforms(tmp_path):
 def test_image_folder_test_split_reads_test_folder(tmp_path):
     write_image_folder(tmp_path / 'train', {'a': 1, 'b': 1})
     test_root = write_image_folder(tmp_path / 'test', {'a': 2, 'b': 3})
-    test = build_dataset('path', 'test', None, data_folder=tmp_path / 'train',
-                         test_folder=test_root)
+    test = build_dataset(
+        'path', 'test', None, data_folder=tmp_path / 'train', test_folder=test_root
+    )
     assert len(test) == 5 and test.targets == [0, 0, 1, 1, 1]
 
 
@@ -86,8 +97,17 @@ def _make_one_empty_class(tmp_path):
     return root, 'without image files: b'
 
 
-@pytest.mark.parametrize('make', [_make_missing, _make_file, _make_empty, _make_flat,
-                                  _make_empty_classes, _make_one_empty_class])
+@pytest.mark.parametrize(
+    'make',
+    [
+        _make_missing,
+        _make_file,
+        _make_empty,
+        _make_flat,
+        _make_empty_classes,
+        _make_one_empty_class,
+    ],
+)
 def test_bad_image_folder_is_user_error(tmp_path, make):
     folder, problem = make(tmp_path)
     with pytest.raises(UserError) as info:
@@ -97,6 +117,7 @@ def test_bad_image_folder_is_user_error(tmp_path, make):
 
 def test_image_folder_reads_nested_and_linked_folders_as_imagefolder_does(tmp_path):
     from torchvision import datasets
+
     root = write_image_folder(tmp_path / 'train', {'a': 2, 'b': 1, 'c': 1}, size=(4, 4))
     write_image_folder(root / 'a' / 'sub', {'deeper': 2}, size=(4, 4))
     (root / 'a' / 'notes.txt').write_text('not an image')
@@ -108,11 +129,14 @@ def test_image_folder_reads_nested_and_linked_folders_as_imagefolder_does(tmp_pa
     assert dataset.targets == [0, 0, 0, 0, 1, 2, 2, 2]
 
 
-@pytest.mark.parametrize('link, target, problem', [
-    ('a/loop', '..', 'a/loop is a symbolic link back to {root}, a folder that contains it'),
-    ('a/sub/self', '.', 'a/sub/self is a symbolic link back to {root}/a/sub'),
-    ('b/other', '../a', '{root}/b/other and {root}/a are the same folder'),
-])
+@pytest.mark.parametrize(
+    'link, target, problem',
+    [
+        ('a/loop', '..', 'a/loop is a symbolic link back to {root}, a folder that contains it'),
+        ('a/sub/self', '.', 'a/sub/self is a symbolic link back to {root}/a/sub'),
+        ('b/other', '../a', '{root}/b/other and {root}/a are the same folder'),
+    ],
+)
 def test_a_folder_reached_twice_through_a_link_is_refused(tmp_path, link, target, problem):
     """ImageFolder follows links without a loop check: a loop read the images dozens of times."""
     root = write_image_folder(tmp_path / 'train', {'a': 2, 'b': 1}, size=(4, 4))
@@ -120,8 +144,7 @@ def test_a_folder_reached_twice_through_a_link_is_refused(tmp_path, link, target
     (root / link).symlink_to(target)
     with pytest.raises(UserError) as info:
         build_dataset('path', 'train', None, data_folder=root)
-    assert_one_line(info, f'--data_folder {root}: ', problem.format(root=root.resolve()),
-                    'remove')
+    assert_one_line(info, f'--data_folder {root}: ', problem.format(root=root.resolve()), 'remove')
 
 
 def test_path_test_split_needs_test_folder(tmp_path):
@@ -132,10 +155,12 @@ def test_path_test_split_needs_test_folder(tmp_path):
 
 
 def test_check_same_classes_lists_the_differences(tmp_path):
-    train = build_dataset('path', 'train', None,
-                          data_folder=write_image_folder(tmp_path / 'tr', {'cat': 1, 'dog': 1}))
-    test = build_dataset('path', 'train', None,
-                         data_folder=write_image_folder(tmp_path / 'te', {'cat': 1, 'cow': 1}))
+    train = build_dataset(
+        'path', 'train', None, data_folder=write_image_folder(tmp_path / 'tr', {'cat': 1, 'dog': 1})
+    )
+    test = build_dataset(
+        'path', 'train', None, data_folder=write_image_folder(tmp_path / 'te', {'cat': 1, 'cow': 1})
+    )
     check_same_classes(train, train)
     with pytest.raises(UserError) as info:
         check_same_classes(train, test)
@@ -180,9 +205,9 @@ def test_unknown_dataset_name():
     assert_one_line(info, 'svhn', ', '.join(DATASET_NAMES))
 
 
+# ----------------------------------------------------------------------------------------- digits
 # --------------------------------------------------------------------------
-# digits
-# --------------------------------------------------------------------------
+
 
 def test_digits_stratified_split_of_32x32_rgb_images():
     train = build_dataset('digits', 'train', None)
@@ -205,20 +230,38 @@ def test_digits_mean_std_constants_match_the_images():
     np.testing.assert_allclose(pixels.std(axis=(0, 1, 2)), std, atol=1e-3)
 
 
-# --------------------------------------------------------------------------
-# Normalisation statistics
+# ----------------------------------------------------------------------- Normalisation statistics
 # --------------------------------------------------------------------------
 
-@pytest.mark.parametrize('text', ['(0.3837, 0.3704, 0.3072)', '0.3837,0.3704,0.3072',
-                                  '[0.3837 0.3704 0.3072]', ' 0.3837 0.3704 0.3072 ',
-                                  '(3.837e-1, .3704, 0.3072,)'])
+
+@pytest.mark.parametrize(
+    'text',
+    [
+        '(0.3837, 0.3704, 0.3072)',
+        '0.3837,0.3704,0.3072',
+        '[0.3837 0.3704 0.3072]',
+        ' 0.3837 0.3704 0.3072 ',
+        '(3.837e-1, .3704, 0.3072,)',
+    ],
+)
 def test_parse_triple_accepts_common_forms(text):
     assert parse_triple(text, '--mean') == pytest.approx((0.3837, 0.3704, 0.3072))
 
 
-@pytest.mark.parametrize('text', ['abc', '', '(0.1, 0.2)', '0.1,0.2,0.3,0.4', 'nan,1,2',
-                                  '(0.1, 0.2, 0.3]', '1e999,1,1', '__import__("os")',
-                                  '0.1;0.2;0.3'])
+@pytest.mark.parametrize(
+    'text',
+    [
+        'abc',
+        '',
+        '(0.1, 0.2)',
+        '0.1,0.2,0.3,0.4',
+        'nan,1,2',
+        '(0.1, 0.2, 0.3]',
+        '1e999,1,1',
+        '__import__("os")',
+        '0.1;0.2;0.3',
+    ],
+)
 def test_parse_triple_rejects_everything_else(text):
     with pytest.raises(UserError) as info:
         parse_triple(text, '--std')
@@ -229,7 +272,7 @@ def test_resolve_mean_std():
     assert resolve_mean_std('cifar100', None, None) == MEAN_STD['cifar100']
     mean, std = resolve_mean_std('cifar10', '(0.1, 0.2, 0.3)', None)
     assert mean == (0.1, 0.2, 0.3) and std == MEAN_STD['cifar10'][1]
-    assert resolve_mean_std('path', '1,2,3', '4 5 6') == ((1., 2., 3.), (4., 5., 6.))
+    assert resolve_mean_std('path', '1,2,3', '4 5 6') == ((1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
     for mean_text, std_text in [(None, None), ('1,2,3', None), (None, '1,2,3')]:
         with pytest.raises(UserError) as info:
             resolve_mean_std('path', mean_text, std_text)

@@ -1,11 +1,13 @@
 """demo_digits.sh: the README's first command, shortened to one epoch each."""
+
 import os
 import re
 import shutil
 import subprocess
 
-from checkpoint import load_checkpoint
 from helpers import REPO, describe, script_env
+
+from supcon.checkpoint import load_checkpoint
 
 RUN = 'SupCon_digits_resnet18_lr_0.03_decay_0.0001_bsz_128_temp_0.1_trial_{}_cosine'
 
@@ -22,8 +24,14 @@ def demo_copy(tmp_path):
 def run_demo(root, **env):
     full = script_env()
     full.update(env)
-    return subprocess.run(['bash', str(root / 'demo_digits.sh')], cwd=str(root), env=full,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        ['bash', str(root / 'demo_digits.sh')],
+        cwd=str(root),
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_demo_fp32_other_seed_end_to_end(tmp_path):
@@ -33,8 +41,11 @@ def test_demo_fp32_other_seed_end_to_end(tmp_path):
     for which in ('best', 'final'):
         accuracy = re.findall(rf'^{which} accuracy: ([0-9.]+)$', result.stdout, flags=re.M)
         assert len(accuracy) == 1 and 0 <= float(accuracy[0]) <= 100, describe(result)
-    assert re.search(r'^demo: SupCon, 1 pretraining \+ 1 linear epochs, 1 thread\(s\): \d+ s$',
-                     result.stdout, flags=re.M), describe(result)
+    assert re.search(
+        r'^demo: SupCon, 1 pretraining \+ 1 linear epochs, 1 thread\(s\): \d+ s$',
+        result.stdout,
+        flags=re.M,
+    ), describe(result)
 
     run = root / 'save/SupCon/digits_models' / RUN.format('fp32_seed1')
     ckpt = load_checkpoint(str(run / 'last.pth'))

@@ -3,6 +3,7 @@
 Two gloo processes on CPU stand in for GPUs. The SyncBatchNorm case needs CUDA (PyTorch's
 SyncBatchNorm does not run on CPU); on a machine with one GPU both processes share it.
 """
+
 import argparse
 import datetime
 import glob
@@ -19,15 +20,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import free_port
 from PIL import Image
 
 import util
-import checkpoint
-import engine
-import runtime
-from sampling import SeededDataset, build_loader
 from losses import SupConLoss
-from helpers import free_port
+from supcon import checkpoint, engine, runtime
+from supcon.sampling import SeededDataset, build_loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD_SIZE = 2
@@ -37,6 +36,7 @@ LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3])  # every rank holds positives of
 
 # ---------------------------------------------------------------- one SGD step, 1 vs 2 processes
 
+
 class TinyNet(nn.Module):
     """Conv encoder + projection head, small enough for float64; BatchNorm optional."""
 
@@ -44,8 +44,9 @@ class TinyNet(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 3, padding=1)
         self.bn = nn.BatchNorm2d(6) if bn else nn.Identity()
-        self.head = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8) if bn else nn.Identity(),
-                                  nn.ReLU(), nn.Linear(8, 5))
+        self.head = nn.Sequential(
+            nn.Linear(6, 8), nn.BatchNorm1d(8) if bn else nn.Identity(), nn.ReLU(), nn.Linear(8, 5)
+        )
 
     def forward(self, x):
         x = F.relu(self.bn(self.conv(x))).mean((2, 3))
@@ -94,7 +95,8 @@ def moco_steps(model, view1, view2, labels, steps=3, queue_size=12):
     Returns the model's weights, the key encoder's weights and the queue's rows and labels.
     A queue of 12 rows takes 8 keys a step: it fills, then wraps around.
     """
-    from moco import KeyEncoder, LabelQueue
+    from supcon.moco import KeyEncoder, LabelQueue
+
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
     criterion = SupConLoss(temperature=0.1)
     bare = model.module if hasattr(model, 'module') else model
@@ -109,8 +111,13 @@ def moco_steps(model, view1, view2, labels, steps=3, queue_size=12):
         keys = key_encoder.encode(images, shuffle_seed=step)
         keys = torch.stack(torch.split(keys, [bsz, bsz], dim=0), dim=1)
         rows, row_labels = queue.contents()
-        loss = criterion(features, labels, keys=keys, queue=rows,
-                         queue_labels=row_labels if labels is not None else None)
+        loss = criterion(
+            features,
+            labels,
+            keys=keys,
+            queue=rows,
+            queue_labels=row_labels if labels is not None else None,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -118,15 +125,24 @@ def moco_steps(model, view1, view2, labels, steps=3, queue_size=12):
         for view in range(2):  # view by view: the global batch's order on any number of ranks
             queue.enqueue(keys[:, view], queue_labels_of)
     rows, row_labels = queue.contents()
-    return {'model': {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
-            'key': {k: v.detach().cpu().clone() for k, v in key_encoder.model.state_dict().items()},
-            'queue': rows.cpu(), 'queue_labels': row_labels.cpu(), 'ptr': int(queue.ptr)}
+    return {
+        'model': {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
+        'key': {k: v.detach().cpu().clone() for k, v in key_encoder.model.state_dict().items()},
+        'queue': rows.cpu(),
+        'queue_labels': row_labels.cpu(),
+        'ptr': int(queue.ptr),
+    }
 
 
 def _init_gloo(rank, port):
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank,
-                            world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        'gloo',
+        init_method=f'tcp://127.0.0.1:{port}',
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=120),
+    )
 
 
 def _worker(rank, port, names, device_name, out_file):
@@ -144,15 +160,17 @@ def _worker(rank, port, names, device_name, out_file):
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             model = model.to(device)
             model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == 'cuda' else None)
+                model, device_ids=[device.index] if device.type == 'cuda' else None
+            )
             half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
             labels = LABELS[half].to(device) if supervised else None
             steps = moco_steps if name.endswith('_moco') else sgd_steps
             results[name] = steps(model, view1[half].to(device), view2[half].to(device), labels)
             if name.endswith('_moco'):  # every rank's queue, to compare
                 queues = [None] * WORLD_SIZE
-                dist.all_gather_object(queues, (results[name]['queue'],
-                                                results[name]['queue_labels']))
+                dist.all_gather_object(
+                    queues, (results[name]['queue'], results[name]['queue_labels'])
+                )
                 results[name]['queues'] = queues
         if device.type == 'cpu':
             result, indices = _validate(rank, WORLD_SIZE)
@@ -168,8 +186,13 @@ def _worker(rank, port, names, device_name, out_file):
 def run_two_ranks(names, device, out_file):
     # fork skips re-importing torch in the children (CPU only: a forked child cannot use CUDA)
     start_method = 'fork' if device == 'cpu' else 'spawn'
-    mp.start_processes(_worker, args=(free_port(), names, device, out_file), nprocs=WORLD_SIZE,
-                       join=True, start_method=start_method)
+    mp.start_processes(
+        _worker,
+        args=(free_port(), names, device, out_file),
+        nprocs=WORLD_SIZE,
+        join=True,
+        start_method=start_method,
+    )
     return torch.load(out_file)
 
 
@@ -197,8 +220,9 @@ def check_one_step_equivalence(ddp, names, device):
         state, view1, view2 = make_case(name)
         model = TinyNet(bn).double().to(device)
         model.load_state_dict(state)
-        single = sgd_steps(model, view1.to(device), view2.to(device),
-                           LABELS.to(device) if supervised else None)
+        single = sgd_steps(
+            model, view1.to(device), view2.to(device), LABELS.to(device) if supervised else None
+        )
         params = {k for k, _ in model.named_parameters()}
         weights = {k: v for k, v in single.items() if k in params}
         assert relative_error(ddp[name], weights, state) < 1e-6, name
@@ -216,12 +240,14 @@ def test_one_step_ddp_equals_single_process_supcon_and_simclr(cpu_ranks):
     check_one_step_equivalence(cpu_ranks, ['supcon', 'simclr'], 'cpu')
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="PyTorch's SyncBatchNorm runs only on CUDA")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="PyTorch's SyncBatchNorm runs only on CUDA"
+)
 def test_one_step_ddp_syncbn_equals_single_process_batchnorm(tmp_path):
     names = ['supcon_syncbn', 'simclr_syncbn']
-    check_one_step_equivalence(run_two_ranks(names, 'cuda:0', str(tmp_path / 'cuda.pt')),
-                               names, 'cuda:0')
+    check_one_step_equivalence(
+        run_two_ranks(names, 'cuda:0', str(tmp_path / 'cuda.pt')), names, 'cuda:0'
+    )
 
 
 # ---------------------------------------------------------------- distributed evaluation
@@ -241,13 +267,17 @@ def _validation_case():
 
 def _validate(rank, world_size):
     dataset, classifier = _validation_case()
-    loader, sampler = build_loader(dataset, 2, shuffle=False, seed=0, rank=rank,
-                                   world_size=world_size, pad=False)
-    opt = argparse.Namespace(device=torch.device('cpu'), print_freq=1000,
-                             amp_torch_dtype=None, channels_last=False)
+    loader, sampler = build_loader(
+        dataset, 2, shuffle=False, seed=0, rank=rank, world_size=world_size, pad=False
+    )
+    opt = argparse.Namespace(
+        device=torch.device('cpu'), print_freq=1000, amp_torch_dtype=None, channels_last=False
+    )
     classifier.eval()
-    return (engine.validate(loader, classifier, nn.CrossEntropyLoss(), opt, num_classes=6),
-            sampler.rank_indices())
+    return (
+        engine.validate(loader, classifier, nn.CrossEntropyLoss(), opt, num_classes=6),
+        sampler.rank_indices(),
+    )
 
 
 @FORK_OK
@@ -266,17 +296,33 @@ def test_distributed_validate_counts_each_sample_once(cpu_ranks):
 
 # ---------------------------------------------------------------- set-up checks in one process
 
+
 def _runtime_opt(**kw):
-    values = dict(device='cpu', batch_size=8, batch_size_val=4, num_workers=0, amp=False,
-                  amp_dtype='auto', channels_last=None, compile=False, seed=0, syncBN=False)
+    values = dict(
+        device='cpu',
+        batch_size=8,
+        batch_size_val=4,
+        num_workers=0,
+        amp=False,
+        amp_dtype='auto',
+        channels_last=None,
+        compile=False,
+        seed=0,
+        syncBN=False,
+    )
     values.update(kw)
     return argparse.Namespace(**values)
 
 
 def _torchrun_env(monkeypatch, world_size):
-    for key, value in dict(WORLD_SIZE=world_size, LOCAL_RANK=0, RANK=0,
-                           LOCAL_WORLD_SIZE=world_size, MASTER_ADDR='127.0.0.1',
-                           MASTER_PORT=29500).items():
+    for key, value in dict(
+        WORLD_SIZE=world_size,
+        LOCAL_RANK=0,
+        RANK=0,
+        LOCAL_WORLD_SIZE=world_size,
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=29500,
+    ).items():
         monkeypatch.setenv(key, str(value))
 
 
@@ -306,22 +352,27 @@ def test_steps_per_epoch_and_warmup_do_not_depend_on_world_size(batch):
         data = list(range(num_samples))
         single = len(build_loader(data, batch, shuffle=True, seed=0)[0])
         for rank in range(WORLD_SIZE):
-            loader, sampler = build_loader(data, batch // WORLD_SIZE, shuffle=True, seed=0,
-                                           rank=rank, world_size=WORLD_SIZE)
+            loader, sampler = build_loader(
+                data, batch // WORLD_SIZE, shuffle=True, seed=0, rank=rank, world_size=WORLD_SIZE
+            )
             assert len(loader) == single, (num_samples, rank)
     # each global step of 2 ranks covers exactly the single process's batch
     data = list(range(32))
     single = list(build_loader(data, batch, shuffle=True, seed=5)[1].rank_indices())
-    shards = [build_loader(data, batch // 2, shuffle=True, seed=5, rank=r, world_size=2)[1]
-              .rank_indices() for r in range(2)]
+    shards = [
+        build_loader(data, batch // 2, shuffle=True, seed=5, rank=r, world_size=2)[1].rank_indices()
+        for r in range(2)
+    ]
     for step in range(32 // batch):
         local = slice(step * batch // 2, (step + 1) * batch // 2)
         assert sorted(shards[0][local] + shards[1][local]) == sorted(
-            single[step * batch:(step + 1) * batch])
+            single[step * batch : (step + 1) * batch]
+        )
     assert isinstance(build_loader(data, 2, shuffle=True, seed=0)[0].dataset, SeededDataset)
 
 
 # ---------------------------------------------------------------- the scripts under torchrun
+
 
 def _write_images(folder, counts, seed):
     rng = np.random.default_rng(seed)
@@ -342,17 +393,48 @@ def tiny_data(tmp_path_factory):
 
 
 def data_args(root, batch=8):
-    return ['--dataset', 'path', '--data_folder', str(root / 'train'),
-            '--test_folder', str(root / 'test'), '--mean', '(0.5, 0.5, 0.5)',
-            '--std', '(0.25, 0.25, 0.25)', '--size', '8', '--batch_size', str(batch),
-            '--batch_size_val', '4', '--epochs', '1', '--num_workers', '0', '--device', 'cpu',
-            '--seed', '1']
+    return [
+        '--dataset',
+        'path',
+        '--data_folder',
+        str(root / 'train'),
+        '--test_folder',
+        str(root / 'test'),
+        '--mean',
+        '(0.5, 0.5, 0.5)',
+        '--std',
+        '(0.25, 0.25, 0.25)',
+        '--size',
+        '8',
+        '--batch_size',
+        str(batch),
+        '--batch_size_val',
+        '4',
+        '--epochs',
+        '1',
+        '--num_workers',
+        '0',
+        '--device',
+        'cpu',
+        '--seed',
+        '1',
+    ]
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
-                        'MASTER_PORT')}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            'WORLD_SIZE',
+            'RANK',
+            'LOCAL_RANK',
+            'LOCAL_WORLD_SIZE',
+            'MASTER_ADDR',
+            'MASTER_PORT',
+        )
+    }
     env['OMP_NUM_THREADS'] = '1'
     env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
     return env
@@ -363,17 +445,39 @@ def torchrun(script, args, cwd, rdzv=False):
     port = free_port()
     launcher = [sys.executable, '-m', 'torch.distributed.run']
     if rdzv:  # README's multi-machine command, on one machine
-        launcher += ['--nnodes', '1', '--nproc_per_node', str(WORLD_SIZE), '--rdzv_backend',
-                     'c10d', '--rdzv_id', 'supcon', '--rdzv_endpoint', f'127.0.0.1:{port}']
+        launcher += [
+            '--nnodes',
+            '1',
+            '--nproc_per_node',
+            str(WORLD_SIZE),
+            '--rdzv_backend',
+            'c10d',
+            '--rdzv_id',
+            'supcon',
+            '--rdzv_endpoint',
+            f'127.0.0.1:{port}',
+        ]
     else:
         launcher += ['--nproc_per_node', str(WORLD_SIZE), '--master_port', str(port)]
-    return subprocess.run(launcher + [os.path.join(REPO, script)] + args, cwd=str(cwd),
-                          env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        launcher + [os.path.join(REPO, script)] + args,
+        cwd=str(cwd),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def single(script, args, cwd):
-    return subprocess.run([sys.executable, os.path.join(REPO, script)] + args, cwd=str(cwd),
-                          env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, script)] + args,
+        cwd=str(cwd),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def check_run(proc, cwd, expect_best):
@@ -388,8 +492,9 @@ def check_run(proc, cwd, expect_best):
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location='cpu', weights_only=True)['model']
         assert not [k for k in state if 'module.' in k or '_orig_mod.' in k], list(state)[:5]
-    events = glob.glob(os.path.join(str(cwd), 'save', '**', 'events.out.tfevents.*'),
-                       recursive=True)
+    events = glob.glob(
+        os.path.join(str(cwd), 'save', '**', 'events.out.tfevents.*'), recursive=True
+    )
     assert len(events) == 1, events  # rank 0 alone writes TensorBoard
     return {os.path.basename(p): p for p in checkpoints}
 
@@ -397,8 +502,9 @@ def check_run(proc, cwd, expect_best):
 @pytest.fixture(scope='module')
 def supcon_run(tiny_data, tmp_path_factory):
     cwd = tmp_path_factory.mktemp('supcon')
-    proc = torchrun('main_supcon.py', data_args(tiny_data) + ['--model', 'resnet18'], cwd,
-                    rdzv=True)
+    proc = torchrun(
+        'main_supcon.py', data_args(tiny_data) + ['--model', 'resnet18'], cwd, rdzv=True
+    )
     return proc, cwd
 
 
@@ -431,8 +537,9 @@ def test_main_linear_under_torchrun_matches_one_process(supcon_run, tiny_data, t
     one = single('main_linear.py', args, tmp_path / 'one')
     assert one.returncode == 0, one.stderr[-3000:]
     # same global batch, seeded sampler, exact gradient averaging: the same classifier...
-    want = checkpoint.load_checkpoint(glob.glob(os.path.join(str(tmp_path / 'one'), 'save', '**',
-                                                             'last.pth'), recursive=True)[0])['model']
+    want = checkpoint.load_checkpoint(
+        glob.glob(os.path.join(str(tmp_path / 'one'), 'save', '**', 'last.pth'), recursive=True)[0]
+    )['model']
     got = checkpoint.load_checkpoint(saved['last.pth'])['model']
     assert sorted(got) == ['fc.bias', 'fc.weight']
     for key in want:
@@ -446,13 +553,18 @@ def test_main_linear_under_torchrun_matches_one_process(supcon_run, tiny_data, t
 
 def test_odd_global_batch_under_torchrun_fails_with_one_line(tiny_data, tmp_path):
     # one script suffices: all three call runtime.setup_runtime, tested in-process above
-    torch.save({'model': {'encoder.w': torch.zeros(1)}, 'opt': {'model': 'resnet18'}},
-               str(tmp_path / 'encoder.pth'))  # read while parsing, before the batch check
-    proc = torchrun('main_linear.py', data_args(tiny_data, batch=7) + ['--ckpt', 'encoder.pth'],
-                    tmp_path)
+    torch.save(
+        {'model': {'encoder.w': torch.zeros(1)}, 'opt': {'model': 'resnet18'}},
+        str(tmp_path / 'encoder.pth'),
+    )  # read while parsing, before the batch check
+    proc = torchrun(
+        'main_linear.py', data_args(tiny_data, batch=7) + ['--ckpt', 'encoder.pth'], tmp_path
+    )
     assert proc.returncode != 0
-    message = ('error: --batch_size 7 does not divide by the 2 processes; --batch_size is the'
-               ' global batch, pick a multiple of 2')
+    message = (
+        'error: --batch_size 7 does not divide by the 2 processes; --batch_size is the'
+        ' global batch, pick a multiple of 2'
+    )
     assert message + '\n' in proc.stderr, proc.stderr[-3000:]
     assert not glob.glob(os.path.join(str(tmp_path), 'save', '**', '*.pth'), recursive=True)
 

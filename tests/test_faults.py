@@ -4,20 +4,42 @@ folder that cannot be written, torchrun variables left in the environment.
 Each script runs in this process (``inprocess.call``) on a few 8x8 images with
 resnet18: one or two steps, no subprocess start-up.
 """
+
 import errno
 import os
 
 import numpy as np
 import pytest
 import torch
+from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 from PIL import Image
 
-import checkpoint
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from supcon import checkpoint
 
-DATA = ['--dataset', 'path', '--mean', '(0.5,0.5,0.5)', '--std', '(0.25,0.25,0.25)',
-        '--size', '8', '--model', 'resnet18', '--epochs', '1', '--num_workers', '0',
-        '--device', 'cpu', '--seed', '0', '--print_freq', '1', '--learning_rate', '0.01']
+DATA = [
+    '--dataset',
+    'path',
+    '--mean',
+    '(0.5,0.5,0.5)',
+    '--std',
+    '(0.25,0.25,0.25)',
+    '--size',
+    '8',
+    '--model',
+    'resnet18',
+    '--epochs',
+    '1',
+    '--num_workers',
+    '0',
+    '--device',
+    'cpu',
+    '--seed',
+    '0',
+    '--print_freq',
+    '1',
+    '--learning_rate',
+    '0.01',
+]
 
 
 @pytest.fixture(scope='module')
@@ -35,8 +57,7 @@ def images(tmp_path_factory):
 
 
 def ce_args(images, *extra):
-    return DATA + ['--data_folder', images / 'train', '--test_folder', images / 'test',
-                   *extra]
+    return DATA + ['--data_folder', images / 'train', '--test_folder', images / 'test', *extra]
 
 
 def test_a_last_batch_of_one_image_is_skipped_with_a_note(images, tmp_path):
@@ -46,16 +67,19 @@ def test_a_last_batch_of_one_image_is_skipped_with_a_note(images, tmp_path):
     result = call('main_ce', args, tmp_path)
     assert result.code == 0, result.err
     notes = [line for line in result.out.splitlines() if line.startswith('note: ')]
-    assert notes == ['note: epoch 1, step 2: a training batch of one image is skipped'
-                     ' (BatchNorm cannot normalise a single sample); a --batch_size that does'
-                     ' not leave one image over at the end of an epoch uses them all']
+    assert notes == [
+        'note: epoch 1, step 2: a training batch of one image is skipped'
+        ' (BatchNorm cannot normalise a single sample); a --batch_size that does'
+        ' not leave one image over at the end of an epoch uses them all'
+    ]
     assert 'Train: [1][1/2]' in result.out and 'Train: [1][2/2]' not in result.out
     ckpt = checkpoint.load_checkpoint(str(save_folder('main_ce', args, tmp_path) / 'last.pth'))
     assert ckpt['epoch'] == 1
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(
-        images, tmp_path, monkeypatch):
+    images, tmp_path, monkeypatch
+):
     args = ce_args(images, '--batch_size', '5', '--epochs', '2')
     folder = save_folder('main_ce', args, tmp_path)
     real_save, saves = torch.save, []
@@ -70,24 +94,30 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(
     monkeypatch.setattr(checkpoint.torch, 'save', fills_the_disk)
     result = call('main_ce', args, tmp_path)
     monkeypatch.undo()
-    assert_one_line_error(result, f'no space left on device while saving'
-                                  f' {os.path.join(".", os.path.relpath(folder, tmp_path))}',
-                          'the previous checkpoint.pth is intact', '--resume auto')
+    assert_one_line_error(
+        result,
+        f'no space left on device while saving'
+        f' {os.path.join(".", os.path.relpath(folder, tmp_path))}',
+        'the previous checkpoint.pth is intact',
+        '--resume auto',
+    )
     assert sorted(os.listdir(folder)) == ['checkpoint.pth']  # no temporary file left
     assert checkpoint.load_checkpoint(str(folder / 'checkpoint.pth'))['epoch'] == 1
 
 
-def test_a_save_folder_that_cannot_be_written_stops_before_training(
-        images, tmp_path, monkeypatch):
+def test_a_save_folder_that_cannot_be_written_stops_before_training(images, tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(checkpoint.tempfile, 'mkstemp', read_only)
     result = call('main_ce', ce_args(images, '--batch_size', '5'), tmp_path)
     monkeypatch.undo()
-    assert_one_line_error(result, 'cannot write checkpoints to ./save/SupCon/path_models/',
-                          'Read-only file system', 'start the script from a folder you can'
-                                                   ' write to')
+    assert_one_line_error(
+        result,
+        'cannot write checkpoints to ./save/SupCon/path_models/',
+        'Read-only file system',
+        'start the script from a folder you can write to',
+    )
     assert 'Train:' not in result.out
     assert os.listdir(tmp_path) == []  # no save folder, no TensorBoard folder
 
@@ -107,6 +137,10 @@ def test_torchrun_variables_left_in_the_environment(images, tmp_path, monkeypatc
     other = tmp_path / 'two'
     other.mkdir()
     result = call('main_ce', args, other)
-    assert_one_line_error(result, 'WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT are not',
-                          'torchrun --nproc_per_node 2', 'unset WORLD_SIZE, RANK and LOCAL_RANK')
+    assert_one_line_error(
+        result,
+        'WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT are not',
+        'torchrun --nproc_per_node 2',
+        'unset WORLD_SIZE, RANK and LOCAL_RANK',
+    )
     assert os.listdir(other) == []

@@ -14,10 +14,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import data
-import augment
-import sampling
-from features import KNNMonitor, extract_features, knn_accuracy, knn_predict
+from supcon import augment, data, sampling
+from supcon.features import KNNMonitor, extract_features, knn_accuracy, knn_predict
 from util import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,14 +24,25 @@ CPU_OPT = dict(device=torch.device('cpu'), amp_torch_dtype=None, channels_last=F
 
 def run_script(script, args, cwd, timeout=120):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tiny_encoder(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
 
 
 class TensorImages(torch.utils.data.Dataset):
@@ -63,11 +72,14 @@ def write_image_folder(root, per_class, seed):
 
 # --------------------------------------------------------------------------- kNN
 
+
 def brute_force_knn(train_x, train_y, test_x, num_classes, k, temperature):
     """The weighted kNN written out with loops, in float64."""
+
     def unit(row):
         norm = math.sqrt(sum(v * v for v in row))
         return [v / norm for v in row]
+
     train = [unit(r) for r in train_x.tolist()]
     labels = train_y.tolist()
     preds = []
@@ -98,7 +110,8 @@ def test_knn_predict_matches_brute_force(k, temperature):
     test_y = torch.randint(0, 3, (10,), generator=g)
     hits = sum(p == t for p, t in zip(expected, test_y.tolist()))
     assert knn_accuracy(train_x, train_y, test_x, test_y, 3, k, temperature) == pytest.approx(
-        100.0 * hits / 10)
+        100.0 * hits / 10
+    )
 
 
 def test_knn_weights_favour_close_neighbours():
@@ -114,13 +127,14 @@ def test_knn_weights_favour_close_neighbours():
 
 # --------------------------------------------------------------------------- extraction
 
+
 def test_extract_features_shapes_order_and_modes(capsys):
     dataset = TensorImages(10)
     encoder, head = tiny_encoder(), nn.Linear(4, 3)
     opt = SimpleNamespace(**CPU_OPT)
     encoder.train()
     with torch.no_grad():
-        expected = torch.cat([encoder.eval()(dataset.images[i:i + 1]) for i in range(10)])
+        expected = torch.cat([encoder.eval()(dataset.images[i : i + 1]) for i in range(10)])
     encoder.train()
 
     # shuffled and padded: rows still come back once each, in data-set order
@@ -142,9 +156,21 @@ def test_extract_features_shapes_order_and_modes(capsys):
 
 
 def monitor_opt(**changes):
-    opt = dict(dataset='digits', data_folder='./datasets/', test_folder=None, mean=None,
-               std=None, size=8, local_batch_size_val=512, num_workers=0, pin_memory=False,
-               seed=0, rank=0, world_size=1, **CPU_OPT)
+    opt = dict(
+        dataset='digits',
+        data_folder='./datasets/',
+        test_folder=None,
+        mean=None,
+        std=None,
+        size=8,
+        local_batch_size_val=512,
+        num_workers=0,
+        pin_memory=False,
+        seed=0,
+        rank=0,
+        world_size=1,
+        **CPU_OPT,
+    )
     opt.update(changes)
     return SimpleNamespace(**opt)
 
@@ -156,8 +182,10 @@ def test_knn_monitor_with_val_split_never_reads_the_test_split(capsys):
     # the 20% held out of the training images replace the test split; the bank is the rest
     assert len(held.test_loader.dataset) + len(held.train_loader.dataset) == train_rows
     assert 0.19 < len(held.test_loader.dataset) / train_rows < 0.21
-    assert (held.test_loader.dataset.dataset.indices
-            == data.build_dataset('digits', 'test', None, val_split=0.2).indices)
+    assert (
+        held.test_loader.dataset.dataset.indices
+        == data.build_dataset('digits', 'test', None, val_split=0.2).indices
+    )
     held(nn.Sequential(nn.Flatten()), 1)
     assert f'{len(held.test_loader.dataset)} held-out and' in capsys.readouterr().out
 
@@ -188,8 +216,13 @@ def test_knn_monitor_refuses_test_classes_other_than_the_training_ones(tmp_path)
     write_image_folder(tmp_path / 'train', 1, seed=0)
     write_image_folder(tmp_path / 'test', 1, seed=1)
     (tmp_path / 'test' / 'class_2').rename(tmp_path / 'test' / 'class_9')
-    opt = monitor_opt(dataset='path', data_folder=tmp_path / 'train',
-                      test_folder=tmp_path / 'test', mean='0.5,0.5,0.5', std='0.3,0.3,0.3')
+    opt = monitor_opt(
+        dataset='path',
+        data_folder=tmp_path / 'train',
+        test_folder=tmp_path / 'test',
+        mean='0.5,0.5,0.5',
+        std='0.3,0.3,0.3',
+    )
     with pytest.raises(UserError) as info:
         KNNMonitor(opt)
     message = str(info.value)
@@ -200,8 +233,8 @@ def test_knn_monitor_refuses_test_classes_other_than_the_training_ones(tmp_path)
 DIST_SCRIPT = textwrap.dedent('''
     import argparse, sys, torch
     import torch.nn as nn
-    import augment, data, runtime, sampling
-    from features import KNNMonitor, extract_features
+    from supcon import augment, data, runtime, sampling
+    from supcon.features import KNNMonitor, extract_features
 
     opt = argparse.Namespace(batch_size=2, batch_size_val=8, num_workers=0, amp=False,
                              amp_dtype='auto', channels_last=False, compile=False, seed=0,
@@ -233,26 +266,52 @@ def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path)
         port = s.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = dict(os.environ, PYTHONPATH=REPO, RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
-                   MASTER_PORT=str(port), OMP_NUM_THREADS='1')
-        procs.append(subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        env = dict(
+            os.environ,
+            PYTHONPATH=REPO,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE='2',
+            LOCAL_WORLD_SIZE='2',
+            MASTER_ADDR='127.0.0.1',
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS='1',
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert outputs[0].count('knn_acc epoch 1:') == 1 and 'knn_acc' not in outputs[1]
 
     # the same in one process
     mean_std = dict(mean='0.5,0.5,0.5', std='0.3,0.3,0.3')
-    dataset = data.build_dataset('path', 'test', augment.test_transform(8, (0.5,) * 3, (0.3,) * 3),
-                                 tmp_path / 'train', tmp_path / 'test')
+    dataset = data.build_dataset(
+        'path',
+        'test',
+        augment.test_transform(8, (0.5,) * 3, (0.3,) * 3),
+        tmp_path / 'train',
+        tmp_path / 'test',
+    )
     loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, pad=False)
     encoder = tiny_encoder()
     feats, labels = extract_features(encoder, loader, SimpleNamespace(**CPU_OPT), progress=False)
-    acc = KNNMonitor(monitor_opt(dataset='path', data_folder=tmp_path / 'train',
-                                 test_folder=tmp_path / 'test', local_batch_size_val=8,
-                                 **mean_std))(encoder, 1)
+    acc = KNNMonitor(
+        monitor_opt(
+            dataset='path',
+            data_folder=tmp_path / 'train',
+            test_folder=tmp_path / 'test',
+            local_batch_size_val=8,
+            **mean_std,
+        )
+    )(encoder, 1)
 
     results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
     assert sorted(r['share'] for r in results) == [16, 17]

@@ -1,4 +1,5 @@
 """Tests of gpu_augment (the --gpu_aug device-side augmentation), all on the CPU."""
+
 import math
 import pickle
 
@@ -8,7 +9,8 @@ import torch
 
 pytest.importorskip('kornia')
 
-from gpu_augment import DeviceAugment, augment_seed, to_uint8_tensor  # noqa: E402
+from supcon.gpu_augment import DeviceAugment, to_uint8_tensor  # noqa: E402
+from supcon.sampling import mix_seed  # noqa: E402
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -50,6 +52,7 @@ def _boxes(params):
 
 # --------------------------------------------------------------------------- shape, dtype, values
 
+
 @pytest.mark.parametrize('kind,views', [('supcon', 2), ('ce', 1)])
 def test_shape_dtype_device(kind, views):
     aug = DeviceAugment(24, MEAN, STD, kind)
@@ -64,10 +67,13 @@ def test_constant_image_is_normalised():
     values = torch.tensor([0, 37, 128, 200, 255], dtype=torch.uint8)
     images = values.view(-1, 1, 1, 1).expand(-1, 3, 32, 32).clone()
     images[:, 1] = 255 - images[:, 1]
-    expected = (images[:, :, :1, :1].float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
-        / torch.tensor(STD).view(1, 3, 1, 1)
-    for aug in (DeviceAugment(32, MEAN, STD, 'ce'),
-                DeviceAugment(16, MEAN, STD, 'supcon', jitter_p=0, gray_p=0)):
+    expected = (
+        images[:, :, :1, :1].float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)
+    ) / torch.tensor(STD).view(1, 3, 1, 1)
+    for aug in (
+        DeviceAugment(32, MEAN, STD, 'ce'),
+        DeviceAugment(16, MEAN, STD, 'supcon', jitter_p=0, gray_p=0),
+    ):
         out = aug(images, seed=3)
         ref = expected.repeat(aug.views, 1, 1, 1).expand_as(out)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -87,6 +93,7 @@ def test_rejects_bad_input():
 
 # --------------------------------------------------------------------------- randomness and seeds
 
+
 def test_same_seed_same_output_and_global_rng_untouched():
     aug = DeviceAugment(32, MEAN, STD, 'supcon')
     images = _batch(16)
@@ -101,16 +108,20 @@ def test_same_seed_same_output_and_global_rng_untouched():
     # a fresh module gives the same result: the seed alone fixes the draw
     assert torch.equal(first, DeviceAugment(32, MEAN, STD, 'supcon')(images, seed=7))
     # huge and negative seeds are accepted
-    assert aug(images, seed=2 ** 70 + 5).shape == first.shape
+    assert aug(images, seed=2**70 + 5).shape == first.shape
     assert aug(images, seed=-3).shape == first.shape
 
 
-def test_augment_seed_mixes_keys():
-    seeds = {augment_seed(0, epoch, step, rank)
-             for epoch in range(3) for step in range(20) for rank in range(4)}
+def test_the_one_seed_mixer_gives_distinct_device_augment_seeds():
+    seeds = {
+        mix_seed('gpu_aug', 0, epoch, step, rank)
+        for epoch in range(3)
+        for step in range(20)
+        for rank in range(4)
+    }
     assert len(seeds) == 3 * 20 * 4
-    assert augment_seed(5, 1, 2, 3) == augment_seed(5, 1, 2, 3)
-    assert all(0 <= s < 2 ** 63 for s in seeds)
+    assert mix_seed('gpu_aug', 5, 1, 2, 3) == mix_seed('gpu_aug', 5, 1, 2, 3)
+    assert all(0 <= s < 2**63 for s in seeds)
 
 
 def test_identical_images_get_different_crops_and_views_differ():
@@ -143,30 +154,36 @@ def test_views_are_view_major():
 
 # --------------------------------------------------------------------------- distributions
 
+
 def test_crop_scale_and_ratio_match_torchvision():
     from torchvision.transforms import RandomResizedCrop
+
     n, side = 2000, 32
     aug = DeviceAugment(side, MEAN, STD, 'ce')
     aug(torch.zeros(n, 3, side, side, dtype=torch.uint8), seed=123)
     w, h = _boxes(aug.last_params[0])
     assert (w >= 1).all() and (w <= side).all() and (h >= 1).all() and (h <= side).all()
-    ours_scale, ours_ratio = (w * h).double() / side ** 2, w.double() / h.double()
+    ours_scale, ours_ratio = (w * h).double() / side**2, w.double() / h.double()
 
     torch.manual_seed(321)
     image = torch.zeros(3, side, side)
-    boxes = [RandomResizedCrop.get_params(image, scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3])
-             for _ in range(n)]
+    boxes = [
+        RandomResizedCrop.get_params(image, scale=[0.2, 1.0], ratio=[3 / 4, 4 / 3])
+        for _ in range(n)
+    ]
     tv_h = torch.tensor([b[2] for b in boxes], dtype=torch.float64)
     tv_w = torch.tensor([b[3] for b in boxes], dtype=torch.float64)
-    tv_scale, tv_ratio = tv_w * tv_h / side ** 2, tv_w / tv_h
+    tv_scale, tv_ratio = tv_w * tv_h / side**2, tv_w / tv_h
 
     critical = _ks_critical(n, n)
     assert _ks_statistic(ours_scale, tv_scale) < critical
     assert _ks_statistic(ours_ratio, tv_ratio) < critical
     # and the KS check has teeth: torchvision's default scale (0.08, 1) is told apart
-    other = [RandomResizedCrop.get_params(image, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3])
-             for _ in range(n)]
-    other_scale = torch.tensor([b[2] * b[3] / side ** 2 for b in other], dtype=torch.float64)
+    other = [
+        RandomResizedCrop.get_params(image, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3])
+        for _ in range(n)
+    ]
+    other_scale = torch.tensor([b[2] * b[3] / side**2 for b in other], dtype=torch.float64)
     assert _ks_statistic(ours_scale, other_scale) > critical
 
 
@@ -224,9 +241,11 @@ def test_colour_jitter_grayscale_and_flip_rates():
 def test_jitter_follows_torchvision_formulas():
     """With the factors kornia drew, torchvision's tensor functions give the same image."""
     import torchvision.transforms.functional as TF
+
     images = _batch(6, 16, seed=4)
-    aug = DeviceAugment(16, MEAN, STD, 'supcon', jitter_p=1.0, gray_p=0, scale=(1.0, 1.0),
-                        ratio=(1.0, 1.0))
+    aug = DeviceAugment(
+        16, MEAN, STD, 'supcon', jitter_p=1.0, gray_p=0, scale=(1.0, 1.0), ratio=(1.0, 1.0)
+    )
     out = _unnormalise(aug(images, seed=21))[:6]
     params = aug.last_params[0]
     names = ('brightness', 'contrast', 'saturation', 'hue')
@@ -254,7 +273,9 @@ def test_flip_reverses_a_horizontal_ramp():
 
 def test_ce_kind_has_no_colour_change():
     g = torch.Generator().manual_seed(1)
-    gray = torch.randint(0, 256, (32, 1, 24, 24), dtype=torch.uint8, generator=g).expand(-1, 3, -1, -1)
+    gray = torch.randint(0, 256, (32, 1, 24, 24), dtype=torch.uint8, generator=g).expand(
+        -1, 3, -1, -1
+    )
     aug = DeviceAugment(20, MEAN, STD, 'ce')
     out = _unnormalise(aug(gray.contiguous(), seed=4))
     assert out.shape == (32, 3, 20, 20)
@@ -278,6 +299,7 @@ def test_full_crop_is_the_identity():
 
 def test_slice_mode_matches_torchvision_resized_crop():
     import torchvision.transforms.functional as TF
+
     images = _batch(6, 32, seed=2)
     aug = DeviceAugment(32, MEAN, STD, 'ce', cropping_mode='slice')
     out = _unnormalise(aug(images, seed=6))
@@ -286,8 +308,9 @@ def test_slice_mode_matches_torchvision_resized_crop():
     for i in range(6):
         x0, y0 = src[i, 0].tolist()
         x1, y1 = src[i, 2].tolist()
-        ref = TF.resized_crop(images[i].float() / 255, y0, x0, y1 - y0 + 1, x1 - x0 + 1, [32, 32],
-                              antialias=True)
+        ref = TF.resized_crop(
+            images[i].float() / 255, y0, x0, y1 - y0 + 1, x1 - x0 + 1, [32, 32], antialias=True
+        )
         if flips[i]:
             ref = ref.flip(-1)
         torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
@@ -295,8 +318,10 @@ def test_slice_mode_matches_torchvision_resized_crop():
 
 # --------------------------------------------------------------------------- loader side
 
+
 def test_to_uint8_tensor():
     from PIL import Image
+
     array = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     tensor = to_uint8_tensor()(Image.fromarray(array))
     assert tensor.dtype == torch.uint8 and tensor.shape == (3, 30, 40)

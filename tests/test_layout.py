@@ -1,4 +1,5 @@
 """The house rules a newcomer relies on: no import circles, no oversized module, a lean util.py."""
+
 import ast
 from pathlib import Path
 
@@ -13,7 +14,9 @@ def project_modules():
     modules = {}
     for path in REPO.rglob('*.py'):
         rel = path.relative_to(REPO)
-        if rel.parts[0] in ('tests', 'benchmarks', 'save', 'datasets') or rel.parts[0].startswith('.'):
+        if rel.parts[0] in ('tests', 'benchmarks', 'save', 'datasets') or rel.parts[0].startswith(
+            '.'
+        ):
             continue
         name = '.'.join(rel.with_suffix('').parts)
         modules[name.removesuffix('.__init__')] = path
@@ -44,7 +47,7 @@ def find_cycle(graph):
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 'open':
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -69,13 +72,26 @@ def test_find_cycle_sees_a_cycle_and_its_absence():
 def test_no_import_circle():
     modules = project_modules()
     graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
-    assert 'util' in graph and 'data' in graph  # the scan found the project
+    assert 'util' in graph and 'supcon.data' in graph  # the scan found the project
     assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
 
 
-def test_util_imports_nothing_of_the_project():
+def test_util_imports_only_the_leaf_modules_of_the_package():
+    """util.py is the reference's API; it may lean only on modules that import nothing of ours."""
     modules = project_modules()
-    assert imports_of(modules['util'], modules) == set()
+    leaves = imports_of(modules['util'], modules)
+    assert leaves == {'supcon.errors', 'supcon.atomic'}
+    for leaf in leaves:
+        assert imports_of(modules[leaf], modules) == set()
+
+
+def test_the_root_holds_only_entry_scripts_losses_and_util():
+    """What a reference user looks for; everything else lives in the supcon/ package."""
+    root = sorted(p.name for p in REPO.glob('*.py'))
+    others = [name for name in root if not name.startswith(('main_', 'run_with_'))]
+    assert others == ['losses.py', 'util.py'], root
+    assert {'main_supcon.py', 'main_linear.py', 'main_ce.py', 'main_tsne.py'} <= set(root)
+    assert (REPO / 'supcon' / '__init__.py').is_file() and (REPO / 'networks').is_dir()
 
 
 @pytest.mark.parametrize('name', sorted(project_modules()))
@@ -88,17 +104,32 @@ def test_reference_api_is_importable_with_its_signatures():
     """What users' own scripts import from the reference, with the reference's signatures."""
     import inspect
 
-    from networks.resnet_big import LinearBatchNorm, LinearClassifier, ResNet, SupCEResNet, \
-        SupConResNet  # noqa: F401
-    from util import AverageMeter, TwoCropTransform, accuracy, adjust_learning_rate, \
-        save_model, set_optimizer, warmup_learning_rate  # noqa: F401
+    from networks.resnet_big import (
+        LinearBatchNorm,
+        LinearClassifier,
+        ResNet,
+        SupCEResNet,
+        SupConResNet,
+    )  # noqa: F401
+    from util import (
+        accuracy,
+        adjust_learning_rate,
+        save_model,
+        set_optimizer,
+        warmup_learning_rate,
+    )  # noqa: F401
 
     def params(fn):
         return list(inspect.signature(fn).parameters)
 
     assert params(adjust_learning_rate) == ['args', 'optimizer', 'epoch']
-    assert params(warmup_learning_rate) == ['args', 'epoch', 'batch_id', 'total_batches',
-                                            'optimizer']
+    assert params(warmup_learning_rate) == [
+        'args',
+        'epoch',
+        'batch_id',
+        'total_batches',
+        'optimizer',
+    ]
     assert params(accuracy) == ['output', 'target', 'topk']
     assert params(set_optimizer) == ['opt', 'model']
     assert params(save_model) == ['model', 'optimizer', 'opt', 'epoch', 'save_file']

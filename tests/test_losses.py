@@ -1,5 +1,7 @@
-"""SupConLoss against two independent statements of the formula, its gradients, autocast and 2-rank gloo;
+"""SupConLoss against two independent statements of the formula, its gradients, autocast and 2-rank
+gloo;
 hybrid, keys and a labelled queue against a per-anchor loop."""
+
 import datetime
 import math
 import os
@@ -13,15 +15,24 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import losses  # noqa: E402
 from helpers import free_port  # noqa: E402
-from losses import (LeanSupConFunction, PositivePairs, SameClassExclusion, SupConLoss, auto_chunk_size,  # noqa: E402
-                    gather_with_grad)
+
+from losses import (
+    LeanSupConFunction,
+    PositivePairs,
+    SameClassExclusion,
+    SupConLoss,
+    auto_chunk_size,  # noqa: E402
+    gather_with_grad,
+)
+from supcon import contrastive  # noqa: E402
 
 
-def loop_supcon_loss(features, labels=None, mask=None, temperature=0.07, contrast_mode='all',
-                     base_temperature=0.07):
-    """The paper's per-anchor sum in float64 Python arithmetic, one anchor and one pair at a time."""
+def loop_supcon_loss(
+    features, labels=None, mask=None, temperature=0.07, contrast_mode='all', base_temperature=0.07
+):
+    """The paper's per-anchor sum in float64 Python arithmetic, one anchor and one pair at a
+    time."""
     bsz, n_views = features.shape[:2]
     z = features.detach().double().reshape(bsz, n_views, -1)
     rows = [(view, sample) for view in range(n_views) for sample in range(bsz)]
@@ -37,20 +48,27 @@ def loop_supcon_loss(features, labels=None, mask=None, temperature=0.07, contras
     per_anchor = []
     for anchor in anchors:
         others = [row for row in rows if row != anchor]
-        logits = [float(z[anchor[1], anchor[0]] @ z[row[1], row[0]]) / temperature for row in others]
+        logits = [
+            float(z[anchor[1], anchor[0]] @ z[row[1], row[0]]) / temperature for row in others
+        ]
         log_denominator = math.log(math.fsum(math.exp(logit) for logit in logits))
         weights = [positive_weight(anchor[1], row[1]) for row in others]
         positive_total = math.fsum(weights)
         if positive_total < 1e-6:
             positive_total = 1.0
-        mean_log_prob = math.fsum(w * (logit - log_denominator) for w, logit in zip(weights, logits)) / positive_total
+        mean_log_prob = (
+            math.fsum(w * (logit - log_denominator) for w, logit in zip(weights, logits))
+            / positive_total
+        )
         per_anchor.append(-(temperature / base_temperature) * mean_log_prob)
     return math.fsum(per_anchor) / len(per_anchor)
 
 
-def reference_supcon_loss(features, labels=None, mask=None, temperature=0.07, contrast_mode='all',
-                          base_temperature=0.07):
-    """The vectorised formula of the original repository (after its Dec 2023 fix), N x N matrices and all."""
+def reference_supcon_loss(
+    features, labels=None, mask=None, temperature=0.07, contrast_mode='all', base_temperature=0.07
+):
+    """The vectorised formula of the original repository (after its Dec 2023 fix), N x N matrices
+    and all."""
     bsz, n_views = features.shape[:2]
     features = features.reshape(bsz, n_views, -1)
     if mask is None and labels is None:
@@ -65,11 +83,15 @@ def reference_supcon_loss(features, labels=None, mask=None, temperature=0.07, co
     logits = anchor @ contrast.t() / temperature
     logits = logits - logits.max(1, keepdim=True).values.detach()
     mask = mask.repeat(anchor_views, n_views)
-    not_self = torch.ones_like(mask).scatter(1, torch.arange(bsz * anchor_views, device=mask.device)[:, None], 0)
+    not_self = torch.ones_like(mask).scatter(
+        1, torch.arange(bsz * anchor_views, device=mask.device)[:, None], 0
+    )
     mask = mask * not_self
     log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
     positive_total = mask.sum(1)
-    positive_total = torch.where(positive_total < 1e-6, torch.ones_like(positive_total), positive_total)
+    positive_total = torch.where(
+        positive_total < 1e-6, torch.ones_like(positive_total), positive_total
+    )
     return (-(temperature / base_temperature) * (mask * log_prob).sum(1) / positive_total).mean()
 
 
@@ -101,17 +123,24 @@ def positives(kind, bsz, seed=0):
     raise AssertionError(kind)
 
 
-POSITIVE_KINDS = ['labels', 'labels-with-singletons', 'mask-symmetric', 'mask-asymmetric-weighted', 'simclr']
+POSITIVE_KINDS = [
+    'labels',
+    'labels-with-singletons',
+    'mask-symmetric',
+    'mask-asymmetric-weighted',
+    'simclr',
+]
 
 
 def assert_close_relative(got, expected, rel=1e-5):
-    """Equal up to rel relative to the largest entry of `expected`, so near-zero entries do not dominate."""
+    """Equal up to rel relative to the largest entry of `expected`, so near-zero entries do not
+    dominate."""
     got, expected = got.detach().double(), expected.detach().double()
     scale = max(expected.abs().max().item(), 1e-12)
     assert (got - expected).abs().max().item() <= rel * scale, (got, expected)
 
 
-# ---------------------------------------------------------------------------------------------------- value
+# ------------------------------------------------------------------------------------------ value
 @pytest.mark.parametrize('temperature, base_temperature', [(0.07, 0.07), (0.5, 0.07), (0.1, 1.0)])
 @pytest.mark.parametrize('kind', POSITIVE_KINDS)
 @pytest.mark.parametrize('n_views', [1, 2, 3])
@@ -121,7 +150,9 @@ def test_value_matches_per_anchor_loop(contrast_mode, n_views, kind, temperature
     features = normalized_features(bsz, n_views, 5)
     labels, mask = positives(kind, bsz)
     criterion = SupConLoss(temperature, contrast_mode, base_temperature)
-    expected = loop_supcon_loss(features, labels, mask, temperature, contrast_mode, base_temperature)
+    expected = loop_supcon_loss(
+        features, labels, mask, temperature, contrast_mode, base_temperature
+    )
     got = criterion(features, labels=labels, mask=mask)
     assert got.dim() == 0 and got.dtype == torch.float64
     assert got.item() == pytest.approx(expected, rel=1e-5, abs=1e-12)
@@ -132,7 +163,9 @@ def test_features_with_more_than_three_dims_are_flattened():
     labels = torch.tensor([0, 1, 0, 1, 1])
     expected = loop_supcon_loss(features, labels, temperature=0.2)
     assert SupConLoss(0.2)(features, labels).item() == pytest.approx(expected, rel=1e-5)
-    assert SupConLoss(0.2, chunk_size=3)(features, labels).item() == pytest.approx(expected, rel=1e-5)
+    assert SupConLoss(0.2, chunk_size=3)(features, labels).item() == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_labels_may_be_any_comparable_values():
@@ -143,11 +176,14 @@ def test_labels_may_be_any_comparable_values():
 
 
 def test_no_positive_anywhere_gives_zero_not_nan():
-    loss = SupConLoss()(normalized_features(4, 1, 6))  # SimCLR with a single view: nobody has a positive
+    loss = SupConLoss()(
+        normalized_features(4, 1, 6)
+    )  # SimCLR with a single view: nobody has a positive
     assert loss.item() == 0.0
 
 
-# ------------------------------------------------------------------------------------- value and gradient
+# ------------------------------------------------------------------------------------- value and
+# gradient
 @pytest.mark.parametrize('chunk_size', [None, 1, 4, 7])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('kind', POSITIVE_KINDS)
@@ -159,9 +195,9 @@ def test_value_and_gradient_match_vectorised_reference(contrast_mode, kind, dtyp
     mask = None if mask is None else mask.to(dtype)
 
     expected = reference_supcon_loss(features, labels, mask, 0.1, contrast_mode, 0.07)
-    expected_grad, = torch.autograd.grad(expected, features)
+    (expected_grad,) = torch.autograd.grad(expected, features)
     got = SupConLoss(0.1, contrast_mode, 0.07, chunk_size)(features, labels=labels, mask=mask)
-    got_grad, = torch.autograd.grad(got, features)
+    (got_grad,) = torch.autograd.grad(got, features)
 
     assert got.dtype == dtype
     assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
@@ -171,9 +207,11 @@ def test_value_and_gradient_match_vectorised_reference(contrast_mode, kind, dtyp
 def test_gradient_matches_reference_on_a_larger_float32_batch():
     features = normalized_features(128, 2, 32, dtype=torch.float32, seed=5).requires_grad_()
     labels = torch.randint(0, 4, (128,), generator=torch.Generator().manual_seed(5))
-    expected_grad, = torch.autograd.grad(reference_supcon_loss(features, labels), features)
+    (expected_grad,) = torch.autograd.grad(reference_supcon_loss(features, labels), features)
     for chunk_size in (None, 64):
-        got_grad, = torch.autograd.grad(SupConLoss(chunk_size=chunk_size)(features, labels), features)
+        (got_grad,) = torch.autograd.grad(
+            SupConLoss(chunk_size=chunk_size)(features, labels), features
+        )
         assert_close_relative(got_grad, expected_grad)
 
 
@@ -181,7 +219,8 @@ def test_gradient_matches_reference_on_a_larger_float32_batch():
 @pytest.mark.parametrize('weighted', [False, True])
 def test_gradcheck_lean_function(weighted, chunk_size):
     generator = torch.Generator().manual_seed(0)
-    # anchors are 3 of the 6 contrast rows (contrast_mode='one' on 3 samples x 2 views), unnormalised on purpose
+    # anchors are 3 of the 6 contrast rows (contrast_mode='one' on 3 samples x 2 views),
+    # unnormalised on purpose
     anchor = torch.randn(3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     contrast = torch.randn(6, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     sample = torch.tensor([0, 1, 2])
@@ -205,7 +244,7 @@ def test_gradcheck_through_the_module():
     assert torch.autograd.gradcheck(lambda f: SupConLoss(0.3, chunk_size=3)(f, labels), (features,))
 
 
-# ------------------------------------------------------------------------------------------ precision
+# -------------------------------------------------------------------------------------- precision
 def test_bf16_features_under_autocast_are_computed_in_float32():
     features32 = normalized_features(8, 2, 16, dtype=torch.float32, seed=4)
     labels = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(4))
@@ -220,7 +259,7 @@ def test_bf16_features_under_autocast_are_computed_in_float32():
     assert loss.item() == pytest.approx(SupConLoss()(features32, labels).item(), rel=2e-2)
 
 
-# --------------------------------------------------------------------------------------------- errors
+# ----------------------------------------------------------------------------------------- errors
 def test_labels_and_mask_together_raise():
     with pytest.raises(ValueError, match='not both'):
         SupConLoss()(normalized_features(4, 2, 3), labels=torch.arange(4), mask=torch.eye(4))
@@ -247,11 +286,22 @@ def test_wrong_mask_shape_raises():
 
 
 # ------------------------------------------------------------------------- hybrid, keys and a queue
-def loop_extended_loss(features, labels=None, keys=None, queue=None, queue_labels=None, hybrid=False,
-                       temperature=0.07, contrast_mode='all', base_temperature=0.07):
-    """Per-anchor loop over an explicit list of contrast rows, each sorted into positive, negative or left out.
+def loop_extended_loss(
+    features,
+    labels=None,
+    keys=None,
+    queue=None,
+    queue_labels=None,
+    hybrid=False,
+    temperature=0.07,
+    contrast_mode='all',
+    base_temperature=0.07,
+):
+    """Per-anchor loop over an explicit list of contrast rows, each sorted into positive, negative
+    or left out.
 
-    Works on torch scalars so that autograd gives the features' gradient; keys and queue are constants.
+    Works on torch scalars so that autograd gives the features' gradient; keys and queue are
+    constants.
     """
     bsz, n_views = features.shape[:2]
     z = features.reshape(bsz, n_views, -1)
@@ -291,7 +341,9 @@ def loop_extended_loss(features, labels=None, keys=None, queue=None, queue_label
                 per_anchor.append(query.sum() * 0.0)
                 continue
             log_denominator = torch.logsumexp(torch.stack(denominator), 0)
-            mean_log_prob = sum(logit - log_denominator for logit in positive_logits) / len(positive_logits)
+            mean_log_prob = sum(logit - log_denominator for logit in positive_logits) / len(
+                positive_logits
+            )
             per_anchor.append(-(temperature / base_temperature) * mean_log_prob)
     return torch.stack(per_anchor).mean()
 
@@ -311,12 +363,13 @@ def hybrid_labels(kind, bsz, seed=0):
 def value_and_grad(loss_fn, features):
     features = features.detach().clone().requires_grad_()
     loss = loss_fn(features)
-    grad, = torch.autograd.grad(loss, features)
+    (grad,) = torch.autograd.grad(loss, features)
     return loss.detach(), grad
 
 
 def assert_value_and_grad_close(got, expected, rel=1e-9):
-    """Value and gradient equal up to rel (the gradient relative to its largest entry), or both ~0."""
+    """Value and gradient equal up to rel (the gradient relative to its largest entry), or both
+    ~0."""
     assert got[0].item() == pytest.approx(expected[0].item(), rel=rel, abs=1e-12)
     error = (got[1] - expected[1]).abs().max().item()
     assert error <= rel * expected[1].abs().max().item() + 1e-13, (got[1], expected[1])
@@ -329,8 +382,17 @@ def test_hybrid_value_and_gradient_match_per_anchor_loop(contrast_mode, n_views,
     bsz = 6
     features = normalized_features(bsz, n_views, 5, seed=7)
     labels = hybrid_labels(kind, bsz, seed=7)
-    expected = value_and_grad(lambda f: loop_extended_loss(
-        f, labels, hybrid=True, temperature=0.2, contrast_mode=contrast_mode, base_temperature=0.07), features)
+    expected = value_and_grad(
+        lambda f: loop_extended_loss(
+            f,
+            labels,
+            hybrid=True,
+            temperature=0.2,
+            contrast_mode=contrast_mode,
+            base_temperature=0.07,
+        ),
+        features,
+    )
     for chunk_size in (None, 1, 4):
         criterion = SupConLoss(0.2, contrast_mode, 0.07, chunk_size, hybrid=True)
         got = value_and_grad(lambda f: criterion(f, labels), features)
@@ -342,7 +404,9 @@ def test_hybrid_value_and_gradient_match_per_anchor_loop(contrast_mode, n_views,
 def test_hybrid_with_distinct_labels_is_simclr_and_differs_from_supcon_otherwise():
     features = normalized_features(6, 2, 5, seed=8)
     simclr = SupConLoss(0.3)(features)
-    assert SupConLoss(0.3, hybrid=True)(features, torch.arange(6)).item() == pytest.approx(simclr.item(), rel=1e-12)
+    assert SupConLoss(0.3, hybrid=True)(features, torch.arange(6)).item() == pytest.approx(
+        simclr.item(), rel=1e-12
+    )
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     hybrid = SupConLoss(0.3, hybrid=True)(features, labels).item()
     assert hybrid != pytest.approx(simclr.item(), rel=1e-3)
@@ -356,17 +420,27 @@ def test_hybrid_errors():
     with pytest.raises(ValueError, match='hybrid=True takes labels, not a mask'):
         SupConLoss(hybrid=True)(features, mask=torch.eye(4))
     with pytest.raises(ValueError, match='queue_labels are needed with hybrid=True'):
-        SupConLoss(hybrid=True)(features, torch.arange(4), queue=F.normalize(torch.randn(5, 3), dim=1))
+        SupConLoss(hybrid=True)(
+            features, torch.arange(4), queue=F.normalize(torch.randn(5, 3), dim=1)
+        )
 
 
-QUEUE_LABELS = torch.tensor([0, 3, 1, 4, 0, 2, 3])  # 3 and 4: labels that no batch sample has (batch: 0..2)
+QUEUE_LABELS = torch.tensor(
+    [0, 3, 1, 4, 0, 2, 3]
+)  # 3 and 4: labels that no batch sample has (batch: 0..2)
 
 
 def extended_case(n_views=2, bsz=5, seed=9):
     generator = torch.Generator().manual_seed(seed)
-    features = F.normalize(torch.randn(bsz, n_views, 4, generator=generator, dtype=torch.float64), dim=-1)
-    keys = F.normalize(torch.randn(bsz, n_views, 4, generator=generator, dtype=torch.float64), dim=-1)
-    queue = F.normalize(torch.randn(len(QUEUE_LABELS), 4, generator=generator, dtype=torch.float64), dim=-1)
+    features = F.normalize(
+        torch.randn(bsz, n_views, 4, generator=generator, dtype=torch.float64), dim=-1
+    )
+    keys = F.normalize(
+        torch.randn(bsz, n_views, 4, generator=generator, dtype=torch.float64), dim=-1
+    )
+    queue = F.normalize(
+        torch.randn(len(QUEUE_LABELS), 4, generator=generator, dtype=torch.float64), dim=-1
+    )
     labels = torch.tensor([0, 1, 0, 2, 1] + [0] * (bsz - 5))
     return features, labels, keys, queue
 
@@ -375,15 +449,29 @@ def extended_case(n_views=2, bsz=5, seed=9):
 @pytest.mark.parametrize('use_keys', [False, True], ids=['no-keys', 'keys'])
 @pytest.mark.parametrize('kind', ['supcon', 'simclr', 'hybrid'])
 @pytest.mark.parametrize('contrast_mode', ['all', 'one'])
-def test_keys_and_queue_value_and_gradient_match_per_anchor_loop(contrast_mode, kind, use_keys, use_queue):
+def test_keys_and_queue_value_and_gradient_match_per_anchor_loop(
+    contrast_mode, kind, use_keys, use_queue
+):
     features, labels, keys, queue = extended_case()
     labels = None if kind == 'simclr' else labels
-    extras = dict(keys=keys if use_keys else None, queue=queue if use_queue else None,
-                  queue_labels=QUEUE_LABELS if use_queue and labels is not None else None)
+    extras = dict(
+        keys=keys if use_keys else None,
+        queue=queue if use_queue else None,
+        queue_labels=QUEUE_LABELS if use_queue and labels is not None else None,
+    )
     hybrid = kind == 'hybrid'
-    expected = value_and_grad(lambda f: loop_extended_loss(
-        f, labels, hybrid=hybrid, temperature=0.15, contrast_mode=contrast_mode, base_temperature=0.1,
-        **extras), features)
+    expected = value_and_grad(
+        lambda f: loop_extended_loss(
+            f,
+            labels,
+            hybrid=hybrid,
+            temperature=0.15,
+            contrast_mode=contrast_mode,
+            base_temperature=0.1,
+            **extras,
+        ),
+        features,
+    )
     for chunk_size in (None, 3):
         criterion = SupConLoss(0.15, contrast_mode, 0.1, chunk_size, hybrid=hybrid)
         got = value_and_grad(lambda f: criterion(f, labels, **extras), features)
@@ -396,11 +484,14 @@ def test_keys_and_queue_get_no_gradient_and_features_only_through_the_anchors():
     loss = SupConLoss(0.2)(features, labels, keys=keys, queue=queue, queue_labels=QUEUE_LABELS)
     grads = torch.autograd.grad(loss, [features, keys, queue], allow_unused=True)
     assert grads[1] is None and grads[2] is None
-    # keys equal to the features: same value as without keys, but the gradient only flows through the anchors
+    # keys equal to the features: same value as without keys, but the gradient only flows through
+    # the anchors
     same = SupConLoss(0.2)(features, labels, keys=features)
     assert same.item() == pytest.approx(SupConLoss(0.2)(features, labels).item(), rel=1e-12)
-    grad_anchors_only, = torch.autograd.grad(same, features)
-    expected = value_and_grad(lambda f: loop_extended_loss(f, labels, keys=f, temperature=0.2), features)
+    (grad_anchors_only,) = torch.autograd.grad(same, features)
+    expected = value_and_grad(
+        lambda f: loop_extended_loss(f, labels, keys=f, temperature=0.2), features
+    )
     assert_close_relative(grad_anchors_only, expected[1], rel=1e-9)
 
 
@@ -417,23 +508,28 @@ def test_no_extra_rows_is_the_plain_loss(kind):
     labels = None if kind == 'simclr' else labels
     criterion = SupConLoss(0.2, hybrid=kind == 'hybrid')
     plain = value_and_grad(lambda f: criterion(f, labels), features)
-    explicit_none = value_and_grad(lambda f: criterion(f, labels, keys=None, queue=None, queue_labels=None),
-                                   features)
+    explicit_none = value_and_grad(
+        lambda f: criterion(f, labels, keys=None, queue=None, queue_labels=None), features
+    )
     assert torch.equal(plain[0], explicit_none[0]) and torch.equal(plain[1], explicit_none[1])
     empty_queue = features.new_zeros(0, 4)
     empty_labels = None if labels is None else labels.new_zeros(0)
-    with_empty_queue = value_and_grad(lambda f: criterion(f, labels, queue=empty_queue, queue_labels=empty_labels),
-                                      features)
+    with_empty_queue = value_and_grad(
+        lambda f: criterion(f, labels, queue=empty_queue, queue_labels=empty_labels), features
+    )
     assert_value_and_grad_close(with_empty_queue, plain, rel=1e-12)
     if kind == 'supcon':
-        reference = value_and_grad(lambda f: reference_supcon_loss(f, labels, temperature=0.2), features)
+        reference = value_and_grad(
+            lambda f: reference_supcon_loss(f, labels, temperature=0.2), features
+        )
         assert_value_and_grad_close(plain, reference)
 
 
 def test_auto_chunk_size():
-    mib = 2 ** 20
+    mib = 2**20
     assert auto_chunk_size(2048, 2048, 4) is None  # 16 MiB of logits fit in the default 256 MiB
-    # a 1024-sample batch against 65536 queue rows: 1024 x 66560 x 4 bytes = 260 MiB, just over the budget
+    # a 1024-sample batch against 65536 queue rows: 1024 x 66560 x 4 bytes = 260 MiB, just over the
+    # budget
     assert auto_chunk_size(1024, 1024 + 65536, 4) == 256 * mib // (66560 * 4) == 1008
     assert auto_chunk_size(1024, 1024 + 65536, 4, memory_budget=64 * mib) == 252
     assert auto_chunk_size(10, 100, 8, memory_budget=1) == 1
@@ -441,21 +537,24 @@ def test_auto_chunk_size():
 
 
 @pytest.mark.parametrize('kind', ['supcon', 'hybrid'])
-def test_automatic_chunking_under_a_tiny_budget_gives_the_same_value_and_gradient(monkeypatch, kind):
+def test_automatic_chunking_under_a_tiny_budget_gives_the_same_value_and_gradient(
+    monkeypatch, kind
+):
     features, labels, keys, queue = extended_case()
     extras = dict(keys=keys, queue=queue, queue_labels=QUEUE_LABELS)
     hybrid = kind == 'hybrid'
     whole = value_and_grad(lambda f: SupConLoss(0.2, hybrid=hybrid)(f, labels, **extras), features)
 
     block_sizes = []
-    row_blocks = losses._row_blocks
+    row_blocks = contrastive._row_blocks
 
     def recording_row_blocks(n_rows, chunk_size):
         block_sizes.append(chunk_size)
         return row_blocks(n_rows, chunk_size)
 
-    monkeypatch.setattr(losses, '_row_blocks', recording_row_blocks)
-    # 10 anchors x (10 keys + 7 queue rows) x 8 bytes; a budget of 3 rows' worth makes blocks of 3 anchors
+    monkeypatch.setattr(contrastive, '_row_blocks', recording_row_blocks)
+    # 10 anchors x (10 keys + 7 queue rows) x 8 bytes; a budget of 3 rows' worth makes blocks of 3
+    # anchors
     criterion = SupConLoss(0.2, hybrid=hybrid, memory_budget=3 * 17 * 8 + 5)
     chunked = value_and_grad(lambda f: criterion(f, labels, **extras), features)
     assert block_sizes == [3, 3]  # forward and backward
@@ -483,7 +582,9 @@ def test_gradcheck_lean_function_with_queue_and_exclusion(hybrid, chunk_size):
         excluded = None
 
     def loss(anchor, contrast):
-        return LeanSupConFunction.apply(anchor, contrast, pairs, 0.5, 0.7, chunk_size, queue, excluded)
+        return LeanSupConFunction.apply(
+            anchor, contrast, pairs, 0.5, 0.7, chunk_size, queue, excluded
+        )
 
     assert torch.autograd.gradcheck(loss, (anchor, contrast))
 
@@ -508,9 +609,10 @@ def test_keys_and_queue_argument_errors():
         SupConLoss(memory_budget=0)
 
 
-# ---------------------------------------------------------------------------------------- distributed
+# ------------------------------------------------------------------------------------ distributed
 WORLD_SIZE = 2
-# case -> (uses labels, samples per rank, contrast_mode, extras): extras may ask for 'hybrid', 'keys', 'queue'
+# case -> (uses labels, samples per rank, contrast_mode, extras): extras may ask for 'hybrid',
+# 'keys', 'queue'
 DISTRIBUTED_CASES = {
     'supcon': (True, [4, 4], 'all', ()),
     'simclr': (False, [4, 4], 'all', ()),
@@ -534,7 +636,8 @@ def distributed_batch():
 
 
 def distributed_extras():
-    """keys of the whole batch, and a queue (the same on both ranks) with labels in and outside the batch's."""
+    """keys of the whole batch, and a queue (the same on both ranks) with labels in and outside the
+    batch's."""
     generator = torch.Generator().manual_seed(12)
     keys = F.normalize(torch.randn(8, 2, 6, generator=generator, dtype=torch.float64), dim=-1)
     queue = F.normalize(torch.randn(5, 6, generator=generator, dtype=torch.float64), dim=-1)
@@ -542,7 +645,8 @@ def distributed_extras():
 
 
 def distributed_case_arguments(case, rows=slice(None)):
-    """(criterion, labels, forward keyword arguments) of a case, for the samples `rows` of the batch."""
+    """(criterion, labels, forward keyword arguments) of a case, for the samples `rows` of the
+    batch."""
     use_labels, _, contrast_mode, extras = DISTRIBUTED_CASES[case]
     _, labels = distributed_batch()
     keys, queue, queue_labels = distributed_extras()
@@ -558,8 +662,13 @@ def distributed_case_arguments(case, rows=slice(None)):
 
 def _distributed_worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        'gloo',
+        init_method=f'tcp://127.0.0.1:{port}',
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         features, _ = distributed_batch()
         results = {}
@@ -569,8 +678,8 @@ def _distributed_worker(rank, port, out_dir):
             local = features[start:stop].clone().requires_grad_()
             criterion, local_labels, kwargs = distributed_case_arguments(case, slice(start, stop))
             loss = criterion(local, local_labels, **kwargs)
-            # Weighting by anchor count makes DDP's average over ranks the mean over all anchors; with
-            # equal local batches the weight is 1, i.e. plain DDP.
+            # Weighting by anchor count makes DDP's average over ranks the mean over all anchors;
+            # with equal local batches the weight is 1, i.e. plain DDP.
             (loss * WORLD_SIZE * sizes[rank] / sum(sizes)).backward()
             results[case] = {'loss': loss.detach(), 'grad': local.grad}
 
@@ -599,17 +708,28 @@ def test_two_ranks_match_single_process(distributed_results, case):
     features.requires_grad_()
     if extras:
         criterion, labels, kwargs = distributed_case_arguments(case)
-        expected = loop_extended_loss(features, labels, hybrid=criterion.hybrid, temperature=DISTRIBUTED_TEMPERATURE,
-                                      contrast_mode=contrast_mode, **kwargs)
+        expected = loop_extended_loss(
+            features,
+            labels,
+            hybrid=criterion.hybrid,
+            temperature=DISTRIBUTED_TEMPERATURE,
+            contrast_mode=contrast_mode,
+            **kwargs,
+        )
     else:
-        expected = reference_supcon_loss(features, labels if use_labels else None,
-                                         temperature=DISTRIBUTED_TEMPERATURE, contrast_mode=contrast_mode)
-    expected_grad, = torch.autograd.grad(expected, features)
+        expected = reference_supcon_loss(
+            features,
+            labels if use_labels else None,
+            temperature=DISTRIBUTED_TEMPERATURE,
+            contrast_mode=contrast_mode,
+        )
+    (expected_grad,) = torch.autograd.grad(expected, features)
 
     rank_losses = torch.stack([result[case]['loss'] for result in distributed_results])
     anchor_share = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
     assert (rank_losses * anchor_share).sum().item() == pytest.approx(expected.item(), rel=1e-6)
-    # DDP averages the ranks' gradients; gather_with_grad has already summed the cross-rank contributions.
+    # DDP averages the ranks' gradients; gather_with_grad has already summed the cross-rank
+    # contributions.
     ddp_grad = torch.cat([result[case]['grad'] for result in distributed_results]) / WORLD_SIZE
     assert ((ddp_grad - expected_grad).norm() / expected_grad.norm()).item() < 1e-6
 

@@ -1,4 +1,6 @@
-"""moco.py: EMA key encoder, label queue against a list model, and shuffle-BN / queue sync on 2 gloo ranks."""
+"""moco.py: EMA key encoder, label queue against a list model, and shuffle-BN / queue sync on 2 gloo
+ranks."""
+
 import datetime
 import os
 import random
@@ -8,10 +10,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import free_port
 from torch import nn
 
-from moco import KeyEncoder, LabelQueue, gather_no_grad, shuffle_across_ranks, unshuffle_across_ranks
-from helpers import free_port
+from supcon.moco import (
+    KeyEncoder,
+    LabelQueue,
+    gather_no_grad,
+    shuffle_across_ranks,
+    unshuffle_across_ranks,
+)
 
 
 def small_model(seed=0):
@@ -35,7 +43,8 @@ def snapshot(module):
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
-# --------------------------------------------------------------------------------------------- key encoder
+# --------------------------------------------------------------------------------------------- key
+# encoder
 @pytest.mark.parametrize('momentum', [0.9, 0.0, 1.0])
 def test_ema_update_is_the_plain_formula(momentum):
     query = small_model()
@@ -108,6 +117,7 @@ def test_key_encoder_state_dict_round_trip():
 
 def test_supcon_resnet_key_encoder_gives_unit_keys():
     from networks.resnet_big import SupConResNet
+
     torch.manual_seed(0)
     query = SupConResNet(name='resnet18', feat_dim=16)
     key = KeyEncoder(query)
@@ -128,7 +138,7 @@ def test_single_process_helpers_are_no_ops():
     assert torch.equal(gather_no_grad(x), x)
 
 
-# --------------------------------------------------------------------------------------------------- queue
+# ------------------------------------------------------------------------------------------ queue
 class ListQueue:
     """The queue's specification: K slots written one row at a time, the pointer moving by one."""
 
@@ -154,7 +164,9 @@ def assert_queue_matches(queue, model):
     expected = model.contents()
     assert len(queue) == len(expected) == len(features) == len(labels)
     assert int(queue.ptr) == model.ptr
-    for (feature, label), (expected_feature, expected_label) in zip(zip(features, labels), expected):
+    for (feature, label), (expected_feature, expected_label) in zip(
+        zip(features, labels), expected
+    ):
         assert torch.equal(feature, expected_feature) and int(label) == expected_label
 
 
@@ -166,7 +178,9 @@ def test_queue_matches_a_list_model_over_random_batches():
     empty_features, empty_labels = queue.contents()
     assert empty_features.shape == (0, dim) and empty_labels.shape == (0,)
     for step in range(60):
-        n = sizes.choice([1, 2, 3, 5, 6, 7, 8, 15, 20]) if step else 2  # starts below K: partial fill
+        n = (
+            sizes.choice([1, 2, 3, 5, 6, 7, 8, 15, 20]) if step else 2
+        )  # starts below K: partial fill
         features, labels = random_batch(n, dim, generator)
         queue.enqueue(features, labels)
         model.enqueue(list(zip(features, labels.tolist())))
@@ -180,7 +194,9 @@ def test_queue_stores_detached_float32_and_returns_copies():
     features = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     queue.enqueue(features, torch.tensor([1, 2, 3], dtype=torch.int32))
     stored, labels = queue.contents()
-    assert stored.dtype == torch.float32 and not stored.requires_grad and labels.dtype == torch.int64
+    assert (
+        stored.dtype == torch.float32 and not stored.requires_grad and labels.dtype == torch.int64
+    )
     stored.zero_()
     assert torch.equal(queue.contents()[0], features.detach().float())
 
@@ -211,16 +227,17 @@ def test_queue_rejects_bad_shapes():
         queue.enqueue(torch.randn(2, 3), torch.zeros(3))
 
 
-# --------------------------------------------------------------------------------------------- distributed
+# ------------------------------------------------------------------------------------ distributed
 WORLD_SIZE = 2
-LOCAL = 4          # rows per rank
-QUEUE_SIZE = 5     # smaller than one gathered batch (8 rows), so every enqueue wraps
+LOCAL = 4  # rows per rank
+QUEUE_SIZE = 5  # smaller than one gathered batch (8 rows), so every enqueue wraps
 ENQUEUES = 3
 SEED = 123
 
 
 def distributed_data():
-    """The global batches (all ranks' rows in rank order) that the workers slice their local rows from."""
+    """The global batches (all ranks' rows in rank order) that the workers slice their local rows
+    from."""
     generator = torch.Generator().manual_seed(5)
     batches = [random_batch(WORLD_SIZE * LOCAL, 3, generator) for _ in range(ENQUEUES)]
     images = torch.randn(WORLD_SIZE * LOCAL, 4, generator=generator)
@@ -229,8 +246,13 @@ def distributed_data():
 
 def _distributed_worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        'gloo',
+        init_method=f'tcp://127.0.0.1:{port}',
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         batches, images = distributed_data()
         local = slice(rank * LOCAL, (rank + 1) * LOCAL)
@@ -287,11 +309,13 @@ def test_shuffle_is_a_seeded_permutation_and_unshuffle_inverts_it(distributed_re
     assert torch.equal(torch.sort(permutation).values, torch.arange(len(images)))
     assert not torch.equal(permutation, torch.arange(len(images)))
     # drawn from a generator seeded with SEED, not from the global RNG
-    assert torch.equal(permutation, torch.randperm(len(images), generator=torch.Generator().manual_seed(SEED)))
+    assert torch.equal(
+        permutation, torch.randperm(len(images), generator=torch.Generator().manual_seed(SEED))
+    )
     for rank, result in enumerate(distributed_results):
         assert result['rng_untouched']
         assert torch.equal(result['index'], distributed_results[0]['index'])
-        assert torch.equal(result['unshuffled'], images[rank * LOCAL:(rank + 1) * LOCAL] * 2 + 1)
+        assert torch.equal(result['unshuffled'], images[rank * LOCAL : (rank + 1) * LOCAL] * 2 + 1)
         assert torch.equal(result['shuffled_again'], result['shuffled'])
     other = torch.cat([result['shuffled_other_seed'] for result in distributed_results])
     assert not torch.equal(other, shuffled)
@@ -302,9 +326,13 @@ def test_encode_normalises_each_key_with_the_sub_batch_it_was_shuffled_into(dist
     permutation = torch.argsort(distributed_results[0]['index'])
     model = small_model().train()
     with torch.no_grad():
-        keys_shuffled = torch.cat([model(images[chunk]) for chunk in permutation.view(WORLD_SIZE, -1)])
+        keys_shuffled = torch.cat(
+            [model(images[chunk]) for chunk in permutation.view(WORLD_SIZE, -1)]
+        )
     expected = keys_shuffled[torch.argsort(permutation)]
     got = torch.cat([result['keys'] for result in distributed_results])
     assert torch.allclose(got, expected, atol=1e-6)
     with torch.no_grad():
-        assert not torch.allclose(got, model(images), atol=1e-4)  # shuffling did change the BN batches
+        assert not torch.allclose(
+            got, model(images), atol=1e-4
+        )  # shuffling did change the BN batches

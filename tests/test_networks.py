@@ -40,16 +40,20 @@ def _basic_block_keys(prefix, has_shortcut):
 def _expected_resnet18_supcon_keys():
     # Written out from the reference layout, not from the module: stem conv1 + bn1, then four
     # stages of two BasicBlocks; only the first block of layer2..4 changes stride/width and so
-    # carries a conv+BN shortcut; then the MLP head's two Linear layers at Sequential indices 0 and 2.
+    # carries a conv+BN shortcut; then the MLP head's two Linear layers at Sequential indices
+    # 0 and 2.
     keys = ['encoder.conv1.weight'] + [f'encoder.bn1.{s}' for s in BN_SUFFIXES]
     for stage in range(1, 5):
         for block in range(2):
-            keys += _basic_block_keys(f'encoder.layer{stage}.{block}', has_shortcut=stage > 1 and block == 0)
+            keys += _basic_block_keys(
+                f'encoder.layer{stage}.{block}', has_shortcut=stage > 1 and block == 0
+            )
     keys += ['head.0.weight', 'head.0.bias', 'head.2.weight', 'head.2.bias']
     return keys
 
 
 # --- shapes -------------------------------------------------------------------------------------
+
 
 def test_model_names_and_feature_dims():
     assert MODEL_NAMES == ('resnet18', 'resnet34', 'resnet50', 'resnet101')
@@ -89,15 +93,23 @@ def test_supce_and_linear_classifier_shapes():
 
 # --- state-dict compatibility with the reference -------------------------------------------------
 
+
 def test_resnet18_supcon_state_dict_keys(supcon18):
     keys = list(supcon18.state_dict())
     # stem 1 conv + 5 BN = 6; block without shortcut 2 convs + 2x5 BN = 12, with shortcut +1+5 = 18;
     # layer1 2x12 = 24, layer2..4 each 18+12 = 30 -> 90; encoder 6+24+90 = 120; MLP head 4 -> 124.
     assert len(keys) == 124
     assert set(keys) == set(_expected_resnet18_supcon_keys())
-    for key in ['encoder.conv1.weight', 'encoder.bn1.running_mean', 'encoder.layer1.0.conv1.weight',
-                'encoder.layer2.0.shortcut.0.weight', 'encoder.layer2.0.shortcut.1.num_batches_tracked',
-                'encoder.layer4.1.bn2.running_var', 'head.0.weight', 'head.2.bias']:
+    for key in [
+        'encoder.conv1.weight',
+        'encoder.bn1.running_mean',
+        'encoder.layer1.0.conv1.weight',
+        'encoder.layer2.0.shortcut.0.weight',
+        'encoder.layer2.0.shortcut.1.num_batches_tracked',
+        'encoder.layer4.1.bn2.running_var',
+        'head.0.weight',
+        'head.2.bias',
+    ]:
         assert key in keys
     assert not any(k.startswith('encoder.layer1.') and 'shortcut' in k for k in keys)
 
@@ -112,12 +124,20 @@ def test_bottleneck_keys():
     block = Bottleneck(64, 64)
     keys = set(block.state_dict())
     # 64 -> 256 channels, so even a stride-1 Bottleneck gets a projection shortcut.
-    assert {'conv3.weight', 'bn3.weight', 'bn3.running_var', 'shortcut.0.weight', 'shortcut.1.bias'} <= keys
+    assert {
+        'conv3.weight',
+        'bn3.weight',
+        'bn3.running_var',
+        'shortcut.0.weight',
+        'shortcut.1.bias',
+    } <= keys
     assert len(keys) == 3 + 3 * 5 + 1 + 5
 
 
 def test_dataparallel_prefixed_state_dict_loads(supcon18):
-    state = {k.replace('encoder.', 'encoder.module.', 1): v for k, v in supcon18.state_dict().items()}
+    state = {
+        k.replace('encoder.', 'encoder.module.', 1): v for k, v in supcon18.state_dict().items()
+    }
     assert any(k.startswith('encoder.module.') for k in state)
     stripped = {k.replace('module.', ''): v for k, v in state.items()}
     fresh = SupConResNet('resnet18', head='mlp', feat_dim=16)
@@ -126,6 +146,7 @@ def test_dataparallel_prefixed_state_dict_loads(supcon18):
 
 
 # --- stems ---------------------------------------------------------------------------------------
+
 
 def _layer1_spatial(encoder, size):
     seen = {}
@@ -153,6 +174,7 @@ def test_imagenet_stem_downsamples_and_keeps_keys():
 
 # --- memory format and mixed precision -----------------------------------------------------------
 
+
 def test_channels_last_matches_contiguous(supcon18):
     x = torch.randn(2, 3, 32, 32)
     cl_model = copy.deepcopy(supcon18).to(memory_format=torch.channels_last)
@@ -175,6 +197,7 @@ def test_bf16_autocast_close_to_fp32(supcon18):
 
 
 # --- init and errors -----------------------------------------------------------------------------
+
 
 def test_zero_init_residual_zeroes_last_bn():
     basic = resnet18(zero_init_residual=True)

@@ -1,4 +1,6 @@
-"""--optimizer sgd|lars: the SGD path is the reference's, LARS is timm's with the usual exclusions."""
+"""--optimizer sgd|lars: the SGD path is the reference's, LARS is timm's with the usual
+exclusions."""
+
 import copy
 from types import SimpleNamespace
 
@@ -10,21 +12,26 @@ pytest.importorskip('timm')
 from timm.optim import Lars  # noqa: E402
 
 import util  # noqa: E402
-from optim import LARS_EPS, LARS_TRUST_COEFF, build_optimizer, lars_param_groups  # noqa: E402
+from supcon.optim import LARS_EPS, LARS_TRUST_COEFF, build_optimizer, lars_param_groups  # noqa: E402
 
 LR, MOMENTUM, WD = 0.1, 0.9, 1e-4
 
 
 def _opt(optimizer='lars', weight_decay=WD):
-    return SimpleNamespace(optimizer=optimizer, learning_rate=LR, momentum=MOMENTUM,
-                           weight_decay=weight_decay)
+    return SimpleNamespace(
+        optimizer=optimizer, learning_rate=LR, momentum=MOMENTUM, weight_decay=weight_decay
+    )
 
 
 def _model():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
     )
 
 
@@ -52,9 +59,17 @@ def test_lars_equals_timm_lars_built_by_hand():
     assert isinstance(ours, Lars)
     weights = [p for n, p in b.named_parameters() if _is_weight(n)]
     others = [p for n, p in b.named_parameters() if not _is_weight(n)]
-    direct = Lars([{'params': weights, 'weight_decay': WD, 'always_adapt': True},
-                   {'params': others, 'weight_decay': 0.0, 'always_adapt': False}],
-                  lr=LR, momentum=MOMENTUM, trust_coeff=1e-3, eps=1e-8, trust_clip=False)
+    direct = Lars(
+        [
+            {'params': weights, 'weight_decay': WD, 'always_adapt': True},
+            {'params': others, 'weight_decay': 0.0, 'always_adapt': False},
+        ],
+        lr=LR,
+        momentum=MOMENTUM,
+        trust_coeff=1e-3,
+        eps=1e-8,
+        trust_clip=False,
+    )
     _steps(a, ours, n=3)
     _steps(b, direct, n=3)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
@@ -67,8 +82,12 @@ def test_lars_groups_and_hyper_parameters():
     adapted, plain = optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(names[id(p)] for p in adapted['params']) == ['0.weight', '5.weight']
-    assert sorted(names[id(p)] for p in plain['params']) == ['0.bias', '1.bias', '1.weight',
-                                                             '5.bias']
+    assert sorted(names[id(p)] for p in plain['params']) == [
+        '0.bias',
+        '1.bias',
+        '1.weight',
+        '5.bias',
+    ]
     assert adapted['weight_decay'] == WD and adapted['always_adapt']
     assert plain['weight_decay'] == 0 and not plain['always_adapt']
     for group in optimizer.param_groups:  # the schedule sets lr on every group
@@ -141,8 +160,9 @@ def test_frozen_and_no_weight_decay_parameters():
     assert sorted(names[id(p)] for p in plain['params']) == ['0.pos_embed', '0.proj.bias']
 
 
-@pytest.mark.parametrize('opt', [_opt('sgd'), SimpleNamespace(learning_rate=LR, momentum=MOMENTUM,
-                                                              weight_decay=WD)])
+@pytest.mark.parametrize(
+    'opt', [_opt('sgd'), SimpleNamespace(learning_rate=LR, momentum=MOMENTUM, weight_decay=WD)]
+)
 def test_sgd_is_the_reference_optimizer(opt):
     model = _model()
     ours = build_optimizer(opt, model)
@@ -151,8 +171,9 @@ def test_sgd_is_the_reference_optimizer(opt):
     assert len(ours.param_groups) == len(reference.param_groups) == 1
     for g1, g2 in zip(ours.param_groups, reference.param_groups):
         assert [id(p) for p in g1['params']] == [id(p) for p in g2['params']]
-        assert {k: v for k, v in g1.items() if k != 'params'} == \
-            {k: v for k, v in g2.items() if k != 'params'}
+        assert {k: v for k, v in g1.items() if k != 'params'} == {
+            k: v for k, v in g2.items() if k != 'params'
+        }
     assert ours.defaults == reference.defaults
 
 

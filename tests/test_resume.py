@@ -5,6 +5,7 @@ Uninterrupted runs and resumes call the script's ``main()`` in this process
 (importing torch again per run would cost most of the test time); the runs that
 are killed or signalled are real subprocesses started with the script's path.
 """
+
 import argparse
 import importlib
 import io
@@ -21,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 from PIL import Image
 
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 import util
-import checkpoint
-import training_run
+from supcon import checkpoint, training_run
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ('main_supcon', 'main_ce', 'main_linear')
@@ -44,12 +44,19 @@ SUBPROCESS_TIMEOUT_S = 240
 
 # --------------------------------------------------------------------------- helpers
 
+
 def spawn(script, args, cwd):
     """The script as a subprocess, stdout and stderr merged, line-buffered text."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    proc = subprocess.Popen([sys.executable, str(REPO / f'{script}.py')] + [str(a) for a in args],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / f'{script}.py')] + [str(a) for a in args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     watchdog = threading.Timer(SUBPROCESS_TIMEOUT_S, proc.kill)  # never hang the test run
     watchdog.daemon = True
     watchdog.start()
@@ -57,8 +64,9 @@ def spawn(script, args, cwd):
 
 
 def tb_folder(script, args, cwd):
-    return Path(cwd) / importlib.import_module(script).parse_option(
-        [str(a) for a in args]).tb_folder
+    return (
+        Path(cwd) / importlib.import_module(script).parse_option([str(a) for a in args]).tb_folder
+    )
 
 
 def weights(path):
@@ -79,10 +87,10 @@ def max_abs_diff(path_a, path_b):
 
 def scalars(folder, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     accumulator = EventAccumulator(str(folder))
     accumulator.Reload()
     return [(event.step, event.value) for event in accumulator.Scalars(tag)]
-
 
 
 @pytest.fixture(scope='module')
@@ -113,18 +121,31 @@ class Runs:
         """The command line of ``script`` (or of a ``script+variant`` of VARIANTS)."""
         script, _, variant = script.partition('+')
         changes = dict(VARIANTS.get(f'{script}+{variant}', {}), **changes) if variant else changes
-        options = {'dataset': 'path', 'data_folder': self.images / 'train',
-                   'test_folder': self.images / 'test', 'mean': '(0.5,0.5,0.5)',
-                   'std': '(0.25,0.25,0.25)', 'size': 8, 'batch_size': 4, 'epochs': EPOCHS,
-                   'learning_rate': 0.01, 'num_workers': 0, 'device': 'cpu', 'seed': 1,
-                   'print_freq': 100}
+        options = {
+            'dataset': 'path',
+            'data_folder': self.images / 'train',
+            'test_folder': self.images / 'test',
+            'mean': '(0.5,0.5,0.5)',
+            'std': '(0.25,0.25,0.25)',
+            'size': 8,
+            'batch_size': 4,
+            'epochs': EPOCHS,
+            'learning_rate': 0.01,
+            'num_workers': 0,
+            'device': 'cpu',
+            'seed': 1,
+            'print_freq': 100,
+        }
         if script == 'main_linear':
             options['ckpt'] = self.pretrained()
         else:
             options['model'] = 'resnet18'
         options.update(changes)
-        return [item for key, value in options.items()
-                for item in ((f'--{key}',) if value is True else (f'--{key}', value))]
+        return [
+            item
+            for key, value in options.items()
+            for item in ((f'--{key}',) if value is True else (f'--{key}', value))
+        ]
 
     def pretrained(self):
         """One epoch of SupCon pretraining, the encoder main_linear evaluates."""
@@ -145,7 +166,10 @@ class Runs:
             args = self.args(script)
             result = call(script.partition('+')[0], args, cwd)
             assert result.code == 0, result.err
-            self._references[script] = cwd, save_folder(script.partition('+')[0], args, cwd) / 'last.pth'
+            self._references[script] = (
+                cwd,
+                save_folder(script.partition('+')[0], args, cwd) / 'last.pth',
+            )
         return self._references[script]
 
     def killed_and_resumed(self, script):
@@ -191,6 +215,7 @@ def remove_checkpoints(tmp_path):
 
 
 # --------------------------------------------------------------------------- kill and resume
+
 
 @pytest.mark.parametrize('script', SCRIPTS + tuple(VARIANTS))
 def test_kill_after_epoch_1_and_resume_auto_equals_uninterrupted_run(runs, script):
@@ -238,14 +263,18 @@ def test_sigterm_mid_epoch_saves_the_position_and_resumes_exactly(runs, tmp_path
     assert len(hints) == 1, output
     command = shlex.split(hints[0].split('Continue with: ', 1)[1])
     assert command == ['python', str(REPO / f'{script}.py')] + [str(a) for a in args] + [
-        '--resume', 'auto']
-    ckpt = checkpoint.load_checkpoint(str(save_folder(script, args, tmp_path) / 'checkpoint.pth'),
-                                '--resume')
+        '--resume',
+        'auto',
+    ]
+    ckpt = checkpoint.load_checkpoint(
+        str(save_folder(script, args, tmp_path) / 'checkpoint.pth'), '--resume'
+    )
     assert ckpt['epoch'] == 0 and 0 < ckpt['step'] <= STEPS_PER_EPOCH
 
     # print_freq and num_workers may change on resume
-    result = call(script, runs.args(script, num_workers=1, print_freq=2) + ['--resume', 'auto'],
-                  tmp_path)
+    result = call(
+        script, runs.args(script, num_workers=1, print_freq=2) + ['--resume', 'auto'], tmp_path
+    )
     assert result.code == 0, result.err
     assert f'continuing at epoch 1, step {ckpt["step"] + 1}' in result.out
     assert max_abs_diff(reference, save_folder(script, args, tmp_path) / 'last.pth') == 0
@@ -272,6 +301,7 @@ def test_ctrl_c_stops_after_the_step_and_a_second_one_aborts(capsys):
 
 # --------------------------------------------------------------------------- atomic checkpoints
 
+
 class Killed(BaseException):
     """Stands in for the process dying in the middle of a write."""
 
@@ -285,7 +315,7 @@ def test_a_save_killed_half_way_leaves_the_previous_file(tmp_path, monkeypatch):
     def half_save(obj, f, *args, **kwargs):
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
-        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         raise Killed
 
     monkeypatch.setattr(util.torch, 'save', half_save)
@@ -321,7 +351,7 @@ def test_truncated_and_stale_files_are_skipped_and_a_named_one_is_refused(runs, 
     (folder / 'last.pth').unlink()
     (folder / 'ckpt_epoch_2.pth').unlink()
     data = (folder / 'checkpoint.pth').read_bytes()
-    (folder / 'checkpoint.pth').write_bytes(data[:len(data) // 2])
+    (folder / 'checkpoint.pth').write_bytes(data[: len(data) // 2])
     stale = folder / '.checkpoint.pth.k1ll3d.tmp'  # what a kill during a save leaves
     stale.write_bytes(data[:1000])
     assert checkpoint.newest_checkpoint(str(folder)) == str(folder / 'ckpt_epoch_1.pth')
@@ -357,8 +387,10 @@ def test_a_fresh_start_removes_stale_temporaries(runs, tmp_path):
 
 # --------------------------------------------------------------------------- NaN guard
 
+
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
-        runs, tmp_path, monkeypatch):
+    runs, tmp_path, monkeypatch
+):
     script = 'main_ce'
     module = importlib.import_module(script)
     args = runs.args(script)
@@ -377,6 +409,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         def diverging(output, labels):
             loss = criterion(output, labels)
             return loss * float('nan') if state['diverged'] else loss
+
         return model, diverging
 
     monkeypatch.setattr(training_run.Run, 'end_epoch', end_epoch)
@@ -389,16 +422,20 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert sorted(os.listdir(ckpt_path.parent)) == ['checkpoint.pth']
 
 
-def test_a_diverging_run_saves_only_finite_files_and_resume_auto_takes_the_furthest(
-        runs, tmp_path):
+def test_a_diverging_run_saves_only_finite_files_and_resume_auto_takes_the_furthest(runs, tmp_path):
     """At lr 1e6 the weights become infinite in an epoch's last step, after its loss was
     checked: that state must never be written (an older version saved it as epoch 4)."""
     script = 'main_supcon'
     args = runs.args(script, epochs=8, batch_size=16, learning_rate=1e6, save_freq=2)
     folder = save_folder(script, args, tmp_path)
     result = call(script, args, tmp_path)
-    assert_one_line_error(result, 'training diverged', 'nothing was saved from it',
-                          'the last good checkpoint is ', 'checkpoint.pth; lower --learning_rate')
+    assert_one_line_error(
+        result,
+        'training diverged',
+        'nothing was saved from it',
+        'the last good checkpoint is ',
+        'checkpoint.pth; lower --learning_rate',
+    )
     files = sorted(folder.glob('*.pth'))
     assert len(files) >= 2, result.out
     positions = {}
@@ -414,13 +451,18 @@ def test_a_diverging_run_saves_only_finite_files_and_resume_auto_takes_the_furth
     last = max(positions.values())
     future = time.time() + 60
     os.utime(folder / 'ckpt_epoch_2.pth', (future, future))
-    result = call(script, runs.args(script, epochs=last, batch_size=16, learning_rate=1e6,
-                                    save_freq=2) + ['--resume', 'auto'], tmp_path)
+    result = call(
+        script,
+        runs.args(script, epochs=last, batch_size=16, learning_rate=1e6, save_freq=2)
+        + ['--resume', 'auto'],
+        tmp_path,
+    )
     assert result.code == 0, result.err
     assert f'checkpoint.pth: all {last} epochs are done already' in result.out, result.out
 
 
 # --------------------------------------------------------------------------- options
+
 
 @pytest.mark.parametrize('change', [('batch_size', 8), ('method', 'SimCLR')])
 def test_resuming_with_an_option_that_changes_the_run_is_refused(runs, tmp_path, change):
@@ -447,11 +489,16 @@ def test_resuming_a_finished_run_does_not_train_again(runs, tmp_path):
 
 # --------------------------------------------------------------------------- seeds
 
+
 def test_seed_makes_runs_repeatable_with_and_without_workers(runs, tmp_path):
     script = 'main_supcon'
     results = {}
-    for name, seed, workers in (('first', 3, 0), ('again', 3, 0), ('workers', 3, 2),
-                                ('other', 4, 0)):
+    for name, seed, workers in (
+        ('first', 3, 0),
+        ('again', 3, 0),
+        ('workers', 3, 2),
+        ('other', 4, 0),
+    ):
         cwd = tmp_path / name
         cwd.mkdir()
         args = runs.args(script, epochs=1, seed=seed, num_workers=workers)

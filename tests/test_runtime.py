@@ -1,14 +1,15 @@
 """Tests for runtime.py: run_main's one-line errors and exit codes."""
+
 import argparse
 
 import pytest
 import torch
 
-import runtime
+from supcon import runtime
 from util import UserError
 
-
 # --------------------------------------------------------------------------- run_main
+
 
 def test_run_main_turns_user_error_into_one_line_and_exit_2(capsys):
     def main():
@@ -25,9 +26,11 @@ def test_run_main_turns_user_error_into_one_line_and_exit_2(capsys):
 
 def test_run_main_keeps_the_last_line_of_a_worker_traceback(capsys):
     def main():
-        raise UserError('Caught DataError in DataLoader worker process 0.\nTraceback (most'
-                        ' recent call last):\n  File "x.py", line 1\ndata.DataError: cannot read'
-                        ' image a.png')
+        raise UserError(
+            'Caught DataError in DataLoader worker process 0.\nTraceback (most'
+            ' recent call last):\n  File "x.py", line 1\ndata.DataError: cannot read'
+            ' image a.png'
+        )
 
     with pytest.raises(SystemExit) as info:
         runtime.run_main(main)
@@ -49,17 +52,34 @@ def test_run_main_lets_success_and_bugs_through(capsys):
 
 # --------------------------------------------------------------------------- setup_runtime
 
+
 def runtime_opt(**changes):
-    values = dict(device='cpu', batch_size=8, batch_size_val=4, num_workers=0, amp=False,
-                  amp_dtype='auto', channels_last=None, compile=False, seed=0, syncBN=False)
+    values = dict(
+        device='cpu',
+        batch_size=8,
+        batch_size_val=4,
+        num_workers=0,
+        amp=False,
+        amp_dtype='auto',
+        channels_last=None,
+        compile=False,
+        seed=0,
+        syncBN=False,
+    )
     values.update(changes)
     return argparse.Namespace(**values)
 
 
 @pytest.fixture
 def no_torchrun(monkeypatch):
-    for key in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR',
-                'MASTER_PORT'):
+    for key in (
+        'WORLD_SIZE',
+        'RANK',
+        'LOCAL_RANK',
+        'LOCAL_WORLD_SIZE',
+        'MASTER_ADDR',
+        'MASTER_PORT',
+    ):
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 
@@ -87,14 +107,22 @@ def test_leftover_world_size_1_is_one_process(no_torchrun, capsys):
     assert not torch.distributed.is_initialized() and opt.local_batch_size == 8
 
 
-@pytest.mark.parametrize('env, words', [
-    (dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0'), 'MASTER_ADDR and MASTER_PORT are not'),
-    (dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0', MASTER_ADDR='localhost'),
-     'MASTER_PORT is not'),
-    (dict(WORLD_SIZE='two', RANK='0', LOCAL_RANK='0'), "WORLD_SIZE='two' is not a whole number"),
-    (dict(WORLD_SIZE='2', RANK='2', LOCAL_RANK='0'), 'WORLD_SIZE=2, RANK=2'),
-    (dict(WORLD_SIZE='2', LOCAL_RANK='0'), 'but RANK, MASTER_ADDR and MASTER_PORT are not'),
-])
+@pytest.mark.parametrize(
+    'env, words',
+    [
+        (dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0'), 'MASTER_ADDR and MASTER_PORT are not'),
+        (
+            dict(WORLD_SIZE='2', RANK='0', LOCAL_RANK='0', MASTER_ADDR='localhost'),
+            'MASTER_PORT is not',
+        ),
+        (
+            dict(WORLD_SIZE='two', RANK='0', LOCAL_RANK='0'),
+            "WORLD_SIZE='two' is not a whole number",
+        ),
+        (dict(WORLD_SIZE='2', RANK='2', LOCAL_RANK='0'), 'WORLD_SIZE=2, RANK=2'),
+        (dict(WORLD_SIZE='2', LOCAL_RANK='0'), 'but RANK, MASTER_ADDR and MASTER_PORT are not'),
+    ],
+)
 def test_torchrun_variables_without_torchrun_are_one_line_errors(no_torchrun, env, words):
     for key, value in env.items():
         no_torchrun.setenv(key, value)
@@ -106,6 +134,7 @@ def test_torchrun_variables_without_torchrun_are_one_line_errors(no_torchrun, en
 
 
 # --------------------------------------------------------------------------- Ctrl-C, divergence
+
 
 def test_run_main_turns_ctrl_c_into_one_line_and_exit_130(capsys):
     def main():

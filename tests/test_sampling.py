@@ -1,27 +1,25 @@
 """Tests for sampling.py: seeded, resumable, sharded loading."""
 
-
 import numpy as np
 import pytest
 import torch
-
-from augment import supcon_transform
-
-from data import ArrayImageDataset
-from sampling import SeededDataset, SeededSampler, build_loader
 from test_cifar import MEAN, STD, assert_one_line
+
+from supcon.augment import supcon_transform
+from supcon.data import ArrayImageDataset
+from supcon.sampling import SeededDataset, SeededSampler, build_loader
 from util import TwoCropTransform, UserError
 
+# -------------------------------------------------------------------- Seeded sampling and loading
+# --------------------------------------------------------------------------
 
-# --------------------------------------------------------------------------
-# Seeded sampling and loading
-# --------------------------------------------------------------------------
 
 def random_images(n, seed=3):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-    return ArrayImageDataset(images, [i % 3 for i in range(n)], ['a', 'b', 'c'],
-                             supcon_transform(16, MEAN, STD))
+    return ArrayImageDataset(
+        images, [i % 3 for i in range(n)], ['a', 'b', 'c'], supcon_transform(16, MEAN, STD)
+    )
 
 
 def test_sampler_order_depends_on_seed_and_epoch_only():
@@ -35,7 +33,7 @@ def test_sampler_order_depends_on_seed_and_epoch_only():
     assert sorted(i for _, i in order(0, 1)) == list(range(50))
     assert [i for _, i in SeededSampler(5, shuffle=False, seed=0)] == [0, 1, 2, 3, 4]
     seeds = [s for s, _ in order(0, 1)]
-    assert len(set(seeds)) == 50 and all(0 <= s < 2 ** 63 for s in seeds)
+    assert len(set(seeds)) == 50 and all(0 <= s < 2**63 for s in seeds)
 
 
 def test_seeded_dataset_repeats_augmentation_and_spares_global_rng():
@@ -56,8 +54,9 @@ def test_seeded_dataset_repeats_augmentation_and_spares_global_rng():
 def shares(num_samples, world_size, pad, epoch=3):
     result = []
     for rank in range(world_size):
-        sampler = SeededSampler(num_samples, shuffle=True, seed=5, rank=rank,
-                                world_size=world_size, pad=pad)
+        sampler = SeededSampler(
+            num_samples, shuffle=True, seed=5, rank=rank, world_size=world_size, pad=pad
+        )
         sampler.set_epoch(epoch)
         indices = [i for _, i in sampler]
         assert len(indices) == len(sampler)
@@ -101,8 +100,7 @@ def test_loader_batches_match_with_and_without_workers_and_after_resume():
     assert torch.equal(torch.get_rng_state(), state)
     assert [len(labels) for _, labels in serial] == [4, 4, 2]
 
-    worker_loader, worker_sampler = build_loader(dataset, 4, shuffle=True, seed=11,
-                                                 num_workers=2)
+    worker_loader, worker_sampler = build_loader(dataset, 4, shuffle=True, seed=11, num_workers=2)
     parallel = batches_of(worker_loader, worker_sampler, epoch=2)
     for (images_a, labels_a), (images_b, labels_b) in zip(serial, parallel, strict=True):
         assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)

@@ -1,5 +1,6 @@
 """Faithful to the seed systems: the fork's hybrid loss and flags, the reference's help and notes,
 the reference author's released ImageNet checkpoint (torchvision layout)."""
+
 import argparse
 import contextlib
 import io
@@ -7,17 +8,21 @@ import io
 import pytest
 import torch
 import torchvision
+from helpers import FAST
+from inprocess import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
 
-import data
 import main_ce
 import main_linear
 import main_supcon
 import main_tsne
-from checkpoint import load_checkpoint
-from helpers import FAST
-from networks.from_checkpoint import build_encoder, build_head, from_torchvision_layout
+from networks.from_checkpoint import (
+    encoder_from_checkpoint,
+    from_torchvision_layout,
+    head_from_checkpoint,
+)
 from networks.resnet_big import SupConResNet
-from inprocess import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
+from supcon import data
+from supcon.checkpoint import load_checkpoint
 
 DIGITS = ['--dataset', 'digits', '--model', 'resnet18', '--size', '8'] + FAST
 # a tenth of the digits' training images (144), for quick end-to-end runs
@@ -29,6 +34,7 @@ def describe(result):
 
 
 # --------------------------------------------------------------------------- the fork's hybrid
+
 
 def test_hybrid_method_names_its_run_as_the_fork():
     opt = main_supcon.parse_option(['--method', 'SupCon_hybrid', '--dataset', 'digits'])
@@ -48,6 +54,7 @@ def test_hybrid_trains_on_digits(tmp_path):
 
 
 # --------------------------------------------------------------------------- flags and help
+
 
 @pytest.mark.parametrize('module', [main_supcon, main_ce, main_linear, main_tsne])
 def test_help_names_the_script_and_shows_defaults_and_units(module):
@@ -73,9 +80,22 @@ def test_help_names_the_script_and_shows_defaults_and_units(module):
 def test_num_workers_val_sets_the_test_loaders_workers():
     """The fork's flag (main_ce.py and main_linear.py, default 8) sizes the test loader only."""
     assert main_ce.parse_option(['--dataset', 'digits']).num_workers_val == 8
-    opt = main_ce.parse_option(['--dataset', 'digits', '--num_workers', '0',
-                                '--num_workers_val', '1', '--device', 'cpu', '--seed', '0'])
-    import runtime
+    opt = main_ce.parse_option(
+        [
+            '--dataset',
+            'digits',
+            '--num_workers',
+            '0',
+            '--num_workers_val',
+            '1',
+            '--device',
+            'cpu',
+            '--seed',
+            '0',
+        ]
+    )
+    from supcon import runtime
+
     runtime.setup_runtime(opt)
     train_loader, _, val_loader, num_classes = data.classification_loaders(opt)
     assert (train_loader.num_workers, val_loader.num_workers, num_classes) == (0, 1, 10)
@@ -106,14 +126,16 @@ def test_supcon_checks_num_classes_against_the_data(tmp_path):
 
 # --------------------------------------------------------------------------- the released model
 
+
 def torchvision_checkpoint(arch, seed=0):
     """A file as the reference author released: ``module.encoder.*`` in torchvision's layout
     (its ``fc`` included) plus ``module.head.0/2.*``, under ``model``; and the torchvision net."""
     torch.manual_seed(seed)
     net = getattr(torchvision.models, arch)()
     width = net.fc.in_features
-    head = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(),
-                               torch.nn.Linear(width, 128))
+    head = torch.nn.Sequential(
+        torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 128)
+    )
     # non-trivial BatchNorm statistics, so that loading them is tested too
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
@@ -137,14 +159,14 @@ def test_released_resnet50_maps_every_tensor_and_gives_torchvision_features(tmp_
     assert dropped == {'encoder.fc.weight', 'encoder.fc.bias'}
     assert set(state) == set(ours) and len(state) == len(loaded['model']) - 2
 
-    encoder, name = build_encoder(loaded, str(path))
+    encoder, name = encoder_from_checkpoint(loaded, str(path))
     assert name == 'resnet50' and encoder.feature_dim == 2048
     images = torch.randn(2, 3, 64, 64)
     net.fc = torch.nn.Identity()
     with torch.no_grad():
         expected = net(images)
         got = encoder(images)
-        projection = build_head(loaded, str(path), name, encoder.feature_dim)(got)
+        projection = head_from_checkpoint(loaded, str(path), name, encoder.feature_dim)(got)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(projection, head(expected), rtol=1e-5, atol=1e-5)
 
@@ -152,7 +174,7 @@ def test_released_resnet50_maps_every_tensor_and_gives_torchvision_features(tmp_
 def test_a_bare_torchvision_state_dict_loads_too(tmp_path):
     ckpt, net, _ = torchvision_checkpoint('resnet18', seed=1)
     torch.save(ckpt['model'], tmp_path / 'bare.pth')  # no 'model' key around it
-    encoder, name = build_encoder(load_checkpoint(str(tmp_path / 'bare.pth')), 'bare.pth')
+    encoder, name = encoder_from_checkpoint(load_checkpoint(str(tmp_path / 'bare.pth')), 'bare.pth')
     assert name == 'resnet18'
     net.fc = torch.nn.Identity()
     images = torch.randn(2, 3, 32, 32)
@@ -163,16 +185,46 @@ def test_a_bare_torchvision_state_dict_loads_too(tmp_path):
 def test_linear_and_tsne_run_on_a_torchvision_layout_checkpoint(tmp_path):
     ckpt, _, _ = torchvision_checkpoint('resnet18', seed=2)
     torch.save(ckpt, tmp_path / 'supcon.pth')
-    result = call('main_linear', DIGITS[:2] + ['--size', '16', '--ckpt', 'supcon.pth', '--epochs',
-                                               '1', '--batch_size', '48', '--val_split', '0.9']
-                  + FAST, tmp_path)
+    result = call(
+        'main_linear',
+        DIGITS[:2]
+        + [
+            '--size',
+            '16',
+            '--ckpt',
+            'supcon.pth',
+            '--epochs',
+            '1',
+            '--batch_size',
+            '48',
+            '--val_split',
+            '0.9',
+        ]
+        + FAST,
+        tmp_path,
+    )
     assert result.code == 0, describe(result)
     assert 'best accuracy:' in result.out and 'final accuracy:' in result.out
     linear = tmp_path / 'save/SupCon/digits_linear_models' / tmp_path.name / 'supcon'
     assert list(linear.glob('*/last.pth'))
-    result = call('main_tsne', ['--dataset', 'digits', '--size', '16', '--ckpt', 'supcon.pth',
-                                '--max_samples', '60', '--num_workers', '0', '--device', 'cpu'],
-                  tmp_path)
+    result = call(
+        'main_tsne',
+        [
+            '--dataset',
+            'digits',
+            '--size',
+            '16',
+            '--ckpt',
+            'supcon.pth',
+            '--max_samples',
+            '60',
+            '--num_workers',
+            '0',
+            '--device',
+            'cpu',
+        ],
+        tmp_path,
+    )
     assert result.code == 0, describe(result)
     assert (tmp_path / 'supcon_tsne_encoder.png').stat().st_size > 1000
 

@@ -1,12 +1,12 @@
 """Tests for tb_logger.py: event files of a resumed run sort after the killed run's."""
 
-
-import tb_logger
+from supcon import tb_logger
 
 
 def test_a_new_event_file_sorts_after_the_existing_ones(tmp_path):
     """A resumed run's TensorBoard file must not share the killed run's second (name order)."""
     import time
+
     now = int(time.time())
     (tmp_path / f'events.out.tfevents.{now}.host.99999.0').write_bytes(b'')
     tb_logger.wait_for_a_later_second(str(tmp_path))
@@ -29,6 +29,7 @@ def test_a_new_event_file_sorts_after_the_existing_ones(tmp_path):
 def test_the_folder_is_made_at_the_first_value_and_purge_step_still_applies(tmp_path):
     """A run that fails before it logs anything leaves no empty TensorBoard folder."""
     from helpers import read_scalars
+
     folder = tmp_path / 'tb' / 'run'
     logger = tb_logger.TBLogger(str(folder), purge_step=1)
     logger.flush()

@@ -1,4 +1,5 @@
 """timm models as encoders: shapes, names, and local pretrained files (nothing is downloaded)."""
+
 import pytest
 import torch
 
@@ -38,11 +39,14 @@ def test_model_without_img_size_or_patch_size():
         create_encoder('resnet10t', 32, patch_size=4)
 
 
-@pytest.mark.parametrize('name, hint', [
-    ('vit_smal_patch16_224', 'vit_small_patch16_224'),
-    ('convnxt_tiny', 'convnext_tiny'),
-    ('no_such_net', 'timm.list_models('),
-])
+@pytest.mark.parametrize(
+    'name, hint',
+    [
+        ('vit_smal_patch16_224', 'vit_small_patch16_224'),
+        ('convnxt_tiny', 'convnext_tiny'),
+        ('no_such_net', 'timm.list_models('),
+    ],
+)
 def test_unknown_name_is_a_one_line_user_error_with_a_hint(name, hint):
     with pytest.raises(UserError) as info:
         create_encoder(name, 32)

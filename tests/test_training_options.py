@@ -1,21 +1,36 @@
 """End to end, the training options the reference does not have: --moco, --gpu_aug, timm
-backbones, --optimizer lars, --aug (and main_linear's --aug none), --dataset imagenet, --val_split (tiny models and images)."""
+backbones, --optimizer lars, --aug (and main_linear's --aug none), --dataset imagenet, --val_split
+(tiny models and images)."""
+
 import numpy as np
 import pytest
 import torch
+from inprocess import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
 from PIL import Image
 
-import data
 import main_ce
 import main_linear
 import main_supcon
-import runtime
-from checkpoint import load_checkpoint
-from networks.from_checkpoint import build_encoder
-from inprocess import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
+from networks.from_checkpoint import encoder_from_checkpoint
+from supcon import data, runtime
+from supcon.checkpoint import load_checkpoint
 
-DIGITS = ['--dataset', 'digits', '--model', 'resnet18', '--size', '8', '--num_workers', '0',
-          '--device', 'cpu', '--seed', '0', '--print_freq', '1000']
+DIGITS = [
+    '--dataset',
+    'digits',
+    '--model',
+    'resnet18',
+    '--size',
+    '8',
+    '--num_workers',
+    '0',
+    '--device',
+    'cpu',
+    '--seed',
+    '0',
+    '--print_freq',
+    '1000',
+]
 
 
 def write_folder(root, classes=('a', 'b'), count=8, size=32, ext='png'):
@@ -38,10 +53,21 @@ def folder(tmp_path_factory):
 
 
 def path_args(root, **changes):
-    options = {'dataset': 'path', 'data_folder': root / 'train', 'test_folder': root / 'test',
-               'mean': '(0.5,0.5,0.5)', 'std': '(0.25,0.25,0.25)', 'size': 32, 'batch_size': 8,
-               'epochs': 1, 'num_workers': 0, 'device': 'cpu', 'seed': 0, 'print_freq': 1000,
-               'learning_rate': 0.05}
+    options = {
+        'dataset': 'path',
+        'data_folder': root / 'train',
+        'test_folder': root / 'test',
+        'mean': '(0.5,0.5,0.5)',
+        'std': '(0.25,0.25,0.25)',
+        'size': 32,
+        'batch_size': 8,
+        'epochs': 1,
+        'num_workers': 0,
+        'device': 'cpu',
+        'seed': 0,
+        'print_freq': 1000,
+        'learning_rate': 0.05,
+    }
     options.update(changes)
     args = []
     for key, value in options.items():
@@ -64,9 +90,9 @@ def last_checkpoint(module, args, cwd):
 
 # --------------------------------------------------------------------------- --moco
 
+
 def test_moco_saves_key_encoder_and_queue_and_linear_reads_either(folder, tmp_path):
-    args = path_args(folder, model='resnet18', size=16, epochs=2, moco=True, moco_k=20,
-                     moco_m=0.5)
+    args = path_args(folder, model='resnet18', size=16, epochs=2, moco=True, moco_k=20, moco_m=0.5)
     run_ok('main_supcon', args, tmp_path)
     path = last_checkpoint(main_supcon, args, tmp_path)
     assert path.parent.name.endswith('_moco_k20_m0.5')
@@ -79,15 +105,20 @@ def test_moco_saves_key_encoder_and_queue_and_linear_reads_either(folder, tmp_pa
     assert torch.allclose(rows.norm(dim=1), torch.ones(20), atol=1e-3)
     assert set(moco['queue.labels'].tolist()) == {0, 1}
     # the key encoder is a moving average: close to, but not equal to, the trained encoder
-    query, key = build_encoder(ckpt, str(path))[0], build_encoder(ckpt, str(path),
-                                                                   key_encoder=True)[0]
-    diffs = [(a - b).abs().max().item() for a, b in zip(query.state_dict().values(),
-                                                         key.state_dict().values())
-             if a.is_floating_point()]
+    query, key = (
+        encoder_from_checkpoint(ckpt, str(path))[0],
+        encoder_from_checkpoint(ckpt, str(path), key_encoder=True)[0],
+    )
+    diffs = [
+        (a - b).abs().max().item()
+        for a, b in zip(query.state_dict().values(), key.state_dict().values())
+        if a.is_floating_point()
+    ]
     assert max(diffs) > 0
     for flag in (False, True):
-        result = run_ok('main_linear', path_args(folder, ckpt=path, size=16, key_encoder=flag),
-                        tmp_path)
+        result = run_ok(
+            'main_linear', path_args(folder, ckpt=path, size=16, key_encoder=flag), tmp_path
+        )
         assert 'final accuracy:' in result.out
 
 
@@ -98,24 +129,28 @@ def test_moco_flags_without_moco_are_refused():
 
 # --------------------------------------------------------------------------- --gpu_aug
 
+
 def test_gpu_aug_runs_are_repeatable_with_a_seed(folder, tmp_path):
     args = path_args(folder, model='resnet18', size=16, gpu_aug=True)
     weights = []
     for name in ('a', 'b'):
         (tmp_path / name).mkdir()
         run_ok('main_supcon', args, tmp_path / name)
-        weights.append(load_checkpoint(str(last_checkpoint(main_supcon, args, tmp_path / name)))
-                       ['model'])
+        weights.append(
+            load_checkpoint(str(last_checkpoint(main_supcon, args, tmp_path / name)))['model']
+        )
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    result = run_ok('main_ce', path_args(folder, model='resnet18', size=16, gpu_aug=True),
-                    tmp_path)
+    result = run_ok('main_ce', path_args(folder, model='resnet18', size=16, gpu_aug=True), tmp_path)
     assert 'final accuracy:' in result.out
 
 
 def test_gpu_aug_on_digits(tmp_path):
     """The in-memory 32x32 data sets go to the device as they are."""
-    run_ok('main_supcon', DIGITS + ['--batch_size', '256', '--epochs', '1', '--gpu_aug',
-                                    '--val_split', '0.8'], tmp_path)
+    run_ok(
+        'main_supcon',
+        DIGITS + ['--batch_size', '256', '--epochs', '1', '--gpu_aug', '--val_split', '0.8'],
+        tmp_path,
+    )
 
 
 def test_gpu_aug_refuses_other_policies():
@@ -125,10 +160,14 @@ def test_gpu_aug_refuses_other_policies():
 
 # --------------------------------------------------------------------------- timm backbones
 
-@pytest.mark.parametrize('model, extra', [
-    ('vit_tiny_patch16_224', {'patch_size': 8}),
-    ('convnext_atto', {}),
-])
+
+@pytest.mark.parametrize(
+    'model, extra',
+    [
+        ('vit_tiny_patch16_224', {'patch_size': 8}),
+        ('convnext_atto', {}),
+    ],
+)
 def test_timm_backbone_pretrains_then_linear_and_tsne(folder, tmp_path, model, extra):
     args = path_args(folder, model=model, **extra)
     run_ok('main_supcon', args, tmp_path)
@@ -137,31 +176,59 @@ def test_timm_backbone_pretrains_then_linear_and_tsne(folder, tmp_path, model, e
     assert ckpt['opt']['model'] == model
     result = run_ok('main_linear', path_args(folder, ckpt=path, batch_size=16), tmp_path)
     assert 'best accuracy:' in result.out
-    classifier = load_checkpoint(str(last_checkpoint(main_linear, path_args(
-        folder, ckpt=path, batch_size=16), tmp_path)))['model']
-    assert classifier['fc.weight'].shape[1] == build_encoder(ckpt, str(path))[0].feature_dim
-    run_ok('main_tsne', ['--dataset', 'path', '--test_folder', str(folder / 'test'),
-                         '--mean', '(0.5,0.5,0.5)', '--std', '(0.25,0.25,0.25)', '--size', '32',
-                         '--ckpt', str(path), '--num_workers', '0', '--device', 'cpu',
-                         '--out', str(tmp_path / 'tsne.png')], tmp_path)
+    classifier = load_checkpoint(
+        str(last_checkpoint(main_linear, path_args(folder, ckpt=path, batch_size=16), tmp_path))
+    )['model']
+    assert (
+        classifier['fc.weight'].shape[1] == encoder_from_checkpoint(ckpt, str(path))[0].feature_dim
+    )
+    run_ok(
+        'main_tsne',
+        [
+            '--dataset',
+            'path',
+            '--test_folder',
+            str(folder / 'test'),
+            '--mean',
+            '(0.5,0.5,0.5)',
+            '--std',
+            '(0.25,0.25,0.25)',
+            '--size',
+            '32',
+            '--ckpt',
+            str(path),
+            '--num_workers',
+            '0',
+            '--device',
+            'cpu',
+            '--out',
+            str(tmp_path / 'tsne.png'),
+        ],
+        tmp_path,
+    )
     assert (tmp_path / 'tsne.png').exists()
 
 
 def test_timm_backbone_in_cross_entropy_with_amp_and_resume(folder, tmp_path):
     run_ok('main_ce', path_args(folder, model='convnext_atto', amp=True), tmp_path)
-    result = run_ok('main_ce', path_args(folder, model='convnext_atto', amp=True, epochs=2,
-                                         resume='auto'), tmp_path)
+    result = run_ok(
+        'main_ce',
+        path_args(folder, model='convnext_atto', amp=True, epochs=2, resume='auto'),
+        tmp_path,
+    )
     assert 'continuing at epoch 2' in result.out
 
 
 def test_unknown_model_is_one_line_with_a_hint(tmp_path):
-    result = call('main_supcon', DIGITS[:2] + ['--model', 'vit_tiny_patch16', '--epochs', '1'],
-                  tmp_path)
+    result = call(
+        'main_supcon', DIGITS[:2] + ['--model', 'vit_tiny_patch16', '--epochs', '1'], tmp_path
+    )
     assert result.code == 2 and result.err.count('\n') == 1
     assert 'vit_tiny_patch16_224' in result.err and 'timm.list_models' in result.err
 
 
 # --------------------------------------------------------------------------- LARS, --aug
+
 
 def test_lars_pretraining_names_its_run_and_saves_two_groups(folder, tmp_path):
     args = path_args(folder, model='resnet18', size=16, optimizer='lars')
@@ -172,8 +239,9 @@ def test_lars_pretraining_names_its_run_and_saves_two_groups(folder, tmp_path):
     assert [g['weight_decay'] for g in groups] == [1e-4, 0.0]
 
 
-@pytest.mark.parametrize('script, aug', [('main_supcon', 'stacked_randaugment'),
-                                         ('main_ce', 'autoaugment')])
+@pytest.mark.parametrize(
+    'script, aug', [('main_supcon', 'stacked_randaugment'), ('main_ce', 'autoaugment')]
+)
 def test_aug_policies_train(folder, tmp_path, script, aug):
     args = path_args(folder, model='resnet18', size=16, aug=aug)
     run_ok(script, args, tmp_path)
@@ -213,13 +281,31 @@ def test_linear_evaluation_without_augmentation(tmp_path):
 
 # --------------------------------------------------------------------------- --dataset imagenet
 
+
 def test_imagenet_layout_in_every_script(tmp_path):
     root = tmp_path / 'imagenet'
     write_folder(root / 'train', classes=('n01', 'n02'), count=6, size=40, ext='jpg')
     write_folder(root / 'val', classes=('n01', 'n02'), count=2, size=40, ext='jpg')
-    common = ['--dataset', 'imagenet', '--data_folder', str(root), '--model', 'resnet18',
-              '--size', '32', '--batch_size', '4', '--epochs', '1', '--num_workers', '0',
-              '--device', 'cpu', '--seed', '0']
+    common = [
+        '--dataset',
+        'imagenet',
+        '--data_folder',
+        str(root),
+        '--model',
+        'resnet18',
+        '--size',
+        '32',
+        '--batch_size',
+        '4',
+        '--epochs',
+        '1',
+        '--num_workers',
+        '0',
+        '--device',
+        'cpu',
+        '--seed',
+        '0',
+    ]
     opt = main_supcon.parse_option(common[:4])
     assert (opt.size, opt.stem) == (224, 'imagenet')  # the ImageNet defaults
     assert data.MEAN_STD['imagenet'] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -228,8 +314,11 @@ def test_imagenet_layout_in_every_script(tmp_path):
     assert path.parent.name.endswith('_stem_imagenet')
     run_ok('main_linear', common[:4] + common[6:] + ['--ckpt', str(path)], tmp_path)
     run_ok('main_ce', common, tmp_path)
-    run_ok('main_tsne', common[:4] + ['--size', '32', '--ckpt', str(path), '--num_workers', '0',
-                                      '--device', 'cpu'], tmp_path)
+    run_ok(
+        'main_tsne',
+        common[:4] + ['--size', '32', '--ckpt', str(path), '--num_workers', '0', '--device', 'cpu'],
+        tmp_path,
+    )
 
 
 def test_imagenet_needs_its_folder():
@@ -238,6 +327,7 @@ def test_imagenet_needs_its_folder():
 
 
 # --------------------------------------------------------------------------- --val_split
+
 
 def test_val_split_is_stratified_disjoint_and_fixed():
     train = data.build_dataset('digits', 'train', None, val_split=0.2)
@@ -250,8 +340,9 @@ def test_val_split_is_stratified_disjoint_and_fixed():
     assert held.indices == data.build_dataset('digits', 'test', None, val_split=0.2).indices
     image, label = held[0]
     reference_image, reference_label = full[held.indices[0]]
-    assert label == reference_label and np.array_equal(np.asarray(image),
-                                                       np.asarray(reference_image))
+    assert label == reference_label and np.array_equal(
+        np.asarray(image), np.asarray(reference_image)
+    )
 
 
 def test_val_split_names_runs_and_evaluates_on_held_out_training_images(tmp_path):

@@ -1,5 +1,6 @@
 """Tests for training_run.py beyond the end-to-end ones of test_resume.py: the divergence message,
 the second Ctrl-C."""
+
 import argparse
 import os
 import signal
@@ -8,9 +9,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
-import runtime
-import training_run
+from supcon import checkpoint, runtime, training_run
 from util import UserError
 
 
@@ -19,11 +18,14 @@ def test_a_nan_loss_names_the_last_good_checkpoint(tmp_path):
     training_run.check_finite(1.5, 1, 1, opt)
     with pytest.raises(UserError) as info:
         training_run.check_finite(float('nan'), 2, 3, opt)
-    assert str(info.value).startswith('loss is nan at epoch 2, step 3: training diverged and'
-                                      ' nothing was saved from it; no checkpoint was saved')
+    assert str(info.value).startswith(
+        'loss is nan at epoch 2, step 3: training diverged and'
+        ' nothing was saved from it; no checkpoint was saved'
+    )
     for epoch, name in ((2, 'ckpt_epoch_2.pth'), (1, 'checkpoint.pth')):
-        checkpoint.save_checkpoint({'model': {'w': torch.ones(2)}, 'epoch': epoch},
-                                   str(tmp_path / 'run' / name))
+        checkpoint.save_checkpoint(
+            {'model': {'w': torch.ones(2)}, 'epoch': epoch}, str(tmp_path / 'run' / name)
+        )
     with pytest.raises(UserError) as info:
         training_run.check_finite(float('inf'), 3, 1, opt)
     message = str(info.value)

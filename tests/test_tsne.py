@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import runtime
 from test_features import run_script, write_image_folder
+
 from networks.resnet_big import SupCEResNet, SupConResNet
-
-
+from supcon import runtime
 
 # --------------------------------------------------------------------------- main_tsne.py
 
+
 def test_stratified_subset_is_fixed_and_balanced():
     from main_tsne import stratified_subset
+
     targets = np.array([0] * 600 + [1] * 300 + [2] * 100)
     chosen = stratified_subset(targets, 100, seed=0)
     assert len(chosen) == 100 and len(set(chosen.tolist())) == 100
@@ -41,21 +41,57 @@ def supcon_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp('supcon')
     write_image_folder(cwd / 'train', 8, seed=0)
     write_image_folder(cwd / 'test', 30, seed=1)
-    data_args = ['--dataset', 'path', '--data_folder', 'train', '--test_folder', 'test',
-                 '--mean', '(0.5, 0.5, 0.5)', '--std', '(0.3, 0.3, 0.3)', '--size', '8']
-    result = run_script('main_supcon.py', [
-        *data_args, '--model', 'resnet18', '--stem', 'imagenet', '--batch_size', '24',
-        '--epochs', '1', '--num_workers', '0', '--print_freq', '100', '--device', 'cpu',
-        '--knn_every', '1', '--method', 'SimCLR', '--seed', '0'], cwd)
+    data_args = [
+        '--dataset',
+        'path',
+        '--data_folder',
+        'train',
+        '--test_folder',
+        'test',
+        '--mean',
+        '(0.5, 0.5, 0.5)',
+        '--std',
+        '(0.3, 0.3, 0.3)',
+        '--size',
+        '8',
+    ]
+    result = run_script(
+        'main_supcon.py',
+        [
+            *data_args,
+            '--model',
+            'resnet18',
+            '--stem',
+            'imagenet',
+            '--batch_size',
+            '24',
+            '--epochs',
+            '1',
+            '--num_workers',
+            '0',
+            '--print_freq',
+            '100',
+            '--device',
+            'cpu',
+            '--knn_every',
+            '1',
+            '--method',
+            'SimCLR',
+            '--seed',
+            '0',
+        ],
+        cwd,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    ckpt, = glob.glob(str(cwd / 'save/SupCon/path_models/*/last.pth'))
+    (ckpt,) = glob.glob(str(cwd / 'save/SupCon/path_models/*/last.pth'))
     return SimpleNamespace(cwd=cwd, stdout=result.stdout, ckpt=ckpt, data_args=data_args)
 
 
 def test_main_supcon_logs_knn_accuracy(supcon_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     assert 'knn_acc epoch 1:' in supcon_run.stdout
-    tb_dir, = glob.glob(str(supcon_run.cwd / 'save/SupCon/path_tensorboard/*'))
+    (tb_dir,) = glob.glob(str(supcon_run.cwd / 'save/SupCon/path_tensorboard/*'))
     events = EventAccumulator(tb_dir)
     events.Reload()
     assert 'knn_acc' in events.Tags()['scalars']
@@ -64,9 +100,21 @@ def test_main_supcon_logs_knn_accuracy(supcon_run):
 
 
 def test_main_tsne_on_a_supcon_checkpoint(supcon_run):
-    result = run_script('main_tsne.py', ['--ckpt', supcon_run.ckpt, *supcon_run.data_args,
-                                         '--max_samples', '60', '--device', 'cpu',
-                                         '--num_workers', '0'], supcon_run.cwd)
+    result = run_script(
+        'main_tsne.py',
+        [
+            '--ckpt',
+            supcon_run.ckpt,
+            *supcon_run.data_args,
+            '--max_samples',
+            '60',
+            '--device',
+            'cpu',
+            '--num_workers',
+            '0',
+        ],
+        supcon_run.cwd,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     out = os.path.join(os.path.dirname(supcon_run.ckpt), 'last_tsne_encoder.png')
     assert f'wrote {out}' in result.stdout
@@ -77,14 +125,41 @@ def test_main_tsne_on_a_supcon_checkpoint(supcon_run):
 
 def test_main_tsne_head_features_in_process(tmp_path, monkeypatch, capsys):
     import main_tsne
+
     torch.manual_seed(0)
     path = tmp_path / 'simclr.pth'
-    torch.save({'model': SupConResNet('resnet18', feat_dim=16).state_dict(),
-                'opt': {'model': 'resnet18', 'method': 'SimCLR'}, 'epoch': 2}, path)
+    torch.save(
+        {
+            'model': SupConResNet('resnet18', feat_dim=16).state_dict(),
+            'opt': {'model': 'resnet18', 'method': 'SimCLR'},
+            'epoch': 2,
+        },
+        path,
+    )
     out = tmp_path / 'figs' / 'head.png'
-    monkeypatch.setattr(sys, 'argv', ['main_tsne.py', '--ckpt', str(path), '--dataset', 'digits',
-                                      '--size', '8', '--max_samples', '40', '--features', 'head',
-                                      '--device', 'cpu', '--num_workers', '0', '--out', str(out)])
+    monkeypatch.setattr(
+        sys,
+        'argv',
+        [
+            'main_tsne.py',
+            '--ckpt',
+            str(path),
+            '--dataset',
+            'digits',
+            '--size',
+            '8',
+            '--max_samples',
+            '40',
+            '--features',
+            'head',
+            '--device',
+            'cpu',
+            '--num_workers',
+            '0',
+            '--out',
+            str(out),
+        ],
+    )
     main_tsne.main()
     assert f'wrote {out}' in capsys.readouterr().out
     with Image.open(out) as image:
@@ -94,6 +169,7 @@ def test_main_tsne_head_features_in_process(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize('case', ['ce_head', 'missing'])
 def test_main_tsne_user_errors_exit_2_with_one_line(case, tmp_path, monkeypatch, capsys):
     import main_tsne
+
     path = tmp_path / 'missing.pth'
     if case == 'ce_head':
         torch.manual_seed(0)
@@ -101,8 +177,21 @@ def test_main_tsne_user_errors_exit_2_with_one_line(case, tmp_path, monkeypatch,
         ce = {'module.' + k: v for k, v in state.items()}
         path = tmp_path / 'ce.pth'
         torch.save({'model': ce, 'opt': argparse.Namespace(model='resnet18'), 'epoch': 1}, path)
-    monkeypatch.setattr(sys, 'argv', ['main_tsne.py', '--ckpt', str(path), '--dataset', 'digits',
-                                      '--features', 'head', '--device', 'cpu'])
+    monkeypatch.setattr(
+        sys,
+        'argv',
+        [
+            'main_tsne.py',
+            '--ckpt',
+            str(path),
+            '--dataset',
+            'digits',
+            '--features',
+            'head',
+            '--device',
+            'cpu',
+        ],
+    )
     with pytest.raises(SystemExit) as info:
         runtime.run_main(main_tsne.main)
     assert info.value.code == 2
@@ -115,13 +204,14 @@ def test_main_tsne_user_errors_exit_2_with_one_line(case, tmp_path, monkeypatch,
     assert not glob.glob(str(tmp_path / '*.png'))
 
 
-@pytest.mark.parametrize('case', ['perplexity_nan', 'perplexity_inf', 'out_is_a_folder',
-                                  'out_not_an_image', 'out_not_writable'])
-def test_main_tsne_refuses_bad_flags_before_loading_anything(case, tmp_path, monkeypatch,
-                                                             capsys):
+@pytest.mark.parametrize(
+    'case',
+    ['perplexity_nan', 'perplexity_inf', 'out_is_a_folder', 'out_not_an_image', 'out_not_writable'],
+)
+def test_main_tsne_refuses_bad_flags_before_loading_anything(case, tmp_path, monkeypatch, capsys):
     """--out is checked before the data, the model and t-SNE, not after minutes of work."""
-    import checkpoint
     import main_tsne
+    from supcon import checkpoint
 
     def never(*args, **kwargs):
         raise AssertionError('loaded data before checking the flags')
@@ -138,8 +228,10 @@ def test_main_tsne_refuses_bad_flags_before_loading_anything(case, tmp_path, mon
     }
     extra, words = expected[case]
     if case == 'out_not_writable':
+
         def refuse(*args, **kwargs):
             raise PermissionError(13, 'Permission denied')
+
         monkeypatch.setattr(checkpoint.tempfile, 'mkstemp', refuse)
     monkeypatch.setattr(sys, 'argv', ['main_tsne.py'] + args + extra)
     with pytest.raises(SystemExit) as info:

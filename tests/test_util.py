@@ -1,4 +1,5 @@
 """Tests for util.py: the reference API (schedule, warm-up steps, meters, accuracy)."""
+
 import argparse
 
 import pytest
@@ -6,12 +7,20 @@ import torch
 import torch.nn as nn
 
 import util
-import options
+from supcon import options
 
 
 def schedule(**overrides):
-    opt = dict(learning_rate=0.5, cosine=True, lr_decay_rate=0.1, epochs=10,
-               lr_decay_epochs=[3, 6], batch_size=32, warm=False, model_name='run')
+    opt = dict(
+        learning_rate=0.5,
+        cosine=True,
+        lr_decay_rate=0.1,
+        epochs=10,
+        lr_decay_epochs=[3, 6],
+        batch_size=32,
+        warm=False,
+        model_name='run',
+    )
     opt.update(overrides)
     return argparse.Namespace(**opt)
 
@@ -22,6 +31,7 @@ def sgd(lr=0.777, groups=1):
 
 
 # --------------------------------------------------------------------------- schedule
+
 
 def test_cosine_schedule_goes_from_lr_to_lr_times_rate_cubed():
     opt = schedule()
@@ -46,7 +56,6 @@ def test_adjust_learning_rate_sets_every_param_group():
     optimizer = sgd(groups=2)
     util.adjust_learning_rate(schedule(cosine=False, learning_rate=0.1), optimizer, 4)
     assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.01, 0.01])
-
 
 
 def test_warmup_learning_rate_is_linear_over_warm_epochs():
@@ -77,6 +86,7 @@ def test_warmup_learning_rate_does_nothing_without_warm():
 
 # --------------------------------------------------------------------------- meters
 
+
 def test_average_meter_weights_by_count_and_round_trips():
     meter = util.AverageMeter()
     meter.update(2.0, n=3)
@@ -91,10 +101,14 @@ def test_average_meter_weights_by_count_and_round_trips():
 
 
 def test_correct_counts_and_accuracy():
-    output = torch.tensor([[0.1, 0.9, 0.0, 0.2, 0.3, 0.4],   # order: 1, 5, 4, 3, 0, 2
-                           [0.8, 0.1, 0.0, 0.0, 0.0, 0.05],  # order: 0, 1, 5, then 2-4
-                           [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],   # order: 5, 4, 3, 2, 1, 0
-                           [0.5, 0.4, 0.3, 0.2, 0.1, 0.0]])  # order: 0, 1, 2, 3, 4, 5
+    output = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.2, 0.3, 0.4],  # order: 1, 5, 4, 3, 0, 2
+            [0.8, 0.1, 0.0, 0.0, 0.0, 0.05],  # order: 0, 1, 5, then 2-4
+            [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],  # order: 5, 4, 3, 2, 1, 0
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],
+        ]
+    )  # order: 0, 1, 2, 3, 4, 5
     target = torch.tensor([1, 5, 0, 5])
     # top-1 hits: sample 0 only; top-5 hits: sample 0 and sample 1 (class 5 ranks 3rd);
     # samples 2 and 3 have their class ranked 6th of 6, a miss either way

@@ -4,6 +4,7 @@ The kNN accuracy is the cheap label-free-training probe of InstDisc and MoCo:
 no classifier is trained, so it can run every few epochs of pretraining.
 Rebuilding an encoder from a checkpoint is ``networks/from_checkpoint.py``'s job.
 """
+
 import contextlib
 import time
 
@@ -11,15 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import data
-from gather import all_gather_rows
-from augment import test_transform
-from runtime import autocast, is_main_process, main_process_first, to_device
-from sampling import build_loader
-from util import UserError
-
+from supcon import data
+from supcon.augment import test_transform
+from supcon.distributed import all_gather_rows, is_distributed
+from supcon.errors import UserError
+from supcon.runtime import autocast, is_main_process, main_process_first, to_device
+from supcon.sampling import build_loader
 
 # --------------------------------------------------------------------------- extraction
+
 
 @contextlib.contextmanager
 def eval_mode(*modules):
@@ -73,11 +74,11 @@ def extract_features(encoder, loader, opt, head=None, desc='features', progress=
     sampler = getattr(loader, 'sampler', None)
     index = None
     if hasattr(sampler, 'rank_indices'):
-        index = torch.as_tensor(sampler.rank_indices()[sampler.start:], dtype=torch.int64)
+        index = torch.as_tensor(sampler.rank_indices()[sampler.start :], dtype=torch.int64)
         if index.shape[0] != labels.shape[0]:
             index = None  # not this loader's order after all: keep rank order
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         device = opt.device if dist.get_backend() == 'nccl' else torch.device('cpu')
         # every rank must take part in the same collectives: use the indices only if all can
         usable = torch.tensor([int(index is not None)], device=device)
@@ -104,8 +105,16 @@ def extract_features(encoder, loader, opt, head=None, desc='features', progress=
 
 # --------------------------------------------------------------------------- kNN
 
-def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
-                temperature=0.07, chunk_size=None):
+
+def knn_predict(
+    train_features,
+    train_labels,
+    test_features,
+    num_classes,
+    k=200,
+    temperature=0.07,
+    chunk_size=None,
+):
     """Weighted kNN of InstDisc (Wu et al., 2018), as the MoCo monitor uses it.
 
     Cosine similarity to the k nearest training features (k capped at their
@@ -121,7 +130,7 @@ def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
         chunk_size = max(1, min(1024, (1 << 24) // max(1, train.shape[0])))
     predictions = []
     for start in range(0, test.shape[0], chunk_size):
-        sim = test[start:start + chunk_size] @ train.t()
+        sim = test[start : start + chunk_size] @ train.t()
         weights, neighbours = sim.topk(k, dim=1)
         votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
         votes.scatter_add_(1, train_labels[neighbours], (weights / temperature).exp())
@@ -131,8 +140,9 @@ def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
     return torch.cat(predictions).cpu()
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes,
-                 k=200, temperature=0.07):
+def knn_accuracy(
+    train_features, train_labels, test_features, test_labels, num_classes, k=200, temperature=0.07
+):
     """Top-1 accuracy in percent of ``knn_predict`` on the test features."""
     pred = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
     if pred.numel() == 0:
@@ -151,14 +161,19 @@ class KNNMonitor:
 
     def __init__(self, opt, k=200, temperature=0.07):
         if opt.dataset == 'path' and opt.test_folder is None:
-            raise UserError('--knn_every needs --test_folder with --dataset path (the kNN'
-                                 ' accuracy is measured on the test images); add --test_folder'
-                                 ' or drop --knn_every')
+            raise UserError(
+                '--knn_every needs --test_folder with --dataset path (the kNN'
+                ' accuracy is measured on the test images); add --test_folder'
+                ' or drop --knn_every'
+            )
         self.opt, self.k, self.temperature = opt, k, temperature
         mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
         transform = test_transform(opt.size, mean, std)
-        splits = dict(data_folder=opt.data_folder, test_folder=opt.test_folder,
-                      val_split=getattr(opt, 'val_split', 0))
+        splits = dict(
+            data_folder=opt.data_folder,
+            test_folder=opt.test_folder,
+            val_split=getattr(opt, 'val_split', 0),
+        )
         self.held_out = 'held-out' if splits['val_split'] else 'test'
         with main_process_first():
             train_set = data.build_dataset(opt.dataset, 'train', transform, **splits)
@@ -168,25 +183,47 @@ class KNNMonitor:
         data.check_same_classes(train_set, test_set)
         self.num_classes = len(train_set.classes)
         self.train_loader, self.test_loader = [
-            build_loader(dataset, opt.local_batch_size_val, shuffle=False, seed=opt.seed,
-                              rank=opt.rank, world_size=opt.world_size,
-                              num_workers=opt.num_workers, pin_memory=opt.pin_memory,
-                              pad=False)[0]
-            for dataset in (train_set, test_set)]
+            build_loader(
+                dataset,
+                opt.local_batch_size_val,
+                shuffle=False,
+                seed=opt.seed,
+                rank=opt.rank,
+                world_size=opt.world_size,
+                num_workers=opt.num_workers,
+                pin_memory=opt.pin_memory,
+                pad=False,
+            )[0]
+            for dataset in (train_set, test_set)
+        ]
 
     def __call__(self, encoder, epoch):
         start = time.time()
         with eval_mode(encoder):
-            train_x, train_y = extract_features(encoder, self.train_loader, self.opt,
-                                                desc=f'knn epoch {epoch}: train split')
-            test_x, test_y = extract_features(encoder, self.test_loader, self.opt,
-                                              desc=f'knn epoch {epoch}: {self.held_out} split')
+            train_x, train_y = extract_features(
+                encoder, self.train_loader, self.opt, desc=f'knn epoch {epoch}: train split'
+            )
+            test_x, test_y = extract_features(
+                encoder,
+                self.test_loader,
+                self.opt,
+                desc=f'knn epoch {epoch}: {self.held_out} split',
+            )
         device = self.opt.device
-        acc = knn_accuracy(train_x.to(device), train_y, test_x.to(device), test_y,
-                           self.num_classes, self.k, self.temperature)
+        acc = knn_accuracy(
+            train_x.to(device),
+            train_y,
+            test_x.to(device),
+            test_y,
+            self.num_classes,
+            self.k,
+            self.temperature,
+        )
         if is_main_process():
             print(f'knn_acc epoch {epoch}: {acc:.2f}', flush=True)
-            print(f'  (kNN over {len(test_y)} {self.held_out} and {len(train_y)} train images took'
-                  f' {time.time() - start:.1f} s)', flush=True)
+            print(
+                f'  (kNN over {len(test_y)} {self.held_out} and {len(train_y)} train images took'
+                f' {time.time() - start:.1f} s)',
+                flush=True,
+            )
         return acc
-

@@ -1,19 +1,21 @@
 """The classification loop shared by ``main_ce.py`` and ``main_linear.py``: one training
 epoch and the evaluation of the test split, as plain functions (MAE's ``engine_*.py`` style).
 """
+
 import time
 
 import torch
 import torch.nn as nn
 
-from runtime import all_reduce_sum, autocast, is_main_process, step_statistics, to_device
-from sampling import mix_seed
-from training_run import check_finite
+from supcon.runtime import all_reduce_sum, autocast, is_main_process, step_statistics, to_device
+from supcon.sampling import mix_seed
+from supcon.training_run import check_finite
 from util import AverageMeter, correct_counts, warmup_learning_rate
 
 
-def train_classifier(train_loader, model, criterion, optimizer, scaler, epoch, opt, run,
-                     device_augment=None):
+def train_classifier(
+    train_loader, model, criterion, optimizer, scaler, epoch, opt, run, device_augment=None
+):
     """One epoch of cross-entropy training (main_ce.py and main_linear.py).
 
     ``model(images)`` returns logits; the caller sets train/eval modes (main_linear.py
@@ -26,8 +28,9 @@ def train_classifier(train_loader, model, criterion, optimizer, scaler, epoch, o
     losses, top1 = run.meters['loss'], run.meters['acc']
     start = run.epoch_start_step(epoch)
     total_steps = start + len(train_loader)  # a resumed epoch's loader holds only the rest
-    batch_norm_trains = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-                            for m in model.modules())
+    batch_norm_trains = any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()
+    )
     end = time.time()
     for i, (images, labels) in enumerate(train_loader):
         step = start + i
@@ -37,16 +40,21 @@ def train_classifier(train_loader, model, criterion, optimizer, scaler, epoch, o
             # BatchNorm in training mode cannot normalise one value per channel. Every rank
             # holds an equal (padded) share, so all ranks skip this same step; it still
             # counts as a step, so step numbers and a mid-epoch resume are unchanged
-            run.note_once('one-sample batch', f'epoch {epoch}, step {step + 1}: a training batch'
-                          f' of one image is skipped (BatchNorm cannot normalise a single'
-                          f' sample); a --batch_size that does not leave one image over at the'
-                          f' end of an epoch uses them all')
+            run.note_once(
+                'one-sample batch',
+                f'epoch {epoch}, step {step + 1}: a training batch'
+                f' of one image is skipped (BatchNorm cannot normalise a single'
+                f' sample); a --batch_size that does not leave one image over at the'
+                f' end of an epoch uses them all',
+            )
             end = time.time()
             continue
         if device_augment is not None:
             # the seed makes a resumed step draw the same crops; each rank draws its own
-            images = device_augment(images.to(opt.device, non_blocking=True),
-                                    seed=mix_seed('gpu_aug', opt.seed, epoch, step, opt.rank))
+            images = device_augment(
+                images.to(opt.device, non_blocking=True),
+                seed=mix_seed('gpu_aug', opt.seed, epoch, step, opt.rank),
+            )
         images = to_device(images, opt)
         labels = labels.to(opt.device, non_blocking=True)
         bsz = labels.shape[0]
@@ -65,9 +73,10 @@ def train_classifier(train_loader, model, criterion, optimizer, scaler, epoch, o
         scaler.update()
 
         # one host sync a step: statistics summed over ranks, NaN check, agreed stop
-        correct, = correct_counts(output.detach(), labels)
+        (correct,) = correct_counts(output.detach(), labels)
         loss_sum, correct, n, stop = step_statistics(
-            opt, loss.detach() * bsz, correct, bsz, run.stop.requested)
+            opt, loss.detach() * bsz, correct, bsz, run.stop.requested
+        )
         check_finite(loss_sum, epoch, step + 1, opt)
         losses.update(loss_sum / n, n)
         top1.update(100.0 * correct / n, n)
@@ -75,13 +84,22 @@ def train_classifier(train_loader, model, criterion, optimizer, scaler, epoch, o
         end = time.time()
 
         if (step + 1) % opt.print_freq == 0 and is_main_process():
-            print('Train: [{0}][{1}/{2}]\t'
-                  'BT {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
-                  'DT {data_time.val:.3f} ({data_time.avg:.3f})\t'
-                  'loss {loss.val:.3f} ({loss.avg:.3f})\t'
-                  'Acc@1 {top1.val:.3f} ({top1.avg:.3f})'.format(
-                      epoch, step + 1, total_steps, batch_time=batch_time,
-                      data_time=data_time, loss=losses, top1=top1), flush=True)
+            print(
+                'Train: [{0}][{1}/{2}]\t'
+                'BT {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
+                'DT {data_time.val:.3f} ({data_time.avg:.3f})\t'
+                'loss {loss.val:.3f} ({loss.avg:.3f})\t'
+                'Acc@1 {top1.val:.3f} ({top1.avg:.3f})'.format(
+                    epoch,
+                    step + 1,
+                    total_steps,
+                    batch_time=batch_time,
+                    data_time=data_time,
+                    loss=losses,
+                    top1=top1,
+                ),
+                flush=True,
+            )
         if stop:
             return losses.avg, top1.avg, step + 1
     return losses.avg, top1.avg, None
@@ -106,22 +124,34 @@ def validate(val_loader, model, criterion, opt, num_classes):
             output = output.float()
             loss = criterion(output, labels)
             counts = correct_counts(output, labels, topk)
-            totals += torch.stack([loss * labels.shape[0],
-                                   torch.tensor(float(labels.shape[0]), device=opt.device),
-                                   *counts]).double()
+            totals += torch.stack(
+                [
+                    loss * labels.shape[0],
+                    torch.tensor(float(labels.shape[0]), device=opt.device),
+                    *counts,
+                ]
+            ).double()
             batch_time.update(time.time() - end)
             end = time.time()
             if idx % opt.print_freq == 0 and is_main_process():
                 # the reference's line: this batch's value, then the running average
                 bsz = labels.shape[0]
                 loss_avg, n, correct1 = totals[0].item(), totals[1].item(), totals[2].item()
-                print('Test: [{0}/{1}]\t'
-                      'Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
-                      'Loss {2:.4f} ({3:.4f})\t'
-                      'Acc@1 {4:.3f} ({5:.3f})'.format(
-                          idx, len(val_loader), loss.item(), loss_avg / n,
-                          100.0 * counts[0].item() / bsz, 100.0 * correct1 / n,
-                          batch_time=batch_time), flush=True)
+                print(
+                    'Test: [{0}/{1}]\t'
+                    'Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
+                    'Loss {2:.4f} ({3:.4f})\t'
+                    'Acc@1 {4:.3f} ({5:.3f})'.format(
+                        idx,
+                        len(val_loader),
+                        loss.item(),
+                        loss_avg / n,
+                        100.0 * counts[0].item() / bsz,
+                        100.0 * correct1 / n,
+                        batch_time=batch_time,
+                    ),
+                    flush=True,
+                )
     all_reduce_sum(totals)
     loss_sum, n, *correct = totals.tolist()
     n = max(n, 1.0)

@@ -3,6 +3,7 @@
 The batch files are pickles; an unpickler that accepts only what a numpy array
 needs refuses anything else (``os.system``, ``builtins.eval``, ...) before it runs.
 """
+
 import codecs
 import os
 import pickle
@@ -10,7 +11,7 @@ import socket
 
 import numpy as np
 
-from util import UserError
+from supcon.errors import UserError
 
 # Seconds a download may wait on one socket operation; an offline machine then
 # fails within seconds instead of hanging on the OS default (often minutes).
@@ -66,13 +67,16 @@ def _load_batch_file(path, source_url):
             # (including the array buffers) back to the same bytes.
             content = _ArrayOnlyUnpickler(f, encoding='latin1').load()
     except ForbiddenGlobalError as exc:
-        raise UserError(f'refusing to unpickle {path}: it asks for {exc}, which a CIFAR file '
-                        f'never contains; {fix}') from exc
+        raise UserError(
+            f'refusing to unpickle {path}: it asks for {exc}, which a CIFAR file '
+            f'never contains; {fix}'
+        ) from exc
     except OSError as exc:
         raise UserError(f'cannot read {path} ({short_reason(exc)}); {fix}') from exc
     except Exception as exc:  # pickle reports truncation/corruption with many types
-        raise UserError(f'{path} is corrupt or truncated ({type(exc).__name__}: '
-                        f'{short_reason(exc)}); {fix}') from exc
+        raise UserError(
+            f'{path} is corrupt or truncated ({type(exc).__name__}: {short_reason(exc)}); {fix}'
+        ) from exc
     if not isinstance(content, dict):
         raise UserError(f'{path} holds a {type(content).__name__}, not a CIFAR dict; {fix}')
     return {(k.decode('latin1') if isinstance(k, bytes) else k): v for k, v in content.items()}
@@ -83,8 +87,9 @@ def _as_text(name):
 
 
 class _CifarSpec:
-    def __init__(self, title, folder, url, md5, train_files, test_files, meta_file,
-                 names_key, labels_key):
+    def __init__(
+        self, title, folder, url, md5, train_files, test_files, meta_file, names_key, labels_key
+    ):
         self.title, self.folder, self.url, self.md5 = title, folder, url, md5
         self.train_files, self.test_files, self.meta_file = train_files, test_files, meta_file
         self.names_key, self.labels_key = names_key, labels_key
@@ -96,17 +101,27 @@ class _CifarSpec:
 
 _CIFAR_SPECS = {
     'cifar10': _CifarSpec(
-        'CIFAR-10', 'cifar-10-batches-py',
+        'CIFAR-10',
+        'cifar-10-batches-py',
         'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz',
         'c58f30108f718f92721af3b95e74349a',
-        tuple(f'data_batch_{i}' for i in range(1, 6)), ('test_batch',), 'batches.meta',
-        'label_names', 'labels'),
+        tuple(f'data_batch_{i}' for i in range(1, 6)),
+        ('test_batch',),
+        'batches.meta',
+        'label_names',
+        'labels',
+    ),
     'cifar100': _CifarSpec(
-        'CIFAR-100', 'cifar-100-python',
+        'CIFAR-100',
+        'cifar-100-python',
         'https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz',
         'eb9058c3a382ffc7106e4002c42a8d85',
-        ('train',), ('test',), 'meta',
-        'fine_label_names', 'fine_labels'),
+        ('train',),
+        ('test',),
+        'meta',
+        'fine_label_names',
+        'fine_labels',
+    ),
 }
 
 
@@ -136,7 +151,8 @@ CIFAR_NAMES = tuple(_CIFAR_SPECS)
 
 
 def load_cifar(name, split, data_folder, download):
-    """(images uint8 [N, 32, 32, 3], labels, class names) of one split; downloads if allowed and missing."""
+    """(images uint8 [N, 32, 32, 3], labels, class names) of one split; downloads if allowed and
+    missing."""
     spec = _CIFAR_SPECS[name]
     folder = os.path.join(data_folder, spec.folder)
 
@@ -151,14 +167,17 @@ def load_cifar(name, split, data_folder, download):
         if reason is None and missing_files():
             reason = f'the archive lacks {", ".join(missing_files())}'
         if reason is not None:
-            raise UserError(f'{spec.title} not found in {folder} and it could not be '
-                            f'downloaded ({reason}); {fix}')
+            raise UserError(
+                f'{spec.title} not found in {folder} and it could not be '
+                f'downloaded ({reason}); {fix}'
+            )
 
     meta_path = os.path.join(folder, spec.meta_file)
     meta = _load_batch_file(meta_path, spec.url)
     if spec.names_key not in meta:
-        raise UserError(f'{meta_path} has no {spec.names_key!r}; replace it with the file '
-                        f'from {spec.url}')
+        raise UserError(
+            f'{meta_path} has no {spec.names_key!r}; replace it with the file from {spec.url}'
+        )
     classes = [_as_text(n) for n in meta[spec.names_key]]
 
     images, targets = [], []
@@ -167,12 +186,17 @@ def load_cifar(name, split, data_folder, download):
         batch = _load_batch_file(path, spec.url)
         data, labels = batch.get('data'), batch.get(spec.labels_key)
         fix = f'replace it with the file from {spec.url}'
-        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8
-                and data.ndim == 2 and data.shape[1] == 3 * 32 * 32):
+        if not (
+            isinstance(data, np.ndarray)
+            and data.dtype == np.uint8
+            and data.ndim == 2
+            and data.shape[1] == 3 * 32 * 32
+        ):
             raise UserError(f'{path} has no uint8 [N, 3072] "data" array; {fix}')
         if labels is None or len(labels) != len(data):
-            raise UserError(f'{path} has no {spec.labels_key!r} list matching its '
-                            f'{len(data)} images; {fix}')
+            raise UserError(
+                f'{path} has no {spec.labels_key!r} list matching its {len(data)} images; {fix}'
+            )
         labels = [int(label) for label in labels]
         if labels and not 0 <= min(labels) <= max(labels) < len(classes):
             raise UserError(f'{path} has labels outside 0..{len(classes) - 1}; {fix}')

@@ -11,10 +11,10 @@ Typical use::
     augment = DeviceAugment(size, mean, std, kind='supcon').to(device)
     for step, (images, labels) in enumerate(loader):
         images = images.to(device, non_blocking=True)               # uint8 [B, 3, H, W]
-        views = augment(images, seed=augment_seed(opt.seed, epoch, step, rank))
+        views = augment(images, seed=mix_seed('gpu_aug', seed, epoch, step, rank))
         # views: float32 [2B, 3, size, size], view 0 of every image, then view 1
 
-It replaces these torchvision pipelines of ``data.py``:
+It replaces these torchvision pipelines of ``augment.py`` (the constants are shared):
 
 * ``kind='supcon'`` (SupCon and SimCLR), two views, each
   ``RandomResizedCrop(size, scale=(0.2, 1.))``, ``RandomHorizontalFlip()``,
@@ -67,30 +67,22 @@ remaining differences:
    the ``seed`` argument, not from the loader workers' generators: runs are repeatable given
    the seed, but draw other numbers than the CPU pipeline.
 """
-import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ['DeviceAugment', 'ToUint8Tensor', 'to_uint8_tensor', 'augment_seed', 'KINDS']
+from supcon.augment import CROP_RATIO, CROP_SCALE, GRAYSCALE_P, JITTER, JITTER_P
+
+__all__ = ['DeviceAugment', 'ToUint8Tensor', 'to_uint8_tensor', 'KINDS']
 
 KINDS = ('supcon', 'ce')
 
-_SEED_MOD = 2 ** 63
-
-
-def augment_seed(*keys):
-    """Mix integers (e.g. run seed, epoch, step, rank) into one 63-bit seed for :class:`DeviceAugment`.
-
-    Uses numpy's ``SeedSequence`` hashing, so neighbouring keys give unrelated seeds and
-    ``(seed, epoch, step, rank)`` tuples do not collide the way a plain sum would.
-    """
-    state = np.random.SeedSequence([int(k) % (2 ** 64) for k in keys]).generate_state(2, np.uint64)
-    return int(state[0]) % _SEED_MOD
+_SEED_MOD = 2**63
 
 
 # --------------------------------------------------------------------------- loader side
+
 
 class ToUint8Tensor:
     """Loader transform: PIL image (or HWC uint8 array) -> uint8 tensor [3, H, W], RGB.
@@ -111,11 +103,13 @@ class ToUint8Tensor:
 
     def __call__(self, image):
         from PIL import Image
+
         if isinstance(image, torch.Tensor):
             tensor = image
             if tensor.dtype != torch.uint8 or tensor.dim() != 3 or tensor.shape[0] != 3:
-                raise ValueError('expected a uint8 tensor [3, H, W], got '
-                                 f'{tuple(tensor.shape)} {tensor.dtype}')
+                raise ValueError(
+                    f'expected a uint8 tensor [3, H, W], got {tuple(tensor.shape)} {tensor.dtype}'
+                )
             if self.size is not None and tuple(tensor.shape[1:]) != (self.size, self.size):
                 image = Image.fromarray(tensor.permute(1, 2, 0).numpy())
             else:
@@ -139,6 +133,7 @@ def to_uint8_tensor(size=None):
 
 
 # --------------------------------------------------------------------------- device side
+
 
 def _three(values, name):
     values = tuple(float(v) for v in values)
@@ -173,10 +168,23 @@ class DeviceAugment(nn.Module):
     latest call, one dict per view (CPU tensors).
     """
 
-    def __init__(self, size, mean, std, kind='supcon', *, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                 jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, cropping_mode='resample'):
+    def __init__(
+        self,
+        size,
+        mean,
+        std,
+        kind='supcon',
+        *,
+        scale=CROP_SCALE,
+        ratio=CROP_RATIO,
+        jitter=JITTER,
+        jitter_p=JITTER_P,
+        gray_p=GRAYSCALE_P,
+        cropping_mode='resample',
+    ):
         super().__init__()
         import kornia.augmentation as K  # imported here: only --gpu_aug needs kornia
+
         if kind not in KINDS:
             raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
         size = int(size)
@@ -193,9 +201,14 @@ class DeviceAugment(nn.Module):
         steps = [
             # align_corners=False: in 'slice' mode that is torchvision's half-pixel grid; 'resample'
             # mode maps corner pixel centres whatever the flag (difference 3 of the docstring).
-            K.RandomResizedCrop((size, size), scale=tuple(scale), ratio=tuple(ratio),
-                                resample='bilinear', align_corners=False,
-                                cropping_mode=cropping_mode),
+            K.RandomResizedCrop(
+                (size, size),
+                scale=tuple(scale),
+                ratio=tuple(ratio),
+                resample='bilinear',
+                align_corners=False,
+                cropping_mode=cropping_mode,
+            ),
             K.RandomHorizontalFlip(p=0.5),
         ]
         if kind == 'supcon':
@@ -203,7 +216,7 @@ class DeviceAugment(nn.Module):
             steps.append(K.ColorJitter(*jitter, p=float(jitter_p)))
             steps.append(K.RandomGrayscale(p=float(gray_p)))
         self.pipeline = K.AugmentationSequential(*steps)
-        self._names = ['crop', 'flip', 'jitter', 'gray'][:len(steps)]
+        self._names = ['crop', 'flip', 'jitter', 'gray'][: len(steps)]
         self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.last_params = []
@@ -213,11 +226,14 @@ class DeviceAugment(nn.Module):
 
     def forward(self, images, seed=None):
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-            raise TypeError('DeviceAugment takes a uint8 tensor [B, 3, H, W]; got '
-                            f'{getattr(images, "dtype", type(images).__name__)}')
+            raise TypeError(
+                'DeviceAugment takes a uint8 tensor [B, 3, H, W]; got '
+                f'{getattr(images, "dtype", type(images).__name__)}'
+            )
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f'DeviceAugment takes a uint8 tensor [B, 3, H, W]; got shape '
-                             f'{tuple(images.shape)}')
+            raise ValueError(
+                f'DeviceAugment takes a uint8 tensor [B, 3, H, W]; got shape {tuple(images.shape)}'
+            )
         if seed is not None and not isinstance(seed, (int, np.integer)):
             raise TypeError(f'seed must be an int or None, got {type(seed).__name__}')
         device = images.device
@@ -243,8 +259,9 @@ class DeviceAugment(nn.Module):
         outputs, params = [], []
         for _ in range(self.views):
             outputs.append(self.pipeline(x))
-            params.append({name: dict(item.data) for name, item
-                           in zip(self._names, self.pipeline._params)})
+            params.append(
+                {name: dict(item.data) for name, item in zip(self._names, self.pipeline._params)}
+            )
         self.last_params = params
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
         # not in place: in 'slice' mode a whole-image crop can come back as a view of ``x``

@@ -5,6 +5,7 @@ Files are written atomically (a kill never leaves a truncated checkpoint) and
 read with ``weights_only=True`` (a checkpoint can never run code). The run that
 writes them (resume, per-epoch saves, signals) is ``training_run.Run``.
 """
+
 import argparse
 import contextlib
 import errno
@@ -17,9 +18,9 @@ import tempfile
 import numpy as np
 import torch
 
-from runtime import is_main_process, unwrap
-from util import UserError
-
+from supcon.atomic import atomic_save
+from supcon.errors import UserError
+from supcon.runtime import is_main_process, unwrap
 
 # the look-behind leaves the dot unconsumed, so nested wrappers (module._orig_mod.) all go
 _WRAPPER_KEY = re.compile(r'(^|(?<=\.))(module|_orig_mod)\.')
@@ -41,64 +42,47 @@ def load_bare_state_dict(model, state_dict):
     target.load_state_dict({actual.get(key, key): value for key, value in state_dict.items()})
 
 
-
 # --------------------------------------------------------------------------- files
 
 
 def save_checkpoint(state, path):
-    """Write atomically: a temporary file, flushed and synced, then renamed.
+    """Write ``state`` to ``path`` atomically (``atomic.atomic_save``); only rank 0 writes.
 
-    A kill at any moment leaves either the previous file or the new one, never
-    a truncated checkpoint. Only the main process writes.
+    A kill at any moment leaves either the previous file or the new one. A full disk or
+    an unwritable folder becomes one ``UserError`` line saying what was kept.
     """
     if not is_main_process():
         return
-    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                                   dir=folder)
-    except OSError as exc:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_save(state, path)
+    except OSError as exc:  # full disk, quota, I/O error: the old file is intact
         raise UserError(_write_error(exc, path)) from None
-    try:
-        # mkstemp makes the file private (0600); give it what torch.save's open() would
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, OSError):  # full disk, quota, I/O error: the old file is intact
-            raise UserError(_write_error(exc, path)) from None
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _write_error(exc, path):
     """One line for an OSError while saving ``path``: what happened, what is kept, the fix."""
     folder = os.path.dirname(os.path.abspath(path))
-    kept = (f'the previous {os.path.basename(path)} is intact' if os.path.isfile(path)
-            else 'no checkpoint was half-written')
+    kept = (
+        f'the previous {os.path.basename(path)} is intact'
+        if os.path.isfile(path)
+        else 'no checkpoint was half-written'
+    )
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         what = 'no space left on device' if exc.errno == errno.ENOSPC else 'disk quota exceeded'
-        return (f'{what} while saving {path}; {kept}: free some space, then continue with'
-                f' --resume auto')
+        return (
+            f'{what} while saving {path}; {kept}: free some space, then continue with --resume auto'
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f'cannot write checkpoints to {folder} ({exc.strerror or exc}): make it'
-                f' writable, or start the script from a folder you can write to (it saves'
-                f' under ./save/ there)')
-    return (f'cannot save {path} ({exc.strerror or exc}); {kept}: fix the folder, then continue'
-            f' with --resume auto')
+        return (
+            f'cannot write checkpoints to {folder} ({exc.strerror or exc}): make it'
+            f' writable, or start the script from a folder you can write to (it saves'
+            f' under ./save/ there)'
+        )
+    return (
+        f'cannot save {path} ({exc.strerror or exc}); {kept}: fix the folder, then continue'
+        f' with --resume auto'
+    )
 
 
 def folder_write_problem(folder):
@@ -151,11 +135,14 @@ def first_nonfinite(obj):
 
 def checkpoint_position(ckpt):
     """(epoch, step) a training checkpoint records, or None when it records none."""
+
     def whole(value):
         if torch.is_tensor(value) and value.numel() == 1 and not value.is_floating_point():
             value = value.item()
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
-            else None
+        return (
+            value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+        )
+
     epoch, step = whole(ckpt.get('epoch')), whole(ckpt.get('step', 0))
     return None if epoch is None or step is None else (epoch, step)
 
@@ -165,10 +152,12 @@ def _read_error(exc, path, flag):
     text = str(exc)
     found = re.search(r'GLOBAL ([\w.]+)', text)
     if found:
-        return (f'{flag} {path} holds pickled code or objects other than weights'
-                f' ({found.group(1)}), so it was refused: checkpoints are loaded without running'
-                f' anything they contain; pass a checkpoint of tensors written by these scripts'
-                f' or the reference')
+        return (
+            f'{flag} {path} holds pickled code or objects other than weights'
+            f' ({found.group(1)}), so it was refused: checkpoints are loaded without running'
+            f' anything they contain; pass a checkpoint of tensors written by these scripts'
+            f' or the reference'
+        )
     if 'Weights only load failed' in text:
         reason = 'not a file of tensors as torch.save writes them'
     else:
@@ -178,8 +167,10 @@ def _read_error(exc, path, flag):
             reason = reason[:160].rsplit(' ', 1)[0] + ' ...'
         if 'weights_only' in reason:
             reason = type(exc).__name__
-    return (f'{flag} {path} is not a readable checkpoint ({reason}); it may be truncated or not'
-            f' written by these scripts: pass another file')
+    return (
+        f'{flag} {path} is not a readable checkpoint ({reason}); it may be truncated or not'
+        f' written by these scripts: pass another file'
+    )
 
 
 def load_checkpoint(path, flag='--ckpt', mmap=False):
@@ -192,11 +183,14 @@ def load_checkpoint(path, flag='--ckpt', mmap=False):
     if path and os.path.isdir(path):
         inside = sorted(name for name in os.listdir(path) if name.endswith('.pth'))
         example = f', e.g. {os.path.join(path, inside[-1])}' if inside else ''
-        raise UserError(f'{flag} {path} is a directory, not a checkpoint file; pass a .pth file'
-                        f'{example}')
+        raise UserError(
+            f'{flag} {path} is a directory, not a checkpoint file; pass a .pth file{example}'
+        )
     if not path or not os.path.isfile(path):
-        raise UserError(f'{flag} {path}: no such file; pass the path of a .pth file written'
-                        f' by main_supcon.py, main_ce.py or main_linear.py')
+        raise UserError(
+            f'{flag} {path}: no such file; pass the path of a .pth file written'
+            f' by main_supcon.py, main_ce.py or main_linear.py'
+        )
     try:
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
@@ -209,26 +203,36 @@ def load_checkpoint(path, flag='--ckpt', mmap=False):
                 ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:  # truncated zip, random bytes, forbidden pickled code
         raise UserError(_read_error(exc, path, flag)) from None
-    if (isinstance(ckpt, dict) and not isinstance(ckpt.get('model'), dict)
-            and isinstance(ckpt.get('state_dict'), dict)):
+    if (
+        isinstance(ckpt, dict)
+        and not isinstance(ckpt.get('model'), dict)
+        and isinstance(ckpt.get('state_dict'), dict)
+    ):
         ckpt = dict(ckpt, model=ckpt['state_dict'])  # the usual name outside SupContrast
     if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         ckpt = {'model': ckpt}  # a bare state dict
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict):
-        raise UserError(f'{flag} {path} is not a SupContrast checkpoint (it has no model'
-                        f' weights under "model"); pass a .pth written by these scripts')
-    if not all(isinstance(key, str) and torch.is_tensor(value)
-               for key, value in ckpt['model'].items()):
-        raise UserError(f'{flag} {path} is not a SupContrast checkpoint (its "model" entry holds'
-                        f' other things than named tensors); pass a .pth written by these scripts')
+        raise UserError(
+            f'{flag} {path} is not a SupContrast checkpoint (it has no model'
+            f' weights under "model"); pass a .pth written by these scripts'
+        )
+    if not all(
+        isinstance(key, str) and torch.is_tensor(value) for key, value in ckpt['model'].items()
+    ):
+        raise UserError(
+            f'{flag} {path} is not a SupContrast checkpoint (its "model" entry holds'
+            f' other things than named tensors); pass a .pth written by these scripts'
+        )
     if isinstance(ckpt.get('opt'), argparse.Namespace):
         ckpt['opt'] = vars(ckpt['opt'])
     if ckpt.get('opt') is None:
         ckpt['opt'] = {}
     if not isinstance(ckpt['opt'], dict):
-        raise UserError(f'{flag} {path} stores its options ("opt") as a'
-                        f' {type(ckpt["opt"]).__name__}, not the dict or Namespace these scripts'
-                        f' and the reference write; pass a checkpoint written by them')
+        raise UserError(
+            f'{flag} {path} stores its options ("opt") as a'
+            f' {type(ckpt["opt"]).__name__}, not the dict or Namespace these scripts'
+            f' and the reference write; pass a checkpoint written by them'
+        )
     ckpt['model'] = strip_wrapper_keys(ckpt['model'])
     return ckpt
 
@@ -252,11 +256,17 @@ def set_rng_state(state):
         return
     version, internal, gauss = state['python']
     random.setstate((version, tuple(internal), gauss))
-    np.random.set_state({'bit_generator': 'MT19937',
-                         'state': {'key': state['numpy_key'].numpy().astype(np.uint32),
-                                   'pos': state['numpy_pos']},
-                         'has_gauss': state['numpy_gauss'][0],
-                         'gauss': state['numpy_gauss'][1]})
+    np.random.set_state(
+        {
+            'bit_generator': 'MT19937',
+            'state': {
+                'key': state['numpy_key'].numpy().astype(np.uint32),
+                'pos': state['numpy_pos'],
+            },
+            'has_gauss': state['numpy_gauss'][0],
+            'gauss': state['numpy_gauss'][1],
+        }
+    )
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         with contextlib.suppress(RuntimeError, IndexError):
@@ -266,12 +276,16 @@ def set_rng_state(state):
 def resume_problem(ckpt):
     """(what is wrong, what to do) when ``ckpt`` cannot be continued from, else None."""
     if checkpoint_position(ckpt) is None:
-        return ('it records no epoch to continue from (no whole number under "epoch")',
-                'pass a checkpoint.pth, ckpt_epoch_N.pth or last.pth written by this script')
+        return (
+            'it records no epoch to continue from (no whole number under "epoch")',
+            'pass a checkpoint.pth, ckpt_epoch_N.pth or last.pth written by this script',
+        )
     bad = first_nonfinite(ckpt)
     if bad is not None:
-        return (f'it holds NaN or infinite values ({bad}): it was saved from a diverged run',
-                'resume from an earlier checkpoint of the run')
+        return (
+            f'it holds NaN or infinite values ({bad}): it was saved from a diverged run',
+            'resume from an earlier checkpoint of the run',
+        )
     return None
 
 
@@ -283,6 +297,7 @@ def newest_checkpoint(folder, quiet=False):
     without an epoch and files with NaN or infinite values are skipped with a note.
     The files are mapped rather than read, and only the chosen one is read in full.
     """
+
     def skip(path, why):
         if not quiet and is_main_process():
             print(f'note: --resume auto skips {path}: {why}')

@@ -8,6 +8,7 @@ the fork's), ``digits`` (scikit-learn's, offline), ``imagenet`` (``train/`` and
 carves a validation split out of the training images for choosing settings. Transforms live in
 ``augment.py``, seeded samplers in ``sampling.py``.
 """
+
 import math
 import os
 import re
@@ -18,11 +19,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from augment import test_transform, train_transform
-from cifar import CIFAR_NAMES, load_cifar, short_reason
-from runtime import main_process_first
-from sampling import build_loader
-from util import UserError
+from supcon.augment import test_transform, train_transform
+from supcon.cifar import CIFAR_NAMES, load_cifar, short_reason
+from supcon.errors import UserError
+from supcon.runtime import main_process_first
+from supcon.sampling import build_loader
 
 DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet')
 # data sets held in memory as 32x32 arrays: their batches stack without resizing
@@ -53,7 +54,6 @@ class DataError(UserError):
         super().__init__(message)
 
 
-
 def add_arguments(parser, test_folder=True, knn_only=False):
     """The data flags of the reference and of the fork that added ``--dataset path``.
 
@@ -62,31 +62,64 @@ def add_arguments(parser, test_folder=True, knn_only=False):
     """
     group = parser.add_argument_group('data')
     knn = ' (pretraining: only for --knn_every)' if knn_only else ''
-    group.add_argument('--dataset', type=str, default='cifar10', choices=DATASET_NAMES,
-                       help='digits is scikit-learn\'s 8x8 digits, shipped offline for demos;'
-                            ' imagenet reads --data_folder/train and --data_folder/val')
-    group.add_argument('--data_folder', type=str, default=None,
-                       help='CIFAR root; for --dataset path the training image folder (one'
-                            ' sub-folder per class); for imagenet the folder holding train/ and'
-                            ' val/ (default ./datasets/)')
+    group.add_argument(
+        '--dataset',
+        type=str,
+        default='cifar10',
+        choices=DATASET_NAMES,
+        help='digits is scikit-learn\'s 8x8 digits, shipped offline for demos;'
+        ' imagenet reads --data_folder/train and --data_folder/val',
+    )
+    group.add_argument(
+        '--data_folder',
+        type=str,
+        default=None,
+        help='CIFAR root; for --dataset path the training image folder (one'
+        ' sub-folder per class); for imagenet the folder holding train/ and'
+        ' val/ (default ./datasets/)',
+    )
     if test_folder:
-        group.add_argument('--test_folder', type=str, default=None,
-                           help='test image folder for --dataset path' + knn)
-    group.add_argument('--mean', type=str, default=None,
-                       help='per-channel mean as text, e.g. "(0.4914, 0.4822, 0.4465)"')
-    group.add_argument('--std', type=str, default=None,
-                       help='per-channel std as text, e.g. "(0.2675, 0.2565, 0.2761)"')
-    group.add_argument('--size', type=int, default=None,
-                       help='crop size fed to the network (default 224 for imagenet, else 32)')
-    group.add_argument('--num_classes', type=int, default=None,
-                       help='number of classes; read from the data when not given, checked'
-                            ' against it when given')
-    group.add_argument('--batch_size_val', type=int, default=256,
-                       help='evaluation batch size' + knn)
-    group.add_argument('--val_split', type=float, default=0.0,
-                       help='hold out this fraction of the training images (stratified, the same'
-                            ' for every seed) and evaluate on it instead of the test split;'
-                            ' 0 = off (the reference\'s behaviour)')
+        group.add_argument(
+            '--test_folder',
+            type=str,
+            default=None,
+            help='test image folder for --dataset path' + knn,
+        )
+    group.add_argument(
+        '--mean',
+        type=str,
+        default=None,
+        help='per-channel mean as text, e.g. "(0.4914, 0.4822, 0.4465)"',
+    )
+    group.add_argument(
+        '--std',
+        type=str,
+        default=None,
+        help='per-channel std as text, e.g. "(0.2675, 0.2565, 0.2761)"',
+    )
+    group.add_argument(
+        '--size',
+        type=int,
+        default=None,
+        help='crop size fed to the network (default 224 for imagenet, else 32)',
+    )
+    group.add_argument(
+        '--num_classes',
+        type=int,
+        default=None,
+        help='number of classes; read from the data when not given, checked against it when given',
+    )
+    group.add_argument(
+        '--batch_size_val', type=int, default=256, help='evaluation batch size' + knn
+    )
+    group.add_argument(
+        '--val_split',
+        type=float,
+        default=0.0,
+        help='hold out this fraction of the training images (stratified, the same'
+        ' for every seed) and evaluate on it instead of the test split;'
+        ' 0 = off (the reference\'s behaviour)',
+    )
     return group
 
 
@@ -97,17 +130,26 @@ def resolve_defaults(opt):
     if not 0.0 <= opt.val_split < 1.0 or not math.isfinite(opt.val_split):
         raise UserError(f'--val_split must be a fraction in [0, 1), got {opt.val_split}')
     if opt.dataset == 'imagenet' and opt.data_folder is None:
-        raise UserError('--dataset imagenet needs --data_folder (the folder holding train/ and'
-                        ' val/, one sub-folder per class in each)')
+        raise UserError(
+            '--dataset imagenet needs --data_folder (the folder holding train/ and'
+            ' val/, one sub-folder per class in each)'
+        )
     if opt.data_folder is None:
         opt.data_folder = './datasets/'
     if getattr(opt, 'gpu_aug', False) and getattr(opt, 'aug', 'simclr') != 'simclr':
-        raise UserError(f'--gpu_aug implements the simclr augmentation only; drop --gpu_aug or'
-                        f' use --aug simclr (not {opt.aug})')
-    if (opt.dataset in ('cifar10', 'cifar100') and (opt.mean or opt.std)
-            and os.environ.get('RANK', '0').strip() in ('0', '')):  # rank 0 (RANK checked later)
-        print(f'note: using the given --mean/--std for {opt.dataset}; the reference ignores them'
-              f' and always uses its own {opt.dataset} constants')
+        raise UserError(
+            f'--gpu_aug implements the simclr augmentation only; drop --gpu_aug or'
+            f' use --aug simclr (not {opt.aug})'
+        )
+    if (
+        opt.dataset in ('cifar10', 'cifar100')
+        and (opt.mean or opt.std)
+        and os.environ.get('RANK', '0').strip() in ('0', '')
+    ):  # rank 0 (RANK checked later)
+        print(
+            f'note: using the given --mean/--std for {opt.dataset}; the reference ignores them'
+            f' and always uses its own {opt.dataset} constants'
+        )
 
 
 def fixed_size(dataset, size):
@@ -134,9 +176,11 @@ class SplitSubset(Dataset):
 def validation_indices(targets, fraction):
     """A stratified ``fraction`` of the indices, fixed (it never depends on --seed), sorted."""
     from sklearn.model_selection import train_test_split
+
     indices = np.arange(len(targets))
-    _, held_out = train_test_split(indices, test_size=fraction, stratify=np.asarray(targets),
-                                   random_state=0)
+    _, held_out = train_test_split(
+        indices, test_size=fraction, stratify=np.asarray(targets), random_state=0
+    )
     return np.sort(held_out)
 
 
@@ -165,8 +209,9 @@ def _load_rgb_image(path):
             image = Image.open(f)
             return image.convert('RGB')
     except Exception as exc:  # PIL's decoders raise many types on malformed files
-        raise DataError(f'cannot read image {path} ({short_reason(exc)}); remove or '
-                        f'replace the file') from exc
+        raise DataError(
+            f'cannot read image {path} ({short_reason(exc)}); remove or replace the file'
+        ) from exc
 
 
 def _is_folder(entry):
@@ -185,13 +230,16 @@ def _scan_image_folder(folder, flag, class_names):
     way into a folder already read (the same images under two names, maybe two classes),
     is refused with both paths.
     """
+
     def scandir(path):
         try:
             with os.scandir(path) as entries:
                 return list(entries)
         except OSError as exc:
-            raise UserError(f'{flag} {folder}: cannot read the folder {path}'
-                            f' ({exc.strerror or exc}); make it readable or remove it') from None
+            raise UserError(
+                f'{flag} {folder}: cannot read the folder {path}'
+                f' ({exc.strerror or exc}); make it readable or remove it'
+            ) from None
 
     seen = {}  # real path -> the path it was first read through
     visited = []  # (path, file names)
@@ -199,11 +247,15 @@ def _scan_image_folder(folder, flag, class_names):
     def visit(path, ancestors):
         real = os.path.realpath(path)
         if real in ancestors:
-            raise UserError(f'{flag} {folder}: {path} is a symbolic link back to {real}, a folder'
-                            f' that contains it (a loop); remove the link')
+            raise UserError(
+                f'{flag} {folder}: {path} is a symbolic link back to {real}, a folder'
+                f' that contains it (a loop); remove the link'
+            )
         if real in seen:
-            raise UserError(f'{flag} {folder}: {path} and {seen[real]} are the same folder'
-                            f' ({real}), so its images would be read twice; remove one of them')
+            raise UserError(
+                f'{flag} {folder}: {path} and {seen[real]} are the same folder'
+                f' ({real}), so its images would be read twice; remove one of them'
+            )
         seen[real] = path
         entries = scandir(path)
         visited.append((path, sorted(e.name for e in entries if not _is_folder(e))))
@@ -216,9 +268,11 @@ def _scan_image_folder(folder, flag, class_names):
         visited.clear()
         visit(os.path.join(folder, name), root)
         for path, names in sorted(visited):  # the order of sorted(os.walk(...))
-            samples.extend((os.path.join(path, fname), index) for fname in names
-                           if datasets.folder.has_file_allowed_extension(
-                               fname, datasets.folder.IMG_EXTENSIONS))
+            samples.extend(
+                (os.path.join(path, fname), index)
+                for fname in names
+                if datasets.folder.has_file_allowed_extension(fname, datasets.folder.IMG_EXTENSIONS)
+            )
     return samples
 
 
@@ -233,8 +287,9 @@ class _ImageFolder(datasets.ImageFolder):
         classes = sorted(entry.name for entry in os.scandir(directory) if _is_folder(entry))
         return classes, {name: i for i, name in enumerate(classes)}
 
-    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None,
-                     allow_empty=False):
+    def make_dataset(
+        self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False
+    ):
         return _scan_image_folder(directory, self.flag, sorted(class_to_idx, key=class_to_idx.get))
 
 
@@ -244,32 +299,39 @@ def _build_image_folder(split, transform, data_folder, test_folder):
     else:
         flag, folder = '--test_folder', test_folder
         if folder is None:
-            raise UserError('--dataset path needs --test_folder (a folder with the same class '
-                            'sub-folders as --data_folder) for the test split')
+            raise UserError(
+                '--dataset path needs --test_folder (a folder with the same class '
+                'sub-folders as --data_folder) for the test split'
+            )
     folder = os.fspath(folder)
     example = os.path.join(folder, 'cat', '001.png')
     layout = f'put the images in one sub-folder per class, e.g. {example}'
     if not os.path.exists(folder):
         raise UserError(f'{flag} {folder} does not exist; point {flag} at your image folder')
     if not os.path.isdir(folder):
-        raise UserError(f'{flag} {folder} is not a directory; point {flag} at a folder of '
-                        f'class sub-folders')
+        raise UserError(
+            f'{flag} {folder} is not a directory; point {flag} at a folder of class sub-folders'
+        )
     if not any(_is_folder(entry) for entry in os.scandir(folder)):
         raise UserError(f'{flag} {folder} has no class sub-folders; {layout}')
 
-    dataset = _ImageFolder(folder, flag, transform=transform, loader=_load_rgb_image,
-                           allow_empty=True)
+    dataset = _ImageFolder(
+        folder, flag, transform=transform, loader=_load_rgb_image, allow_empty=True
+    )
     extensions = ', '.join(datasets.folder.IMG_EXTENSIONS)
     if not dataset.samples:
-        raise UserError(f'{flag} {folder} has no image files ({extensions}) in its class '
-                        f'sub-folders; {layout}')
+        raise UserError(
+            f'{flag} {folder} has no image files ({extensions}) in its class sub-folders; {layout}'
+        )
     counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
     empty = [name for name, count in zip(dataset.classes, counts) if count == 0]
     if empty:
         # An empty class would still take a label and an output unit.
-        raise UserError(f'{flag} {folder} has class folders without image files: '
-                        f'{", ".join(empty)} (expected {extensions}); add images to them or '
-                        f'remove them')
+        raise UserError(
+            f'{flag} {folder} has class folders without image files: '
+            f'{", ".join(empty)} (expected {extensions}); add images to them or '
+            f'remove them'
+        )
     return dataset
 
 
@@ -280,15 +342,19 @@ def check_same_classes(train_set, test_set):
     train_only = sorted(set(train_set.classes) - set(test_set.classes))
     test_only = sorted(set(test_set.classes) - set(train_set.classes))
     if train_only or test_only:
-        detail = (f'only in train: {", ".join(train_only) or "-"}; '
-                  f'only in test: {", ".join(test_only) or "-"}')
+        detail = (
+            f'only in train: {", ".join(train_only) or "-"}; '
+            f'only in test: {", ".join(test_only) or "-"}'
+        )
     else:
         detail = 'same names in a different order'
     where = ''
     if hasattr(train_set, 'root') and hasattr(test_set, 'root'):
         where = f' ({train_set.root} vs {test_set.root})'
-    raise UserError(f'train and test data have different classes{where}: {detail}; give '
-                    f'--data_folder and --test_folder the same class sub-folders')
+    raise UserError(
+        f'train and test data have different classes{where}: {detail}; give '
+        f'--data_folder and --test_folder the same class sub-folders'
+    )
 
 
 def check_num_classes(train_set, test_set, num_classes=None):
@@ -298,9 +364,11 @@ def check_num_classes(train_set, test_set, num_classes=None):
     check_same_classes(train_set, test_set)
     found = len(train_set.classes)
     if num_classes is not None and num_classes != found:
-        raise UserError(f'--num_classes {num_classes} does not match the {found} classes in the '
-                        f'data ({", ".join(train_set.classes[:5])}{", ..." if found > 5 else ""}); '
-                        f'drop --num_classes or set it to {found}')
+        raise UserError(
+            f'--num_classes {num_classes} does not match the {found} classes in the '
+            f'data ({", ".join(train_set.classes[:5])}{", ..." if found > 5 else ""}); '
+            f'drop --num_classes or set it to {found}'
+        )
     return found
 
 
@@ -313,12 +381,12 @@ def _digits_arrays():
     digits = load_digits()
     gray = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # pixel values are 0..16
     # Upsampled so RandomResizedCrop at the usual sizes crops a picture, not 8x8 blocks.
-    large = np.stack([np.asarray(Image.fromarray(g).resize((32, 32), Image.BICUBIC))
-                      for g in gray])
+    large = np.stack([np.asarray(Image.fromarray(g).resize((32, 32), Image.BICUBIC)) for g in gray])
     rgb = np.ascontiguousarray(np.repeat(large[..., None], 3, axis=3))
     labels = digits.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2,
-                                           stratify=labels, random_state=0)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0
+    )
     arrays = (rgb[train_idx], labels[train_idx], rgb[test_idx], labels[test_idx])
     for array in arrays:
         array.setflags(write=False)  # shared by every data set built from the cache
@@ -331,8 +399,15 @@ def _build_digits(split, transform):
     return ArrayImageDataset(images, labels.tolist(), [str(d) for d in range(10)], transform)
 
 
-def build_dataset(name, split, transform, data_folder='./datasets/', test_folder=None,
-                  download=True, val_split=0.0):
+def build_dataset(
+    name,
+    split,
+    transform,
+    data_folder='./datasets/',
+    test_folder=None,
+    download=True,
+    val_split=0.0,
+):
     """The `split` ('train' or 'test') of data set `name`; items are (transform(image), label).
 
     The result has `.classes` (class names) and `.targets` (int label per item).
@@ -356,8 +431,9 @@ def build_dataset(name, split, transform, data_folder='./datasets/', test_folder
     if name == 'imagenet':
         # the usual layout: <data_folder>/train/<class>/*.JPEG and <data_folder>/val/<class>/...
         root = os.fspath(data_folder)
-        return _build_image_folder(split, transform, os.path.join(root, 'train'),
-                                   os.path.join(root, 'val'))
+        return _build_image_folder(
+            split, transform, os.path.join(root, 'train'), os.path.join(root, 'val')
+        )
     if name == 'digits':
         return _build_digits(split, transform)
     raise UserError(f'unknown --dataset {name!r}; choose one of {", ".join(DATASET_NAMES)}')
@@ -366,8 +442,10 @@ def build_dataset(name, split, transform, data_folder='./datasets/', test_folder
 _NUMBER = r'[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?'
 
 
-_TRIPLE = re.compile(rf'\s*[(\[]?\s*({_NUMBER})\s*[,\s]\s*({_NUMBER})\s*[,\s]\s*({_NUMBER})'
-                     rf'\s*,?\s*[)\]]?\s*')
+_TRIPLE = re.compile(
+    rf'\s*[(\[]?\s*({_NUMBER})\s*[,\s]\s*({_NUMBER})\s*[,\s]\s*({_NUMBER})'
+    rf'\s*,?\s*[)\]]?\s*'
+)
 
 
 _BRACKETS = {'(': ')', '[': ']'}
@@ -375,8 +453,9 @@ _BRACKETS = {'(': ')', '[': ']'}
 
 def parse_triple(text, flag):
     """Parse "(0.1, 0.2, 0.3)", "0.1,0.2,0.3" or "[0.1 0.2 0.3]" into three floats."""
-    error = UserError(f'{flag} must be three numbers such as "(0.4914, 0.4822, 0.4465)", '
-                      f'got {text!r}')
+    error = UserError(
+        f'{flag} must be three numbers such as "(0.4914, 0.4822, 0.4465)", got {text!r}'
+    )
     match = _TRIPLE.fullmatch(str(text))
     if match is None:
         raise error
@@ -394,8 +473,10 @@ def parse_triple(text, flag):
 def resolve_mean_std(dataset, mean_text, std_text):
     """(mean, std) for Normalize: --mean/--std text when given, else the data set's constants."""
     if dataset == 'path' and not (mean_text and std_text):
-        raise UserError('--dataset path needs --mean and --std of your images, e.g. '
-                        '--mean "(0.4914, 0.4822, 0.4465)" --std "(0.2023, 0.1994, 0.2010)"')
+        raise UserError(
+            '--dataset path needs --mean and --std of your images, e.g. '
+            '--mean "(0.4914, 0.4822, 0.4465)" --std "(0.2023, 0.1994, 0.2010)"'
+        )
     if dataset not in MEAN_STD and dataset != 'path':  # pragma: no cover - argparse checks it
         raise UserError(f'unknown --dataset {dataset!r}; choose one of {", ".join(DATASET_NAMES)}')
     default_mean, default_std = MEAN_STD.get(dataset, (None, None))
@@ -417,24 +498,32 @@ def classification_loaders(opt, uint8_train=False):
     """
     mean, std = resolve_mean_std(opt.dataset, opt.mean, opt.std)
     if uint8_train:
-        from gpu_augment import to_uint8_tensor
+        from supcon.gpu_augment import to_uint8_tensor
+
         train_tf = to_uint8_tensor(fixed_size(opt.dataset, opt.size))
     else:
         train_tf = train_transform(opt.size, mean, std, aug=getattr(opt, 'aug', 'simclr'))
-    splits = dict(data_folder=opt.data_folder, test_folder=opt.test_folder,
-                  val_split=opt.val_split)
+    splits = dict(data_folder=opt.data_folder, test_folder=opt.test_folder, val_split=opt.val_split)
     with main_process_first():  # rank 0 downloads CIFAR while the others wait
         train_dataset = build_dataset(opt.dataset, 'train', train_tf, **splits)
-        val_dataset = build_dataset(opt.dataset, 'test', test_transform(opt.size, mean, std),
-                                    **splits)
+        val_dataset = build_dataset(
+            opt.dataset, 'test', test_transform(opt.size, mean, std), **splits
+        )
     num_classes = check_num_classes(train_dataset, val_dataset, opt.num_classes)
 
-    common = dict(seed=opt.seed, rank=opt.rank, world_size=opt.world_size,
-                  pin_memory=opt.pin_memory)
-    train_loader, train_sampler = build_loader(train_dataset, opt.local_batch_size,
-                                               shuffle=True, num_workers=opt.num_workers,
-                                               **common)
+    common = dict(
+        seed=opt.seed, rank=opt.rank, world_size=opt.world_size, pin_memory=opt.pin_memory
+    )
+    train_loader, train_sampler = build_loader(
+        train_dataset, opt.local_batch_size, shuffle=True, num_workers=opt.num_workers, **common
+    )
     val_workers = min(getattr(opt, 'num_workers_val', opt.num_workers), os.cpu_count() or 1)
-    val_loader, _ = build_loader(val_dataset, opt.local_batch_size_val, shuffle=False, pad=False,
-                                 num_workers=val_workers, **common)
+    val_loader, _ = build_loader(
+        val_dataset,
+        opt.local_batch_size_val,
+        shuffle=False,
+        pad=False,
+        num_workers=val_workers,
+        **common,
+    )
     return train_loader, train_sampler, val_loader, num_classes

@@ -4,13 +4,14 @@ sharded over torchrun ranks.
 Every item is loaded with torch's RNG seeded from (seed, epoch, index), so its
 augmentation is the same in any worker, on any rank and after a resume.
 """
+
 import hashlib
 import math
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from util import UserError
+from supcon.errors import UserError
 
 
 def mix_seed(*parts):
@@ -31,8 +32,9 @@ class SeededSampler(Sampler):
 
     def __init__(self, num_samples, *, shuffle, seed, rank=0, world_size=1, pad=True):
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f'need 0 <= rank < world_size, got rank={rank}, '
-                             f'world_size={world_size}')
+            raise ValueError(
+                f'need 0 <= rank < world_size, got rank={rank}, world_size={world_size}'
+            )
         if num_samples < 0:
             raise ValueError(f'num_samples must be >= 0, got {num_samples}')
         self.num_samples = int(num_samples)
@@ -69,10 +71,10 @@ class SeededSampler(Sampler):
             padding = math.ceil(self.num_samples / self.world_size) * self.world_size - len(indices)
             repeats = math.ceil(padding / len(indices))
             indices += (indices * repeats)[:padding]
-        return indices[self.rank::self.world_size]
+        return indices[self.rank :: self.world_size]
 
     def __iter__(self):
-        for index in self.rank_indices()[self.start:]:
+        for index in self.rank_indices()[self.start :]:
             yield mix_seed('sample', self.seed, self.epoch, index), index
 
     def __len__(self):
@@ -106,8 +108,18 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
-def build_loader(dataset, batch_size, *, shuffle, seed, rank=0, world_size=1, num_workers=0,
-                 pin_memory=False, pad=True):
+def build_loader(
+    dataset,
+    batch_size,
+    *,
+    shuffle,
+    seed,
+    rank=0,
+    world_size=1,
+    num_workers=0,
+    pin_memory=False,
+    pad=True,
+):
     """(DataLoader, SeededSampler) over `dataset`; `batch_size` is per rank.
 
     Call sampler.set_epoch(epoch) before each epoch, and sampler.set_start(k)
@@ -121,16 +133,25 @@ def build_loader(dataset, batch_size, *, shuffle, seed, rank=0, world_size=1, nu
             what = f'--batch_size {batch_size}'
         else:
             what = f'the batch ({batch_size} per rank x {world_size} ranks = {total_batch})'
-        raise UserError(f'{what} is larger than the data set ({len(dataset)} images); '
-                        f'lower --batch_size')
-    sampler = SeededSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank,
-                            world_size=world_size, pad=pad)
+        raise UserError(
+            f'{what} is larger than the data set ({len(dataset)} images); lower --batch_size'
+        )
+    sampler = SeededSampler(
+        len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, pad=pad
+    )
     # The loader draws its workers' base seed from this generator rather than
     # from torch's global RNG, so iterating leaves the caller's RNG as it was.
     generator = torch.Generator()
     generator.manual_seed(mix_seed('loader', seed, rank))
-    loader = DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler,
-                        num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
-                        persistent_workers=num_workers > 0,
-                        prefetch_factor=4 if num_workers else None, generator=generator)
+    loader = DataLoader(
+        SeededDataset(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers else None,
+        generator=generator,
+    )
     return loader, sampler

@@ -3,10 +3,11 @@
 The reference logged with ``tensorboard_logger``, which crashes with protobuf >= 4;
 ``TBLogger.log_value(name, value, step)`` keeps its calls and folders.
 """
+
 import os
 import time
 
-from runtime import is_main_process
+from supcon.runtime import is_main_process
 
 
 def wait_for_a_later_second(log_dir):
@@ -45,6 +46,7 @@ class TBLogger:
     def _open(self):
         if self.writer is None and not self.closed and is_main_process():
             from torch.utils.tensorboard import SummaryWriter
+
             wait_for_a_later_second(self.log_dir)
             self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step)
         return self.writer

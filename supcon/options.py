@@ -4,23 +4,25 @@ Each script keeps the reference's flat argparse; these functions parse the
 values the reference parsed by hand and refuse values that cannot work, with a
 one-line ``UserError`` that names the flag and the fix.
 """
+
 import math
 import sys
 
 import torch
 
 from networks.resnet_big import MODEL_NAMES, STEMS
-from optim import OPTIMIZER_NAMES
-from runtime import is_main_process
-from util import UserError
+from supcon.errors import UserError
+from supcon.optim import OPTIMIZER_NAMES
+from supcon.runtime import is_main_process
 
 
 def parse_decay_epochs(text):
     try:
         return [int(item) for item in str(text).split(',') if item.strip()]
     except ValueError:
-        raise UserError(f'--lr_decay_epochs must be comma-separated epochs such as'
-                        f' "700,800,900", got {text!r}') from None
+        raise UserError(
+            f'--lr_decay_epochs must be comma-separated epochs such as "700,800,900", got {text!r}'
+        ) from None
 
 
 def configure_warmup(opt, large_batch=256):
@@ -35,9 +37,13 @@ def configure_warmup(opt, large_batch=256):
         opt.warmup_from = 0.01
         opt.warm_epochs = 10
         if opt.cosine:
-            eta_min = opt.learning_rate * (opt.lr_decay_rate ** 3)
-            opt.warmup_to = eta_min + (opt.learning_rate - eta_min) * (
-                1 + math.cos(math.pi * opt.warm_epochs / opt.epochs)) / 2
+            eta_min = opt.learning_rate * (opt.lr_decay_rate**3)
+            opt.warmup_to = (
+                eta_min
+                + (opt.learning_rate - eta_min)
+                * (1 + math.cos(math.pi * opt.warm_epochs / opt.epochs))
+                / 2
+            )
         else:
             opt.warmup_to = opt.learning_rate
 
@@ -99,32 +105,52 @@ def plain_options(opt):
         if value is None or isinstance(value, (bool, int, float, str)):
             plain[key] = value
         elif isinstance(value, (list, tuple)) and all(
-                isinstance(v, (bool, int, float, str)) for v in value):
+            isinstance(v, (bool, int, float, str)) for v in value
+        ):
             plain[key] = list(value)
     return plain
 
 
 def add_model_arguments(parser):
     """--model and the backbone flags the reference does not have (main_supcon.py, main_ce.py)."""
-    parser.add_argument('--model', type=str, default='resnet50',
-                        help=', '.join(MODEL_NAMES) + ' (CIFAR-stem ResNets), or any timm model'
-                             ' name, e.g. vit_small_patch16_224, convnext_tiny')
-    parser.add_argument('--stem', type=str, default=None,
-                        help=', '.join(STEMS) + ' for our ResNets: imagenet (7x7 stride-2 conv +'
-                             ' max-pool) makes large images far cheaper; default: imagenet for'
-                             ' --dataset imagenet, else cifar')
-    parser.add_argument('--patch_size', type=int, default=None,
-                        help='timm ViT-style models: patch size (e.g. 4 for 32x32 images)')
-    parser.add_argument('--pretrained', type=str, default=None,
-                        help='timm models: a local timm checkpoint to start from (never'
-                             ' downloaded)')
+    parser.add_argument(
+        '--model',
+        type=str,
+        default='resnet50',
+        help=', '.join(MODEL_NAMES) + ' (CIFAR-stem ResNets), or any timm model'
+        ' name, e.g. vit_small_patch16_224, convnext_tiny',
+    )
+    parser.add_argument(
+        '--stem',
+        type=str,
+        default=None,
+        help=', '.join(STEMS) + ' for our ResNets: imagenet (7x7 stride-2 conv +'
+        ' max-pool) makes large images far cheaper; default: imagenet for'
+        ' --dataset imagenet, else cifar',
+    )
+    parser.add_argument(
+        '--patch_size',
+        type=int,
+        default=None,
+        help='timm ViT-style models: patch size (e.g. 4 for 32x32 images)',
+    )
+    parser.add_argument(
+        '--pretrained',
+        type=str,
+        default=None,
+        help='timm models: a local timm checkpoint to start from (never downloaded)',
+    )
 
 
 def add_optimizer_argument(parser):
     """--optimizer sgd|lars (``optim.py``)."""
-    parser.add_argument('--optimizer', type=str, default='sgd', choices=OPTIMIZER_NAMES,
-                        help='lars: timm\'s LARS for large batches, biases and norms excluded'
-                             ' (optim.py)')
+    parser.add_argument(
+        '--optimizer',
+        type=str,
+        default='sgd',
+        choices=OPTIMIZER_NAMES,
+        help='lars: timm\'s LARS for large batches, biases and norms excluded (optim.py)',
+    )
 
 
 def extend_run_name(opt, stem=True):

@@ -5,6 +5,7 @@ script; the rest are small helpers the training loops call (``autocast``,
 ``to_device``, ``step_statistics``) and ``run_main``, which turns a
 ``UserError`` into one line on stderr and exit code 2.
 """
+
 import argparse
 import contextlib
 import os
@@ -18,7 +19,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from networks.cpu_bf16_conv import use_matmul_weight_grad
-from util import UserError
+from supcon.distributed import (  # noqa: F401 (re-exported for the scripts)
+    all_reduce_sum,
+    destroy_process_group,
+    is_initialized,
+    is_main_process,
+    main_process_first,
+)
+from supcon.errors import UserError
 
 
 def add_runtime_arguments(parser, training=True):
@@ -28,38 +36,68 @@ def add_runtime_arguments(parser, training=True):
     (--resume, --cpu_bf16_wgrad) and makes the seed default to 0.
     """
     group = parser.add_argument_group('runtime (not in the reference)')
-    group.add_argument('--device', type=str, default='auto',
-                       help='auto (CUDA when present, else CPU), cpu, cuda or cuda:N')
-    group.add_argument('--amp', action='store_true',
-                       help='mixed precision: bfloat16 autocast on CPU, float16 or bfloat16 on'
-                            ' CUDA; the contrastive loss and softmax stay in float32')
-    group.add_argument('--amp_dtype', type=str, default='auto',
-                       choices=['auto', 'bfloat16', 'float16'],
-                       help='auto: bfloat16 on CPU and on GPUs that support it, else float16'
-                            ' with a gradient scaler')
-    group.add_argument('--channels_last', action=argparse.BooleanOptionalAction, default=None,
-                       help='NHWC memory format for the conv net; default: on with --amp,'
-                            ' where it measured faster (benchmarks/README.md)')
+    group.add_argument(
+        '--device',
+        type=str,
+        default='auto',
+        help='auto (CUDA when present, else CPU), cpu, cuda or cuda:N',
+    )
+    group.add_argument(
+        '--amp',
+        action='store_true',
+        help='mixed precision: bfloat16 autocast on CPU, float16 or bfloat16 on'
+        ' CUDA; the contrastive loss and softmax stay in float32',
+    )
+    group.add_argument(
+        '--amp_dtype',
+        type=str,
+        default='auto',
+        choices=['auto', 'bfloat16', 'float16'],
+        help='auto: bfloat16 on CPU and on GPUs that support it, else float16'
+        ' with a gradient scaler',
+    )
+    group.add_argument(
+        '--channels_last',
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help='NHWC memory format for the conv net; default: on with --amp,'
+        ' where it measured faster (benchmarks/README.md)',
+    )
     if training:
-        group.add_argument('--cpu_bf16_wgrad', type=str, default='matmul', choices=['matmul', 'onednn'],
-                           help='CPU with --amp only: compute the weight gradient of convolutions'
-                                ' with small output maps as one matrix product (matmul, measured'
-                                ' 1.26x faster per step, benchmarks/README.md) or with oneDNN as'
-                                ' stock PyTorch does')
-    group.add_argument('--compile', action='store_true',
-                       help='torch.compile the model (pays on CUDA; long warm-up on CPU)')
+        group.add_argument(
+            '--cpu_bf16_wgrad',
+            type=str,
+            default='matmul',
+            choices=['matmul', 'onednn'],
+            help='CPU with --amp only: compute the weight gradient of convolutions'
+            ' with small output maps as one matrix product (matmul, measured'
+            ' 1.26x faster per step, benchmarks/README.md) or with oneDNN as'
+            ' stock PyTorch does',
+        )
+    group.add_argument(
+        '--compile',
+        action='store_true',
+        help='torch.compile the model (pays on CUDA; long warm-up on CPU)',
+    )
     if not training:
-        group.add_argument('--seed', type=int, default=0,
-                           help='picks the subset of test images and seeds t-SNE')
+        group.add_argument(
+            '--seed', type=int, default=0, help='picks the subset of test images and seeds t-SNE'
+        )
         return group
-    group.add_argument('--seed', type=int, default=None,
-                       help='seed for data order, augmentation and initialisation;'
-                            ' random (and recorded in the checkpoint) when not given')
-    group.add_argument('--resume', type=str, default=None,
-                       help='checkpoint to continue from, or "auto" for the newest one in'
-                            ' this run\'s save folder')
+    group.add_argument(
+        '--seed',
+        type=int,
+        default=None,
+        help='seed for data order, augmentation and initialisation;'
+        ' random (and recorded in the checkpoint) when not given',
+    )
+    group.add_argument(
+        '--resume',
+        type=str,
+        default=None,
+        help='checkpoint to continue from, or "auto" for the newest one in this run\'s save folder',
+    )
     return group
-
 
 
 # --------------------------------------------------------------------------- devices
@@ -79,29 +117,36 @@ def setup_runtime(opt):
     if want == 'auto':
         want = 'cuda' if torch.cuda.is_available() else 'cpu'
     if want.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError(f'--device {opt.device}: CUDA is not available on this machine;'
-                        f' use --device cpu')
+        raise UserError(
+            f'--device {opt.device}: CUDA is not available on this machine; use --device cpu'
+        )
     if want.startswith('cuda:') and int(want[5:]) >= torch.cuda.device_count():
-        raise UserError(f'--device {want}: this machine has {torch.cuda.device_count()} CUDA'
-                        f' device(s), numbered from 0')
+        raise UserError(
+            f'--device {want}: this machine has {torch.cuda.device_count()} CUDA'
+            f' device(s), numbered from 0'
+        )
     if opt.distributed and want.startswith('cuda'):
         want = f'cuda:{local_rank}'
     opt.device = torch.device(want)
     # checked before the process group starts, so every rank fails at once
     batch_size = getattr(opt, 'batch_size', opt.world_size)  # main_tsne.py only evaluates
     if batch_size % opt.world_size:
-        raise UserError(f'--batch_size {opt.batch_size} does not divide by the {opt.world_size}'
-                        f' processes; --batch_size is the global batch, pick a multiple of'
-                        f' {opt.world_size}')
+        raise UserError(
+            f'--batch_size {opt.batch_size} does not divide by the {opt.world_size}'
+            f' processes; --batch_size is the global batch, pick a multiple of'
+            f' {opt.world_size}'
+        )
     if opt.distributed and getattr(opt, 'syncBN', False) and opt.device.type != 'cuda':
-        raise UserError(f'--syncBN needs CUDA devices (PyTorch\'s SyncBatchNorm does not run on'
-                        f' {opt.device.type}); drop --syncBN or run with --device cuda')
+        raise UserError(
+            f'--syncBN needs CUDA devices (PyTorch\'s SyncBatchNorm does not run on'
+            f' {opt.device.type}); drop --syncBN or run with --device cuda'
+        )
     if opt.device.type == 'cuda':
         if opt.device.index is None:  # set_device and DDP need an explicit index
             opt.device = torch.device('cuda', torch.cuda.current_device())
         torch.cuda.set_device(opt.device)
         torch.backends.cudnn.benchmark = True
-    if opt.distributed and not dist.is_initialized():
+    if opt.distributed and not is_initialized():
         dist.init_process_group(backend='nccl' if opt.device.type == 'cuda' else 'gloo')
     opt.local_batch_size = batch_size // opt.world_size
     opt.local_batch_size_val = max(1, getattr(opt, 'batch_size_val', 256) // opt.world_size)
@@ -111,10 +156,12 @@ def setup_runtime(opt):
     opt.pin_memory = opt.device.type == 'cuda'
     configure_precision(opt)
     if getattr(opt, 'syncBN', False) and not opt.distributed and is_main_process():
-        print('note: --syncBN has no effect without torchrun (a single process already sees'
-              ' the whole batch); start with torchrun to synchronise BatchNorm across GPUs')
+        print(
+            'note: --syncBN has no effect without torchrun (a single process already sees'
+            ' the whole batch); start with torchrun to synchronise BatchNorm across GPUs'
+        )
     if opt.seed is None:
-        opt.seed = random.SystemRandom().randrange(2 ** 31)
+        opt.seed = random.SystemRandom().randrange(2**31)
         if opt.distributed:
             # the samplers shard one shared permutation: every rank must draw it from one seed
             seed = torch.tensor([opt.seed], dtype=torch.long, device=opt.device)
@@ -144,25 +191,34 @@ def torchrun_environment():
         try:
             values.append(int(text))
         except ValueError:
-            raise UserError(f'the environment variable {name}={text!r} is not a whole number;'
-                            f' start the processes with torchrun, or unset WORLD_SIZE, RANK and'
-                            f' LOCAL_RANK to run one process') from None
+            raise UserError(
+                f'the environment variable {name}={text!r} is not a whole number;'
+                f' start the processes with torchrun, or unset WORLD_SIZE, RANK and'
+                f' LOCAL_RANK to run one process'
+            ) from None
     world_size, rank, local_rank = values
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise UserError(f'the environment says WORLD_SIZE={world_size}, RANK={rank},'
-                        f' LOCAL_RANK={local_rank}, which cannot be: start the processes with'
-                        f' torchrun, or unset WORLD_SIZE, RANK and LOCAL_RANK to run one process')
+        raise UserError(
+            f'the environment says WORLD_SIZE={world_size}, RANK={rank},'
+            f' LOCAL_RANK={local_rank}, which cannot be: start the processes with'
+            f' torchrun, or unset WORLD_SIZE, RANK and LOCAL_RANK to run one process'
+        )
     if world_size == 1:
         return 1, 0, 0
-    missing = [name for name in ('RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
-               if not os.environ.get(name)]
+    missing = [
+        name
+        for name in ('RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+        if not os.environ.get(name)
+    ]
     if missing:  # variables left in a shell, not torchrun (which sets them all)
         names = ' and '.join([', '.join(missing[:-1]), missing[-1]] if missing[:-1] else missing)
-        raise UserError(f'WORLD_SIZE={world_size} is set but {names}'
-                        f' {"is" if len(missing) == 1 else "are"} not: start the processes'
-                        f' with torchrun (e.g. torchrun --nproc_per_node {world_size}'
-                        f' {os.path.basename(sys.argv[0])} ...), or unset WORLD_SIZE, RANK and'
-                        f' LOCAL_RANK to run one process')
+        raise UserError(
+            f'WORLD_SIZE={world_size} is set but {names}'
+            f' {"is" if len(missing) == 1 else "are"} not: start the processes'
+            f' with torchrun (e.g. torchrun --nproc_per_node {world_size}'
+            f' {os.path.basename(sys.argv[0])} ...), or unset WORLD_SIZE, RANK and'
+            f' LOCAL_RANK to run one process'
+        )
     return world_size, rank, local_rank
 
 
@@ -173,8 +229,9 @@ def configure_precision(opt):
         dtype = opt.amp_dtype
         if opt.device.type == 'cpu':
             if dtype == 'float16':
-                raise UserError('--amp_dtype float16 is for CUDA; on CPU use --amp_dtype'
-                                ' bfloat16 (or auto)')
+                raise UserError(
+                    '--amp_dtype float16 is for CUDA; on CPU use --amp_dtype bfloat16 (or auto)'
+                )
             dtype = 'bfloat16'
         elif opt.device.type == 'cuda' and dtype == 'auto':
             dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
@@ -216,14 +273,22 @@ def prepare_model(model, opt, parallel='encoder'):
     """
     if opt.distributed and getattr(opt, 'syncBN', False):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if (opt.device.type == 'cpu' and opt.amp_torch_dtype == torch.bfloat16 and not opt.compile
-            and getattr(opt, 'cpu_bf16_wgrad', 'matmul') == 'matmul'):
+    if (
+        opt.device.type == 'cpu'
+        and opt.amp_torch_dtype == torch.bfloat16
+        and not opt.compile
+        and getattr(opt, 'cpu_bf16_wgrad', 'matmul') == 'matmul'
+    ):
         use_matmul_weight_grad(model)
     model = model.to(opt.device)
     if opt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if (not opt.distributed and parallel is not None and opt.device.type == 'cuda'
-            and torch.cuda.device_count() > 1):
+    if (
+        not opt.distributed
+        and parallel is not None
+        and opt.device.type == 'cuda'
+        and torch.cuda.device_count() > 1
+    ):
         if parallel:
             setattr(model, parallel, nn.DataParallel(getattr(model, parallel)))
         else:
@@ -247,39 +312,16 @@ def unwrap(model):
             return model
 
 
-
 # --------------------------------------------------------------------------- distributed
 
 
-def is_main_process():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def all_reduce_sum(tensor):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
-@contextlib.contextmanager
-def main_process_first():
-    """Let rank 0 go first (e.g. to download a data set) while the others wait."""
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed and not is_main_process():
-        dist.barrier()
-    yield
-    if distributed and is_main_process():
-        dist.barrier()
-
-
 def cleanup_runtime():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_process_group()
 
 
 def seed_everything(seed):
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -290,8 +332,9 @@ def step_statistics(opt, *values):
     last: every rank then stops at the same step, so none waits forever in a
     collective the others left.
     """
-    stats = torch.stack([torch.as_tensor(v, device=opt.device).detach().double().reshape(())
-                         for v in values])
+    stats = torch.stack(
+        [torch.as_tensor(v, device=opt.device).detach().double().reshape(()) for v in values]
+    )
     all_reduce_sum(stats)
     return stats.tolist()
 

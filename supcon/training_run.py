@@ -6,6 +6,7 @@ optimizer, ``end_epoch``/``save`` write the reference's files (plus a rolling
 ``checkpoint.pth``), and a signal saves the position inside the epoch before the
 script exits. No file it writes holds a NaN or infinite weight.
 """
+
 import argparse
 import contextlib
 import glob
@@ -17,15 +18,23 @@ import sys
 
 import torch
 
-from checkpoint import (bare_state_dict, checkpoint_position, first_nonfinite,
-                        folder_write_problem, load_bare_state_dict, load_checkpoint,
-                        newest_checkpoint, resume_problem, rng_state, save_checkpoint,
-                        set_rng_state)
-from options import plain_options
-from runtime import all_reduce_sum, cleanup_runtime, is_main_process, seed_everything
-from tb_logger import TBLogger
-from util import NonFiniteLossError, UserError
-
+from supcon.checkpoint import (
+    bare_state_dict,
+    checkpoint_position,
+    first_nonfinite,
+    folder_write_problem,
+    load_bare_state_dict,
+    load_checkpoint,
+    newest_checkpoint,
+    resume_problem,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from supcon.errors import NonFiniteLossError, UserError
+from supcon.options import plain_options
+from supcon.runtime import all_reduce_sum, cleanup_runtime, is_main_process, seed_everything
+from supcon.tb_logger import TBLogger
 
 #: save folder (absolute) -> the last checkpoint a Run in this process saved or resumed from
 _LAST_GOOD = {}
@@ -38,10 +47,12 @@ def last_good_checkpoint(folder):
 
 def diverged_advice(opt, last_good):
     """The end of a divergence error: what was kept and what to change."""
-    kept = (f'the last good checkpoint is {last_good}' if last_good
-            else 'no checkpoint was saved before it')
-    return (f'{kept}; lower --learning_rate (now {opt.learning_rate}) or add --warm and start'
-            f' again')
+    kept = (
+        f'the last good checkpoint is {last_good}'
+        if last_good
+        else 'no checkpoint was saved before it'
+    )
+    return f'{kept}; lower --learning_rate (now {opt.learning_rate}) or add --warm and start again'
 
 
 def check_finite(loss, epoch, step, opt):
@@ -50,7 +61,8 @@ def check_finite(loss, epoch, step, opt):
         last_good = last_good_checkpoint(opt.save_folder)
         raise NonFiniteLossError(
             f'loss is {loss} at epoch {epoch}, step {step}: training diverged and nothing was'
-            f' saved from it; {diverged_advice(opt, last_good)}')
+            f' saved from it; {diverged_advice(opt, last_good)}'
+        )
 
 
 class Run:
@@ -62,10 +74,34 @@ class Run:
     """
 
     #: Options that define the run: resuming with another value is refused.
-    FIXED = ('model', 'dataset', 'method', 'batch_size', 'size', 'stem', 'head', 'feat_dim',
-             'temp', 'ckpt', 'seed', 'learning_rate', 'cosine', 'num_classes', 'weight_decay',
-             'momentum', 'lr_decay_rate', 'lr_decay_epochs', 'warm', 'moco', 'moco_k', 'moco_m',
-             'optimizer', 'aug', 'patch_size', 'val_split')
+    FIXED = (
+        'model',
+        'dataset',
+        'method',
+        'batch_size',
+        'size',
+        'stem',
+        'head',
+        'feat_dim',
+        'temp',
+        'ckpt',
+        'seed',
+        'learning_rate',
+        'cosine',
+        'num_classes',
+        'weight_decay',
+        'momentum',
+        'lr_decay_rate',
+        'lr_decay_epochs',
+        'warm',
+        'moco',
+        'moco_k',
+        'moco_m',
+        'optimizer',
+        'aug',
+        'patch_size',
+        'val_split',
+    )
 
     def __init__(self, opt, meters=None):
         """Find and read the ``--resume`` checkpoint; call before building loaders.
@@ -94,8 +130,10 @@ class Run:
             path = newest_checkpoint(opt.save_folder)
             if path is None:
                 if is_main_process():
-                    print(f'--resume auto: no checkpoint in {opt.save_folder} yet; starting a'
-                          f' fresh run')
+                    print(
+                        f'--resume auto: no checkpoint in {opt.save_folder} yet; starting a'
+                        f' fresh run'
+                    )
                 return
         self._ckpt, self._ckpt_path = load_checkpoint(path, flag='--resume'), path
         problem = resume_problem(self._ckpt)
@@ -122,9 +160,11 @@ class Run:
             if all_reduce_sum(flag).item() and problem is None:
                 problem = 'the main process cannot write there'
         if problem:
-            raise UserError(f'cannot write checkpoints to {folder} ({problem}): make it'
-                            f' writable, or start the script from a folder you can write to'
-                            f' (it saves under ./save/ there)')
+            raise UserError(
+                f'cannot write checkpoints to {folder} ({problem}): make it'
+                f' writable, or start the script from a folder you can write to'
+                f' (it saves under ./save/ there)'
+            )
 
     def note_once(self, key, message):
         """Print ``message`` on the main process the first time ``key`` comes up in this run."""
@@ -143,15 +183,19 @@ class Run:
         try:
             load_bare_state_dict(self.model, ckpt['model'])
         except RuntimeError:
-            raise UserError(f'--resume {path}: its weights do not fit this model; resume with'
-                            f' the options it was trained with') from None
+            raise UserError(
+                f'--resume {path}: its weights do not fit this model; resume with'
+                f' the options it was trained with'
+            ) from None
         if 'optimizer' in ckpt:
             try:
                 self.optimizer.load_state_dict(ckpt['optimizer'])
             except (ValueError, KeyError, TypeError, RuntimeError):
-                raise UserError(f'--resume {path}: its optimizer state does not fit this'
-                                f' model and optimizer; resume with the options it was trained'
-                                f' with') from None
+                raise UserError(
+                    f'--resume {path}: its optimizer state does not fit this'
+                    f' model and optimizer; resume with the options it was trained'
+                    f' with'
+                ) from None
         if self.scaler is not None and ckpt.get('scaler'):
             self.scaler.load_state_dict(ckpt['scaler'])
         set_rng_state(ckpt.get('rng'))
@@ -161,8 +205,10 @@ class Run:
         self.extra = dict(ckpt.get('extra', {}))
         for name, module in self.modules.items():
             if name not in ckpt:
-                raise UserError(f'--resume {path} has no {name} state; resume with the options it'
-                                f' was trained with')
+                raise UserError(
+                    f'--resume {path} has no {name} state; resume with the options it'
+                    f' was trained with'
+                )
             module.load_state_dict(ckpt[name])
         epoch, step = checkpoint_position(ckpt)
         # a mid-epoch checkpoint records the last complete epoch and the steps done since
@@ -185,15 +231,19 @@ class Run:
             if key in saved and hasattr(opt, key) and saved[key] != getattr(opt, key):
                 now, then = getattr(opt, key), saved[key]
                 if isinstance(then, bool):  # a switch such as --cosine
-                    raise UserError(f'--resume {path}: the run was trained'
-                                    f' {"with" if then else "without"} --{key}; resume'
-                                    f' {"with" if then else "without"} it or start a new run'
-                                    f' (another --trial)')
+                    raise UserError(
+                        f'--resume {path}: the run was trained'
+                        f' {"with" if then else "without"} --{key}; resume'
+                        f' {"with" if then else "without"} it or start a new run'
+                        f' (another --trial)'
+                    )
                 if isinstance(then, (list, tuple)):  # --lr_decay_epochs
                     now, then = ','.join(map(str, now)), ','.join(map(str, then))
-                raise UserError(f'--resume {path}: --{key} {now} differs from the'
-                                f' run\'s {then}; resume with --{key} {then} or start'
-                                f' a new run (another --trial)')
+                raise UserError(
+                    f'--resume {path}: --{key} {now} differs from the'
+                    f' run\'s {then}; resume with --{key} {then} or start'
+                    f' a new run (another --trial)'
+                )
 
     def _remove_stale_temporaries(self):
         if is_main_process():
@@ -204,8 +254,9 @@ class Run:
     def begin_epoch(self, epoch, sampler):
         """Point the sampler at this epoch's order and past the steps a resumed epoch did."""
         sampler.set_epoch(epoch)
-        sampler.set_start(self.start_step * self.opt.local_batch_size
-                          if epoch == self.start_epoch else 0)
+        sampler.set_start(
+            self.start_step * self.opt.local_batch_size if epoch == self.start_epoch else 0
+        )
 
     def epoch_start_step(self, epoch):
         """Steps of ``epoch`` already done before a mid-epoch resume (else 0)."""
@@ -224,8 +275,9 @@ class Run:
             'step': step,
             # a Namespace, as the reference writes it: ckpt['opt'].model works in users' tools
             'opt': argparse.Namespace(**plain_options(self.opt)),
-            'scaler': self.scaler.state_dict() if self.scaler is not None and
-            self.scaler.is_enabled() else None,
+            'scaler': self.scaler.state_dict()
+            if self.scaler is not None and self.scaler.is_enabled()
+            else None,
             'rng': rng_state(),
             'meters': {name: m.state_dict() for name, m in self.meters.items()} if step else {},
             'extra': self.extra,
@@ -246,7 +298,8 @@ class Run:
             raise NonFiniteLossError(
                 f'training diverged: after {where} the weights hold NaN or infinite values'
                 f' ({bad}), so nothing was saved from it; '
-                f'{diverged_advice(self.opt, last_good_checkpoint(self.opt.save_folder))}')
+                f'{diverged_advice(self.opt, last_good_checkpoint(self.opt.save_folder))}'
+            )
         return state
 
     def save(self, name, epoch, step=0):
@@ -268,19 +321,21 @@ class Run:
         save_checkpoint(state, path)
         self.last_good = path
         if epoch % self.opt.save_freq == 0:
-            save_checkpoint(state, os.path.join(self.opt.save_folder,
-                                                f'ckpt_epoch_{epoch}.pth'))
+            save_checkpoint(state, os.path.join(self.opt.save_folder, f'ckpt_epoch_{epoch}.pth'))
 
     def interrupted(self, epoch, step):
         """Save the position after a signal and exit non-zero with how to resume."""
         path = self.save('checkpoint.pth', epoch - 1, step)
         if is_main_process():
-            command = shlex.join([sys.argv[0]] + without_resume(sys.argv[1:])
-                                 + ['--resume', 'auto'])
-            launcher = ('torchrun <the same torchrun options>' if self.opt.distributed
-                        else 'python')
-            print(f'stopped by {self.stop.name} at epoch {epoch}, step {step}; saved {path}.'
-                  f' Continue with: {launcher} {command}', flush=True)
+            command = shlex.join(
+                [sys.argv[0]] + without_resume(sys.argv[1:]) + ['--resume', 'auto']
+            )
+            launcher = 'torchrun <the same torchrun options>' if self.opt.distributed else 'python'
+            print(
+                f'stopped by {self.stop.name} at epoch {epoch}, step {step}; saved {path}.'
+                f' Continue with: {launcher} {command}',
+                flush=True,
+            )
         self.close()
         cleanup_runtime()
         sys.exit(128 + self.stop.signum)
@@ -325,13 +380,14 @@ class GracefulStop:
     def _handle(self, signum, frame):
         if self.signum and signum == signal.SIGINT:
             kept = f' in {self.save_folder}' if self.save_folder else ''
-            raise KeyboardInterrupt(f'stopped by a second Ctrl-C without saving the current'
-                                    f' position; the checkpoints already saved{kept} are'
-                                    f' intact: continue from them with --resume auto')
+            raise KeyboardInterrupt(
+                f'stopped by a second Ctrl-C without saving the current'
+                f' position; the checkpoints already saved{kept} are'
+                f' intact: continue from them with --resume auto'
+            )
         self.signum = signum
         if is_main_process():
-            print(f'\n{self.name} received: finishing the current step, then saving',
-                  flush=True)
+            print(f'\n{self.name} received: finishing the current step, then saving', flush=True)
 
     @property
     def name(self):

@@ -1,4 +1,5 @@
-"""Momentum ("key") encoder, label-aware feature queue and shuffle-BN for SupCon/SimCLR with ``--moco``.
+"""Momentum ("key") encoder, label-aware feature queue and shuffle-BN for SupCon/SimCLR with
+``--moco``.
 
 The query model is trained by SGD as usual. A frozen copy of it, the key encoder, follows it as an
 exponential moving average and embeds the second view of each image; those keys are appended to a
@@ -9,49 +10,44 @@ pass the same number of rows (DistributedSampler gives every rank the same numbe
 tensors on the device the backend works with (CUDA for nccl). Without an initialised process group,
 or with a world size of 1, the helpers work on the local tensors alone.
 """
+
 import copy
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from gather import all_gather_rows
-
-
-def _rank_and_world():
-    """(rank, world size) of the default process group, or (0, 1) when there is none."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from supcon.distributed import all_gather_rows, get_rank, get_world_size
 
 
 @torch.no_grad()
 def gather_no_grad(tensor):
     """All ranks' rows of ``tensor`` concatenated in rank order, detached (no gradient flows back).
 
-    Every rank must pass a tensor of the same shape. With one process it returns ``tensor.detach()``.
+    Every rank must pass a tensor of the same shape. With one process it returns
+    ``tensor.detach()``.
     """
-    return all_gather_rows(tensor, [tensor.shape[0]] * _rank_and_world()[1])
+    return all_gather_rows(tensor, [tensor.shape[0]] * get_world_size())
 
 
 @torch.no_grad()
 def shuffle_across_ranks(x, seed):
-    """Shuffle-BN, first half: returns (this rank's share of a random permutation of all ranks' rows,
-    the index that undoes it), for ``unshuffle_across_ranks``.
+    """Shuffle-BN, first half: returns (this rank's share of a random permutation of all ranks'
+    rows, the index that undoes it), for ``unshuffle_across_ranks``.
 
     The permutation of the ``world * len(x)`` gathered rows is drawn on rank 0 from its own
-    ``torch.Generator`` seeded with ``seed`` (the global RNG is not touched, so a run is repeatable and
-    resumable) and broadcast, so all ranks agree even if their seeds differ. Pass a different seed at
-    every step (e.g. derived from the global step), or every step uses the same permutation.
+    ``torch.Generator`` seeded with ``seed`` (the global RNG is not touched, so a run is repeatable
+    and resumable) and broadcast, so all ranks agree even if their seeds differ. Pass a different
+    seed at every step (e.g. derived from the global step), or every step uses the same permutation.
 
-    With one process this is a no-op: it returns ``x`` itself and the identity index. Reordering rows
-    inside one process changes nothing for BatchNorm, which then sees the whole batch of keys. The
-    leak shuffle-BN guards against (keys whose BN statistics come from the same sub-batch as their
-    queries) is not prevented there; since those statistics are shared by every key of the batch, it
-    can only help tell this batch's keys from the queue's older keys, not one key of the batch from
-    another.
+    With one process this is a no-op: it returns ``x`` itself and the identity index. Reordering
+    rows inside one process changes nothing for BatchNorm, which then sees the whole batch of keys.
+    The leak shuffle-BN guards against (keys whose BN statistics come from the same sub-batch as
+    their queries) is not prevented there; since those statistics are shared by every key of the
+    batch, it can only help tell this batch's keys from the queue's older keys, not one key of the
+    batch from another.
     """
-    rank, world = _rank_and_world()
+    rank, world = get_rank(), get_world_size()
     if world == 1:
         return x, torch.arange(len(x), device=x.device)
     gathered = gather_no_grad(x)
@@ -69,7 +65,7 @@ def shuffle_across_ranks(x, seed):
 def unshuffle_across_ranks(y, index):
     """Shuffle-BN, second half: given this rank's rows ``y`` computed from the shuffled rows and the
     ``index`` from ``shuffle_across_ranks``, returns the rows in this rank's original order."""
-    rank, world = _rank_and_world()
+    rank, world = get_rank(), get_world_size()
     if world == 1:
         return y[index]
     return gather_no_grad(y)[index.view(world, -1)[rank]]
@@ -88,7 +84,8 @@ class KeyEncoder(nn.Module):
     In train mode BatchNorm normalises with the current batch's statistics, so the running buffers
     never influence the keys; they would only matter if the key encoder were run in eval mode, and
     then statistics measured on the key encoder's own activations (and own, shuffled, sub-batches)
-    describe it better than the query model's. Copying them would buy nothing and cost a copy a step.
+    describe it better than the query model's. Copying them would buy nothing and cost a copy a
+    step.
     """
 
     def __init__(self, query_model):
@@ -102,15 +99,17 @@ class KeyEncoder(nn.Module):
         """EMA step, in place, for every parameter: key = momentum * key + (1 - momentum) * query.
 
         Call it after every optimizer step, with the bare query model. ``momentum=1`` leaves the key
-        encoder unchanged, ``momentum=0`` copies the query parameters. Buffers are left alone (see the
-        class docstring). Raises ValueError if the models' parameter names or shapes differ (a DDP
-        wrapper, for one, prefixes every name with ``module.``).
+        encoder unchanged, ``momentum=0`` copies the query parameters. Buffers are left alone (see
+        the class docstring). Raises ValueError if the models' parameter names or shapes differ (a
+        DDP wrapper, for one, prefixes every name with ``module.``).
         """
         key_params = list(self.model.named_parameters())
         query_params = list(query_model.named_parameters())
         if [(n, p.shape) for n, p in key_params] != [(n, p.shape) for n, p in query_params]:
-            raise ValueError('query model does not match the key encoder; pass the bare module the key '
-                             'encoder was built from, not a DistributedDataParallel wrapper')
+            raise ValueError(
+                'query model does not match the key encoder; pass the bare module the key '
+                'encoder was built from, not a DistributedDataParallel wrapper'
+            )
         momentum = float(momentum)
         for (_, key), (_, query) in zip(key_params, query_params):
             key.mul_(momentum).add_(query.detach(), alpha=1.0 - momentum)
@@ -134,8 +133,8 @@ class KeyEncoder(nn.Module):
 
 
 class LabelQueue(nn.Module):
-    """A ring buffer of the ``size`` most recent keys [size, dim] (float32, detached) and their int64
-    labels [size], shared by all ranks.
+    """A ring buffer of the ``size`` most recent keys [size, dim] (float32, detached) and their
+    int64 labels [size], shared by all ranks.
 
     State, all registered buffers so ``state_dict()`` restores the queue exactly: ``features``,
     ``labels`` (unfilled rows hold zeros and -1), ``ptr`` (the slot the next row goes to) and
@@ -154,8 +153,8 @@ class LabelQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, features, labels):
-        """Append this rank's keys ``features`` [n, dim] (L2-normalised by the caller; stored as given,
-        cast to float32) and ``labels`` [n], overwriting the oldest rows.
+        """Append this rank's keys ``features`` [n, dim] (L2-normalised by the caller; stored as
+        given, cast to float32) and ``labels`` [n], overwriting the oldest rows.
 
         Side effects: when a process group with world size > 1 is initialised, it first gathers the
         rows and labels of all ranks (a collective: every rank must call it, with the same n), so
@@ -183,8 +182,8 @@ class LabelQueue(nn.Module):
 
     def contents(self):
         """(features [n, dim], labels [n]) of the n filled rows, copies (later enqueues, which write
-        in place, cannot disturb a loss that holds them). Order: by slot, not by age; until the queue
-        is full the filled slots are 0..n-1, then all slots are returned."""
+        in place, cannot disturb a loss that holds them). Order: by slot, not by age;
+        until the queue is full the filled slots are 0..n-1, then all slots are returned."""
         n = int(self.count)
         return self.features[:n].clone(), self.labels[:n].clone()
 

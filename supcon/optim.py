@@ -36,6 +36,7 @@ timm's denominator ``||g|| + wd * ||w||`` is the LARS paper's; SimCLR's TF code
 uses ``||g + wd * w||`` instead (equal when ``g`` and ``w`` point the same way,
 and the two differ little in practice).
 """
+
 import util
 
 OPTIMIZER_NAMES = ('sgd', 'lars')
@@ -87,10 +88,19 @@ def build_optimizer(opt, model):
         return util.set_optimizer(opt, model)
     if name == 'lars':
         from timm.optim import Lars
+
         groups = lars_param_groups(model, opt.weight_decay)
         if not groups:
             raise util.UserError('the model has no trainable parameters to optimise')
-        return Lars(groups, lr=opt.learning_rate, momentum=opt.momentum,
-                    weight_decay=opt.weight_decay, trust_coeff=LARS_TRUST_COEFF,
-                    eps=LARS_EPS, trust_clip=LARS_TRUST_CLIP)
-    raise util.UserError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}")
+        return Lars(
+            groups,
+            lr=opt.learning_rate,
+            momentum=opt.momentum,
+            weight_decay=opt.weight_decay,
+            trust_coeff=LARS_TRUST_COEFF,
+            eps=LARS_EPS,
+            trust_clip=LARS_TRUST_CLIP,
+        )
+    raise util.UserError(
+        f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}"
+    )

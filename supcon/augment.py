@@ -6,9 +6,9 @@ and ``RandomHorizontalFlip()`` and ends with ``ToTensor()`` and
 SimCLR (``supcon_transform``) apply it twice per image (``TwoCropTransform``);
 cross-entropy and the linear classifier (``train_transform``) once.
 
-======================  ==============================================  ==============================
+======================  ==============================================  ============================
 ``--aug``               SupCon / SimCLR view (two per image)            cross-entropy / linear
-======================  ==============================================  ==============================
+======================  ==============================================  ============================
 ``simclr`` (default)    colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8,  crop + flip only (the
                         grayscale with p=0.2 (the reference pipeline)   reference pipeline)
 ``autoaugment``         torchvision ``AutoAugment``, ImageNet policy,   ``AutoAugment`` (ImageNet
@@ -16,11 +16,12 @@ cross-entropy and the linear classifier (``train_transform``) once.
 ``randaugment``         torchvision ``RandAugment``, 2 ops, magnitude   the same ``RandAugment``
                         9 of 10, in place of the jitter and grayscale
 ``stacked_randaugment`` ``RandAugment``, 2 ops, magnitude 10 of 10,     the same as for SupCon
-                        then the ``simclr`` jitter and grayscale
-``none``                refused (two identical views teach nothing)     no augmentation: the test
+then the ``simclr`` jitter and grayscale ``none``                refused (two identical views teach
+                                                                        nothing)     no
+                                                                        augmentation: the test
                                                                         transform (a probe on fixed
-                                                                        features)
-======================  ==============================================  ==============================
+features) ======================  ==============================================
+============================
 
 The test transform is the same for every ``--aug``: ``Resize((size, size))``,
 ``ToTensor()``, ``Normalize``.
@@ -57,9 +58,11 @@ AutoAugment is the fastest of the four at run time. None of this was measured
 on CIFAR; the reference PyTorch code (whose CIFAR numbers the paper reports)
 uses the ``simclr`` pipeline.
 """
+
 from torchvision import transforms
 
-from util import TwoCropTransform, UserError
+from supcon.errors import UserError
+from util import TwoCropTransform
 
 AUG_NAMES = ('simclr', 'autoaugment', 'randaugment', 'stacked_randaugment')
 # main_ce.py and main_linear.py may also train on the plain test transform
@@ -70,18 +73,27 @@ RANDAUGMENT_MAGNITUDE = 9
 STACKED_RANDAUGMENT_MAGNITUDE = 10
 MAGNITUDE_BINS = 11  # magnitudes 0..10, the RandAugment paper's scale
 
+# The SimCLR pipeline of the reference, shared with the device pipeline (gpu_augment.py)
+CROP_SCALE = (0.2, 1.0)  # RandomResizedCrop area fraction (the reference's, not SimCLR's 0.08)
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range
+JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+JITTER_P = 0.8
+GRAYSCALE_P = 0.2
+
 
 def _check(aug, names=AUG_NAMES):
     if aug == 'none' and 'none' not in names:
-        raise UserError("--aug none would give SupCon/SimCLR two identical views of each image;"
-                        " it is for main_linear.py and main_ce.py: pick another --aug")
+        raise UserError(
+            "--aug none would give SupCon/SimCLR two identical views of each image;"
+            " it is for main_linear.py and main_ce.py: pick another --aug"
+        )
     if aug not in names:
         raise UserError(f"unknown augmentation {aug!r}; expected one of {', '.join(names)}")
 
 
 def _crop_flip(size):
     return [
-        transforms.RandomResizedCrop(size=size, scale=(0.2, 1.)),
+        transforms.RandomResizedCrop(size=size, scale=CROP_SCALE, ratio=CROP_RATIO),
         transforms.RandomHorizontalFlip(),
     ]
 
@@ -89,14 +101,15 @@ def _crop_flip(size):
 def _colour():
     """The SimCLR colour distortion of the reference SupContrast code."""
     return [
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([transforms.ColorJitter(*JITTER)], p=JITTER_P),
+        transforms.RandomGrayscale(p=GRAYSCALE_P),
     ]
 
 
 def _randaugment(magnitude):
-    return transforms.RandAugment(num_ops=RANDAUGMENT_NUM_OPS, magnitude=magnitude,
-                                  num_magnitude_bins=MAGNITUDE_BINS)
+    return transforms.RandAugment(
+        num_ops=RANDAUGMENT_NUM_OPS, magnitude=magnitude, num_magnitude_bins=MAGNITUDE_BINS
+    )
 
 
 def _policy(aug, contrastive):
@@ -117,8 +130,9 @@ def _finish(mean, std):
 def supcon_transform(size, mean, std, aug='simclr'):
     """Two augmented views of each image, for SupCon and SimCLR."""
     _check(aug)
-    return TwoCropTransform(transforms.Compose(
-        _crop_flip(size) + _policy(aug, contrastive=True) + _finish(mean, std)))
+    return TwoCropTransform(
+        transforms.Compose(_crop_flip(size) + _policy(aug, contrastive=True) + _finish(mean, std))
+    )
 
 
 def train_transform(size, mean, std, aug='simclr'):
@@ -127,7 +141,8 @@ def train_transform(size, mean, std, aug='simclr'):
     if aug == 'none':
         return test_transform(size, mean, std)
     return transforms.Compose(
-        _crop_flip(size) + _policy(aug, contrastive=False) + _finish(mean, std))
+        _crop_flip(size) + _policy(aug, contrastive=False) + _finish(mean, std)
+    )
 
 
 def test_transform(size, mean, std):
@@ -141,14 +156,20 @@ def add_augmentation_arguments(parser, classifier=False, gpu_aug=True):
     offers ``--aug none``, training on the test transform."""
     group = parser.add_argument_group('augmentation (not in the reference)')
     names = CLASSIFIER_AUG_NAMES if classifier else AUG_NAMES
-    extra = ('; none: no augmentation, training images get the test transform' if classifier
-             else '')
-    group.add_argument('--aug', type=str, default='simclr', choices=names,
-                       help='training augmentation (augment.py has the table); simclr is the'
-                            ' reference\'s' + extra)
+    extra = '; none: no augmentation, training images get the test transform' if classifier else ''
+    group.add_argument(
+        '--aug',
+        type=str,
+        default='simclr',
+        choices=names,
+        help='training augmentation (augment.py has the table); simclr is the reference\'s' + extra,
+    )
     if not gpu_aug:
         return group
-    group.add_argument('--gpu_aug', action='store_true',
-                       help='loader workers only decode; crops, flips and colour run batched on'
-                            ' the training device (kornia; README "Augmentation on the GPU")')
+    group.add_argument(
+        '--gpu_aug',
+        action='store_true',
+        help='loader workers only decode; crops, flips and colour run batched on'
+        ' the training device (kornia; README "Augmentation on the GPU")',
+    )
     return group
