@@ -47,12 +47,13 @@ CONFIGS = {
     'compile': ['--compile'],
     'amp+compile': ['--amp', '--compile'],
     'amp-fp16+compile': ['--amp', '--amp_dtype', 'float16', '--compile'],
-    'amp-onednn-wgrad': ['--amp', '--cpu_bf16_wgrad', 'onednn'],
+    'amp-onednn-wgrad': ['--amp', '--cpu_bf16_wgrad', 'onednn'],  # the default since torch 2.14
+    'amp-matmul-wgrad': ['--amp', '--cpu_bf16_wgrad', 'matmul'],
     'fp32+gpu_aug': ['--gpu_aug'],  # augmentation as batched tensor ops on the device (kornia)
     'amp+gpu_aug': ['--amp', '--gpu_aug'],
 }
 DEFAULT_CONFIGS = {
-    'cpu': ['fp32', 'amp', 'amp-onednn-wgrad', 'amp-no-cl', 'fp32+cl', 'compile', 'amp+compile'],
+    'cpu': ['fp32', 'amp', 'amp-matmul-wgrad', 'amp-no-cl', 'fp32+cl', 'compile', 'amp+compile'],
     'cuda': ['fp32', 'fp32+cl', 'amp', 'amp-no-cl', 'amp-fp16', 'compile', 'amp+compile'],
 }
 

@@ -67,12 +67,12 @@ def add_runtime_arguments(parser, training=True):
         group.add_argument(
             '--cpu_bf16_wgrad',
             type=str,
-            default='matmul',
-            choices=['matmul', 'onednn'],
-            help='CPU with --amp only: compute the weight gradient of convolutions'
-            ' with small output maps as one matrix product (matmul, measured'
-            ' 1.26x faster per step, benchmarks/README.md) or with oneDNN as'
-            ' stock PyTorch does',
+            default='onednn',
+            choices=['onednn', 'matmul'],
+            help='CPU with --amp only: compute the weight gradient of convolutions with oneDNN,'
+            ' as stock PyTorch does, or, for small output maps, as one matrix product (matmul;'
+            ' measured 1.07x faster per ResNet-18 step on torch 2.14, below the 1.1x that would'
+            ' make it the default: docs/speed.md)',
         )
     group.add_argument(
         '--compile',
@@ -264,7 +264,7 @@ def prepare_model(model, opt, parallel='encoder'):
     """Move to the device and wrap for several GPUs.
 
     On the CPU under bfloat16 --amp, convolutions get the matmul weight gradient
-    (``networks/cpu_bf16_conv.py``; off with --cpu_bf16_wgrad onednn).
+    (``networks/cpu_bf16_conv.py``) when asked for with --cpu_bf16_wgrad matmul.
     Under torchrun: SyncBatchNorm when --syncBN, then DistributedDataParallel
     over the whole model (when it has anything to train). In a single process
     with several GPUs: DataParallel over ``model.<parallel>`` as the reference
@@ -277,7 +277,7 @@ def prepare_model(model, opt, parallel='encoder'):
         opt.device.type == 'cpu'
         and opt.amp_torch_dtype == torch.bfloat16
         and not opt.compile
-        and getattr(opt, 'cpu_bf16_wgrad', 'matmul') == 'matmul'
+        and getattr(opt, 'cpu_bf16_wgrad', 'onednn') == 'matmul'
     ):
         use_matmul_weight_grad(model)
     model = model.to(opt.device)

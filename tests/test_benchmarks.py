@@ -29,7 +29,7 @@ def test_bench_train_runs_each_configuration_as_asked(tmp_path):
             '--configs',
             'fp32',
             'amp',
-            'amp-onednn-wgrad',
+            'amp-matmul-wgrad',
             '--rounds',
             '2',
             '--json',
@@ -43,12 +43,12 @@ def test_bench_train_runs_each_configuration_as_asked(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.read_text())['results']
-    assert set(results) == {'fp32', 'amp', 'amp-onednn-wgrad'}
+    assert set(results) == {'fp32', 'amp', 'amp-matmul-wgrad'}
     assert results['fp32']['amp_dtype'] == 'float32' and not results['fp32']['channels_last']
-    for name in ('amp', 'amp-onednn-wgrad'):
+    for name in ('amp', 'amp-matmul-wgrad'):
         assert results[name]['amp_dtype'] == 'bfloat16' and results[name]['channels_last']
-    assert results['amp']['conv_wgrad'] == 'matmul'
-    assert results['amp-onednn-wgrad']['conv_wgrad'] == 'onednn'
+    assert results['amp']['conv_wgrad'] == 'onednn'
+    assert results['amp-matmul-wgrad']['conv_wgrad'] == 'matmul'
     for result in results.values():
         assert result['step_s'] > 0 and 0 <= result['data_share'] <= 1
         assert result['batch_size'] == 4
@@ -56,7 +56,7 @@ def test_bench_train_runs_each_configuration_as_asked(tmp_path):
         assert len(result['rounds']) == 2 and result['step_s'] == min(result['rounds'])
     assert [
         line.split(':')[0] for line in done.stdout.splitlines() if line.startswith('round ')
-    ] == [f'round {r}/2 {c}' for r in (1, 2) for c in ('fp32', 'amp', 'amp-onednn-wgrad')]
+    ] == [f'round {r}/2 {c}' for r in (1, 2) for c in ('fp32', 'amp', 'amp-matmul-wgrad')]
     # one table row per configuration, with its speed relative to fp32
     rows = [line for line in done.stdout.splitlines() if line.startswith('| amp')]
     assert len(rows) == 2 and all('x |' in row for row in rows)

@@ -188,6 +188,8 @@ def runtime_options(**overrides):
         cpu_bf16_wgrad='matmul',
     )
     vars(opt).update(overrides)
+    if opt.cpu_bf16_wgrad is None:
+        del opt.cpu_bf16_wgrad
     return opt
 
 
@@ -196,6 +198,7 @@ def runtime_options(**overrides):
     [
         ({}, True),
         ({'cpu_bf16_wgrad': 'onednn'}, False),
+        ({'cpu_bf16_wgrad': None}, False),  # an opt without the flag: the default, oneDNN
         ({'amp_torch_dtype': None}, False),
         ({'compile': True}, False),
     ],
