@@ -114,19 +114,19 @@ def parse_option(argv=None):
     return opt
 
 
-def set_loader(opt):
+def set_loader(opt, rt):
     """(train_loader, train_sampler, val_loader, num_classes, device_augment or None)."""
-    loaders = data.classification_loaders(opt, uint8_train=opt.gpu_aug)
+    loaders = data.classification_loaders(opt, rt, uint8_train=opt.gpu_aug)
     device_augment = None
     if opt.gpu_aug:
         from supcon.gpu_augment import DeviceAugment
 
         mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
-        device_augment = DeviceAugment(opt.size, mean, std, kind='ce').to(opt.device)
+        device_augment = DeviceAugment(opt.size, mean, std, kind='ce').to(rt.device)
     return (*loaders, device_augment)
 
 
-def set_model(opt, num_classes):
+def set_model(opt, rt, num_classes):
     encoder = build_encoder(
         opt.model,
         stem=opt.stem,
@@ -136,11 +136,13 @@ def set_model(opt, num_classes):
     )
     model = SupCEResNet(name=opt.model, num_classes=num_classes, stem=opt.stem, encoder=encoder)
     criterion = nn.CrossEntropyLoss()
-    model = runtime.prepare_model(model, opt, parallel='encoder')
+    model = runtime.prepare_model(model, rt, parallel='encoder')
     return model, criterion
 
 
-def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run, device_augment=None):
+def train(
+    train_loader, model, criterion, optimizer, scaler, epoch, opt, rt, run, device_augment=None
+):
     """One epoch of training; returns (loss, acc, stopped_at)."""
     model.train()
     return engine.train_classifier(
@@ -151,6 +153,7 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run, de
         scaler,
         epoch,
         opt,
+        rt,
         run,
         device_augment=device_augment,
     )
@@ -159,26 +162,26 @@ def train(train_loader, model, criterion, optimizer, scaler, epoch, opt, run, de
 def main():
     best_acc = 0
     opt = parse_option()
-    runtime.setup_runtime(opt)
-    run = Run(opt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
-    options.print_options(opt)
+    rt = runtime.setup_runtime(opt)
+    run = Run(opt, rt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
+    options.print_options(run.options())
 
     # build data loader
-    train_loader, train_sampler, val_loader, num_classes, device_augment = set_loader(opt)
+    train_loader, train_sampler, val_loader, num_classes, device_augment = set_loader(opt, rt)
 
     # build model and criterion
-    model, criterion = set_model(opt, num_classes)
+    model, criterion = set_model(opt, rt, num_classes)
 
     # build optimizer
     optimizer = build_optimizer(opt, model)
-    scaler = runtime.make_scaler(opt)
+    scaler = runtime.make_scaler(rt)
 
     start_epoch = run.restore(model, optimizer, scaler)
     best_acc = run.extra.get('best_acc', best_acc)
     val_acc = run.extra.get('val_acc')
     logger = run.logger
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
-    eval_model = runtime.unwrap(model) if opt.distributed else model
+    eval_model = runtime.unwrap(model) if rt.distributed else model
 
     # training routine
     for epoch in range(start_epoch, opt.epochs + 1):
@@ -195,6 +198,7 @@ def main():
             scaler,
             epoch,
             opt,
+            rt,
             run,
             device_augment=device_augment,
         )
@@ -206,7 +210,9 @@ def main():
 
         # evaluation
         eval_model.eval()
-        val_loss, val_acc, _ = engine.validate(val_loader, eval_model, criterion, opt, num_classes)
+        val_loss, val_acc, _ = engine.validate(
+            val_loader, eval_model, criterion, opt, rt, num_classes
+        )
         if val_acc > best_acc:
             best_acc = val_acc
 

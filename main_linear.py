@@ -140,8 +140,8 @@ def parse_option(argv=None):
     return opt
 
 
-def set_loader(opt):
-    return data.classification_loaders(opt)
+def set_loader(opt, rt):
+    return data.classification_loaders(opt, rt)
 
 
 class FrozenEncoderClassifier(nn.Module):
@@ -161,7 +161,7 @@ class FrozenEncoderClassifier(nn.Module):
         return self.classifier(features.detach())
 
 
-def set_model(opt, num_classes):
+def set_model(opt, rt, num_classes):
     ckpt = load_checkpoint(opt.ckpt)
     encoder, _ = encoder_from_checkpoint(ckpt, opt.ckpt, opt.model, key_encoder=opt.key_encoder)
     pretrained_size = ckpt['opt'].get('size')
@@ -179,18 +179,18 @@ def set_model(opt, num_classes):
     )
     criterion = nn.CrossEntropyLoss()
 
-    encoder = runtime.prepare_model(encoder, opt, parallel='')
-    classifier = runtime.prepare_model(classifier, opt, parallel=None)
+    encoder = runtime.prepare_model(encoder, rt, parallel='')
+    classifier = runtime.prepare_model(classifier, rt, parallel=None)
     return encoder, classifier, criterion
 
 
-def train(train_loader, encoder, classifier, criterion, optimizer, scaler, epoch, opt, run):
+def train(train_loader, encoder, classifier, criterion, optimizer, scaler, epoch, opt, rt, run):
     """One epoch of the classifier on frozen features; returns (loss, acc, stopped_at)."""
     encoder.eval()
     classifier.train()
     model = FrozenEncoderClassifier(encoder, classifier)
     return engine.train_classifier(
-        train_loader, model, criterion, optimizer, scaler, epoch, opt, run
+        train_loader, model, criterion, optimizer, scaler, epoch, opt, rt, run
     )
 
 
@@ -204,21 +204,21 @@ def check_encoder_unchanged(encoder, snapshot):
 def main():
     best_acc = 0
     opt = parse_option()
-    runtime.setup_runtime(opt)
-    run = Run(opt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
-    options.print_options(opt)
+    rt = runtime.setup_runtime(opt)
+    run = Run(opt, rt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
+    options.print_options(run.options())
 
     # build data loader
-    train_loader, train_sampler, val_loader, num_classes = set_loader(opt)
+    train_loader, train_sampler, val_loader, num_classes = set_loader(opt, rt)
 
     # build model and criterion
-    encoder, classifier, criterion = set_model(opt, num_classes)
+    encoder, classifier, criterion = set_model(opt, rt, num_classes)
     encoder_snapshot = {k: v.detach().cpu().clone() for k, v in bare_state_dict(encoder).items()}
 
     # build optimizer: the classifier's weight and bias, nothing else
     optimizer = build_optimizer(opt, classifier)
     assert len(optimizer.param_groups[0]['params']) == 2
-    scaler = runtime.make_scaler(opt)
+    scaler = runtime.make_scaler(rt)
 
     start_epoch = run.restore(classifier, optimizer, scaler)
     best_acc = run.extra.get('best_acc', best_acc)
@@ -236,7 +236,7 @@ def main():
         # train for one epoch
         time1 = time.time()
         loss, acc, stopped_at = train(
-            train_loader, encoder, classifier, criterion, optimizer, scaler, epoch, opt, run
+            train_loader, encoder, classifier, criterion, optimizer, scaler, epoch, opt, rt, run
         )
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
@@ -251,7 +251,9 @@ def main():
 
         # eval for one epoch
         eval_model.eval()
-        val_loss, val_acc, _ = engine.validate(val_loader, eval_model, criterion, opt, num_classes)
+        val_loss, val_acc, _ = engine.validate(
+            val_loader, eval_model, criterion, opt, rt, num_classes
+        )
         if val_acc > best_acc:
             best_acc = val_acc
 

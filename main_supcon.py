@@ -15,7 +15,7 @@ from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupConResNet
 from supcon import data, options, runtime
 from supcon.augment import add_augmentation_arguments, supcon_transform
-from supcon.moco import KeyEncoder, LabelQueue
+from supcon.moco import MomentumContrast
 from supcon.optim import build_optimizer
 from supcon.sampling import build_loader, mix_seed
 from supcon.training_run import Run, check_finite
@@ -161,7 +161,7 @@ def parse_option(argv=None):
     return opt
 
 
-def set_loader(opt):
+def set_loader(opt, rt):
     """(train_loader, train_sampler, device_augment or None) of two-view training batches.
 
     With --gpu_aug the loader hands over uint8 images and ``device_augment`` makes the two
@@ -172,7 +172,7 @@ def set_loader(opt):
         from supcon.gpu_augment import DeviceAugment, to_uint8_tensor
 
         train_transform = to_uint8_tensor(data.fixed_size(opt.dataset, opt.size))
-        device_augment = DeviceAugment(opt.size, mean, std, kind='supcon').to(opt.device)
+        device_augment = DeviceAugment(opt.size, mean, std, kind='supcon').to(rt.device)
     else:
         train_transform = supcon_transform(opt.size, mean, std, aug=opt.aug)
         device_augment = None
@@ -191,19 +191,12 @@ def set_loader(opt):
             f' --num_classes (pretraining reads them from the data) or fix it'
         )
     train_loader, train_sampler = build_loader(
-        train_dataset,
-        opt.local_batch_size,
-        shuffle=True,
-        seed=opt.seed,
-        rank=opt.rank,
-        world_size=opt.world_size,
-        num_workers=opt.num_workers,
-        pin_memory=opt.pin_memory,
+        train_dataset, rt.local_batch_size, shuffle=True, **rt.loader_options()
     )
     return train_loader, train_sampler, device_augment
 
 
-def set_model(opt):
+def set_model(opt, rt):
     """(model, criterion, moco or None); ``moco`` holds the key encoder and the queue."""
     encoder = build_encoder(
         opt.model,
@@ -214,17 +207,11 @@ def set_model(opt):
     )
     model = SupConResNet(name=opt.model, stem=opt.stem, encoder=encoder)
     criterion = SupConLoss(temperature=opt.temp, hybrid=opt.method == 'SupCon_hybrid')
-    model = runtime.prepare_model(model, opt, parallel='encoder')
+    model = runtime.prepare_model(model, rt, parallel='encoder')
     moco = None
     if opt.moco:
         # after prepare_model: the key encoder copies the model as it runs (device, SyncBN)
-        query = runtime.unwrap(model)
-        moco = torch.nn.ModuleDict(
-            {
-                'key_encoder': KeyEncoder(query),
-                'queue': LabelQueue(opt.moco_k, query.feat_dim),
-            }
-        ).to(opt.device)
+        moco = MomentumContrast(runtime.unwrap(model), opt.moco_k, opt.moco_m).to(rt.device)
     return model, criterion, moco
 
 
@@ -236,6 +223,7 @@ def train(
     scaler,
     epoch,
     opt,
+    rt,
     run,
     moco=None,
     device_augment=None,
@@ -261,41 +249,28 @@ def train(
         if device_augment is not None:
             # both views at once, on the device; the seed makes a resumed step draw the same crops
             images = device_augment(
-                images.to(opt.device, non_blocking=True),
-                seed=mix_seed('gpu_aug', opt.seed, epoch, step, opt.rank),
+                images.to(rt.device, non_blocking=True),
+                seed=mix_seed('gpu_aug', rt.seed, epoch, step, rt.rank),
             )
         else:
             images = torch.cat([images[0], images[1]], dim=0)
-        images = runtime.to_device(images, opt)
-        labels = labels.to(opt.device, non_blocking=True)
+        images = runtime.to_device(images, rt)
+        labels = labels.to(rt.device, non_blocking=True)
         bsz = labels.shape[0]
 
         # warm-up learning rate
         warmup_learning_rate(opt, epoch, step, total_steps, optimizer)
 
         # compute loss (SupConLoss works in float32 whatever autocast does)
-        with runtime.autocast(opt):
+        with runtime.autocast(rt):
             features = model(images)
         f1, f2 = torch.split(features, [bsz, bsz], dim=0)
         features = torch.cat([f1.unsqueeze(1), f2.unsqueeze(1)], dim=1)
         loss_labels = None if opt.method == 'SimCLR' else labels
         if moco is not None:
-            # keys of the same two views from the momentum encoder (shuffled across ranks for
-            # BatchNorm), contrasted together with the queue of earlier steps' keys
-            with runtime.autocast(opt):
-                keys = moco['key_encoder'].encode(
-                    images, shuffle_seed=mix_seed('shuffle', opt.seed, epoch, step)
-                )
-            k1, k2 = torch.split(keys.float(), [bsz, bsz], dim=0)
-            keys = torch.stack([k1, k2], dim=1)
-            queue, queue_labels = moco['queue'].contents()
-            loss = criterion(
-                features,
-                loss_labels,
-                keys=keys,
-                queue=queue,
-                queue_labels=queue_labels if loss_labels is not None else None,
-            )
+            # against the momentum encoder's keys of the same views and the queue of past keys
+            shuffle_seed = mix_seed('shuffle', rt.seed, epoch, step)
+            loss = moco(criterion, images, features, labels, loss_labels, rt, shuffle_seed)
         else:
             loss = criterion(features, loss_labels)
 
@@ -305,14 +280,11 @@ def train(
         scaler.step(optimizer)
         scaler.update()
         if moco is not None:
-            moco['key_encoder'].update(runtime.unwrap(model), opt.moco_m)
-            # view by view, so the queue's order is the global batch's on any number of ranks
-            for view_keys in (k1, k2):
-                moco['queue'].enqueue(view_keys, labels)
+            moco.step_done(runtime.unwrap(model))
 
         # one host sync a step: loss over ranks, NaN check, a stop all ranks agree on
         loss_sum, n, stop = runtime.step_statistics(
-            opt, loss.detach() * bsz, bsz, run.stop.requested
+            rt, loss.detach() * bsz, bsz, run.stop.requested
         )
         check_finite(loss_sum, epoch, step + 1, opt)
         losses.update(loss_sum / n, n)
@@ -344,19 +316,19 @@ def train(
 
 def main():
     opt = parse_option()
-    runtime.setup_runtime(opt)
-    run = Run(opt, meters={'loss': AverageMeter()})
-    options.print_options(opt)
+    rt = runtime.setup_runtime(opt)
+    run = Run(opt, rt, meters={'loss': AverageMeter()})
+    options.print_options(run.options())
 
     # build data loader
-    train_loader, train_sampler, device_augment = set_loader(opt)
+    train_loader, train_sampler, device_augment = set_loader(opt, rt)
 
     # build model and criterion
-    model, criterion, moco = set_model(opt)
+    model, criterion, moco = set_model(opt, rt)
 
     # build optimizer
     optimizer = build_optimizer(opt, model)
-    scaler = runtime.make_scaler(opt)
+    scaler = runtime.make_scaler(rt)
 
     # resume, checkpoints and tensorboard
     start_epoch = run.restore(model, optimizer, scaler, moco=moco)
@@ -365,7 +337,7 @@ def main():
     if opt.knn_every:
         from supcon.features import KNNMonitor
 
-        knn_monitor = KNNMonitor(opt)
+        knn_monitor = KNNMonitor(opt, rt)
 
     # training routine
     for epoch in range(start_epoch, opt.epochs + 1):
@@ -382,6 +354,7 @@ def main():
             scaler,
             epoch,
             opt,
+            rt,
             run,
             moco=moco,
             device_augment=device_augment,

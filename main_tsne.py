@@ -174,7 +174,7 @@ def stratified_subset(targets, max_samples, seed):
     return np.sort(chosen)
 
 
-def set_loader(opt):
+def set_loader(opt, rt):
     """The loader of a fixed class-balanced subset of the test split, and the class names."""
     mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
     with runtime.main_process_first():
@@ -195,19 +195,15 @@ def set_loader(opt):
     subset = stratified_subset(test_dataset.targets, opt.max_samples, opt.seed)
     loader, _ = build_loader(
         torch.utils.data.Subset(test_dataset, subset.tolist()),
-        opt.local_batch_size_val,
+        rt.local_batch_size_val,
         shuffle=False,
-        seed=opt.seed,
-        rank=opt.rank,
-        world_size=opt.world_size,
-        num_workers=opt.num_workers,
-        pin_memory=opt.pin_memory,
         pad=False,
+        **rt.loader_options(),
     )
     return loader, class_names
 
 
-def set_model(opt):
+def set_model(opt, rt):
     """(encoder, head or None, title): the checkpoint's networks, frozen, and what they are."""
     ckpt = load_checkpoint(opt.ckpt)
     encoder, model = encoder_from_checkpoint(ckpt, opt.ckpt, opt.model, key_encoder=opt.key_encoder)
@@ -223,9 +219,9 @@ def set_model(opt):
     del ckpt
     # frozen: nothing to train, so no DDP wrapper under torchrun either
     encoder.requires_grad_(False)
-    encoder = runtime.prepare_model(encoder, opt, parallel=None)
+    encoder = runtime.prepare_model(encoder, rt, parallel=None)
     if head is not None:
-        head = head.requires_grad_(False).to(opt.device)
+        head = head.requires_grad_(False).to(rt.device)
     return encoder, head, title
 
 
@@ -291,13 +287,13 @@ def plot(points, labels, names, title, opt):
 
 def main():
     opt = parse_option()
-    runtime.setup_runtime(opt)
+    rt = runtime.setup_runtime(opt)
 
     # build data loader
-    loader, class_names = set_loader(opt)
+    loader, class_names = set_loader(opt, rt)
 
     # build model
-    encoder, head, title = set_model(opt)
+    encoder, head, title = set_model(opt, rt)
 
     # extract features (every rank's share, gathered) and embed them on the main process
     if runtime.is_main_process():
@@ -306,7 +302,7 @@ def main():
             f' images with {opt.ckpt}',
             flush=True,
         )
-    features, labels = extract_features(encoder, loader, opt, head=head, desc='test split')
+    features, labels = extract_features(encoder, loader, rt, head=head, desc='test split')
     if not runtime.is_main_process():
         return
     start = time.time()

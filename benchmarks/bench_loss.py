@@ -144,7 +144,7 @@ def parse_option():
     parser.add_argument(
         '--device',
         nargs='+',
-        default=None,
+        default=['cpu'] + (['cuda'] if torch.cuda.is_available() else []),
         help='devices to run on; default: cpu, and cuda when present',
     )
     parser.add_argument(
@@ -161,10 +161,7 @@ def parse_option():
         help='CPU threads for torch; default: torch\'s own choice (all cores)',
     )
     parser.add_argument('--worker', choices=METHODS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.device is None:
-        args.device = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
-    return args
+    return parser.parse_args()
 
 
 def main():

@@ -106,15 +106,15 @@ def build_run(argv):
     from supcon import runtime, training_run
 
     opt = main_supcon.parse_option(argv)
-    runtime.setup_runtime(opt)
-    run = training_run.Run(opt, meters={'loss': util.AverageMeter()})
-    train_loader, train_sampler, device_augment = main_supcon.set_loader(opt)
-    model, criterion, moco = main_supcon.set_model(opt)
+    rt = runtime.setup_runtime(opt)
+    run = training_run.Run(opt, rt, meters={'loss': util.AverageMeter()})
+    train_loader, train_sampler, device_augment = main_supcon.set_loader(opt, rt)
+    model, criterion, moco = main_supcon.set_model(opt, rt)
     optimizer = util.set_optimizer(opt, model)
-    scaler = runtime.make_scaler(opt)
+    scaler = runtime.make_scaler(rt)
     run.restore(model, optimizer, scaler)
     extra = dict(moco=moco, device_augment=device_augment)
-    return opt, run, train_loader, train_sampler, model, criterion, optimizer, scaler, extra
+    return opt, rt, run, train_loader, train_sampler, model, criterion, optimizer, scaler, extra
 
 
 def script_argv(args, config):
@@ -146,40 +146,40 @@ def script_argv(args, config):
     return argv + CONFIGS[config]
 
 
-def describe(opt):
+def describe(opt, rt):
     return {
-        'amp_dtype': opt.amp_dtype if opt.amp else 'float32',
-        'channels_last': bool(opt.channels_last),
-        'compile': bool(opt.compile),
-        'num_workers': opt.num_workers,
-        'device': str(opt.device),
+        'amp_dtype': str(rt.amp_dtype).removeprefix('torch.') if rt.amp_dtype else 'float32',
+        'channels_last': rt.channels_last,
+        'compile': rt.compile,
+        'num_workers': rt.num_workers,
+        'device': str(rt.device),
         'conv_wgrad': opt.cpu_bf16_wgrad,
     }
 
 
-def peak_memory(opt):
+def peak_memory(rt):
     import torch
 
-    return (
-        torch.cuda.max_memory_allocated(opt.device) / 2**30 if opt.device.type == 'cuda' else None
-    )
+    return torch.cuda.max_memory_allocated(rt.device) / 2**30 if rt.device.type == 'cuda' else None
 
 
 def measure_steps(args, config):
     """Warm-up + timed steps of main_supcon.train(); per-step times in seconds."""
     import main_supcon
 
-    opt, run, loader, sampler, model, criterion, optimizer, scaler, extra = build_run(
+    opt, rt, run, loader, sampler, model, criterion, optimizer, scaler, extra = build_run(
         script_argv(args, config)
     )
     run.begin_epoch(1, sampler)
-    batches = TimedBatches(loader, sampler, args.warmup + args.steps, opt.local_batch_size)
-    loss, _ = main_supcon.train(batches, model, criterion, optimizer, scaler, 1, opt, run, **extra)
+    batches = TimedBatches(loader, sampler, args.warmup + args.steps, rt.local_batch_size)
+    loss, _ = main_supcon.train(
+        batches, model, criterion, optimizer, scaler, 1, opt, rt, run, **extra
+    )
     steps = [b - a for a, b in zip(batches.asked, batches.asked[1:])]
     data = [g - a for a, g in zip(batches.asked, batches.got)]
     timed, timed_data = steps[args.warmup :], data[args.warmup :]
     return dict(
-        describe(opt),
+        describe(opt, rt),
         kind='steps',
         loss=loss,
         batch_size=opt.batch_size,
@@ -187,7 +187,7 @@ def measure_steps(args, config):
         warmup_s=sum(steps[: args.warmup]),
         step_s=statistics.median(timed),
         data_share=sum(timed_data) / sum(timed),
-        peak_gib=peak_memory(opt),
+        peak_gib=peak_memory(rt),
     )
 
 
@@ -196,18 +196,20 @@ def measure_epoch(args, config):
     warm-up."""
     import main_supcon
 
-    opt, run, loader, sampler, model, criterion, optimizer, scaler, extra = build_run(
+    opt, rt, run, loader, sampler, model, criterion, optimizer, scaler, extra = build_run(
         script_argv(args, config)
     )
     run.begin_epoch(1, sampler)
-    warm = TimedBatches(loader, sampler, args.warmup, opt.local_batch_size)
-    main_supcon.train(warm, model, criterion, optimizer, scaler, 1, opt, run, **extra)
+    warm = TimedBatches(loader, sampler, args.warmup, rt.local_batch_size)
+    main_supcon.train(warm, model, criterion, optimizer, scaler, 1, opt, rt, run, **extra)
     run.begin_epoch(2, sampler)
     start = time.perf_counter()
-    loss, _ = main_supcon.train(loader, model, criterion, optimizer, scaler, 2, opt, run, **extra)
+    loss, _ = main_supcon.train(
+        loader, model, criterion, optimizer, scaler, 2, opt, rt, run, **extra
+    )
     epoch_s = time.perf_counter() - start
     return dict(
-        describe(opt),
+        describe(opt, rt),
         kind='epoch',
         loss=loss,
         batch_size=opt.batch_size,
@@ -215,7 +217,7 @@ def measure_epoch(args, config):
         warmup_s=sum(b - a for a, b in zip(warm.asked, warm.asked[1:])),
         epoch_s=epoch_s,
         images=len(loader.dataset),
-        peak_gib=peak_memory(opt),
+        peak_gib=peak_memory(rt),
     )
 
 

@@ -340,7 +340,7 @@ def resolve_mean_std(dataset, mean_text, std_text):
     return mean, std
 
 
-def classification_loaders(opt, uint8_train=False):
+def classification_loaders(opt, rt, uint8_train=False):
     """(train_loader, train_sampler, val_loader, num_classes) for main_ce.py and main_linear.py.
 
     Training images get the reference's crop-and-flip (or --aug's policy), test images
@@ -355,7 +355,7 @@ def classification_loaders(opt, uint8_train=False):
 
         train_tf = to_uint8_tensor(fixed_size(opt.dataset, opt.size))
     else:
-        train_tf = train_transform(opt.size, mean, std, aug=getattr(opt, 'aug', 'simclr'))
+        train_tf = train_transform(opt.size, mean, std, aug=opt.aug)
     splits = dict(data_folder=opt.data_folder, test_folder=opt.test_folder, val_split=opt.val_split)
     with main_process_first():  # rank 0 downloads CIFAR while the others wait
         train_dataset = build_dataset(opt.dataset, 'train', train_tf, **splits)
@@ -364,19 +364,12 @@ def classification_loaders(opt, uint8_train=False):
         )
     num_classes = check_num_classes(train_dataset, val_dataset, opt.num_classes)
 
-    common = dict(
-        seed=opt.seed, rank=opt.rank, world_size=opt.world_size, pin_memory=opt.pin_memory
-    )
     train_loader, train_sampler = build_loader(
-        train_dataset, opt.local_batch_size, shuffle=True, num_workers=opt.num_workers, **common
+        train_dataset, rt.local_batch_size, shuffle=True, **rt.loader_options()
     )
-    val_workers = min(getattr(opt, 'num_workers_val', opt.num_workers), os.cpu_count() or 1)
+    val_options = rt.loader_options()
+    val_options['num_workers'] = min(opt.num_workers_val, os.cpu_count() or 1)
     val_loader, _ = build_loader(
-        val_dataset,
-        opt.local_batch_size_val,
-        shuffle=False,
-        pad=False,
-        num_workers=val_workers,
-        **common,
+        val_dataset, rt.local_batch_size_val, shuffle=False, pad=False, **val_options
     )
     return train_loader, train_sampler, val_loader, num_classes

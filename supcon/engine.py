@@ -14,7 +14,7 @@ from util import AverageMeter, correct_counts, warmup_learning_rate
 
 
 def train_classifier(
-    train_loader, model, criterion, optimizer, scaler, epoch, opt, run, device_augment=None
+    train_loader, model, criterion, optimizer, scaler, epoch, opt, rt, run, device_augment=None
 ):
     """One epoch of cross-entropy training (main_ce.py and main_linear.py).
 
@@ -52,17 +52,17 @@ def train_classifier(
         if device_augment is not None:
             # the seed makes a resumed step draw the same crops; each rank draws its own
             images = device_augment(
-                images.to(opt.device, non_blocking=True),
-                seed=mix_seed('gpu_aug', opt.seed, epoch, step, opt.rank),
+                images.to(rt.device, non_blocking=True),
+                seed=mix_seed('gpu_aug', rt.seed, epoch, step, rt.rank),
             )
-        images = to_device(images, opt)
-        labels = labels.to(opt.device, non_blocking=True)
+        images = to_device(images, rt)
+        labels = labels.to(rt.device, non_blocking=True)
         bsz = labels.shape[0]
 
         warmup_learning_rate(opt, epoch, step, total_steps, optimizer)
 
         # compute loss; logits go to float32 so the softmax is never in half precision
-        with autocast(opt):
+        with autocast(rt):
             output = model(images)
         loss = criterion(output.float(), labels)
 
@@ -75,7 +75,7 @@ def train_classifier(
         # one host sync a step: statistics summed over ranks, NaN check, agreed stop
         (correct,) = correct_counts(output.detach(), labels)
         loss_sum, correct, n, stop = step_statistics(
-            opt, loss.detach() * bsz, correct, bsz, run.stop.requested
+            rt, loss.detach() * bsz, correct, bsz, run.stop.requested
         )
         check_finite(loss_sum, epoch, step + 1, opt)
         losses.update(loss_sum / n, n)
@@ -105,21 +105,21 @@ def train_classifier(
     return losses.avg, top1.avg, None
 
 
-def validate(val_loader, model, criterion, opt, num_classes):
+def validate(val_loader, model, criterion, opt, rt, num_classes):
     """Loss, top-1 and top-5 (None under 5 classes) over the whole test split.
 
     Under torchrun each rank evaluates its own share (no padding) and the sums
     are added up, so every test image counts exactly once.
     """
     topk = (1, 5) if num_classes >= 5 else (1,)
-    totals = torch.zeros(2 + len(topk), dtype=torch.float64, device=opt.device)
+    totals = torch.zeros(2 + len(topk), dtype=torch.float64, device=rt.device)
     batch_time = AverageMeter()
     with torch.no_grad():
         end = time.time()
         for idx, (images, labels) in enumerate(val_loader):
-            images = to_device(images, opt)
-            labels = labels.to(opt.device, non_blocking=True)
-            with autocast(opt):
+            images = to_device(images, rt)
+            labels = labels.to(rt.device, non_blocking=True)
+            with autocast(rt):
                 output = model(images)
             output = output.float()
             loss = criterion(output, labels)
@@ -127,7 +127,7 @@ def validate(val_loader, model, criterion, opt, num_classes):
             totals += torch.stack(
                 [
                     loss * labels.shape[0],
-                    torch.tensor(float(labels.shape[0]), device=opt.device),
+                    torch.tensor(float(labels.shape[0]), device=rt.device),
                     *counts,
                 ]
             ).double()

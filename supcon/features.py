@@ -41,7 +41,7 @@ def _gather_rows(tensor, device):
     return all_gather_rows(tensor.to(device)).cpu()
 
 
-def extract_features(encoder, loader, opt, head=None, desc='features', progress=True):
+def extract_features(encoder, loader, rt, head=None, desc='features', progress=True):
     """Features and labels of every sample of ``loader``, on every rank, in data-set order.
 
     Under torchrun each rank extracts its own share (a ``pad=False`` loader) and
@@ -55,8 +55,8 @@ def extract_features(encoder, loader, opt, head=None, desc='features', progress=
     show = progress and is_main_process()
     with eval_mode(encoder, head), torch.no_grad():
         for i, (images, target) in enumerate(loader):
-            images = to_device(images, opt)
-            with autocast(opt):
+            images = to_device(images, rt)
+            with autocast(rt):
                 out = encoder(images)
                 if head is not None:
                     out = head(out)
@@ -79,7 +79,7 @@ def extract_features(encoder, loader, opt, head=None, desc='features', progress=
             index = None  # not this loader's order after all: keep rank order
 
     if is_distributed():
-        device = opt.device if dist.get_backend() == 'nccl' else torch.device('cpu')
+        device = rt.device if dist.get_backend() == 'nccl' else torch.device('cpu')
         # every rank must take part in the same collectives: use the indices only if all can
         usable = torch.tensor([int(index is not None)], device=device)
         dist.all_reduce(usable, op=dist.ReduceOp.MIN)
@@ -159,14 +159,14 @@ class KNNMonitor:
     current encoder, since the memory bank changes as the encoder trains.
     """
 
-    def __init__(self, opt, k=200, temperature=0.07):
+    def __init__(self, opt, rt, k=200, temperature=0.07):
         if opt.dataset == 'path' and opt.test_folder is None:
             raise UserError(
                 '--knn_every needs --test_folder with --dataset path (the kNN'
                 ' accuracy is measured on the test images); add --test_folder'
                 ' or drop --knn_every'
             )
-        self.opt, self.k, self.temperature = opt, k, temperature
+        self.rt, self.k, self.temperature = rt, k, temperature
         mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
         transform = test_transform(opt.size, mean, std)
         splits = dict(
@@ -185,14 +185,10 @@ class KNNMonitor:
         self.train_loader, self.test_loader = [
             build_loader(
                 dataset,
-                opt.local_batch_size_val,
+                rt.local_batch_size_val,
                 shuffle=False,
-                seed=opt.seed,
-                rank=opt.rank,
-                world_size=opt.world_size,
-                num_workers=opt.num_workers,
-                pin_memory=opt.pin_memory,
                 pad=False,
+                **rt.loader_options(),
             )[0]
             for dataset in (train_set, test_set)
         ]
@@ -201,15 +197,15 @@ class KNNMonitor:
         start = time.time()
         with eval_mode(encoder):
             train_x, train_y = extract_features(
-                encoder, self.train_loader, self.opt, desc=f'knn epoch {epoch}: train split'
+                encoder, self.train_loader, self.rt, desc=f'knn epoch {epoch}: train split'
             )
             test_x, test_y = extract_features(
                 encoder,
                 self.test_loader,
-                self.opt,
+                self.rt,
                 desc=f'knn epoch {epoch}: {self.held_out} split',
             )
-        device = self.opt.device
+        device = self.rt.device
         acc = knn_accuracy(
             train_x.to(device),
             train_y,

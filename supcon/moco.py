@@ -192,3 +192,57 @@ class LabelQueue(nn.Module):
 
     def extra_repr(self):
         return f'size={self.size}, dim={self.dim}'
+
+
+class MomentumContrast(nn.Module):
+    """``--moco``'s per-step machinery behind one call, owned by one module (as MoCo's builder).
+
+    It holds the key encoder and the labelled queue (its state dict is ``key_encoder.*`` and
+    ``queue.*``, what checkpoints store under ``'moco'``). A training step is::
+
+        loss = moco(criterion, images, features, labels, loss_labels, rt, shuffle_seed)
+        ...backward, optimizer step...
+        moco.step_done(bare_query_model)   # EMA update, then this step's keys enter the queue
+    """
+
+    def __init__(self, query_model, queue_size, momentum):
+        super().__init__()
+        self.key_encoder = KeyEncoder(query_model)
+        self.queue = LabelQueue(queue_size, query_model.feat_dim)
+        self.momentum = float(momentum)  # an option (checked on resume), not state
+        self._step_keys = None
+
+    def forward(self, criterion, images, features, labels, loss_labels, rt, shuffle_seed=None):
+        """The loss of ``features`` [bsz, 2, D] against the keys of ``images`` and the queue.
+
+        ``images`` are both views stacked view-major [2 * bsz, ...] as the query model saw them;
+        ``loss_labels`` is None for SimCLR (every queue row is then a negative), ``labels`` are
+        what enters the queue either way.
+        """
+        from supcon.runtime import autocast  # runtime imports nothing of moco; keep it lazy
+
+        bsz = features.shape[0]
+        with autocast(rt):
+            # shuffled across ranks for BatchNorm (shuffle-BN); one process shuffles nothing
+            keys = self.key_encoder.encode(images, shuffle_seed=shuffle_seed)
+        k1, k2 = torch.split(keys.float(), [bsz, bsz], dim=0)  # keys: [bsz, D] per view
+        self._step_keys = (k1, k2, labels)
+        queue, queue_labels = self.queue.contents()
+        return criterion(
+            features,
+            loss_labels,
+            keys=torch.stack([k1, k2], dim=1),  # [bsz, 2, D]
+            queue=queue,
+            queue_labels=queue_labels if loss_labels is not None else None,
+        )
+
+    @torch.no_grad()
+    def step_done(self, query_model):
+        """After the optimizer step: the key encoder follows ``query_model`` (bare, unwrapped),
+        then the step's keys are enqueued view by view, so the queue's order is the global
+        batch's on any number of ranks."""
+        self.key_encoder.update(query_model, self.momentum)
+        k1, k2, labels = self._step_keys
+        for view_keys in (k1, k2):
+            self.queue.enqueue(view_keys, labels)
+        self._step_keys = None

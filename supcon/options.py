@@ -87,11 +87,14 @@ def check_common_options(opt):
         raise UserError(f'--num_workers must be 0 or more, got {opt.num_workers}')
 
 
-def print_options(opt):
+def print_options(options):
+    """Print the run's configuration (a dict such as ``Run.options()``, or a Namespace)."""
     if not is_main_process():
         return
+    if not isinstance(options, dict):
+        options = plain_options(options)
     print('options:')
-    for key, value in sorted(plain_options(opt).items()):
+    for key, value in sorted(options.items()):
         print(f'  {key}: {value}')
     sys.stdout.flush()
 

@@ -1,9 +1,10 @@
-"""Where and how a run executes: devices, torchrun / DDP, mixed precision, seeding, rank 0.
+"""Where and how a run executes: devices, torchrun / DDP, mixed precision, seeding.
 
-``setup_runtime(opt)`` resolves the runtime flags once, at the start of every
-script; the rest are small helpers the training loops call (``autocast``,
-``to_device``, ``step_statistics``) and ``run_main``, which turns a
-``UserError`` into one line on stderr and exit code 2.
+``rt = setup_runtime(opt)`` resolves the runtime flags once, at the start of every script,
+into a ``Runtime`` that the scripts pass on (``opt`` stays the parsed options); the rest are
+small helpers the training loops call with it (``autocast(rt)``, ``to_device(images, rt)``,
+``step_statistics(rt, ...)``) and ``run_main``, which turns a ``UserError`` into one line on
+stderr and exit code 2. Rank and world size come from ``supcon.distributed``.
 """
 
 import argparse
@@ -12,6 +13,7 @@ import os
 import random
 import re
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -103,14 +105,72 @@ def add_runtime_arguments(parser, training=True):
 # --------------------------------------------------------------------------- devices
 
 
-def setup_runtime(opt):
-    """Choose the device, start the process group under torchrun, size the loaders.
+@dataclass
+class Runtime:
+    """What ``setup_runtime`` decided for this process; the scripts pass it where it is needed.
 
-    Sets ``opt.device``, ``opt.distributed``, ``opt.rank``, ``opt.world_size``,
-    ``opt.local_batch_size`` and caps ``opt.num_workers`` at the CPUs present.
+    ``opt`` keeps the parsed options; this holds what they resolved to on this machine and in
+    this process group (a device, a rank, per-process batch sizes, the autocast dtype, ...).
     """
-    opt.world_size, opt.rank, local_rank = torchrun_environment()
-    opt.distributed = opt.world_size > 1
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_batch_size: int = 1
+    local_batch_size_val: int = 1
+    num_workers: int = 0
+    pin_memory: bool = False
+    amp_dtype: torch.dtype | None = None  # the autocast dtype; None runs in float32
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm: only under torchrun with --syncBN
+    matmul_wgrad: bool = False  # networks/cpu_bf16_conv.py's weight gradient (CPU + bf16)
+    seed: int = 0
+    seed_given: bool = True
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def loader_options(self) -> dict:
+        """The keyword arguments ``sampling.build_loader`` takes from the runtime."""
+        return dict(
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def recorded(self) -> dict:
+        """What checkpoints' ``opt`` has always recorded of the runtime, in that order."""
+        values = dict(
+            world_size=self.world_size,
+            rank=self.rank,
+            distributed=self.distributed,
+            device=str(self.device),
+            local_batch_size=self.local_batch_size,
+            local_batch_size_val=self.local_batch_size_val,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            amp_dtype=str(self.amp_dtype).removeprefix('torch.') if self.amp_dtype else None,
+            channels_last=self.channels_last,
+            seed=self.seed,
+            seed_given=self.seed_given,
+        )
+        if values['amp_dtype'] is None:  # without --amp the flag's own value stays
+            del values['amp_dtype']
+        return values
+
+
+def setup_runtime(opt) -> Runtime:
+    """Choose the device, start the process group under torchrun, size the loaders, seed.
+
+    Returns the ``Runtime``; ``opt`` is only read. Caps the loader workers at the CPUs
+    present and draws a seed (the same on every rank) when --seed is not given.
+    """
+    world_size, rank, local_rank = torchrun_environment()
+    distributed = world_size > 1
     want = str(opt.device)
     if not DEVICE_PATTERN.fullmatch(want):
         raise UserError(f'--device must be auto, cpu, cuda or cuda:N, got {want!r}')
@@ -125,52 +185,69 @@ def setup_runtime(opt):
             f'--device {want}: this machine has {torch.cuda.device_count()} CUDA'
             f' device(s), numbered from 0'
         )
-    if opt.distributed and want.startswith('cuda'):
+    if distributed and want.startswith('cuda'):
         want = f'cuda:{local_rank}'
-    opt.device = torch.device(want)
+    device = torch.device(want)
     # checked before the process group starts, so every rank fails at once
-    batch_size = getattr(opt, 'batch_size', opt.world_size)  # main_tsne.py only evaluates
-    if batch_size % opt.world_size:
+    batch_size = getattr(opt, 'batch_size', world_size)  # main_tsne.py only evaluates
+    if batch_size % world_size:
         raise UserError(
-            f'--batch_size {opt.batch_size} does not divide by the {opt.world_size}'
+            f'--batch_size {opt.batch_size} does not divide by the {world_size}'
             f' processes; --batch_size is the global batch, pick a multiple of'
-            f' {opt.world_size}'
+            f' {world_size}'
         )
-    if opt.distributed and getattr(opt, 'syncBN', False) and opt.device.type != 'cuda':
+    sync_bn = getattr(opt, 'syncBN', False)  # main_tsne.py and main_linear.py have none
+    if distributed and sync_bn and device.type != 'cuda':
         raise UserError(
             f'--syncBN needs CUDA devices (PyTorch\'s SyncBatchNorm does not run on'
-            f' {opt.device.type}); drop --syncBN or run with --device cuda'
+            f' {device.type}); drop --syncBN or run with --device cuda'
         )
-    if opt.device.type == 'cuda':
-        if opt.device.index is None:  # set_device and DDP need an explicit index
-            opt.device = torch.device('cuda', torch.cuda.current_device())
-        torch.cuda.set_device(opt.device)
+    if device.type == 'cuda':
+        if device.index is None:  # set_device and DDP need an explicit index
+            device = torch.device('cuda', torch.cuda.current_device())
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    if opt.distributed and not is_initialized():
-        dist.init_process_group(backend='nccl' if opt.device.type == 'cuda' else 'gloo')
-    opt.local_batch_size = batch_size // opt.world_size
-    opt.local_batch_size_val = max(1, getattr(opt, 'batch_size_val', 256) // opt.world_size)
+    if distributed and not is_initialized():
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
     local_world = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    opt.num_workers = min(opt.num_workers, max(1, (cpus or 1) // local_world))
-    opt.pin_memory = opt.device.type == 'cuda'
-    configure_precision(opt)
-    if getattr(opt, 'syncBN', False) and not opt.distributed and is_main_process():
+    amp_dtype, channels_last = resolve_precision(opt, device)
+    rt = Runtime(
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        local_batch_size=batch_size // world_size,
+        local_batch_size_val=max(1, getattr(opt, 'batch_size_val', 256) // world_size),
+        num_workers=min(opt.num_workers, max(1, (cpus or 1) // local_world)),
+        pin_memory=device.type == 'cuda',
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+        compile=opt.compile,
+        sync_bn=sync_bn and distributed,
+        matmul_wgrad=(
+            device.type == 'cpu'
+            and amp_dtype == torch.bfloat16
+            and not opt.compile
+            and getattr(opt, 'cpu_bf16_wgrad', 'onednn') == 'matmul'  # main_tsne.py has none
+        ),
+    )
+    if sync_bn and not distributed and is_main_process():
         print(
             'note: --syncBN has no effect without torchrun (a single process already sees'
             ' the whole batch); start with torchrun to synchronise BatchNorm across GPUs'
         )
     if opt.seed is None:
-        opt.seed = random.SystemRandom().randrange(2**31)
-        if opt.distributed:
+        rt.seed = random.SystemRandom().randrange(2**31)
+        if distributed:
             # the samplers shard one shared permutation: every rank must draw it from one seed
-            seed = torch.tensor([opt.seed], dtype=torch.long, device=opt.device)
+            seed = torch.tensor([rt.seed], dtype=torch.long, device=device)
             dist.broadcast(seed, src=0)
-            opt.seed = int(seed.item())
-        opt.seed_given = False
+            rt.seed = int(seed.item())
+        rt.seed_given = False
     else:
-        opt.seed_given = True
-    seed_everything(opt.seed + opt.rank)
+        rt.seed, rt.seed_given = opt.seed, True
+    seed_everything(rt.seed + rt.rank)
+    return rt
 
 
 DEVICE_PATTERN = re.compile(r'auto|cpu|cuda(:[0-9]+)?')
@@ -222,45 +299,44 @@ def torchrun_environment():
     return world_size, rank, local_rank
 
 
-def configure_precision(opt):
-    """Resolve --amp/--amp_dtype/--channels_last into ``opt.amp_torch_dtype``."""
-    opt.amp_torch_dtype = None
+def resolve_precision(opt, device):
+    """(autocast dtype or None, channels_last) from --amp, --amp_dtype and --channels_last."""
+    amp_dtype = None
     if opt.amp:
-        dtype = opt.amp_dtype
-        if opt.device.type == 'cpu':
-            if dtype == 'float16':
+        name = opt.amp_dtype
+        if device.type == 'cpu':
+            if name == 'float16':
                 raise UserError(
                     '--amp_dtype float16 is for CUDA; on CPU use --amp_dtype bfloat16 (or auto)'
                 )
-            dtype = 'bfloat16'
-        elif opt.device.type == 'cuda' and dtype == 'auto':
-            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        opt.amp_dtype = dtype
-        opt.amp_torch_dtype = getattr(torch, dtype)
-    if opt.channels_last is None:
-        opt.channels_last = bool(opt.amp)
+            name = 'bfloat16'
+        elif device.type == 'cuda' and name == 'auto':
+            name = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        amp_dtype = getattr(torch, name)
+    channels_last = bool(opt.amp) if opt.channels_last is None else bool(opt.channels_last)
+    return amp_dtype, channels_last
 
 
-def autocast(opt):
-    if opt.amp_torch_dtype is None:
+def autocast(rt):
+    if rt.amp_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=opt.device.type, dtype=opt.amp_torch_dtype)
+    return torch.autocast(device_type=rt.device.type, dtype=rt.amp_dtype)
 
 
-def make_scaler(opt):
+def make_scaler(rt):
     """A gradient scaler, enabled only for float16 on CUDA (bfloat16 needs none)."""
-    enabled = opt.device.type == 'cuda' and opt.amp_torch_dtype == torch.float16
+    enabled = rt.device.type == 'cuda' and rt.amp_dtype == torch.float16
     return torch.amp.GradScaler('cuda', enabled=enabled)
 
 
-def to_device(images, opt):
-    images = images.to(opt.device, non_blocking=True)
-    if opt.channels_last and images.dim() == 4:
+def to_device(images, rt):
+    images = images.to(rt.device, non_blocking=True)
+    if rt.channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
 
 
-def prepare_model(model, opt, parallel='encoder'):
+def prepare_model(model, rt, parallel='encoder'):
     """Move to the device and wrap for several GPUs.
 
     On the CPU under bfloat16 --amp, convolutions get the matmul weight gradient
@@ -271,32 +347,27 @@ def prepare_model(model, opt, parallel='encoder'):
     does, over the whole module for ``parallel=''``, never for ``None``.
     Returns the module to call; ``bare_state_dict`` gives keys without wrappers.
     """
-    if opt.distributed and getattr(opt, 'syncBN', False):
+    if rt.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if (
-        opt.device.type == 'cpu'
-        and opt.amp_torch_dtype == torch.bfloat16
-        and not opt.compile
-        and getattr(opt, 'cpu_bf16_wgrad', 'onednn') == 'matmul'
-    ):
+    if rt.matmul_wgrad:
         use_matmul_weight_grad(model)
-    model = model.to(opt.device)
-    if opt.channels_last:
+    model = model.to(rt.device)
+    if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if (
-        not opt.distributed
+        not rt.distributed
         and parallel is not None
-        and opt.device.type == 'cuda'
+        and rt.device.type == 'cuda'
         and torch.cuda.device_count() > 1
     ):
         if parallel:
             setattr(model, parallel, nn.DataParallel(getattr(model, parallel)))
         else:
             model = nn.DataParallel(model)
-    if opt.compile:
+    if rt.compile:
         model = torch.compile(model)
-    if opt.distributed and any(p.requires_grad for p in model.parameters()):
-        device_ids = [opt.device.index] if opt.device.type == 'cuda' else None
+    if rt.distributed and any(p.requires_grad for p in model.parameters()):
+        device_ids = [rt.device.index] if rt.device.type == 'cuda' else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return model
 
@@ -325,7 +396,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def step_statistics(opt, *values):
+def step_statistics(rt, *values):
     """Sum per-step statistics over ranks in one collective and one host sync.
 
     Values may be tensors on the device or numbers. Callers pass the stop flag
@@ -333,7 +404,7 @@ def step_statistics(opt, *values):
     collective the others left.
     """
     stats = torch.stack(
-        [torch.as_tensor(v, device=opt.device).detach().double().reshape(()) for v in values]
+        [torch.as_tensor(v, device=rt.device).detach().double().reshape(()) for v in values]
     )
     all_reduce_sum(stats)
     return stats.tolist()

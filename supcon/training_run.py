@@ -1,6 +1,6 @@
 """One training run's bookkeeping: resuming, per-epoch saves, SIGTERM / Ctrl-C, divergence.
 
-``Run(opt)`` reads the ``--resume`` checkpoint before anything is built (so the
+``Run(opt, rt)`` reads the ``--resume`` checkpoint before anything is built (so the
 run's seed is adopted), ``restore`` puts the state back into the model and
 optimizer, ``end_epoch``/``save`` write the reference's files (plus a rolling
 ``checkpoint.pth``), and a signal saves the position inside the epoch before the
@@ -103,13 +103,13 @@ class Run:
         'val_split',
     )
 
-    def __init__(self, opt, meters=None):
+    def __init__(self, opt, rt, meters=None):
         """Find and read the ``--resume`` checkpoint; call before building loaders.
 
-        The checkpoint's seed is adopted here (when --seed is not given), so data
-        order and augmentation continue exactly where the run stopped.
+        The checkpoint's seed is adopted here into ``rt.seed`` (when --seed is not given),
+        so data order and augmentation continue exactly where the run stopped.
         """
-        self.opt = opt
+        self.opt, self.rt = opt, rt
         self.meters = meters or {}
         self.model = self.optimizer = self.scaler = None
         self.modules = {}  # more state saved next to the model, e.g. {'moco': ...}
@@ -155,8 +155,8 @@ class Run:
         """Refuse to start a run whose save folder cannot be written (on every rank)."""
         folder = self.opt.save_folder
         problem = folder_write_problem(folder) if is_main_process() else None
-        if getattr(self.opt, 'distributed', False):
-            flag = torch.tensor([float(problem is not None)], device=self.opt.device)
+        if self.rt.distributed:
+            flag = torch.tensor([float(problem is not None)], device=self.rt.device)
             if all_reduce_sum(flag).item() and problem is None:
                 problem = 'the main process cannot write there'
         if problem:
@@ -223,13 +223,14 @@ class Run:
         return self.start_epoch
 
     def _check_same_run(self, saved, path):
-        opt = self.opt
-        if not opt.seed_given and saved.get('seed') is not None:
-            opt.seed = int(saved['seed'])
-            seed_everything(opt.seed + opt.rank)
+        rt = self.rt
+        if not rt.seed_given and saved.get('seed') is not None:
+            rt.seed = int(saved['seed'])
+            seed_everything(rt.seed + rt.rank)
+        current = self.options()
         for key in self.FIXED:
-            if key in saved and hasattr(opt, key) and saved[key] != getattr(opt, key):
-                now, then = getattr(opt, key), saved[key]
+            if key in saved and key in current and saved[key] != current[key]:
+                now, then = current[key], saved[key]
                 if isinstance(then, bool):  # a switch such as --cosine
                     raise UserError(
                         f'--resume {path}: the run was trained'
@@ -255,7 +256,7 @@ class Run:
         """Point the sampler at this epoch's order and past the steps a resumed epoch did."""
         sampler.set_epoch(epoch)
         sampler.set_start(
-            self.start_step * self.opt.local_batch_size if epoch == self.start_epoch else 0
+            self.start_step * self.rt.local_batch_size if epoch == self.start_epoch else 0
         )
 
     def epoch_start_step(self, epoch):
@@ -267,6 +268,10 @@ class Run:
         return start
 
     # -- saving
+    def options(self):
+        """The run's options as checkpoints record them: the parsed flags and the runtime's."""
+        return {**plain_options(self.opt), **self.rt.recorded()}
+
     def state(self, epoch, step=0):
         return {
             'model': bare_state_dict(self.model),
@@ -274,7 +279,7 @@ class Run:
             'epoch': epoch,
             'step': step,
             # a Namespace, as the reference writes it: ckpt['opt'].model works in users' tools
-            'opt': argparse.Namespace(**plain_options(self.opt)),
+            'opt': argparse.Namespace(**self.options()),
             'scaler': self.scaler.state_dict()
             if self.scaler is not None and self.scaler.is_enabled()
             else None,
@@ -330,7 +335,7 @@ class Run:
             command = shlex.join(
                 [sys.argv[0]] + without_resume(sys.argv[1:]) + ['--resume', 'auto']
             )
-            launcher = 'torchrun <the same torchrun options>' if self.opt.distributed else 'python'
+            launcher = 'torchrun <the same torchrun options>' if self.rt.distributed else 'python'
             print(
                 f'stopped by {self.stop.name} at epoch {epoch}, step {step}; saved {path}.'
                 f' Continue with: {launcher} {command}',

@@ -39,33 +39,30 @@ def one_thread():
 
 
 def runtime_options(argv, device='cpu'):
-    """The runtime flags as the scripts parse them, resolved by configure_precision."""
+    """The runtime flags as the scripts parse them, resolved as setup_runtime resolves them."""
     parser = argparse.ArgumentParser()
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
-    opt.device = torch.device(device)
-    opt.distributed = False
-    runtime.configure_precision(opt)
-    return opt
+    device = torch.device(device)
+    amp_dtype, channels_last = runtime.resolve_precision(opt, device)
+    return runtime.Runtime(
+        device=device, amp_dtype=amp_dtype, channels_last=channels_last, compile=opt.compile
+    )
 
 
-# --------------------------------------------------------------------------- configure_precision,
-# make_scaler
+# ---------------------------------------------------------------- resolve_precision, make_scaler
 
 
 def test_cpu_amp_is_bfloat16_with_channels_last_on():
     opt = runtime_options(['--amp'])
-    assert (opt.amp_dtype, opt.amp_torch_dtype, opt.channels_last) == (
-        'bfloat16',
-        torch.bfloat16,
-        True,
-    )
-    assert runtime_options(['--amp', '--amp_dtype', 'bfloat16']).amp_torch_dtype == torch.bfloat16
+    assert (opt.amp_dtype, opt.channels_last) == (torch.bfloat16, True)
+    assert opt.recorded()['amp_dtype'] == 'bfloat16'  # what checkpoints record
+    assert runtime_options(['--amp', '--amp_dtype', 'bfloat16']).amp_dtype == torch.bfloat16
 
 
 def test_channels_last_is_off_without_amp_and_explicit_choices_win():
     opt = runtime_options([])
-    assert opt.amp_torch_dtype is None and opt.channels_last is False
+    assert opt.amp_dtype is None and opt.channels_last is False
     assert runtime_options(['--amp', '--no-channels_last']).channels_last is False
     assert runtime_options(['--channels_last']).channels_last is True
 
@@ -74,7 +71,7 @@ def test_cpu_float16_is_a_user_error():
     with pytest.raises(util.UserError, match='--amp_dtype float16 is for CUDA'):
         runtime_options(['--amp', '--amp_dtype', 'float16'])
     # without --amp the dtype is never used, so it is not an error
-    assert runtime_options(['--amp_dtype', 'float16']).amp_torch_dtype is None
+    assert runtime_options(['--amp_dtype', 'float16']).amp_dtype is None
 
 
 @pytest.mark.parametrize('argv', [[], ['--amp']])
@@ -85,11 +82,11 @@ def test_scaler_is_disabled_on_cpu(argv):
 @CUDA
 def test_cuda_float16_gets_an_enabled_scaler_and_bfloat16_none():
     opt = runtime_options(['--amp', '--amp_dtype', 'float16'], 'cuda')
-    assert opt.amp_torch_dtype == torch.float16 and runtime.make_scaler(opt).is_enabled()
+    assert opt.amp_dtype == torch.float16 and runtime.make_scaler(opt).is_enabled()
     opt = runtime_options(['--amp', '--amp_dtype', 'bfloat16'], 'cuda')
     assert not runtime.make_scaler(opt).is_enabled()
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    assert runtime_options(['--amp'], 'cuda').amp_torch_dtype == expected
+    assert runtime_options(['--amp'], 'cuda').amp_dtype == expected
 
 
 # --------------------------------------------------------------------------- autocast dtypes
@@ -212,8 +209,7 @@ def test_channels_last_training_step_matches_contiguous(device, ieee_fp32):
         )
 
 
-# --------------------------------------------------------------------------- torch.compile through
-# prepare_model
+# ------------------------------------------------------------ torch.compile through prepare_model
 
 
 def compiled_step(model, opt, images):

@@ -178,19 +178,23 @@ def test_swap_keeps_parameters_and_state_dict():
 
 
 def runtime_options(**overrides):
-    opt = argparse.Namespace(
-        device=torch.device('cpu'),
-        distributed=False,
-        syncBN=False,
+    """The Runtime that setup_runtime resolves for a CPU --amp (bfloat16) run with these flags."""
+    values = dict(
+        device='cpu',
+        batch_size=8,
+        num_workers=0,
+        amp=True,
+        amp_dtype='auto',
         channels_last=False,
         compile=False,
-        amp_torch_dtype=torch.bfloat16,
+        seed=0,
         cpu_bf16_wgrad='matmul',
     )
-    vars(opt).update(overrides)
-    if opt.cpu_bf16_wgrad is None:
-        del opt.cpu_bf16_wgrad
-    return opt
+    values.update(overrides)
+    if values['cpu_bf16_wgrad'] is None:
+        del values['cpu_bf16_wgrad']
+    with torch.random.fork_rng():
+        return runtime.setup_runtime(argparse.Namespace(**values))
 
 
 @pytest.mark.parametrize(
@@ -199,7 +203,7 @@ def runtime_options(**overrides):
         ({}, True),
         ({'cpu_bf16_wgrad': 'onednn'}, False),
         ({'cpu_bf16_wgrad': None}, False),  # an opt without the flag: the default, oneDNN
-        ({'amp_torch_dtype': None}, False),
+        ({'amp': False}, False),
         ({'compile': True}, False),
     ],
 )

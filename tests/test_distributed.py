@@ -89,18 +89,21 @@ def sgd_steps(model, view1, view2, labels, steps=2):
 
 
 def moco_steps(model, view1, view2, labels, steps=3, queue_size=12):
-    """main_supcon.py --moco's step: queries from the model, keys from its moving average
-    (shuffled across ranks), contrasted with the labelled queue, then EMA and enqueue.
+    """main_supcon.py --moco's step through moco.MomentumContrast: queries from the model, keys
+    from its moving average (shuffled across ranks), contrasted with the labelled queue, then
+    EMA and enqueue.
 
     Returns the model's weights, the key encoder's weights and the queue's rows and labels.
     A queue of 12 rows takes 8 keys a step: it fills, then wraps around.
     """
-    from supcon.moco import KeyEncoder, LabelQueue
+    from supcon.moco import MomentumContrast
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
     criterion = SupConLoss(temperature=0.1)
     bare = model.module if hasattr(model, 'module') else model
-    key_encoder, queue = KeyEncoder(bare), LabelQueue(queue_size, 5)  # rows kept in float32
+    bare.feat_dim = 5  # the queue's width (SupConResNet has it; this small model does not)
+    moco = MomentumContrast(bare, queue_size, momentum=0.9)  # queue rows kept in float32
+    rt = runtime.Runtime(device=torch.device('cpu'))
     model.train()
     bsz = view1.shape[0]
     queue_labels_of = labels if labels is not None else torch.zeros(bsz, dtype=torch.long)
@@ -108,29 +111,20 @@ def moco_steps(model, view1, view2, labels, steps=3, queue_size=12):
         images = torch.cat([view1, view2], dim=0)
         features = model(images)
         features = torch.stack(torch.split(features, [bsz, bsz], dim=0), dim=1)
-        keys = key_encoder.encode(images, shuffle_seed=step)
-        keys = torch.stack(torch.split(keys, [bsz, bsz], dim=0), dim=1)
-        rows, row_labels = queue.contents()
-        loss = criterion(
-            features,
-            labels,
-            keys=keys,
-            queue=rows,
-            queue_labels=row_labels if labels is not None else None,
-        )
+        loss = moco(criterion, images, features, queue_labels_of, labels, rt, shuffle_seed=step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        key_encoder.update(bare, 0.9)
-        for view in range(2):  # view by view: the global batch's order on any number of ranks
-            queue.enqueue(keys[:, view], queue_labels_of)
-    rows, row_labels = queue.contents()
+        moco.step_done(bare)
+    rows, row_labels = moco.queue.contents()
     return {
         'model': {k: v.detach().cpu().clone() for k, v in bare.state_dict().items()},
-        'key': {k: v.detach().cpu().clone() for k, v in key_encoder.model.state_dict().items()},
+        'key': {
+            k: v.detach().cpu().clone() for k, v in moco.key_encoder.model.state_dict().items()
+        },
         'queue': rows.cpu(),
         'queue_labels': row_labels.cpu(),
-        'ptr': int(queue.ptr),
+        'ptr': int(moco.queue.ptr),
     }
 
 
@@ -270,12 +264,11 @@ def _validate(rank, world_size):
     loader, sampler = build_loader(
         dataset, 2, shuffle=False, seed=0, rank=rank, world_size=world_size, pad=False
     )
-    opt = argparse.Namespace(
-        device=torch.device('cpu'), print_freq=1000, amp_torch_dtype=None, channels_last=False
-    )
+    opt = argparse.Namespace(print_freq=1000)
+    rt = runtime.Runtime(device=torch.device('cpu'), rank=rank, world_size=world_size)
     classifier.eval()
     return (
-        engine.validate(loader, classifier, nn.CrossEntropyLoss(), opt, num_classes=6),
+        engine.validate(loader, classifier, nn.CrossEntropyLoss(), opt, rt, num_classes=6),
         sampler.rank_indices(),
     )
 
@@ -331,8 +324,8 @@ def test_syncbn_without_torchrun_prints_a_note(monkeypatch, capsys):
         monkeypatch.delenv(key, raising=False)
     opt = _runtime_opt(syncBN=True)
     with torch.random.fork_rng():
-        runtime.setup_runtime(opt)
-    assert not opt.distributed and opt.local_batch_size == 8
+        rt = runtime.setup_runtime(opt)
+    assert not rt.distributed and rt.local_batch_size == 8
     assert 'note: --syncBN has no effect without torchrun' in capsys.readouterr().out
 
 

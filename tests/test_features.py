@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from supcon import augment, data, sampling
+from supcon import augment, data, runtime, sampling
 from supcon.features import KNNMonitor, extract_features, knn_accuracy, knn_predict
 from util import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU_OPT = dict(device=torch.device('cpu'), amp_torch_dtype=None, channels_last=False)
+# what setup_runtime gives one CPU process without --amp (evaluation batches of 512)
+CPU_RT = runtime.Runtime(device=torch.device('cpu'), local_batch_size_val=512)
 
 
 def run_script(script, args, cwd, timeout=120):
@@ -131,7 +132,7 @@ def test_knn_weights_favour_close_neighbours():
 def test_extract_features_shapes_order_and_modes(capsys):
     dataset = TensorImages(10)
     encoder, head = tiny_encoder(), nn.Linear(4, 3)
-    opt = SimpleNamespace(**CPU_OPT)
+    rt = CPU_RT
     encoder.train()
     with torch.no_grad():
         expected = torch.cat([encoder.eval()(dataset.images[i : i + 1]) for i in range(10)])
@@ -140,7 +141,7 @@ def test_extract_features_shapes_order_and_modes(capsys):
     # shuffled and padded: rows still come back once each, in data-set order
     for shuffle in (False, True):
         loader, _ = sampling.build_loader(dataset, 4, shuffle=shuffle, seed=0, pad=True)
-        feats, labels = extract_features(encoder, loader, opt)
+        feats, labels = extract_features(encoder, loader, rt)
         assert feats.dtype == torch.float32 and labels.dtype == torch.int64
         assert feats.shape == (10, 4)
         assert labels.tolist() == dataset.targets
@@ -149,7 +150,7 @@ def test_extract_features_shapes_order_and_modes(capsys):
     assert 'features: 3/3 batches' in capsys.readouterr().out
 
     loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, pad=False)
-    projected, _ = extract_features(encoder, loader, opt, head=head, progress=False)
+    projected, _ = extract_features(encoder, loader, rt, head=head, progress=False)
     assert projected.shape == (10, 3)
     torch.testing.assert_close(projected.norm(dim=1), torch.ones(10))
     assert capsys.readouterr().out == ''
@@ -163,21 +164,14 @@ def monitor_opt(**changes):
         mean=None,
         std=None,
         size=8,
-        local_batch_size_val=512,
-        num_workers=0,
-        pin_memory=False,
-        seed=0,
-        rank=0,
-        world_size=1,
-        **CPU_OPT,
     )
     opt.update(changes)
     return SimpleNamespace(**opt)
 
 
 def test_knn_monitor_with_val_split_never_reads_the_test_split(capsys):
-    full = KNNMonitor(monitor_opt())
-    held = KNNMonitor(monitor_opt(val_split=0.2))
+    full = KNNMonitor(monitor_opt(), CPU_RT)
+    held = KNNMonitor(monitor_opt(val_split=0.2), CPU_RT)
     train_rows = len(full.train_loader.dataset)
     # the 20% held out of the training images replace the test split; the bank is the rest
     assert len(held.test_loader.dataset) + len(held.train_loader.dataset) == train_rows
@@ -193,7 +187,7 @@ def test_knn_monitor_with_val_split_never_reads_the_test_split(capsys):
 def test_knn_monitor_on_digits_pixels(capsys):
     # kNN on raw pixels already separates the digits well: a sanity check of the whole path
     encoder = nn.Sequential(nn.Flatten())
-    monitor = KNNMonitor(monitor_opt())
+    monitor = KNNMonitor(monitor_opt(), CPU_RT)
     encoder.train()
     acc = monitor(encoder, 3)
     assert isinstance(acc, float) and 85.0 < acc <= 100.0
@@ -207,7 +201,7 @@ def test_knn_monitor_on_digits_pixels(capsys):
 
 def test_knn_monitor_path_needs_test_folder():
     with pytest.raises(UserError, match='--knn_every needs --test_folder') as info:
-        KNNMonitor(monitor_opt(dataset='path', data_folder='somewhere'))
+        KNNMonitor(monitor_opt(dataset='path', data_folder='somewhere'), CPU_RT)
     assert '\n' not in str(info.value)
 
 
@@ -224,7 +218,7 @@ def test_knn_monitor_refuses_test_classes_other_than_the_training_ones(tmp_path)
         std='0.3,0.3,0.3',
     )
     with pytest.raises(UserError) as info:
-        KNNMonitor(opt)
+        KNNMonitor(opt, CPU_RT)
     message = str(info.value)
     assert message.startswith('train and test data have different classes')
     assert 'only in train: class_2; only in test: class_9' in message and '\n' not in message
@@ -240,18 +234,18 @@ DIST_SCRIPT = textwrap.dedent('''
                              amp_dtype='auto', channels_last=False, compile=False, seed=0,
                              device='cpu', dataset='path', data_folder='train',
                              test_folder='test', mean='0.5,0.5,0.5', std='0.3,0.3,0.3', size=8)
-    runtime.setup_runtime(opt)
+    rt = runtime.setup_runtime(opt)
     dataset = data.build_dataset('path', 'test', augment.test_transform(8, (0.5,) * 3, (0.3,) * 3),
                                  'train', 'test')
-    loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, rank=opt.rank,
-                                  world_size=opt.world_size, pad=False)
+    loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, rank=rt.rank,
+                                  world_size=rt.world_size, pad=False)
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    feats, labels = extract_features(encoder, loader, opt, progress=False)
-    acc = KNNMonitor(opt)(encoder, 1)
+    feats, labels = extract_features(encoder, loader, rt, progress=False)
+    acc = KNNMonitor(opt, rt)(encoder, 1)
     torch.save({'feats': feats, 'labels': labels, 'acc': acc, 'share': len(loader.sampler)},
-               f'rank{opt.rank}.pt')
+               f'rank{rt.rank}.pt')
     runtime.cleanup_runtime()
 ''')
 
@@ -302,15 +296,15 @@ def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path)
     )
     loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, pad=False)
     encoder = tiny_encoder()
-    feats, labels = extract_features(encoder, loader, SimpleNamespace(**CPU_OPT), progress=False)
+    feats, labels = extract_features(encoder, loader, CPU_RT, progress=False)
     acc = KNNMonitor(
         monitor_opt(
             dataset='path',
             data_folder=tmp_path / 'train',
             test_folder=tmp_path / 'test',
-            local_batch_size_val=8,
             **mean_std,
-        )
+        ),
+        runtime.Runtime(device=torch.device('cpu'), local_batch_size_val=8),
     )(encoder, 1)
 
     results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]

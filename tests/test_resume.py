@@ -403,8 +403,8 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         state['saved'] = ckpt_path.read_bytes()
         state['diverged'] = True  # from epoch 2 on the loss is NaN
 
-    def set_model(opt, num_classes):
-        model, criterion = real_set_model(opt, num_classes)
+    def set_model(opt, rt, num_classes):
+        model, criterion = real_set_model(opt, rt, num_classes)
 
         def diverging(output, labels):
             loss = criterion(output, labels)

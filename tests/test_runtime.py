@@ -102,9 +102,10 @@ def test_leftover_world_size_1_is_one_process(no_torchrun, capsys):
         no_torchrun.setenv(key, '1' if key == 'WORLD_SIZE' else '0')
     opt = runtime_opt()
     with torch.random.fork_rng():
-        runtime.setup_runtime(opt)
-    assert not opt.distributed and (opt.rank, opt.world_size) == (0, 1)
-    assert not torch.distributed.is_initialized() and opt.local_batch_size == 8
+        rt = runtime.setup_runtime(opt)
+    assert not rt.distributed and (rt.rank, rt.world_size) == (0, 1)
+    assert not torch.distributed.is_initialized() and rt.local_batch_size == 8
+    assert vars(opt) == vars(runtime_opt())  # the options are read, never written
 
 
 @pytest.mark.parametrize(

@@ -96,8 +96,8 @@ def test_num_workers_val_sets_the_test_loaders_workers():
     )
     from supcon import runtime
 
-    runtime.setup_runtime(opt)
-    train_loader, _, val_loader, num_classes = data.classification_loaders(opt)
+    rt = runtime.setup_runtime(opt)
+    train_loader, _, val_loader, num_classes = data.classification_loaders(opt, rt)
     assert (train_loader.num_workers, val_loader.num_workers, num_classes) == (0, 1, 10)
 
 

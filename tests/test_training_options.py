@@ -257,16 +257,15 @@ def test_linear_evaluation_without_augmentation(tmp_path):
     linear = pretrain + ['--ckpt', str(ckpt)]
     args = linear + ['--aug', 'none']
     opt = main_linear.parse_option(args)
-    runtime.setup_runtime(opt)  # one process, CPU: nothing to clean up
-    train_loader, _, val_loader, _ = main_linear.set_loader(opt)
+    rt = runtime.setup_runtime(opt)  # one process, CPU: nothing to clean up
+    train_loader, _, val_loader, _ = main_linear.set_loader(opt, rt)
     train_set, test_set = train_loader.dataset.dataset, val_loader.dataset.dataset
     views = [train_loader.dataset[(seed, 0)][0] for seed in range(3)]  # three sample seeds
     assert all(torch.equal(view, views[0]) for view in views)
     assert torch.equal(views[0], test_set.transform(Image.fromarray(train_set.images[0])))
     # the same check sees the reference's crop-and-flip: one image, three different tensors
     default = main_linear.parse_option(linear)
-    runtime.setup_runtime(default)
-    cropped = main_linear.set_loader(default)[0].dataset
+    cropped = main_linear.set_loader(default, runtime.setup_runtime(default))[0].dataset
     crops = [cropped[(seed, 0)][0] for seed in range(3)]
     assert not all(torch.equal(crop, crops[0]) for crop in crops)
     result = run_ok('main_linear', args, tmp_path)
