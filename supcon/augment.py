@@ -16,12 +16,11 @@ cross-entropy and the linear classifier (``train_transform``) once.
 ``randaugment``         torchvision ``RandAugment``, 2 ops, magnitude   the same ``RandAugment``
                         9 of 10, in place of the jitter and grayscale
 ``stacked_randaugment`` ``RandAugment``, 2 ops, magnitude 10 of 10,     the same as for SupCon
-then the ``simclr`` jitter and grayscale ``none``                refused (two identical views teach
-                                                                        nothing)     no
-                                                                        augmentation: the test
+                        then the ``simclr`` jitter and grayscale
+``none``                refused (two identical views teach nothing)     no augmentation: the test
                                                                         transform (a probe on fixed
-features) ======================  ==============================================
-============================
+                                                                        features)
+======================  ==============================================  ============================
 
 The test transform is the same for every ``--aug``: ``Resize((size, size))``,
 ``ToTensor()``, ``Normalize``.
