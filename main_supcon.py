@@ -75,7 +75,7 @@ def parse_option(argv=None):
         '--moco',
         action='store_true',
         help='momentum key encoder and a labelled queue of past keys (for small'
-        ' batches; README "Small batches")',
+        ' batches; docs/small-batches.md)',
     )
     parser.add_argument(
         '--moco_k', type=int, default=None, help='--moco: queue length (4096 when not given)'

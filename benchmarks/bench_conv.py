@@ -1,5 +1,5 @@
-"""Weight gradient of a bfloat16 3x3 convolution on the CPU: oneDNN's kernel vs networks/conv.py's
-matrix product.
+"""Weight gradient of a bfloat16 3x3 convolution on the CPU: oneDNN's kernel vs the matrix
+product of networks/cpu_bf16_conv.py.
 
     python benchmarks/bench_conv.py [--batch 256] [--repeats 3] [--threads N]
 

@@ -169,6 +169,6 @@ def add_augmentation_arguments(parser, classifier=False, gpu_aug=True):
         '--gpu_aug',
         action='store_true',
         help='loader workers only decode; crops, flips and colour run batched on'
-        ' the training device (kornia; README "Augmentation on the GPU")',
+        ' the training device (kornia; docs/backbones.md)',
     )
     return group
