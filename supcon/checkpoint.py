@@ -26,16 +26,16 @@ from supcon.runtime import is_main_process, unwrap
 _WRAPPER_KEY = re.compile(r'(^|(?<=\.))(module|_orig_mod)\.')
 
 
-def strip_wrapper_keys(state_dict):
+def strip_wrapper_keys(state_dict: dict) -> dict:
     """Drop ``module.``/``_orig_mod.`` segments left by DataParallel, DDP or compile."""
     return {_WRAPPER_KEY.sub(r'\1', key): value for key, value in state_dict.items()}
 
 
-def bare_state_dict(model):
+def bare_state_dict(model: torch.nn.Module) -> dict:
     return strip_wrapper_keys(unwrap(model).state_dict())
 
 
-def load_bare_state_dict(model, state_dict):
+def load_bare_state_dict(model: torch.nn.Module, state_dict: dict) -> None:
     """Load wrapper-free keys into a model whose sub-modules may be wrapped."""
     target = unwrap(model)
     actual = {_WRAPPER_KEY.sub(r'\1', key): key for key in target.state_dict()}
@@ -45,7 +45,7 @@ def load_bare_state_dict(model, state_dict):
 # --------------------------------------------------------------------------- files
 
 
-def save_checkpoint(state, path):
+def save_checkpoint(state: dict, path: str) -> None:
     """Write ``state`` to ``path`` atomically (``atomic.atomic_save``); only rank 0 writes.
 
     A kill at any moment leaves either the previous file or the new one. A full disk or
@@ -85,7 +85,7 @@ def _write_error(exc, path):
     )
 
 
-def folder_write_problem(folder):
+def folder_write_problem(folder: str) -> str | None:
     """Why files cannot be created in ``folder`` (which may not exist yet), or None.
 
     Tries a temporary file in the deepest folder that exists and removes it again, so
@@ -173,7 +173,7 @@ def _read_error(exc, path, flag):
     )
 
 
-def load_checkpoint(path, flag='--ckpt', mmap=False):
+def load_checkpoint(path: str, flag: str = '--ckpt', mmap: bool = False) -> dict:
     """Load with ``weights_only=True``; accepts the reference's checkpoints.
 
     The reference stores its options as an ``argparse.Namespace``: it is the one
@@ -289,7 +289,7 @@ def resume_problem(ckpt):
     return None
 
 
-def newest_checkpoint(folder, quiet=False):
+def newest_checkpoint(folder: str, quiet: bool = False) -> str | None:
     """The checkpoint of a run folder that is furthest in training, or None.
 
     Files are ranked by the (epoch, step) they record, not by their time stamps (a copy

@@ -21,7 +21,7 @@ from supcon.augment import test_transform, train_transform
 from supcon.cifar import CIFAR_NAMES, load_cifar
 from supcon.errors import UserError
 from supcon.image_folder import DataError, build_image_folder  # noqa: F401 (DataError re-exported)
-from supcon.runtime import main_process_first
+from supcon.runtime import Runtime, main_process_first
 from supcon.sampling import build_loader
 
 DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet')
@@ -304,7 +304,7 @@ _TRIPLE = re.compile(
 _BRACKETS = {'(': ')', '[': ']'}
 
 
-def parse_triple(text, flag):
+def parse_triple(text: str, flag: str) -> tuple[float, float, float]:
     """Parse "(0.1, 0.2, 0.3)", "0.1,0.2,0.3" or "[0.1 0.2 0.3]" into three floats."""
     error = UserError(
         f'{flag} must be three numbers such as "(0.4914, 0.4822, 0.4465)", got {text!r}'
@@ -323,7 +323,7 @@ def parse_triple(text, flag):
     return values
 
 
-def resolve_mean_std(dataset, mean_text, std_text):
+def resolve_mean_std(dataset: str, mean_text: str | None, std_text: str | None):
     """(mean, std) for Normalize: --mean/--std text when given, else the data set's constants."""
     if dataset == 'path' and not (mean_text and std_text):
         raise UserError(
@@ -340,7 +340,7 @@ def resolve_mean_std(dataset, mean_text, std_text):
     return mean, std
 
 
-def classification_loaders(opt, rt, uint8_train=False):
+def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
     """(train_loader, train_sampler, val_loader, num_classes) for main_ce.py and main_linear.py.
 
     Training images get the reference's crop-and-flip (or --aug's policy), test images

@@ -7,7 +7,14 @@ import time
 import torch
 import torch.nn as nn
 
-from supcon.runtime import all_reduce_sum, autocast, is_main_process, step_statistics, to_device
+from supcon.runtime import (
+    Runtime,
+    all_reduce_sum,
+    autocast,
+    is_main_process,
+    step_statistics,
+    to_device,
+)
 from supcon.sampling import mix_seed
 from supcon.training_run import check_finite
 from util import AverageMeter, correct_counts, warmup_learning_rate
@@ -105,7 +112,7 @@ def train_classifier(
     return losses.avg, top1.avg, None
 
 
-def validate(val_loader, model, criterion, opt, rt, num_classes):
+def validate(val_loader, model: nn.Module, criterion, opt, rt: Runtime, num_classes: int):
     """Loss, top-1 and top-5 (None under 5 classes) over the whole test split.
 
     Under torchrun each rank evaluates its own share (no padding) and the sums

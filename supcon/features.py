@@ -10,13 +10,14 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from supcon import data
 from supcon.augment import test_transform
 from supcon.distributed import all_gather_rows, is_distributed
 from supcon.errors import UserError
-from supcon.runtime import autocast, is_main_process, main_process_first, to_device
+from supcon.runtime import Runtime, autocast, is_main_process, main_process_first, to_device
 from supcon.sampling import build_loader
 
 # --------------------------------------------------------------------------- extraction
@@ -41,7 +42,14 @@ def _gather_rows(tensor, device):
     return all_gather_rows(tensor.to(device)).cpu()
 
 
-def extract_features(encoder, loader, rt, head=None, desc='features', progress=True):
+def extract_features(
+    encoder: nn.Module,
+    loader,
+    rt: Runtime,
+    head=None,
+    desc: str = 'features',
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every sample of ``loader``, on every rank, in data-set order.
 
     Under torchrun each rank extracts its own share (a ``pad=False`` loader) and
@@ -172,7 +180,7 @@ class KNNMonitor:
         splits = dict(
             data_folder=opt.data_folder,
             test_folder=opt.test_folder,
-            val_split=getattr(opt, 'val_split', 0),
+            val_split=opt.val_split,
         )
         self.held_out = 'held-out' if splits['val_split'] else 'test'
         with main_process_first():

@@ -299,7 +299,7 @@ def torchrun_environment():
     return world_size, rank, local_rank
 
 
-def resolve_precision(opt, device):
+def resolve_precision(opt, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, channels_last) from --amp, --amp_dtype and --channels_last."""
     amp_dtype = None
     if opt.amp:
@@ -317,26 +317,26 @@ def resolve_precision(opt, device):
     return amp_dtype, channels_last
 
 
-def autocast(rt):
+def autocast(rt: Runtime):
     if rt.amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=rt.device.type, dtype=rt.amp_dtype)
 
 
-def make_scaler(rt):
+def make_scaler(rt: Runtime) -> torch.amp.GradScaler:
     """A gradient scaler, enabled only for float16 on CUDA (bfloat16 needs none)."""
     enabled = rt.device.type == 'cuda' and rt.amp_dtype == torch.float16
     return torch.amp.GradScaler('cuda', enabled=enabled)
 
 
-def to_device(images, rt):
+def to_device(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
     images = images.to(rt.device, non_blocking=True)
     if rt.channels_last and images.dim() == 4:
         images = images.contiguous(memory_format=torch.channels_last)
     return images
 
 
-def prepare_model(model, rt, parallel='encoder'):
+def prepare_model(model: nn.Module, rt: Runtime, parallel: str | None = 'encoder') -> nn.Module:
     """Move to the device and wrap for several GPUs.
 
     On the CPU under bfloat16 --amp, convolutions get the matmul weight gradient
@@ -372,7 +372,7 @@ def prepare_model(model, rt, parallel='encoder'):
     return model
 
 
-def unwrap(model):
+def unwrap(model: nn.Module) -> nn.Module:
     """The bare module under DDP/DataParallel/torch.compile wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -396,7 +396,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def step_statistics(rt, *values):
+def step_statistics(rt: Runtime, *values) -> list[float]:
     """Sum per-step statistics over ranks in one collective and one host sync.
 
     Values may be tensors on the device or numbers. Callers pass the stop flag

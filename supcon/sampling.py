@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from supcon.errors import UserError
 
 
-def mix_seed(*parts):
+def mix_seed(*parts) -> int:
     """A 63-bit integer determined only by `parts` (stable across processes and runs)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, 'little') & ((1 << 63) - 1)

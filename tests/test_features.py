@@ -164,6 +164,7 @@ def monitor_opt(**changes):
         mean=None,
         std=None,
         size=8,
+        val_split=0.0,
     )
     opt.update(changes)
     return SimpleNamespace(**opt)
@@ -233,7 +234,8 @@ DIST_SCRIPT = textwrap.dedent('''
     opt = argparse.Namespace(batch_size=2, batch_size_val=8, num_workers=0, amp=False,
                              amp_dtype='auto', channels_last=False, compile=False, seed=0,
                              device='cpu', dataset='path', data_folder='train',
-                             test_folder='test', mean='0.5,0.5,0.5', std='0.3,0.3,0.3', size=8)
+                             test_folder='test', mean='0.5,0.5,0.5', std='0.3,0.3,0.3', size=8,
+                             val_split=0.0)
     rt = runtime.setup_runtime(opt)
     dataset = data.build_dataset('path', 'test', augment.test_transform(8, (0.5,) * 3, (0.3,) * 3),
                                  'train', 'test')
