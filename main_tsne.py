@@ -1,10 +1,12 @@
 """t-SNE figure of a trained encoder's features on the test split.
 
 Reads a checkpoint of main_supcon.py (SupCon or SimCLR) or main_ce.py (ours or
-the reference's), embeds a fixed, class-balanced subset of the test images with
-the frozen encoder (or, with ``--features head``, the projection head), and
-draws the 2-D t-SNE map one colour per class. Default output: next to the
-checkpoint, ``<ckpt name>_tsne_<features>.png``.
+the reference's), embeds a fixed, class-balanced subset of the test images (with
+``--val_split``, of the held-out training images) with the frozen encoder (or,
+with ``--features head``, the projection head), and draws the 2-D t-SNE map one
+colour per class. The data set, image size, mean/std and folders default to what
+the checkpoint records. Default output: next to the checkpoint,
+``<ckpt name>_tsne_[key_]<features>[_val_<fraction>].png``.
 """
 
 import argparse
@@ -21,16 +23,14 @@ import torch  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from networks.from_checkpoint import (
+from networks.from_checkpoint import (  # noqa: E402
     checkpoint_method,
+    checkpoint_model,
     encoder_from_checkpoint,
     head_from_checkpoint,
-)  # noqa: E402
-from networks.resnet_big import MODEL_NAMES  # noqa: E402
-from supcon import (
-    data,  # noqa: E402
-    runtime,  # noqa: E402
 )
+from networks.resnet_big import MODEL_NAMES  # noqa: E402
+from supcon import data, options, runtime  # noqa: E402
 from supcon.augment import test_transform  # noqa: E402
 from supcon.checkpoint import folder_write_problem, load_checkpoint  # noqa: E402
 from supcon.errors import UserError  # noqa: E402
@@ -44,7 +44,8 @@ def parse_option(argv=None):
     parser = argparse.ArgumentParser(
         prog='main_tsne.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description='Draw a t-SNE map of a checkpoint\'s features on the test split.',
+        description='Draw a t-SNE map of a checkpoint\'s features on the test split (or, with'
+        ' --val_split, on the held-out training images).',
     )
 
     parser.add_argument(
@@ -54,12 +55,15 @@ def parse_option(argv=None):
         '--model',
         type=str,
         default=None,
-        help=', '.join(MODEL_NAMES) + '; default: the checkpoint\'s',
+        help='the encoder in --ckpt: ' + ', '.join(MODEL_NAMES) + ' or a timm name;'
+        ' default: what the checkpoint records (resnet50 for one that does not say);'
+        ' when given it must agree',
     )
     parser.add_argument(
         '--key_encoder',
         action='store_true',
-        help='draw the momentum (key) encoder of a --moco checkpoint',
+        help='draw the momentum (key) encoder of a --moco checkpoint (default figure:'
+        ' <ckpt name>_tsne_key_<features>.png)',
     )
     parser.add_argument(
         '--features',
@@ -74,7 +78,7 @@ def parse_option(argv=None):
         '--max_samples',
         type=int,
         default=2000,
-        help='test images embedded at most (a fixed class-balanced subset);'
+        help='images embedded at most (a fixed class-balanced subset);'
         ' t-SNE time grows quickly with it',
     )
     parser.add_argument(
@@ -87,7 +91,8 @@ def parse_option(argv=None):
         '--out',
         type=str,
         default=None,
-        help='PNG to write; default: <ckpt dir>/<ckpt name>_tsne_<features>.png',
+        help='PNG to write; default: <ckpt dir>/<ckpt name>_tsne_[key_]<features>'
+        '[_val_<fraction>].png',
     )
     parser.add_argument(
         '--num_workers',
@@ -98,9 +103,9 @@ def parse_option(argv=None):
 
     data.add_arguments(parser, test_folder=True)
     runtime.add_runtime_arguments(parser, training=False)
+    describe_checkpoint_defaults(parser)
     opt = parser.parse_args(argv)
 
-    data.resolve_defaults(opt)
     if opt.max_samples < 2:
         raise UserError(
             f'--max_samples must be at least 2 (t-SNE needs two points), got {opt.max_samples}'
@@ -108,7 +113,7 @@ def parse_option(argv=None):
     if not math.isfinite(opt.perplexity) or opt.perplexity <= 0:
         raise UserError(f'--perplexity must be a finite number > 0, got {opt.perplexity}')
     for name in ('size', 'batch_size_val'):
-        if getattr(opt, name) < 1:
+        if getattr(opt, name) is not None and getattr(opt, name) < 1:
             raise UserError(f'--{name} must be a positive integer, got {getattr(opt, name)}')
     if opt.num_workers < 0:
         raise UserError(f'--num_workers must be 0 or more, got {opt.num_workers}')
@@ -117,17 +122,59 @@ def parse_option(argv=None):
             '--ckpt is required: pass the checkpoint to draw, e.g.'
             ' ./save/SupCon/cifar10_models/<run>/last.pth'
         )
-    if opt.dataset == 'path' and opt.test_folder is None:
+    if opt.out is None:
+        stem = os.path.splitext(os.path.basename(opt.ckpt))[0]
+        key = 'key_' if opt.key_encoder else ''
+        held_out = f'_val_{opt.val_split}' if opt.val_split else ''
+        opt.out = os.path.join(
+            os.path.dirname(os.path.abspath(opt.ckpt)),
+            f'{stem}_tsne_{key}{opt.features}{held_out}.png',
+        )
+    check_output(opt.out)
+
+    # what the checkpoint records fills what is not given (read lazily: set_model loads
+    # the weights); a timm encoder is built for its image size, so no other is taken
+    saved = load_checkpoint(opt.ckpt, mmap=True)
+    opt.model, _ = checkpoint_model(saved, opt.ckpt, opt.model)
+    opt.ckpt_defaults = options.take_checkpoint_defaults(opt, saved['opt'])
+    del saved
+    data.resolve_defaults(opt)
+    if opt.dataset == 'path' and opt.val_split and opt.data_folder == './datasets/':
+        raise UserError(
+            '--dataset path with --val_split embeds held-out training images: it needs'
+            ' --data_folder (one sub-folder per class) and --mean/--std'
+        )
+    if opt.dataset == 'path' and not opt.val_split and opt.test_folder is None:
         raise UserError(
             '--dataset path needs --test_folder (one sub-folder per class) and --mean/--std'
         )
-    if opt.out is None:
-        stem = os.path.splitext(os.path.basename(opt.ckpt))[0]
-        opt.out = os.path.join(
-            os.path.dirname(os.path.abspath(opt.ckpt)), f'{stem}_tsne_{opt.features}.png'
-        )
-    check_output(opt.out)
     return opt
+
+
+def describe_checkpoint_defaults(parser):
+    """--dataset and the data flags default to the checkpoint's, not to cifar10: say so in
+    their help, and leave --dataset unset so that the checkpoint can fill it."""
+    recorded = {
+        'dataset': 'default: the checkpoint\'s (cifar10 for one that does not say)',
+        'size': 'default: the checkpoint\'s when it is of this --dataset (always for a'
+        ' timm encoder, which takes no other), else 224 for imagenet and 32 otherwise',
+        'data_folder': 'default: the checkpoint\'s when it is of this --dataset',
+        'test_folder': 'default: the checkpoint\'s when it is of this --dataset',
+        'mean': 'default: the checkpoint\'s when it is of this --dataset, else the'
+        ' data set\'s constants',
+        'std': 'default: the checkpoint\'s when it is of this --dataset, else the'
+        ' data set\'s constants',
+    }
+    for action in parser._actions:
+        if action.dest in recorded:
+            action.help = (action.help or '').split(' (default')[0] + '; ' + recorded[action.dest]
+        elif action.dest == 'val_split':
+            action.help = (
+                'embed this held-out fraction of the training images (the split'
+                ' main_*.py --val_split held out: stratified, the same for every seed)'
+                ' instead of the test split; 0 = the test split'
+            )
+    parser.set_defaults(dataset=None)
 
 
 def check_output(path):
@@ -175,7 +222,8 @@ def stratified_subset(targets, max_samples, seed):
 
 
 def set_loader(opt, rt):
-    """The loader of a fixed class-balanced subset of the test split, and the class names."""
+    """The loader of a fixed class-balanced subset of the test split (with --val_split, of
+    the held-out training images), and the class names."""
     mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
     with runtime.main_process_first():
         test_dataset = data.build_dataset(
@@ -184,12 +232,13 @@ def set_loader(opt, rt):
             test_transform(opt.size, mean, std),
             data_folder=opt.data_folder,
             test_folder=opt.test_folder,
+            val_split=opt.val_split,
         )
     class_names = list(test_dataset.classes)
     if opt.num_classes is not None and opt.num_classes != len(class_names):
         raise UserError(
             f'--num_classes {opt.num_classes} does not match the'
-            f' {len(class_names)} classes of the test data; drop'
+            f' {len(class_names)} classes of the {split_name(opt)} data; drop'
             f' --num_classes or fix it'
         )
     subset = stratified_subset(test_dataset.targets, opt.max_samples, opt.seed)
@@ -215,7 +264,8 @@ def set_model(opt, rt):
         else None
     )
     epoch = '?' if ckpt.get('epoch') is None else ckpt['epoch']
-    title = f'{checkpoint_method(ckpt)} · {model} · epoch {epoch}'
+    which = ' · key encoder' if opt.key_encoder else ''
+    title = f'{checkpoint_method(ckpt)} · {model}{which} · epoch {epoch}'
     del ckpt
     # frozen: nothing to train, so no DDP wrapper under torchrun either
     encoder.requires_grad_(False)
@@ -223,6 +273,11 @@ def set_model(opt, rt):
     if head is not None:
         head = head.requires_grad_(False).to(rt.device)
     return encoder, head, title
+
+
+def split_name(opt):
+    """The images embedded, in words: 'test', or 'held-out (val_split 0.2)'."""
+    return f'held-out (val_split {opt.val_split})' if opt.val_split else 'test'
 
 
 def embed(features, opt):
@@ -261,7 +316,7 @@ def plot(points, labels, names, title, opt):
     ax.text(
         0.5,
         1.01,
-        f'{opt.dataset} test, {len(labels)} images, {opt.features} features',
+        f'{opt.dataset} {split_name(opt)}, {len(labels)} images, {opt.features} features',
         transform=ax.transAxes,
         ha='center',
         va='bottom',
@@ -288,6 +343,8 @@ def plot(points, labels, names, title, opt):
 def main():
     opt = parse_option()
     rt = runtime.setup_runtime(opt)
+    if opt.ckpt_defaults and runtime.is_main_process():
+        print(f'note: from the checkpoint: {" ".join(opt.ckpt_defaults)}', flush=True)
 
     # build data loader
     loader, class_names = set_loader(opt, rt)
@@ -298,11 +355,12 @@ def main():
     # extract features (every rank's share, gathered) and embed them on the main process
     if runtime.is_main_process():
         print(
-            f'extracting {opt.features} features of {len(loader.dataset)} {opt.dataset} test'
-            f' images with {opt.ckpt}',
+            f'extracting {opt.features} features of {len(loader.dataset)} {opt.dataset}'
+            f' {split_name(opt)} images with {opt.ckpt}',
             flush=True,
         )
-    features, labels = extract_features(encoder, loader, rt, head=head, desc='test split')
+    desc = 'held-out split' if opt.val_split else 'test split'
+    features, labels = extract_features(encoder, loader, rt, head=head, desc=desc)
     if not runtime.is_main_process():
         return
     start = time.time()

@@ -16,12 +16,14 @@ In Python, the encoder of such a file is::
 import re
 
 from networks.encoders import build_encoder as build_backbone
-from networks.encoders import is_known_model
+from networks.encoders import check_model_name
 from networks.resnet_big import MODEL_NAMES, SupConResNet
 from supcon.errors import UserError
 
 # torchvision's ResNet names a block's projection `downsample`; the reference (and we) `shortcut`
 _TORCHVISION_BLOCK = re.compile(r'^encoder\.layer\d+\.\d+\.downsample\.')
+# what a checkpoint of our ResNets (or of none recorded: the reference's released one) records
+_OURS = (None, *MODEL_NAMES)
 # blocks per stage -> our model name, for a torchvision-layout encoder without recorded options
 _DEPTHS = {
     (2, 2, 2, 2, False): 'resnet18',
@@ -92,7 +94,9 @@ def encoder_state(ckpt, key_encoder=False):
             )
     else:
         state = ckpt['model']
-    converted = from_torchvision_layout(state)
+    # timm's ResNets name their projections `downsample` too: a checkpoint that records a
+    # timm model is in that model's own layout, never the released torchvision one
+    converted = from_torchvision_layout(state) if saved.get('model') in _OURS else None
     if converted is not None:
         state, model, stem = converted
         saved.update(model=saved.get('model', model), stem=stem)
@@ -109,11 +113,7 @@ def checkpoint_model(ckpt, path, model=None):
     _, saved = encoder_state(ckpt)
     if model is None:
         model = saved.get('model', 'resnet50')
-    if not is_known_model(model):
-        raise UserError(
-            f'--model {model} is not known; choose one of {", ".join(MODEL_NAMES)}'
-            f' or a timm model name'
-        )
+    check_model_name(model)
     if saved.get('model') not in (None, model):
         raise UserError(
             f'--ckpt {path} holds a {saved["model"]} encoder, not --model'

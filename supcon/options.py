@@ -6,11 +6,15 @@ one-line ``UserError`` that names the flag and the fix.
 """
 
 import math
+import os
+import re
 import sys
 
 import torch
 
 from networks.resnet_big import MODEL_NAMES, STEMS
+from networks.timm_backbone import is_timm_model
+from supcon.data import DATASET_NAMES
 from supcon.errors import UserError
 from supcon.optim import OPTIMIZER_NAMES
 from supcon.runtime import is_main_process
@@ -74,7 +78,15 @@ def check_float_option(opt, name):
 
 
 def check_common_options(opt):
-    for name in ('batch_size', 'epochs', 'save_freq', 'print_freq', 'size', 'batch_size_val'):
+    for name in (
+        'batch_size',
+        'epochs',
+        'save_freq',
+        'print_freq',
+        'size',
+        'batch_size_val',
+        'patch_size',
+    ):
         value = getattr(opt, name, None)
         if value is not None and value < 1:
             raise UserError(f'--{name} must be a positive integer, got {value}')
@@ -163,6 +175,10 @@ def extend_run_name(opt, stem=True):
     suffixes = []
     if stem and getattr(opt, 'stem', 'cifar') != 'cifar':
         suffixes.append(f'stem_{opt.stem}')
+    if getattr(opt, 'patch_size', None) is not None:
+        suffixes.append(f'patch_{opt.patch_size}')
+    if getattr(opt, 'pretrained', None):
+        suffixes.append(f'pretrained_{file_tag(opt.pretrained)}')
     if getattr(opt, 'moco', False):
         suffixes.append(f'moco_k{opt.moco_k}_m{opt.moco_m}')
     if getattr(opt, 'optimizer', 'sgd') != 'sgd':
@@ -174,3 +190,51 @@ def extend_run_name(opt, stem=True):
     if getattr(opt, 'val_split', 0):
         suffixes.append(f'val_{opt.val_split}')
     opt.model_name = '_'.join([opt.model_name] + suffixes)
+
+
+def file_tag(path):
+    """A run-name part for a file: its name without the extension, in safe characters."""
+    name = os.path.splitext(os.path.basename(os.path.normpath(str(path))))[0]
+    return re.sub(r'[^A-Za-z0-9_.+-]+', '-', name).strip('-.') or 'file'
+
+
+#: Options a checkpoint's ``opt`` gives main_tsne.py when not given: (name, type).
+CHECKPOINT_DEFAULTS = (
+    ('dataset', str),
+    ('size', int),
+    ('data_folder', str),
+    ('test_folder', str),
+    ('mean', str),
+    ('std', str),
+)
+
+
+def take_checkpoint_defaults(opt, recorded):
+    """main_tsne.py: fill the data options not given from the checkpoint's ``recorded`` options;
+    returns the flags taken, e.g. ``['--dataset digits', '--size 8']``.
+
+    The folders and mean/std only when the data set is the checkpoint's; the size of a
+    timm encoder always, and a different one is refused: it is built for that size.
+    """
+    taken = []
+    if opt.dataset is None:
+        opt.dataset = recorded.get('dataset')
+        if opt.dataset not in DATASET_NAMES:
+            opt.dataset = 'cifar10'  # the reference's default, for a file that does not say
+        else:
+            taken.append(f'--dataset {opt.dataset}')
+    same_data = opt.dataset == recorded.get('dataset')
+    timm_size = recorded.get('size') if is_timm_model(opt.model) else None
+    if timm_size is not None and opt.size not in (None, timm_size):
+        raise UserError(
+            f'--size {opt.size} differs from the {timm_size} the {opt.model} encoder of'
+            f' --ckpt {opt.ckpt} was built for; pass --size {timm_size} or drop --size'
+        )
+    for name, kind in CHECKPOINT_DEFAULTS:
+        value = recorded.get(name)
+        if name == 'dataset' or getattr(opt, name) is not None or type(value) is not kind:
+            continue
+        if same_data or (name == 'size' and timm_size is not None):
+            setattr(opt, name, value)
+            taken.append(f'--{name} {value}')
+    return taken

@@ -100,6 +100,7 @@ class Run:
         'optimizer',
         'aug',
         'patch_size',
+        'pretrained',
         'val_split',
     )
 
