@@ -254,8 +254,8 @@ def test_tsne_val_split_embeds_the_held_out_training_images(digits_ckpt, tmp_pat
     path, _, _ = digits_ckpt
     args = ['--ckpt', path, '--val_split', '0.2', '--max_samples', '5000', *CPU]
     opt = main_tsne.parse_option([str(a) for a in args])
-    runtime.setup_runtime(opt)  # one process, CPU: nothing to clean up
-    loader, _ = main_tsne.set_loader(opt)
+    rt = runtime.setup_runtime(opt)  # one process, CPU: nothing to clean up
+    loader, _ = main_tsne.set_loader(opt, rt)
     transform = eval_transform(8, *data.resolve_mean_std('digits', None, None))
     train = data.build_dataset('digits', 'train', transform)
     _, held_out = train_test_split(
@@ -282,8 +282,8 @@ def test_tsne_key_encoder_has_its_own_file_and_title(digits_ckpt, tmp_path):
         opt = main_tsne.parse_option([str(a) for a in ['--ckpt', path, *CPU, *extra]])
         defaults[bool(extra)] = opt.out
         if extra:
-            runtime.setup_runtime(opt)
-            encoder, _, title = main_tsne.set_model(opt)
+            rt = runtime.setup_runtime(opt)
+            encoder, _, title = main_tsne.set_model(opt, rt)
             assert 'key encoder' in title
             assert equal_weights(encoder, key.state_dict())
             assert not equal_weights(encoder, query.state_dict())
