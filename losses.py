@@ -51,27 +51,6 @@ with D_a = C minus s(a) minus the left-out rows, S_a = sum_j m_aj, and P'_a = S_
                        same class in the batch, and queue rows of class y_i.
 Positives always lie in D_a. An anchor whose D_a is empty adds 0 (it has no positive either).
 
-Unlabelled samples and multi-hot labels
----------------------------------------
-A label of -1 (UNLABELLED) marks a sample, or a queue row, as unlabelled; any other value, negative
-ones included, is a class. An unlabelled sample is treated as a class of its own: as an anchor its
-positives are the other batch rows of its own sample (SimCLR's: its other views' features, or its
-keys but the self row), and it is nobody else's positive; every other row, however labelled, is a
-negative of it, and it is a negative of every other anchor. An unlabelled queue row is a negative of
-every anchor. Under hybrid an unlabelled anchor has nothing left out (no other row is of its
-class), and an unlabelled row is never left out of another anchor's denominator. With every label
--1 the loss is SimCLR's exactly; with none, it is unchanged.
-
-labels of shape [bsz, C] (C >= 2; 0/1 or bool) are multi-hot, and the positives become weighted:
-    m_aj = 1                       for the rows of the anchor's own sample (s(a) excluded),
-    m_aj = |y_i AND y_j| / |y_i OR y_j|      multilabel='jaccard' (the default),
-    m_aj = 1 if y_i AND y_j is nonempty, else 0      multilabel='any',
-for every other row j (batch or queue; queue_labels are then [K, C]), with y_j the row's label set;
-an all-zero row shares nothing, so it is an unlabelled sample exactly as above. The loss keeps its
-form, loss_a = -(T / T_base) / P'_a * sum_j m_aj (l_aj - log sum_{k in D_a} exp l_ak) with S_a =
-sum_j m_aj, and D_a = C - {s(a)} (multi-hot labels take neither hybrid nor a mask). With one-hot
-rows both rules give the single-label loss (up to rounding: a different, weighted, code path).
-
 hybrid follows Thomas-Gottwald/SupContrastShape (branch mdcomp, `hybrid=True`, its `--method
 SupConHybrid`):
 anchor's own row excluded, mean over the positives, the T / T_base factor and the mean over anchors
@@ -81,6 +60,28 @@ this returns 0; the fork silently falls back to SimCLR / the mask when hybrid is
 labels, where this raises ValueError; the fork has neither keys nor a queue, so hybrid's treatment
 of queue rows (those of the anchor's class left out, the others negatives) is this module's own
 extension of the same rule.
+
+Unlabelled samples and multi-hot labels
+---------------------------------------
+A label of -1 (supcon.contrastive.UNLABELLED) marks a sample, or a queue row, as unlabelled; any
+other value, negative ones included, is a class. An unlabelled sample is a class of its own: as an
+anchor its positives are the other batch rows of its own sample (SimCLR's: its other views'
+features, or its keys but the self row), and it is nobody else's positive; every other row,
+however labelled, is a negative of it, and it is a negative of every other anchor. An unlabelled
+queue row is a negative of every anchor. Under hybrid an unlabelled anchor has nothing left out (no
+other row is of its class), and an unlabelled row is never left out of another anchor's
+denominator. With every label -1 the loss is SimCLR's exactly; with none, it is unchanged.
+
+Multi-hot labels, one 0/1 (or bool) column per class, [bsz, n_classes] with n_classes >= 2, make
+the positives weighted. With y_i and y_j the sets of classes of anchor a's sample i and of row j:
+    m_aj = 1                                  for the batch rows of sample i other than s(a),
+    m_aj = |y_i AND y_j| / |y_i OR y_j|       for every other row, multilabel='jaccard' (default),
+    m_aj = 1 if y_i AND y_j is nonempty, else 0                   multilabel='any',
+queue rows included (queue_labels are then [K, n_classes]); nothing is left out (D_a = C - {s(a)}),
+and the loss keeps its form with S_a = sum_j m_aj: loss_a = -(T / T_base) / P'_a * sum_j m_aj *
+(l_aj - log sum_{k in D_a} exp(l_ak)). An all-zero row shares nothing (0 / 0 is taken as 0), so it
+is an unlabelled sample exactly as above. Multi-hot labels take neither hybrid nor a mask. With
+one-hot rows both rules give the single-label loss, up to rounding (another code path computes it).
 
 The memory trick
 ----------------
@@ -99,7 +100,7 @@ saved:
     (hybrid builds a boolean block of the same shape as the logits, 1 byte an entry, while it fills
     one).
   * multi-hot weights depend on both label sets and reduce to no per-group sum: each block of
-    weights (chunk_size x |C|, from a [chunk, C] x [C, |C|] product of the label rows) is made
+    weights (chunk_size x |C|, from a [chunk, n_classes] x [n_classes, |C|] product) is made
     beside its block of logits, in forward and again in backward, and dropped with it; the block
     of d loss / d l, coef_a (m_aj - S_a p_aj), then gives both gradients by two matrix products.
 When no chunk_size is given and one block of logits, n_anchors x |C| x (4 bytes for float32, 8 for
@@ -154,8 +155,9 @@ class SupConLoss(nn.Module):
     1]), -1 marking an unlabelled sample, whose positives are only its own other views (SimCLR's)
     and which is nobody else's positive; or multi-hot [bsz, C] (C >= 2, 0/1), whose positives are
     weighted by multilabel: 'jaccard' (|shared labels| / |labels of either|) or 'any' (1 when a
-    label is shared); an all-zero row is unlabelled. mask: [bsz, bsz] float with mask[i, j] the
-    weight of sample j as a positive of anchor sample i.
+    label is shared); an all-zero row is unlabelled (multi-hot values are checked to be 0/1, which
+    waits for the device once a call). mask: [bsz, bsz] float with mask[i, j] the weight of sample
+    j as a positive of anchor sample i.
     keys: [bsz, n_views, ...] like features, e.g. from a momentum encoder; detached. When given, the
     anchors contrast with the keys instead of with the features, and an anchor's own key of its own
     view is its "self" row (left out).
@@ -167,11 +169,10 @@ class SupConLoss(nn.Module):
     The exact formula for every case is in the module docstring.
 
     chunk_size (anchor rows per block) caps the largest temporary at chunk_size x (rows of the
-    contrast set);
-    without it, blocks are cut automatically when one would exceed memory_budget bytes (default
-    MEMORY_BUDGET). Computed in float32 (float64 for float64 input), also under autocast. Under
-    torch.distributed (world size > 1) local anchors contrast with all ranks' samples (or keys); see
-    the module docstring.
+    contrast set), two of them with multi-hot labels; without it, blocks are cut automatically when
+    one would exceed memory_budget bytes (default MEMORY_BUDGET). Computed in float32 (float64 for
+    float64 input), also under autocast. Under torch.distributed (world size > 1) local anchors
+    contrast with all ranks' samples (or keys); see the module docstring.
     """
 
     def __init__(

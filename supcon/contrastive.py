@@ -81,8 +81,10 @@ def _label_groups(labels):
     starts_a_run = torch.ones_like(sorted_labels, dtype=torch.bool)
     starts_a_run[1:] = sorted_labels[1:] != sorted_labels[:-1]
     # A run of r unlabelled entries leaves the r - 1 ids after its start unused: each entry takes
-    # its own position instead, so no two unlabelled entries share a group.
-    starts_a_run |= sorted_labels == UNLABELLED
+    # its own position instead, so no two unlabelled entries share a group. Unsigned labels cannot
+    # hold -1 (uint8 255 == -1 is True in torch, and 255 is a class).
+    if labels.dtype.is_signed:
+        starts_a_run |= sorted_labels == UNLABELLED
     run_start = torch.where(starts_a_run, position, 0).cummax(0).values
     return torch.empty_like(position).index_put_((order,), run_start)
 
@@ -96,8 +98,9 @@ def read_labels(labels, bsz, queue_labels=None, n_queue=None):
     through untouched when labels is None (SimCLR does not use them).
     """
     if labels is None:
-        if queue_labels is not None and n_queue not in (queue_labels.numel(), len(queue_labels)):
-            raise ValueError(f"got {len(queue_labels)} queue_labels for a queue of {n_queue} rows")
+        rows = queue_labels.shape[0] if queue_labels is not None and queue_labels.dim() else 1
+        if queue_labels is not None and n_queue not in (queue_labels.numel(), rows):
+            raise ValueError(f"got {rows} queue_labels for a queue of {n_queue} rows")
         return None, queue_labels, False
     multi_hot = labels.dim() == 2 and labels.shape[0] == bsz and labels.shape[1] >= 2
     if multi_hot:
@@ -125,7 +128,7 @@ def read_labels(labels, bsz, queue_labels=None, n_queue=None):
             f"got {queue_labels.numel()} queue_labels for a queue of {n_queue} rows (one label "
             f"per row, as the batch's labels)"
         )
-    return labels, queue_labels.reshape(-1) if not multi_hot else queue_labels, multi_hot
+    return labels, queue_labels if multi_hot else queue_labels.reshape(-1), multi_hot
 
 
 def _check_zero_one(labels, name):

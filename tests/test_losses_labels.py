@@ -232,6 +232,20 @@ def test_hybrid_with_unlabelled_samples_matches_per_anchor_loop(labels_name, n_v
         )
 
 
+def test_only_minus_one_is_unlabelled():
+    """-2 and uint8 255 (which torch finds == -1) are classes; -1 in float or int is not."""
+    features = normalized(6, 2, 5, seed=17)
+    criterion = SupConLoss(0.2)
+    as_class = criterion(features, torch.tensor([0, 0, 5, 5, 1, 1]))
+    assert torch.equal(criterion(features, torch.tensor([0, 0, -2, -2, 1, 1])), as_class)
+    uint8 = torch.tensor([0, 0, 255, 255, 1, 1], dtype=torch.uint8)
+    assert torch.equal(criterion(features, uint8), as_class)
+    unlabelled = loop_loss(features, torch.tensor([0, 0, -1, -1, 1, 1]), temperature=0.2)
+    for labels in (torch.tensor([0, 0, -1, -1, 1, 1]), torch.tensor([0.0, 0, -1, -1, 1, 1])):
+        assert criterion(features, labels).item() == pytest.approx(unlabelled.item(), rel=1e-12)
+    assert unlabelled.item() != pytest.approx(as_class.item(), rel=1e-3)
+
+
 def test_labels_without_unlabelled_give_todays_loss_bit_for_bit():
     """The label path as it was before -1 existed: PositivePairs over torch.unique's groups."""
     generator = torch.Generator().manual_seed(5)
