@@ -3,6 +3,7 @@ losses.SupConLoss.
 
     python benchmarks/bench_loss.py [--sizes 512 2048 8192] [--device cpu cuda] [--repeats 5]
         [--labels single jaccard any] [--classes 20] [--methods plain lean lean-chunked]
+        [--rounds 1]
 
 N = bsz * 2 views, D = 128, 10 classes for single labels; multi-hot labels ('jaccard', 'any': the
 SupConLoss multilabel rule) have --classes columns, each set with probability 0.15 (about 3 classes
@@ -192,6 +193,13 @@ def parse_option():
         default=list(METHODS),
         help='plain is skipped for multi-hot labels',
     )
+    parser.add_argument(
+        '--rounds',
+        type=int,
+        default=1,
+        help='run every case this many times, interleaved, and report the medians (the fair '
+        'comparison on a shared machine)',
+    )
     parser.add_argument('--worker', choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device is None:
@@ -222,26 +230,41 @@ def main():
 
     print(
         f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, D={args.dim}, '
-        f'chunk_size={args.chunk_size}, median of {args.repeats} runs after a warm-up\n'
+        f'chunk_size={args.chunk_size}, median of {args.repeats} runs after a warm-up'
+        + (f', median of {args.rounds} interleaved rounds' if args.rounds > 1 else '')
+        + '\n'
     )
+    cases = [
+        (device, n, labels, method)
+        for device in args.device
+        for n in args.sizes
+        for labels in args.labels
+        for method in args.methods
+        if method != 'plain' or labels == 'single'
+    ]
+    rounds = {case: [] for case in cases}
+    for round_index in range(args.rounds):
+        for case in cases:
+            device, n, labels, method = case
+            rounds[case].append(run_case_in_subprocess(method, n, args, device, labels))
+        if args.rounds > 1:
+            print(f'round {round_index + 1}/{args.rounds} done', flush=True)
+
     print('| device | N | labels | method | time ms | peak MiB | time vs first | peak vs first |')
     print('|---|---|---|---|---|---|---|---|')
-    for device in args.device:
-        for n in args.sizes:
-            first = None
-            for labels in args.labels:
-                for method in args.methods:
-                    if method == 'plain' and labels != 'single':
-                        continue
-                    result = run_case_in_subprocess(method, n, args, device, labels)
-                    first = first or result
-                    print(
-                        f"| {device} | {n} | {labels} | {method} | {result['time_ms']:.1f} | "
-                        f"{result['peak_mib']:.1f} | "
-                        f"{result['time_ms'] / first['time_ms']:.2f} | "
-                        f"{result['peak_mib'] / max(first['peak_mib'], 1e-9):.2f} |",
-                        flush=True,
-                    )
+    first = {}
+    for case in cases:
+        device, n, labels, method = case
+        result = {
+            key: statistics.median(r[key] for r in rounds[case]) for key in ('time_ms', 'peak_mib')
+        }
+        base = first.setdefault((device, n), result)
+        print(
+            f"| {device} | {n} | {labels} | {method} | {result['time_ms']:.1f} | "
+            f"{result['peak_mib']:.1f} | {result['time_ms'] / base['time_ms']:.2f} | "
+            f"{result['peak_mib'] / max(base['peak_mib'], 1e-9):.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == '__main__':
