@@ -42,8 +42,8 @@ with D_a = C minus s(a) minus the left-out rows, S_a = sum_j m_aj, and P'_a = S_
 1e-6, as before. Which rows are which:
     SupCon (labels):   positives = rows of label y_i (batch rows other than s(a), and queue rows);
                        negatives = all other rows; nothing else left out.
-    SimCLR (no labels): positives = the other batch rows of sample i (its other views' features
-    or keys);
+    SimCLR (no labels): positives = the other batch rows of sample i (its other views'
+                       features or keys);
                        negatives = every other row, every queue row included (queue_labels unused).
     hybrid (labels):   positives = the other batch rows of sample i, as SimCLR;
                        negatives = rows whose label differs from y_i (batch and queue);
@@ -52,9 +52,9 @@ with D_a = C minus s(a) minus the left-out rows, S_a = sum_j m_aj, and P'_a = S_
 Positives always lie in D_a. An anchor whose D_a is empty adds 0 (it has no positive either).
 
 hybrid follows Thomas-Gottwald/SupContrastShape (branch mdcomp, `hybrid=True`, its `--method
-SupConHybrid`):
-anchor's own row excluded, mean over the positives, the T / T_base factor and the mean over anchors
-are the fork's, and on every input where the fork's value is finite (n_views >= 2) the values agree.
+SupConHybrid`): anchor's own row excluded, mean over the positives, the T / T_base factor and the
+mean over anchors are the fork's, and on every input where the fork's value is finite (n_views >= 2)
+the values agree.
 Where they differ: with n_views = 1 no anchor has a positive and the fork returns NaN (0 / 0) where
 this returns 0; the fork silently falls back to SimCLR / the mask when hybrid is asked for without
 labels, where this raises ValueError; the fork has neither keys nor a queue, so hybrid's treatment
@@ -112,10 +112,9 @@ Distributed
 -----------
 Under torch.distributed with more than one rank, each rank contrasts its own anchors with every
 rank's samples (gathered with gradient; keys are gathered without) and returns the mean over its own
-anchors;
-DDP's gradient averaging then gives the single-process gradient of the whole batch when ranks hold
-equal batches. Labels (multi-hot ones too) are gathered along; the queue and its labels are the
-same on every rank and are not.
+anchors; DDP's gradient averaging then gives the single-process gradient of the whole batch when
+ranks hold equal batches. Labels (multi-hot ones too) are gathered along; the queue and its labels
+are the same on every rank and are not.
 """
 
 import torch
