@@ -74,7 +74,8 @@ def add_arguments(parser, test_folder=True, knn_only=False):
             '--test_folder',
             type=str,
             default=None,
-            help='test image folder for --dataset path' + knn,
+            help='test image folder for --dataset path, and for imagenet in place of'
+            ' --data_folder/val; not read with --val_split' + knn,
         )
     group.add_argument(
         '--mean',
@@ -277,11 +278,12 @@ def build_dataset(
         held_out = validation_indices(full.targets, val_split, full.classes)
         if split == 'test':
             return SplitSubset(full, held_out)
-        note = (
+        size_note = (
             f' left by --val_split {val_split}, which holds out {len(held_out)} of the'
             f' {len(full.targets)} training images'
         )
-        return SplitSubset(full, np.setdiff1d(np.arange(len(full.targets)), held_out), note)
+        kept = np.setdiff1d(np.arange(len(full.targets)), held_out)
+        return SplitSubset(full, kept, size_note)
     if name in CIFAR_NAMES:
         images, targets, classes = load_cifar(name, split, os.fspath(data_folder), download)
         return ArrayImageDataset(images, targets, classes, transform)
