@@ -123,8 +123,6 @@ def acquire(folder):
             continue
         with os.fdopen(fd, 'w') as f:
             f.write(text)
-        if not _HELD:
-            atexit.register(release)
         _HELD[path] = text, created
         return note
     raise UserError(
@@ -133,6 +131,7 @@ def acquire(folder):
     )
 
 
+@atexit.register  # also after sys.exit; a kill -9 leaves the lock to be taken over
 def release(folder=None):
     """Remove the locks this process holds (``folder``'s, or all), never another run's, and
     the folders taken for them that stayed empty (a run that failed before saving)."""
