@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, write_image_folder
+from helpers import free_port, script_env, write_image_folder
 from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 
 from supcon import run_lock
@@ -59,17 +59,11 @@ def args(images, epochs=1000):
     ]
 
 
-def env():
-    variables = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR')
-    kept = {k: v for k, v in os.environ.items() if k not in variables + ('MASTER_PORT',)}
-    return dict(kept, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-
-
 def start(launcher, script_args, cwd):
     return subprocess.Popen(
         launcher + [str(REPO / 'main_supcon.py')] + script_args,
         cwd=str(cwd),
-        env=env(),
+        env=script_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -104,7 +98,7 @@ def second_run(images, cwd):
     return subprocess.run(
         [sys.executable, str(REPO / 'main_supcon.py')] + args(images),
         cwd=str(cwd),
-        env=env(),
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=180,
