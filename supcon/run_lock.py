@@ -51,8 +51,8 @@ def _alive(holder):
 
 
 def _read_holder(path):
-    """(raw text, {'host', 'pid', ...}) of a lock file; the dict is None while it cannot be read
-    (just created and not yet written, or not ours); (None, None) when the file is gone."""
+    """(raw text, {'host', 'pid', ...}) of a lock file; the dict is None while it says no host
+    and pid (just created, not yet written); (None, None) when the file is gone."""
     try:
         with open(path) as f:
             raw = f.read()
