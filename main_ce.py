@@ -88,12 +88,13 @@ def parse_option(argv=None):
     check_model_name(opt.model)
     if opt.num_workers_val < 0:
         raise UserError(f'--num_workers_val must be 0 or more, got {opt.num_workers_val}')
-    if opt.dataset == 'path' and (opt.data_folder is None or opt.test_folder is None):
+    if opt.dataset == 'path' and opt.data_folder is None:
         raise UserError(
-            '--dataset path needs --data_folder and --test_folder (one'
-            ' sub-folder per class each) and --mean/--std'
+            '--dataset path needs --data_folder and --test_folder (one sub-folder per class'
+            ' each; or --val_split instead of --test_folder) and --mean/--std'
         )
     data.resolve_defaults(opt)
+    data.check_test_folder(opt)
     if opt.stem is None:
         opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)

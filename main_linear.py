@@ -107,12 +107,13 @@ def parse_option(argv=None):
             '--ckpt is required: pass the pretraining checkpoint to evaluate,'
             ' e.g. ./save/SupCon/cifar10_models/<run>/last.pth'
         )
-    if opt.dataset == 'path' and (opt.data_folder is None or opt.test_folder is None):
+    if opt.dataset == 'path' and opt.data_folder is None:
         raise UserError(
-            '--dataset path needs --data_folder and --test_folder (one'
-            ' sub-folder per class each) and --mean/--std'
+            '--dataset path needs --data_folder and --test_folder (one sub-folder per class'
+            ' each; or --val_split instead of --test_folder) and --mean/--std'
         )
     data.resolve_defaults(opt)
+    data.check_test_folder(opt)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
     # the checkpoint's options say which encoder it holds (read lazily: set_model loads
@@ -215,9 +216,11 @@ def main():
     encoder, classifier, criterion = set_model(opt, rt, num_classes)
     encoder_snapshot = {k: v.detach().cpu().clone() for k, v in bare_state_dict(encoder).items()}
 
-    # build optimizer: the classifier's weight and bias, nothing else
+    # build optimizer: the classifier's weight and bias, nothing else (one group for sgd;
+    # two for lars, which adapts the weight and leaves the bias plain)
     optimizer = build_optimizer(opt, classifier)
-    assert len(optimizer.param_groups[0]['params']) == 2
+    optimised = {id(p) for group in optimizer.param_groups for p in group['params']}
+    assert optimised == {id(p) for p in classifier.parameters()}
     scaler = runtime.make_scaler(rt)
 
     start_epoch = run.restore(classifier, optimizer, scaler)

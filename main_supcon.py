@@ -5,6 +5,7 @@ on CPU, on one or several GPUs, and under torchrun (see README.md).
 """
 
 import argparse
+import math
 import os
 import time
 
@@ -15,6 +16,7 @@ from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupConResNet
 from supcon import data, options, runtime
 from supcon.augment import add_augmentation_arguments, supcon_transform
+from supcon.distributed import note
 from supcon.moco import MomentumContrast
 from supcon.optim import build_optimizer
 from supcon.sampling import build_loader, mix_seed
@@ -124,6 +126,12 @@ def parse_option(argv=None):
         opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
     if opt.knn_every < 0:
         raise UserError(f'--knn_every must be 0 (off) or more, got {opt.knn_every}')
+    if opt.knn_every > opt.epochs:
+        note(
+            f'--knn_every {opt.knn_every} is more than --epochs {opt.epochs}, so the kNN'
+            f' accuracy is never measured; use --knn_every {opt.epochs} or less'
+        )
+    data.check_test_folder(opt, reads_test=opt.knn_every > 0)
     if not opt.moco and (opt.moco_k is not None or opt.moco_m is not None):
         raise UserError('--moco_k/--moco_m only act with --moco; add --moco or drop them')
     if opt.moco:
@@ -135,6 +143,11 @@ def parse_option(argv=None):
             raise UserError(
                 f'--moco_m must be in [0, 1] (0 copies the trained encoder, 1 never'
                 f' updates the key encoder), got {opt.moco_m}'
+            )
+        if opt.moco_m == 1:
+            note(
+                '--moco_m 1 never updates the key encoder: its keys come from its random'
+                ' initial weights all run long (MoCo uses 0.99 to 0.999)'
             )
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
@@ -159,6 +172,17 @@ def parse_option(argv=None):
     opt.tb_folder = os.path.join(opt.tb_path, opt.model_name)
     opt.save_folder = os.path.join(opt.model_path, opt.model_name)
     return opt
+
+
+def note_queue_length(opt, n_images):
+    """Note a --moco queue longer than the training images (docs/small-batches.md)."""
+    if opt.moco and opt.moco_k > n_images:
+        below = 2 ** int(math.log2(n_images))
+        note(
+            f'--moco_k {opt.moco_k} is longer than the {n_images} training images: the queue'
+            f' holds stale keys of the same images from earlier epochs; docs/small-batches.md'
+            f' keeps it well below the data set (e.g. --moco_k {below} or less)'
+        )
 
 
 def set_loader(opt, rt):
@@ -322,6 +346,7 @@ def main():
 
     # build data loader
     train_loader, train_sampler, device_augment = set_loader(opt, rt)
+    note_queue_length(opt, len(train_loader.dataset))
 
     # build model and criterion
     model, criterion, moco = set_model(opt, rt)

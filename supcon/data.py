@@ -19,10 +19,16 @@ from torch.utils.data import Dataset
 
 from supcon.augment import test_transform, train_transform
 from supcon.cifar import CIFAR_NAMES, load_cifar
+from supcon.distributed import all_gather_objects, get_rank, get_world_size, note
 from supcon.errors import UserError
-from supcon.image_folder import DataError, build_image_folder  # noqa: F401 (DataError re-exported)
+from supcon.image_folder import (  # noqa: F401 (DataError re-exported)
+    DataError,
+    build_image_folder,
+    first_unreadable,
+)
 from supcon.runtime import Runtime, main_process_first
 from supcon.sampling import build_loader
+from supcon.val_split import SplitSubset, validation_indices
 
 DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet')
 # data sets held in memory as 32x32 arrays: their batches stack without resizing
@@ -68,7 +74,8 @@ def add_arguments(parser, test_folder=True, knn_only=False):
             '--test_folder',
             type=str,
             default=None,
-            help='test image folder for --dataset path' + knn,
+            help='test image folder for --dataset path, and for imagenet in place of'
+            ' --data_folder/val; not read with --val_split' + knn,
         )
     group.add_argument(
         '--mean',
@@ -126,47 +133,42 @@ def resolve_defaults(opt):
             f'--gpu_aug implements the simclr augmentation only; drop --gpu_aug or'
             f' use --aug simclr (not {opt.aug})'
         )
-    if (
-        opt.dataset in ('cifar10', 'cifar100')
-        and (opt.mean or opt.std)
-        and os.environ.get('RANK', '0').strip() in ('0', '')
-    ):  # rank 0 (RANK checked later)
-        print(
-            f'note: using the given --mean/--std for {opt.dataset}; the reference ignores them'
+    if opt.dataset in ('cifar10', 'cifar100') and (opt.mean or opt.std):
+        note(
+            f'using the given --mean/--std for {opt.dataset}; the reference ignores them'
             f' and always uses its own {opt.dataset} constants'
         )
+
+
+def check_test_folder(opt, reads_test=True):
+    """Demand --test_folder only where a test folder is read; note a given one that is not.
+
+    --dataset path reads it for the test split, imagenet instead of --data_folder/val;
+    --val_split evaluates held-out training images instead, and pretraining
+    (``reads_test=False``: main_supcon.py without --knn_every) evaluates nothing.
+    """
+    read = reads_test and not opt.val_split and opt.dataset in ('path', 'imagenet')
+    if read and opt.dataset == 'path' and opt.test_folder is None:
+        raise UserError(
+            '--dataset path needs --test_folder (a folder with the same class sub-folders as'
+            ' --data_folder) for the test split, or --val_split to evaluate on held-out'
+            ' training images instead'
+        )
+    if opt.test_folder is None or read:
+        return
+    if not reads_test:
+        why = 'pretraining reads the test split only for --knn_every'
+    elif opt.val_split:
+        why = f'--val_split {opt.val_split} evaluates on held-out training images instead'
+    else:
+        why = f'--dataset {opt.dataset} has its own test split'
+    note(f'--test_folder {opt.test_folder} is not read: {why}')
 
 
 def fixed_size(dataset, size):
     """The side images are resized to in the loader when batches must stack (--gpu_aug):
     None for the in-memory 32x32 data sets, else ``size``."""
     return None if dataset in ARRAY_DATASETS else size
-
-
-class SplitSubset(Dataset):
-    """Part of a data set (``indices``), keeping its ``classes`` and matching ``targets``."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, [int(i) for i in indices]
-        self.classes = dataset.classes
-        self.targets = [dataset.targets[i] for i in self.indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, index):
-        return self.dataset[self.indices[index]]
-
-
-def validation_indices(targets, fraction):
-    """A stratified ``fraction`` of the indices, fixed (it never depends on --seed), sorted."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(targets))
-    _, held_out = train_test_split(
-        indices, test_size=fraction, stratify=np.asarray(targets), random_state=0
-    )
-    return np.sort(held_out)
 
 
 class ArrayImageDataset(Dataset):
@@ -264,7 +266,8 @@ def build_dataset(
     """The `split` ('train' or 'test') of data set `name`; items are (transform(image), label).
 
     The result has `.classes` (class names) and `.targets` (int label per item).
-    `test_folder` is only used by 'path'; `download` only by the CIFAR sets. With
+    `test_folder` is only used by 'path' and 'imagenet' (in place of
+    `data_folder`/val); `download` only by the CIFAR sets. With
     `val_split` > 0 'train' is the training images less a held-out fraction and 'test'
     is that held-out fraction (of the training images, with `transform`).
     """
@@ -272,10 +275,15 @@ def build_dataset(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if val_split:
         full = build_dataset(name, 'train', transform, data_folder, test_folder, download)
-        held_out = validation_indices(full.targets, val_split)
+        held_out = validation_indices(full.targets, val_split, full.classes)
         if split == 'test':
             return SplitSubset(full, held_out)
-        return SplitSubset(full, np.setdiff1d(np.arange(len(full.targets)), held_out))
+        size_note = (
+            f' left by --val_split {val_split}, which holds out {len(held_out)} of the'
+            f' {len(full.targets)} training images'
+        )
+        kept = np.setdiff1d(np.arange(len(full.targets)), held_out)
+        return SplitSubset(full, kept, size_note)
     if name in CIFAR_NAMES:
         images, targets, classes = load_cifar(name, split, os.fspath(data_folder), download)
         return ArrayImageDataset(images, targets, classes, transform)
@@ -284,9 +292,18 @@ def build_dataset(
     if name == 'imagenet':
         # the usual layout: <data_folder>/train/<class>/*.JPEG and <data_folder>/val/<class>/...
         root = os.fspath(data_folder)
-        return build_image_folder(
-            split, transform, os.path.join(root, 'train'), os.path.join(root, 'val')
-        )
+        train, val = os.path.join(root, 'train'), os.path.join(root, 'val')
+        if split == 'train' and not os.path.isdir(train):
+            raise UserError(
+                f'--dataset imagenet reads the training images from --data_folder/train, and'
+                f' {train} is not a folder; point --data_folder at the folder holding train/'
+            )
+        if split == 'test' and test_folder is None and not os.path.isdir(val):
+            raise UserError(
+                f'--dataset imagenet reads the test images from --data_folder/val, and {val}'
+                f' is not a folder; add it, or give your test image folder as --test_folder'
+            )
+        return build_image_folder(split, transform, train, test_folder or val)
     if name == 'digits':
         return _build_digits(split, transform)
     raise UserError(f'unknown --dataset {name!r}; choose one of {", ".join(DATASET_NAMES)}')
@@ -340,6 +357,26 @@ def resolve_mean_std(dataset: str, mean_text: str | None, std_text: str | None):
     return mean, std
 
 
+def check_images(dataset, workers=1):
+    """Decode every image of a folder-backed ``dataset`` once; raise the first broken one.
+
+    For the evaluation split, which is first read after a whole training epoch (that a
+    broken file would waste). Under torchrun each rank reads its share and all ranks
+    raise the same error. In-memory data sets have nothing to check.
+    """
+    base, indices = dataset, None
+    if isinstance(dataset, SplitSubset):
+        base, indices = dataset.dataset, dataset.indices
+    samples = getattr(base, 'samples', None)
+    if samples is None:
+        return
+    paths = [samples[i][0] for i in (range(len(samples)) if indices is None else indices)]
+    problem = first_unreadable(paths[get_rank() :: get_world_size()], workers)
+    problem = next((p for p in all_gather_objects(problem) if p), None)
+    if problem:  # every rank raises it: a UserError, printed once (runtime.run_main)
+        raise UserError(problem)
+
+
 def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
     """(train_loader, train_sampler, val_loader, num_classes) for main_ce.py and main_linear.py.
 
@@ -363,12 +400,13 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
             opt.dataset, 'test', test_transform(opt.size, mean, std), **splits
         )
     num_classes = check_num_classes(train_dataset, val_dataset, opt.num_classes)
+    val_options = rt.loader_options()
+    val_options['num_workers'] = min(opt.num_workers_val, os.cpu_count() or 1)
+    check_images(val_dataset, max(1, val_options['num_workers']))
 
     train_loader, train_sampler = build_loader(
         train_dataset, rt.local_batch_size, shuffle=True, **rt.loader_options()
     )
-    val_options = rt.loader_options()
-    val_options['num_workers'] = min(opt.num_workers_val, os.cpu_count() or 1)
     val_loader, _ = build_loader(
         val_dataset, rt.local_batch_size_val, shuffle=False, pad=False, **val_options
     )

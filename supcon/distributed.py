@@ -8,6 +8,7 @@ different numbers of rows (a test split rarely divides evenly).
 """
 
 import contextlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,32 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+TORCHRUN_VARIABLES = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+def launch_rank() -> int:
+    """This process's rank, also before the process group starts: torchrun's ``RANK``.
+
+    0 unless the process group says otherwise or torchrun's variables are all set and
+    consistent (variables left in a shell make a single process, which must speak).
+    """
+    if is_initialized():
+        return dist.get_rank()
+    if not all(os.environ.get(name) for name in TORCHRUN_VARIABLES):
+        return 0
+    try:
+        world_size, rank = int(os.environ['WORLD_SIZE']), int(os.environ['RANK'])
+    except ValueError:
+        return 0
+    return rank if world_size > 1 and 0 <= rank < world_size else 0
+
+
+def note(message: str) -> None:
+    """Print ``note: <message>`` once per run: on rank 0 (torchrun's, if no group runs yet)."""
+    if launch_rank() == 0:
+        print(f'note: {message}', flush=True)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (and return it); the identity in one process."""
     if is_distributed():
@@ -50,6 +77,15 @@ def main_process_first():
     yield
     if is_initialized() and is_main_process():
         dist.barrier()
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (anything picklable), in rank order; ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def destroy_process_group() -> None:

@@ -168,7 +168,7 @@ class KNNMonitor:
     """
 
     def __init__(self, opt, rt, k=200, temperature=0.07):
-        if opt.dataset == 'path' and opt.test_folder is None:
+        if opt.dataset == 'path' and opt.test_folder is None and not opt.val_split:
             raise UserError(
                 '--knn_every needs --test_folder with --dataset path (the kNN'
                 ' accuracy is measured on the test images); add --test_folder'
@@ -189,6 +189,9 @@ class KNNMonitor:
         # the labels are class indices: they mean the same only if both splits have the
         # same classes (main_ce.py and main_linear.py check the same)
         data.check_same_classes(train_set, test_set)
+        # training reads the training images in its first epoch; the test images are first
+        # read at epoch --knn_every, so a broken one is found now rather than then
+        data.check_images(test_set, max(1, rt.num_workers))
         self.num_classes = len(train_set.classes)
         self.train_loader, self.test_loader = [
             build_loader(

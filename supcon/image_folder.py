@@ -7,6 +7,7 @@ file and the fix.
 """
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -17,7 +18,13 @@ from supcon.errors import UserError
 
 
 class DataError(UserError):
-    """An image file that cannot be read; the message names the file."""
+    """An image file that cannot be read; the message names the file.
+
+    Raised by the rank whose share of the data holds the file, so that rank prints it
+    (``rank_local``; other errors are printed by rank 0 alone, ``runtime.run_main``).
+    """
+
+    rank_local = True
 
     def __init__(self, message):
         # A DataLoader worker re-raises a worker's exception as
@@ -39,6 +46,27 @@ def _load_rgb_image(path):
         raise DataError(
             f'cannot read image {path} ({short_reason(exc)}); remove or replace the file'
         ) from exc
+
+
+def first_unreadable(paths, workers=1):
+    """The message of the first of ``paths`` (in order) that does not decode, or None.
+
+    Each image is decoded as the loader would; Pillow releases the GIL while it decodes,
+    so ``workers`` threads read in parallel.
+    """
+
+    def problem(path):
+        try:
+            _load_rgb_image(path)
+        except DataError as exc:
+            return str(exc)
+        return None
+
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        return next((message for message in pool.map(problem, paths) if message), None)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _is_folder(entry):

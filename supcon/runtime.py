@@ -21,11 +21,13 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from networks.cpu_bf16_conv import use_matmul_weight_grad
+from supcon import run_lock
 from supcon.distributed import (  # noqa: F401 (re-exported for the scripts)
     all_reduce_sum,
     destroy_process_group,
     is_initialized,
     is_main_process,
+    launch_rank,
     main_process_first,
 )
 from supcon.errors import UserError
@@ -411,7 +413,12 @@ def step_statistics(rt: Runtime, *values) -> list[float]:
 
 
 def run_main(main):
-    """Run a script's ``main``; user errors print one line and exit 2, Ctrl-C exits 130."""
+    """Run a script's ``main``; user errors print one line and exit 2, Ctrl-C exits 130.
+
+    Under torchrun every rank meets the same bad option or data (they run the same command),
+    so only rank 0 prints the error; the others exit 2 in silence. An error only one rank
+    can see (a broken image in its share, ``rank_local``) is printed by that rank.
+    """
     try:
         main()
     except UserError as exc:
@@ -419,7 +426,8 @@ def run_main(main):
         if 'Traceback' in message:  # raised in a DataLoader worker: keep the last line
             lines = [line for line in message.splitlines() if line.strip()]
             message = lines[-1].split(': ', 1)[-1] if lines else message
-        print(f'error: {message}', file=sys.stderr, flush=True)
+        if launch_rank() == 0 or getattr(exc, 'rank_local', False):
+            print(f'error: {message}', file=sys.stderr, flush=True)
         cleanup_runtime()
         sys.exit(2)
     except KeyboardInterrupt as exc:  # Ctrl-C without a handler, or GracefulStop's second one
@@ -428,4 +436,6 @@ def run_main(main):
         with contextlib.suppress(Exception):
             cleanup_runtime()
         sys.exit(130)
+    finally:
+        run_lock.release()  # the save folder's lock, however the run ended
     cleanup_runtime()

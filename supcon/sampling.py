@@ -133,9 +133,9 @@ def build_loader(
             what = f'--batch_size {batch_size}'
         else:
             what = f'the batch ({batch_size} per rank x {world_size} ranks = {total_batch})'
-        raise UserError(
-            f'{what} is larger than the data set ({len(dataset)} images); lower --batch_size'
-        )
+        # a part of a data set says where it came from (data.SplitSubset: --val_split)
+        size = f'{len(dataset)} images{getattr(dataset, "size_note", "")}'
+        raise UserError(f'{what} is larger than the data set ({size}); lower --batch_size')
     sampler = SeededSampler(
         len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, pad=pad
     )

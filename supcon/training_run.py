@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from supcon import run_lock
 from supcon.checkpoint import (
     bare_state_dict,
     checkpoint_position,
@@ -121,7 +122,7 @@ class Run:
         self._writer = None
         self._notes = set()
         self._ckpt, self._ckpt_path = None, None
-        self._check_writable()  # before any work: an epoch trained but not saved is lost
+        self._claim_folder()  # before any work: an epoch trained but not saved is lost
         self._remove_stale_temporaries()  # left by a kill during a save; never loaded
         _LAST_GOOD.pop(os.path.abspath(opt.save_folder), None)
         if opt.resume is None:
@@ -152,20 +153,33 @@ class Run:
     def last_good(self, path):
         _LAST_GOOD[os.path.abspath(self.opt.save_folder)] = path
 
-    def _check_writable(self):
-        """Refuse to start a run whose save folder cannot be written (on every rank)."""
+    def _claim_folder(self):
+        """Refuse a save folder that cannot be written or that another live run is writing
+        (its ``.lock``, ``run_lock.py``); else rank 0 takes the lock. All ranks fail together.
+        """
         folder = self.opt.save_folder
-        problem = folder_write_problem(folder) if is_main_process() else None
+        error = taken_over = None
+        if is_main_process():
+            problem = folder_write_problem(folder)
+            if problem:
+                error = UserError(
+                    f'cannot write checkpoints to {folder} ({problem}): make it'
+                    f' writable, or start the script from a folder you can write to'
+                    f' (it saves under ./save/ there)'
+                )
+            else:
+                try:
+                    taken_over = run_lock.acquire(folder)
+                except UserError as exc:
+                    error = exc
         if self.rt.distributed:
-            flag = torch.tensor([float(problem is not None)], device=self.rt.device)
-            if all_reduce_sum(flag).item() and problem is None:
-                problem = 'the main process cannot write there'
-        if problem:
-            raise UserError(
-                f'cannot write checkpoints to {folder} ({problem}): make it'
-                f' writable, or start the script from a folder you can write to'
-                f' (it saves under ./save/ there)'
-            )
+            flag = torch.tensor([float(error is not None)], device=self.rt.device)
+            if all_reduce_sum(flag).item() and error is None:  # printed by rank 0 alone
+                error = UserError(f'the main process cannot use {folder}')
+        if error is not None:
+            raise error
+        if taken_over:
+            self.note_once('lock', taken_over)
 
     def note_once(self, key, message):
         """Print ``message`` on the main process the first time ``key`` comes up in this run."""
@@ -354,8 +368,10 @@ class Run:
         return self._writer
 
     def close(self):
+        """Close TensorBoard and let another run write the save folder (its lock goes)."""
         if self._writer is not None:
             self._writer.close()
+        run_lock.release(self.opt.save_folder)
 
 
 def without_resume(args):

@@ -1,0 +1,144 @@
+"""``--val_split``: a fixed, stratified part of the training images held out for evaluation.
+
+scikit-learn's ``train_test_split`` draws the split (``random_state=0``, so every seed and
+every script holds out the same images). A fraction it cannot split, or whose split would
+leave a class with nothing to train on, is refused in one line that names a fraction
+that works.
+"""
+
+import math
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from supcon.errors import UserError
+
+
+class SplitSubset(Dataset):
+    """Part of a data set (``indices``), keeping its ``classes`` and matching ``targets``.
+
+    ``size_note`` says where the part came from, for messages about its size.
+    """
+
+    def __init__(self, dataset, indices, size_note=''):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+        self.classes = dataset.classes
+        self.targets = [dataset.targets[i] for i in self.indices]
+        self.size_note = size_note
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        return self.dataset[self.indices[index]]
+
+
+def _held_out(targets, fraction):
+    from sklearn.model_selection import train_test_split
+
+    _, held_out = train_test_split(
+        np.arange(len(targets)), test_size=fraction, stratify=targets, random_state=0
+    )
+    return np.sort(held_out)
+
+
+def _split(targets, fraction, classes):
+    """(held-out indices, None), or (None, (kind, why)) when ``fraction`` cannot be held out.
+
+    scikit-learn holds out ``ceil(fraction * n)`` images and needs two images of every class,
+    and one of each on either side; its stratified allocation may still hold out every image
+    of a small class, which would leave that class nothing to train on. ``kind`` says which
+    way the fraction is wrong: 'few' (no fraction works), 'low' or 'high'.
+    """
+    n = len(targets)
+    labels, counts = np.unique(targets, return_counts=True)
+    names = [str(classes[label]) if classes is not None else str(label) for label in labels]
+
+    def listed(items):
+        return ', '.join(items[:5]) + (', ...' if len(items) > 5 else '')
+
+    n_test = math.ceil(fraction * n)
+    if counts.min() < 2:
+        few = [f'{name} ({count} image)' for name, count in zip(names, counts) if count < 2]
+        return None, ('few', f'class {listed(few)}')
+    if n_test < len(labels):
+        why = (
+            f'it holds out {n_test} of the {n} training images, fewer than the'
+            f' {len(labels)} classes (a stratified split holds out one of each at least)'
+        )
+        return None, ('low', why)
+    if n - n_test < len(labels):
+        why = (
+            f'it keeps {n - n_test} of the {n} training images, fewer than the'
+            f' {len(labels)} classes (a stratified split trains on one of each at least)'
+        )
+        return None, ('high', why)
+    held_out = _held_out(targets, fraction)
+    held_counts = [(targets[held_out] == label).sum() for label in labels]
+    emptied = [
+        f'{name} ({count} images)'
+        for name, count, held in zip(names, counts, held_counts)
+        if held == count
+    ]
+    if emptied:
+        why = (
+            f'it holds out every training image of class {listed(emptied)},'
+            f' leaving nothing of it to train on'
+        )
+        return None, ('high', why)
+    return held_out, None
+
+
+def _rounded(x, up, digits=2):
+    """``x`` rounded up (or down) to ``digits`` significant digits."""
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    units = math.ceil(x / step - 1e-9) if up else math.floor(x / step + 1e-9)
+    return float(f'{units * step:.{digits + 1}g}'), step
+
+
+def _working_fraction(targets, classes, bound, up):
+    """The first fraction from ``bound`` (rounded, then stepped up or down) that splits, or None."""
+    if not 0 < bound < 1:
+        return None
+    value, step = _rounded(bound, up)
+    for _ in range(20):
+        if 0 < value < 1 and _split(targets, value, classes)[1] is None:
+            return value
+        value = float(f'{value + (step if up else -step):.6g}')
+    return None
+
+
+def validation_indices(targets, fraction, classes=None):
+    """A stratified ``fraction`` of the indices, fixed (it never depends on --seed), sorted.
+
+    A fraction scikit-learn cannot split, or whose split would leave a class without a
+    training image, is refused in one line that names a fraction that works.
+    """
+    targets = np.asarray(targets)
+    held_out, problem = _split(targets, fraction, classes)
+    if problem is None:
+        return held_out
+    kind, why = problem
+    flag = f'--val_split {fraction}'
+    if kind == 'few':
+        raise UserError(
+            f'{flag} cannot split {why}: a stratified split needs 2 images of every class'
+            f' at least (one to train on, one to hold out); add images to it or use'
+            f' --val_split 0'
+        )
+    n = len(targets)
+    counts = np.unique(targets, return_counts=True)[1]
+    k, smallest = len(counts), counts.min()
+    if kind == 'low':  # at least one image of each class held out
+        works = _working_fraction(targets, classes, k / n, up=True)
+    else:  # one of each kept; a class's held-out share is about count * fraction, +-1
+        bound = min((n - k) / n, math.floor(n * (smallest - 1) / smallest) / n)
+        works = _working_fraction(targets, classes, bound, up=False)
+    if works is not None:
+        advice = f'use --val_split {works} or {"more" if kind == "low" else "less"}'
+    else:
+        advice = (
+            f'no --val_split leaves one image of each of the {k} classes on both sides of'
+            f' {n} images; add images or use --val_split 0'
+        )
+    raise UserError(f'{flag}: {why}; {advice}')
