@@ -349,7 +349,7 @@ def test_a_moco_queue_longer_than_the_data_and_a_frozen_key_encoder_are_noted(fo
         'note: --moco_m 1 never updates the key encoder: its keys come from its random initial'
         ' weights all run long (MoCo uses 0.99 to 0.999)',
         'note: --moco_k 4096 is longer than the 12 training images: the queue holds stale keys'
-        ' of the same images from earlier epochs; README "Small batches" keeps it well below'
+        ' of the same images from earlier epochs; docs/small-batches.md keeps it well below'
         ' the data set (e.g. --moco_k 8 or less)',
     ]
     assert 'knn_acc' not in result.out
