@@ -4,7 +4,7 @@
 ``torchrun_variables`` turns what SLURM tells a task (SLURM_PROCID, SLURM_NTASKS, ...)
 into the variables torchrun would have set, so ``runtime.torchrun_environment`` and
 PyTorch's ``env://`` rendezvous work unchanged. After SIGUSR1 (``sbatch
---signal=USR1@120``, or pre-emption with ``PreemptParameters=send_user_signal``) the main
+--signal=USR1@120``, or pre-emption under ``preempt_send_user_signal``) the main
 process puts the job back in the queue (``requeue``), and a job SLURM started again
 continues from its checkpoint by itself (``default_resume``). docs/clusters.md shows the
 batch scripts.
@@ -127,6 +127,8 @@ def torchrun_variables(environ: Mapping[str, str] | None = None) -> dict[str, st
     The master is the first host of the step's node list (the job's when the step has
     none); MASTER_ADDR and MASTER_PORT already set are kept. LOCAL_RANK indexes the GPUs
     the task sees: with one GPU bound to each task (``--gpus-per-task=1``) it is 0.
+    LOCAL_WORLD_SIZE counts the tasks sharing this task's CPUs: the tasks on the node, or 1
+    when SLURM bound each task to its own (``bound_to_own_cpus``).
     Malformed values raise a one-line ``UserError``.
     """
     environ = os.environ if environ is None else environ
@@ -174,6 +176,10 @@ def torchrun_variables(environ: Mapping[str, str] | None = None) -> dict[str, st
         local_world = tasks_on_node(per_node, node_id) if per_node else world_size
     except ValueError as exc:
         raise UserError(f'{per_node_name}: {exc}; start the tasks with srun') from None
+    if bound_to_own_cpus(environ):
+        # runtime gives each process (its CPUs // LOCAL_WORLD_SIZE) loader workers: the CPUs
+        # of a task SLURM bound to its --cpus-per-task are its alone, shared with no task
+        local_world = 1
     visible = [d for d in environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
     device_index = (
         local_rank % len(visible) if len(visible) and local_rank >= len(visible) else local_rank
@@ -186,6 +192,24 @@ def torchrun_variables(environ: Mapping[str, str] | None = None) -> dict[str, st
         'MASTER_ADDR': address,
         'MASTER_PORT': port,
     }
+
+
+def cpus_seen() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, 'sched_getaffinity'):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def bound_to_own_cpus(environ: Mapping[str, str] | None = None) -> bool:
+    """True when SLURM bound this task to its own CPUs (it sees no more than
+    SLURM_CPUS_PER_TASK), as task/affinity or task/cgroup do; False when tasks share them."""
+    environ = os.environ if environ is None else environ
+    try:
+        per_task = int(environ.get('SLURM_CPUS_PER_TASK') or 0)
+    except ValueError:
+        return False
+    return per_task > 0 and cpus_seen() <= per_task
 
 
 def restarted(environ: Mapping[str, str] | None = None) -> bool:

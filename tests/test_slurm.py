@@ -193,6 +193,14 @@ def test_slurm_variables_become_torchrun_variables():
     )
 
 
+def test_loader_workers_share_the_cpus_only_with_tasks_that_share_them(monkeypatch):
+    env = slurm_task(3, ntasks=8, SLURM_TASKS_PER_NODE='8', SLURM_CPUS_PER_TASK='10')
+    monkeypatch.setattr(slurm, 'cpus_seen', lambda: 10)  # bound: the task's own 10 CPUs
+    assert slurm.torchrun_variables(env)['LOCAL_WORLD_SIZE'] == '1'
+    monkeypatch.setattr(slurm, 'cpus_seen', lambda: 80)  # all 8 tasks see the node's 80
+    assert slurm.torchrun_variables(env)['LOCAL_WORLD_SIZE'] == '8'
+
+
 def test_one_task_a_batch_script_and_no_slurm_are_one_process(capsys):
     assert slurm.torchrun_variables({}) is None
     assert slurm.torchrun_variables(slurm_task(0, ntasks=1)) is None
