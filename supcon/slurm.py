@@ -22,7 +22,7 @@ from supcon.errors import UserError
 
 #: Signals after which the job is requeued. SIGTERM is not one of them: ``scancel`` sends it,
 #: and a job that requeued itself then could not be cancelled.
-REQUEUE_SIGNALS = (signal.SIGUSR1,)
+REQUEUE_SIGNALS = (signal.SIGUSR1,) if hasattr(signal, 'SIGUSR1') else ()  # none on Windows
 
 #: MASTER_PORT = PORT_BASE + job id mod PORT_SPAN: jobs sharing a node get different ports, a
 #: requeued job (same id) the same one, and the range stays below Linux's ephemeral ports.

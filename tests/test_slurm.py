@@ -45,6 +45,7 @@ TORCHRUN_NAMES = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTE
 TIMEOUT_S = 300
 # Python 3.12 warns about any fork of a threaded process (as in test_distributed.py)
 FORK_OK = pytest.mark.filterwarnings('ignore:This process .* is multi-threaded:DeprecationWarning')
+needs_fork = pytest.mark.skipif(not hasattr(os, 'fork'), reason='the two ranks are forked')
 
 
 def clean_env(**extra):
@@ -345,14 +346,14 @@ def start_rank(env, args, cwd, log):
 
 
 def run_ranks(envs, cwd, signal_at=None):
-    """Two ranks of main_supcon.py; ``signal_at=(line, signum)`` signals both when rank 0
-    prints ``line``. Returns (exit codes, rank 0's output)."""
+    """Two ranks of main_supcon.py; ``signal_at=(condition, signum)`` signals both once
+    ``condition(rank 0's output)`` holds. Returns (exit codes, rank 0's output)."""
     cwd.mkdir(parents=True, exist_ok=True)
     logs = [cwd / f'rank{rank}.log' for rank in range(len(envs))]
     pids = [start_rank(env, ARGS, cwd, str(log)) for env, log in zip(envs, logs)]
     codes, deadline = {}, time.monotonic() + TIMEOUT_S
     while len(codes) < len(pids) and time.monotonic() < deadline:
-        if signal_at and signal_at[0] in text_of(logs[0]):
+        if signal_at and signal_at[0](text_of(logs[0])):
             for pid in pids:
                 os.kill(pid, signal_at[1])
             signal_at = None
@@ -361,7 +362,7 @@ def run_ranks(envs, cwd, signal_at=None):
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     codes[pid] = os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
+        time.sleep(0.02)
     for pid in set(pids) - set(codes):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -393,6 +394,7 @@ def reference(tmp_path_factory):
 
 
 @FORK_OK
+@needs_fork
 def test_two_tasks_with_slurm_variables_are_one_run_of_two_ranks(reference, tmp_path):
     job_id = free_job_id()
     envs = [clean_env(**slurm_task(rank, job_id=job_id)) for rank in range(2)]
@@ -403,39 +405,57 @@ def test_two_tasks_with_slurm_variables_are_one_run_of_two_ranks(reference, tmp_
 
 
 @FORK_OK
+@needs_fork
 def test_sigusr1_saves_requeues_and_the_restarted_job_ends_as_uninterrupted(reference, tmp_path):
-    """SIGUSR1 in epoch 1 (requeue), SLURM's SIGTERM in epoch 2, then the end: the weights
-    of the uninterrupted run."""
+    """SIGUSR1 (a requeue), then SLURM's SIGTERM, each followed by the restart SLURM makes:
+    the end has the weights of the uninterrupted run."""
     job_id = free_job_id()
     log = fake_scontrol(tmp_path / 'bin')
     path = str(tmp_path / 'bin') + os.pathsep + os.environ.get('PATH', '')
+    folder = tmp_path / RUN_FOLDER
 
     def envs(restarts):
         extra = {'SLURM_RESTART_COUNT': str(restarts)} if restarts else {}
         return [clean_env(PATH=path, **slurm_task(r, job_id=job_id, **extra)) for r in range(2)]
 
-    codes, output = run_ranks(envs(0), tmp_path, signal_at=('Train: [1][1/', signal.SIGUSR1))
+    codes, output = run_ranks(envs(0), tmp_path, signal_at=(first_step, signal.SIGUSR1))
     assert codes == [128 + signal.SIGUSR1] * 2, output[-3000:]
-    folder = tmp_path / RUN_FOLDER
     ckpt = checkpoint.load_checkpoint(str(folder / 'checkpoint.pth'))
-    assert ckpt['epoch'] == 0 and 1 <= ckpt['step'] < STEPS
-    stopped = [line for line in output.splitlines() if line.startswith('stopped by')]
-    assert stopped == [
-        f'stopped by SIGUSR1 at epoch 1, step {ckpt["step"]}; saved {RUN_FOLDER}/checkpoint.pth.'
+    epoch, step = ckpt['epoch'] + 1, ckpt['step']  # stopped after `step` steps of `epoch`
+    assert 1 <= step <= STEPS
+    assert stops(output) == [
+        f'stopped by SIGUSR1 at epoch {epoch}, step {step}; saved {RUN_FOLDER}/checkpoint.pth.'
         f' requeued SLURM job {job_id}: it continues from here by itself (--resume auto)'
     ]
     assert log.read_text() == f'requeue {job_id}\n'  # rank 0 alone, once
 
-    codes, output = run_ranks(envs(1), tmp_path, signal_at=('Train: [2][1/', signal.SIGTERM))
+    codes, output = run_ranks(envs(1), tmp_path, signal_at=(step_after_resume, signal.SIGTERM))
     assert codes == [128 + signal.SIGTERM] * 2, output[-3000:]
-    assert f'continuing at epoch 1, step {ckpt["step"] + 1}' in output
-    assert 'Continue with: srun <the same srun options> python' in output
+    assert f'continuing at epoch {epoch}, step {step + 1}' in output
+    ckpt = checkpoint.load_checkpoint(str(folder / 'checkpoint.pth'))
+    assert (ckpt['epoch'] + 1, ckpt['step']) > (epoch, step)
+    (stopped,) = stops(output)
+    assert stopped.startswith(f'stopped by SIGTERM at epoch {ckpt["epoch"] + 1}, step ')
+    assert 'Continue with: srun <the same srun options> python' in stopped
     assert log.read_text() == f'requeue {job_id}\n'  # SIGTERM: no requeue of its own
 
     codes, output = run_ranks(envs(2), tmp_path)
     assert codes == [0, 0], output[-3000:]
-    assert 'continuing at epoch 2, step ' in output
+    assert f'continuing at epoch {ckpt["epoch"] + 1}, step {ckpt["step"] + 1}' in output
     assert max_abs_diff(reference[0], folder / 'last.pth') == 0
+
+
+def first_step(output):
+    return 'Train: [1][1/' in output
+
+
+def step_after_resume(output):
+    """A step printed after the run resumed: its signal handlers are in place."""
+    return 'Train: [' in output.partition('resumed from')[2]
+
+
+def stops(output):
+    return [line for line in output.splitlines() if line.startswith('stopped by')]
 
 
 # --------------------------------------------------------------------------- run_with_submitit
@@ -526,7 +546,7 @@ def wait_for(condition, what, timeout=TIMEOUT_S):
         value = condition()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f'timed out waiting for {what}')
 
 
@@ -575,30 +595,39 @@ def test_sbatch_job_of_two_tasks_trains_as_two_ranks(reference, tmp_path):
 
 @needs_slurm
 def test_sbatch_job_signalled_and_requeued_ends_as_uninterrupted(reference, tmp_path):
-    """SIGUSR1 in epoch 1: the job requeues itself; ``scontrol requeue`` in epoch 2: SLURM
-    requeues it; each time the job starts again and continues from its checkpoint."""
+    """SIGUSR1: the job requeues itself; then ``scontrol requeue``: SLURM requeues it; each
+    time the job starts again and continues from the position it saved."""
     log = tmp_path / 'job.out'
     job_id = sbatch(tmp_path, log)
-    wait_for(lambda: 'Train: [1][1/' in text_of(log), 'step 1')
+    wait_for(lambda: first_step(text_of(log)), 'step 1')
     subprocess.run(['scancel', '--signal=USR1', job_id], check=True)
     release_after_requeue(job_id, 1)
-    wait_for(lambda: 'Train: [2][1/' in text_of(log).split('resumed from', 1)[-1], 'epoch 2')
+    wait_for(lambda: step_after_resume(text_of(log)), 'a step after the first resume')
     subprocess.run(['scontrol', 'requeue', job_id], check=True)
     release_after_requeue(job_id, 2)
     assert wait_for(lambda: finished(job_id), f'job {job_id}') == 'COMPLETED', text_of(log)
-    output = log.read_text()
     events = [
         line
-        for line in output.splitlines()
+        for line in log.read_text().splitlines()
         if line.startswith(('stopped by', 'resumed from', 'saved'))
     ]
     print(f'sbatch job {job_id}:\n' + '\n'.join(events))
-    assert f'requeued SLURM job {job_id}: it continues from here by itself' in events[0]
-    assert events[0].startswith('stopped by SIGUSR1 at epoch 1')
-    step = int(re.match(r'stopped by SIGUSR1 at epoch 1, step (\d+);', events[0]).group(1))
-    assert events[1].endswith(f'continuing at epoch 1, step {step + 1}')
-    assert events[2].startswith('stopped by SIGTERM at epoch 2')
-    assert 'continuing at epoch 2, step' in events[3] and events[4].startswith('saved ')
+    assert len(events) == 5, events
+    first = re.match(
+        r'stopped by SIGUSR1 at epoch (\d), step (\d+); saved (\S+)\. (.*)$', events[0]
+    )
+    assert first and first.group(3) == f'{RUN_FOLDER}/checkpoint.pth', events[0]
+    assert first.group(4) == (
+        f'requeued SLURM job {job_id}: it continues from here by itself (--resume auto)'
+    )
+    epoch, step = int(first.group(1)), int(first.group(2))
+    assert events[1].endswith(f'continuing at epoch {epoch}, step {step + 1}')
+    second = re.match(r'stopped by SIGTERM at epoch (\d), step (\d+);', events[2])
+    assert second and (int(second.group(1)), int(second.group(2))) > (epoch, step), events[2]
+    assert events[3].endswith(
+        f'continuing at epoch {second.group(1)}, step {int(second.group(2)) + 1}'
+    )
+    assert events[4] == f'saved {RUN_FOLDER}/last.pth'
     assert max_abs_diff(reference[0], tmp_path / RUN_FOLDER / 'last.pth') == 0
 
 
@@ -624,7 +653,7 @@ def test_run_with_submitit_submits_and_its_checkpoint_hook_resumes(reference, tm
     job_id = job_id.group(1)
     log = tmp_path / 'jobs' / job_id / f'{job_id}_0_log.out'
     ckpt = tmp_path / RUN_FOLDER / 'checkpoint.pth'
-    wait_for(lambda: 'Train: [2][1/' in text_of(log) and ckpt.exists(), 'epoch 2')
+    wait_for(ckpt.exists, 'the checkpoint of epoch 1')
     # submitit's own signal: its handler calls Trainer.checkpoint and requeues
     subprocess.run(['scancel', '--signal=USR2', job_id], check=True)
     release_after_requeue(job_id, 1)
@@ -632,7 +661,15 @@ def test_run_with_submitit_submits_and_its_checkpoint_hook_resumes(reference, tm
     output = log.read_text()
     events = [line for line in output.splitlines() if line.startswith(('resumed from', 'saved'))]
     print(f'submitit job {job_id}:\n' + '\n'.join(events))
-    assert f'{RUN_FOLDER}/checkpoint.pth: continuing at epoch 2' in events[0]
+    assert len(events) == 2 and events[1] == f'saved {RUN_FOLDER}/last.pth', events
+    assert events[0].endswith(f'{RUN_FOLDER}/checkpoint.pth: continuing at epoch 2')
+    submitit_log = text_of(log.with_name(f'{job_id}_0_log.err'))
+    assert 'Caught signal SIGUSR2' in submitit_log, submitit_log[-2000:]
+    # what Trainer.checkpoint handed submitit is what the requeued job ran
+    from submitit.core.utils import DelayedSubmission
+
+    again = DelayedSubmission.load(log.with_name(f'{job_id}_submitted.pkl'))
+    assert again.function.args == ARGS + ['--resume', 'auto']
     with open(tmp_path / 'jobs' / job_id / f'{job_id}_0_result.pkl', 'rb') as handle:
         assert pickle.load(handle) == ('success', None)
     assert max_abs_diff(reference[0], tmp_path / RUN_FOLDER / 'last.pth') == 0
