@@ -228,8 +228,11 @@ def test_impossible_slurm_variables_are_one_line_errors(change, fragment):
 
 
 def setenv(monkeypatch, env):
+    """Exactly ``env``'s torchrun and SLURM variables, all undone after the test, also those
+    ``torchrun_environment`` exports (set once here, the undo deletes them)."""
     for key in TORCHRUN_NAMES + ('MASTER_PORT',):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, 'unset')
+        monkeypatch.delenv(key)
     for key in [k for k in os.environ if k.startswith('SLURM_')]:
         monkeypatch.delenv(key)
     for key, value in env.items():
@@ -250,6 +253,12 @@ def test_runtime_takes_slurm_variables_and_torchrun_wins(monkeypatch):
     assert os.environ['MASTER_PORT'] == '29500'
     setenv(monkeypatch, slurm_task(0, ntasks=1))
     assert runtime.torchrun_environment() == (1, 0, 0) and 'WORLD_SIZE' not in os.environ
+    setenv(monkeypatch, slurm_task(1, job_id='778'))
+    runtime.torchrun_environment()  # exports again: the undo must remove these too
+
+
+def test_nothing_exported_outlives_the_test_before():
+    assert not [k for k in TORCHRUN_NAMES + ('MASTER_PORT',) if k in os.environ]
 
 
 def test_a_restarted_job_resumes_auto_unless_told_otherwise(monkeypatch):
