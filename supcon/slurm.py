@@ -87,7 +87,9 @@ def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
         if not match:
             raise ValueError(f'{tasks_per_node!r} is not a list of task counts')
         counts.extend([int(match.group(1))] * int(match.group(2) or 1))
-    return counts[node_id] if 0 <= node_id < len(counts) else counts[-1]
+    if not 0 <= node_id < len(counts):
+        raise ValueError(f'{tasks_per_node!r} has no task count for node {node_id}')
+    return counts[node_id]
 
 
 def master_port(job_id: str) -> int:

@@ -134,6 +134,8 @@ def test_node_lists_expand_as_the_real_scontrol_does():
 
 def test_tasks_per_node_and_the_port():
     assert [slurm.tasks_on_node('2(x3),1', n) for n in range(4)] == [2, 2, 2, 1]
+    with pytest.raises(ValueError):
+        slurm.tasks_on_node('2(x3),1', 4)
     assert slurm.master_port('12345') == slurm.PORT_BASE + 12345 % slurm.PORT_SPAN
     assert slurm.master_port('7_3') == slurm.PORT_BASE + 73  # an array task's id
     ports = {slurm.master_port(str(j)) for j in range(1000, 1100)}
