@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from networks.cpu_bf16_conv import use_matmul_weight_grad
-from supcon import run_lock
+from supcon import run_lock, slurm
 from supcon.distributed import (  # noqa: F401 (re-exported for the scripts)
     all_reduce_sum,
     destroy_process_group,
@@ -98,8 +98,9 @@ def add_runtime_arguments(parser, training=True):
     group.add_argument(
         '--resume',
         type=str,
-        default=None,
-        help='checkpoint to continue from, or "auto" for the newest one in this run\'s save folder',
+        default=slurm.default_resume(),  # a requeued SLURM job continues where it stopped
+        help='checkpoint to continue from, or "auto" for the newest one in this run\'s save'
+        ' folder; auto when SLURM starts a job again (SLURM_RESTART_COUNT > 0)',
     )
     return group
 
@@ -258,12 +259,18 @@ DEVICE_PATTERN = re.compile(r'auto|cpu|cuda(:[0-9]+)?')
 def torchrun_environment():
     """(world size, rank, local rank) from torchrun's variables; (1, 0, 0) for one process.
 
+    Without torchrun's variables, a task started by ``srun`` takes SLURM's
+    (``slurm.torchrun_variables``) and exports them as torchrun would, for the
+    ``env://`` rendezvous; torchrun's win when both are set.
     WORLD_SIZE=1 (torchrun with one process, or variables left over in a shell) is one
     process: no process group is started. Values that are not numbers, or a rank outside
     the world, are refused with a one-line error.
     """
     if 'WORLD_SIZE' not in os.environ:
-        return 1, 0, 0
+        variables = slurm.torchrun_variables()
+        if variables is None:
+            return 1, 0, 0
+        os.environ.update(variables)
     values = []
     for name in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
         text = os.environ.get(name, '0' if name != 'WORLD_SIZE' else '')

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from supcon import run_lock
+from supcon import run_lock, slurm
 from supcon.checkpoint import (
     bare_state_dict,
     checkpoint_position,
@@ -347,13 +347,19 @@ class Run:
         """Save the position after a signal and exit non-zero with how to resume."""
         path = self.save('checkpoint.pth', epoch - 1, step)
         if is_main_process():
+            stopped = f'stopped by {self.stop.name} at epoch {epoch}, step {step}; saved {path}.'
+            # SIGUSR1 under SLURM: the job goes back in the queue, and resumes by itself
+            requeued = slurm.requeue(self.stop.signum)
             command = shlex.join(
                 [sys.argv[0]] + without_resume(sys.argv[1:]) + ['--resume', 'auto']
             )
-            launcher = 'torchrun <the same torchrun options>' if self.rt.distributed else 'python'
+            launcher = slurm.launcher() or (
+                'torchrun <the same torchrun options>' if self.rt.distributed else 'python'
+            )
             print(
-                f'stopped by {self.stop.name} at epoch {epoch}, step {step}; saved {path}.'
-                f' Continue with: {launcher} {command}',
+                f'{stopped} {requeued}'
+                if requeued
+                else f'{stopped} Continue with: {launcher} {command}',
                 flush=True,
             )
         self.close()
@@ -388,7 +394,8 @@ def without_resume(args):
 
 
 class GracefulStop:
-    """SIGTERM/Ctrl-C ask the loop to stop after the current step; a second Ctrl-C aborts."""
+    """SIGTERM, SIGUSR1 (SLURM's warning before the time limit) and Ctrl-C ask the loop to stop
+    after the current step; a second Ctrl-C aborts."""
 
     def __init__(self, save_folder=None):
         self.signum = 0
@@ -396,7 +403,8 @@ class GracefulStop:
         try:
             signal.signal(signal.SIGTERM, self._handle)
             signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. under a test runner's thread)
+            signal.signal(signal.SIGUSR1, self._handle)
+        except (ValueError, AttributeError):  # not the main thread; no SIGUSR1 (Windows)
             pass
 
     def _handle(self, signum, frame):
@@ -407,6 +415,8 @@ class GracefulStop:
                 f' position; the checkpoints already saved{kept} are'
                 f' intact: continue from them with --resume auto'
             )
+        if self.signum:  # e.g. the SIGTERM SLURM sends once the job is requeued: one stop
+            return
         self.signum = signum
         if is_main_process():
             print(f'\n{self.name} received: finishing the current step, then saving', flush=True)
