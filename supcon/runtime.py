@@ -99,8 +99,9 @@ def add_runtime_arguments(parser, training=True):
         '--resume',
         type=str,
         default=slurm.default_resume(),  # a requeued SLURM job continues where it stopped
-        help='checkpoint to continue from, or "auto" for the newest one in this run\'s save'
-        ' folder; auto when SLURM starts a job again (SLURM_RESTART_COUNT > 0)',
+        help='checkpoint to continue from, or "auto" for the one furthest in training (epoch,'
+        ' step) in this run\'s save folder; auto when SLURM starts a job again'
+        ' (SLURM_RESTART_COUNT > 0)',
     )
     return group
 

@@ -73,7 +73,10 @@ def test_help_names_the_script_and_shows_defaults_and_units(module):
     if module in (main_linear, main_tsne):
         assert '--ckpt CKPT (required)' in text
     if module is main_supcon:
-        assert 'test image folder for --dataset path (pretraining: only for --knn_every)' in text
+        assert 'test image folder for --dataset path' in text
+        assert '(pretraining: only for --knn_every)' in text
+        # item 19 of the hostile test: --resume auto takes the furthest checkpoint, not the newest
+        assert 'furthest in training' in text and 'newest' not in text
         assert 'evaluation batch size (pretraining: only for --knn_every)' in text
 
 
