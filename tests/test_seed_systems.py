@@ -115,10 +115,22 @@ def test_cifar_mean_std_are_applied_and_said_once(capsys):
 
 def test_the_cifar_note_is_said_by_rank_0_only_and_survives_a_bad_rank(capsys, monkeypatch):
     flags = ['--mean', '(0.5, 0.5, 0.5)', '--std', '(0.2, 0.2, 0.2)']
-    for rank, said in (('1', False), ('abc', False), ('0', True)):
-        monkeypatch.setenv('RANK', rank)  # a bad RANK is refused later, by runtime.setup_runtime
+    torchrun = dict(WORLD_SIZE='2', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT='29500')
+    # under torchrun (all its variables set) only rank 0 speaks; a RANK alone, or one that is
+    # no number (refused later, by runtime.setup_runtime), is a single process, which must
+    for rank, env, said in (
+        ('1', torchrun, False),
+        ('0', torchrun, True),
+        ('abc', torchrun, True),
+        ('1', {}, True),
+    ):
+        for key in torchrun:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv('RANK', rank)
         main_ce.parse_option(flags)
-        assert ('note: using the given' in capsys.readouterr().out) == said, rank
+        assert ('note: using the given' in capsys.readouterr().out) == said, (rank, env)
 
 
 def test_supcon_checks_num_classes_against_the_data(tmp_path):
