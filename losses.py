@@ -61,6 +61,28 @@ labels, where this raises ValueError; the fork has neither keys nor a queue, so 
 of queue rows (those of the anchor's class left out, the others negatives) is this module's own
 extension of the same rule.
 
+Unlabelled samples and multi-hot labels
+---------------------------------------
+A label of -1 (supcon.contrastive.UNLABELLED) marks a sample, or a queue row, as unlabelled; any
+other value, negative ones included, is a class. An unlabelled sample is a class of its own: as an
+anchor its positives are the other batch rows of its own sample (SimCLR's: its other views'
+features, or its keys but the self row), and it is nobody else's positive; every other row,
+however labelled, is a negative of it, and it is a negative of every other anchor. An unlabelled
+queue row is a negative of every anchor. Under hybrid an unlabelled anchor has nothing left out (no
+other row is of its class), and an unlabelled row is never left out of another anchor's
+denominator. With every label -1 the loss is SimCLR's exactly; with none, it is unchanged.
+
+Multi-hot labels, one 0/1 (or bool) column per class, [bsz, n_classes] with n_classes >= 2, make
+the positives weighted. With y_i and y_j the sets of classes of anchor a's sample i and of row j:
+    m_aj = 1                                  for the batch rows of sample i other than s(a),
+    m_aj = |y_i AND y_j| / |y_i OR y_j|       for every other row, multilabel='jaccard' (default),
+    m_aj = 1 if y_i AND y_j is nonempty, else 0                   multilabel='any',
+queue rows included (queue_labels are then [K, n_classes]); nothing is left out (D_a = C - {s(a)}),
+and the loss keeps its form with S_a = sum_j m_aj: loss_a = -(T / T_base) / P'_a * sum_j m_aj *
+(l_aj - log sum_{k in D_a} exp(l_ak)). An all-zero row shares nothing (0 / 0 is taken as 0), so it
+is an unlabelled sample exactly as above. Multi-hot labels take neither hybrid nor a mask. With
+one-hot rows both rules give the single-label loss, up to rounding (another code path computes it).
+
 The memory trick
 ----------------
 Written out directly the formula keeps about eight N x N matrices alive for autograd. Here only the
@@ -77,9 +99,14 @@ saved:
     and again in backward (p_aj = 0 there, and m_aj = 0), so no exclusion mask is saved either
     (hybrid builds a boolean block of the same shape as the logits, 1 byte an entry, while it fills
     one).
+  * multi-hot weights depend on both label sets and reduce to no per-group sum: each block of
+    weights (chunk_size x |C|, from a [chunk, n_classes] x [n_classes, |C|] product) is made
+    beside its block of logits, in forward and again in backward, and dropped with it; the block
+    of d loss / d l, coef_a (m_aj - S_a p_aj), then gives both gradients by two matrix products.
 When no chunk_size is given and one block of logits, n_anchors x |C| x (4 bytes for float32, 8 for
 float64), would exceed the memory budget (MEMORY_BUDGET, 256 MiB, or SupConLoss's memory_budget),
-the anchors are cut into blocks of as many rows as fit in it.
+the anchors are cut into blocks of as many rows as fit in it; with multi-hot labels two blocks
+(logits and weights) must fit.
 
 Distributed
 -----------
@@ -87,8 +114,8 @@ Under torch.distributed with more than one rank, each rank contrasts its own anc
 rank's samples (gathered with gradient; keys are gathered without) and returns the mean over its own
 anchors;
 DDP's gradient averaging then gives the single-process gradient of the whole batch when ranks hold
-equal batches. Labels are gathered along; the queue and its labels are the same on every rank and
-are not.
+equal batches. Labels (multi-hot ones too) are gathered along; the queue and its labels are the
+same on every rank and are not.
 """
 
 import torch
@@ -97,11 +124,14 @@ import torch.nn as nn
 from supcon.contrastive import (
     CONTRAST_MODES,
     MEMORY_BUDGET,
+    MULTILABEL_RULES,
+    LabelSetPairs,
     LeanSupConFunction,
     PositivePairs,
     SameClassExclusion,
     _label_groups,
     auto_chunk_size,
+    read_labels,
 )
 from supcon.distributed import (
     all_gather_rows,
@@ -117,28 +147,32 @@ class SupConLoss(nn.Module):
     hybrid=True.
 
     __init__(temperature=0.07, contrast_mode='all', base_temperature=0.07, chunk_size=None,
-             hybrid=False, memory_budget=None)
+             hybrid=False, memory_budget=None, multilabel='jaccard')
     forward(features, labels=None, mask=None, keys=None, queue=None, queue_labels=None)
     -> 0-dim tensor
 
-    features: [bsz, n_views, ...], L2-normalised, the anchors (queries); labels: [bsz]; mask: [bsz,
-    bsz] float with mask[i, j] the weight of sample j as a positive of anchor sample i.
+    features: [bsz, n_views, ...], L2-normalised, the anchors (queries); labels: [bsz] (or [bsz,
+    1]), -1 marking an unlabelled sample, whose positives are only its own other views (SimCLR's)
+    and which is nobody else's positive; or multi-hot [bsz, C] (C >= 2, 0/1), whose positives are
+    weighted by multilabel: 'jaccard' (|shared labels| / |labels of either|) or 'any' (1 when a
+    label is shared); an all-zero row is unlabelled (multi-hot values are checked to be 0/1, which
+    waits for the device once a call). mask: [bsz, bsz] float with mask[i, j] the weight of sample
+    j as a positive of anchor sample i.
     keys: [bsz, n_views, ...] like features, e.g. from a momentum encoder; detached. When given, the
     anchors contrast with the keys instead of with the features, and an anchor's own key of its own
     view is its "self" row (left out).
     queue: [K, D] L2-normalised constant rows (detached, not gathered across ranks) appended to the
-    contrast set; queue_labels [K], required with labels (and with hybrid), optional and unused
-    without.
+    contrast set; queue_labels [K] (-1: unlabelled), or [K, C] with multi-hot labels, required with
+    labels (and with hybrid), optional and unused without.
     hybrid: positives are the other views of the anchor's own sample (as SimCLR); batch and queue
-    rows of the anchor's class that are not positives leave the denominator; needs labels.
+    rows of the anchor's class that are not positives leave the denominator; needs single labels.
     The exact formula for every case is in the module docstring.
 
     chunk_size (anchor rows per block) caps the largest temporary at chunk_size x (rows of the
-    contrast set);
-    without it, blocks are cut automatically when one would exceed memory_budget bytes (default
-    MEMORY_BUDGET). Computed in float32 (float64 for float64 input), also under autocast. Under
-    torch.distributed (world size > 1) local anchors contrast with all ranks' samples (or keys); see
-    the module docstring.
+    contrast set), two of them with multi-hot labels; without it, blocks are cut automatically when
+    one would exceed memory_budget bytes (default MEMORY_BUDGET). Computed in float32 (float64 for
+    float64 input), also under autocast. Under torch.distributed (world size > 1) local anchors
+    contrast with all ranks' samples (or keys); see the module docstring.
     """
 
     def __init__(
@@ -149,8 +183,14 @@ class SupConLoss(nn.Module):
         chunk_size=None,
         hybrid=False,
         memory_budget=None,
+        multilabel='jaccard',
     ):
         super().__init__()
+        if multilabel not in MULTILABEL_RULES:
+            raise ValueError(
+                f"multilabel must be one of {MULTILABEL_RULES} (how multi-hot labels weigh a "
+                f"pair), got {multilabel!r}"
+            )
         if contrast_mode not in CONTRAST_MODES:
             raise ValueError(
                 f"contrast_mode must be one of {CONTRAST_MODES}, got {contrast_mode!r}"
@@ -167,6 +207,7 @@ class SupConLoss(nn.Module):
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.hybrid = bool(hybrid)
         self.memory_budget = MEMORY_BUDGET if memory_budget is None else memory_budget
+        self.multilabel = multilabel
 
     def _check_arguments(self, features, labels, mask, keys, queue, queue_labels):
         if features.dim() < 3:
@@ -211,10 +252,6 @@ class SupConLoss(nn.Module):
                 "anchor's "
                 "class leave the denominator)"
             )
-        if queue_labels is not None and queue_labels.numel() != queue.shape[0]:
-            raise ValueError(
-                f"got {queue_labels.numel()} queue_labels for a queue of {queue.shape[0]} rows"
-            )
 
     def forward(self, features, labels=None, mask=None, keys=None, queue=None, queue_labels=None):
         self._check_arguments(features, labels, mask, keys, queue, queue_labels)
@@ -226,10 +263,14 @@ class SupConLoss(nn.Module):
             )
         bsz, n_views = features.shape[:2]
         device = features.device
-        if labels is not None:
-            labels = labels.reshape(-1).to(device)
-            if labels.numel() != bsz:
-                raise ValueError(f"got {labels.numel()} labels for a batch of {bsz} samples")
+        labels, queue_labels, multi_hot = read_labels(
+            labels, bsz, queue_labels, None if queue is None else queue.shape[0]
+        )
+        if multi_hot and self.hybrid:
+            raise ValueError(
+                "hybrid=True needs one label per sample ([bsz]), not multi-hot [bsz, C] labels: "
+                "its left-out rows are those of the anchor's class"
+            )
         if mask is not None and tuple(mask.shape) != (bsz, bsz):
             raise ValueError(f"mask must be [bsz, bsz] = [{bsz}, {bsz}], got {tuple(mask.shape)}")
 
@@ -237,6 +278,9 @@ class SupConLoss(nn.Module):
             if features.dtype != torch.float64:
                 features = features.float()
             features = features.reshape(bsz, n_views, -1)
+            if labels is not None:
+                # multi-hot rows in the loss's dtype: bool cannot be gathered on every backend
+                labels = labels.to(device, features.dtype if multi_hot else None)
             if keys is not None:
                 keys = (
                     keys.detach().to(device=device, dtype=features.dtype).reshape(bsz, n_views, -1)
@@ -246,7 +290,10 @@ class SupConLoss(nn.Module):
                 queue = queue.detach().to(device=device, dtype=features.dtype)
                 n_queue = queue.shape[0]
                 # SimCLR ignores queue_labels: every queue row is a negative there.
-                queue_labels = None if labels is None else queue_labels.reshape(-1).to(device)
+                if labels is None:
+                    queue_labels = None
+                else:
+                    queue_labels = queue_labels.to(device, features.dtype if multi_hot else None)
 
             if distributed:
                 sizes = gather_sizes(bsz, device)
@@ -287,7 +334,20 @@ class SupConLoss(nn.Module):
             n_sample_groups = total + (1 if n_queue else 0)
 
             excluded = None
-            if mask is not None:
+            if multi_hot:
+                contrast_labels = labels.repeat(n_views, 1)
+                if n_queue:
+                    contrast_labels = torch.cat([contrast_labels, queue_labels])
+                # the batch rows of the anchor's own sample: one per view, the self row among them
+                own_columns = torch.arange(n_views, device=device) * total + anchor_sample[:, None]
+                pairs = LabelSetPairs(
+                    labels[anchor_sample],
+                    contrast_labels,
+                    own_columns,
+                    self_column,
+                    self.multilabel,
+                )
+            elif mask is not None:
                 pairs = PositivePairs(
                     anchor_sample,
                     contrast_sample,
@@ -324,7 +384,8 @@ class SupConLoss(nn.Module):
                 chunk_size = auto_chunk_size(
                     anchor.shape[0],
                     contrast.shape[0] + n_queue,
-                    features.element_size(),
+                    # multi-hot labels hold a block of weights beside each block of logits
+                    features.element_size() * (2 if multi_hot else 1),
                     self.memory_budget,
                 )
             return LeanSupConFunction.apply(

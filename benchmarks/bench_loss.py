@@ -2,9 +2,14 @@
 losses.SupConLoss.
 
     python benchmarks/bench_loss.py [--sizes 512 2048 8192] [--device cpu cuda] [--repeats 5]
+        [--labels single jaccard any] [--classes 20] [--methods plain lean lean-chunked]
 
-N = bsz * 2 views, D = 128, 10 classes. Prints a markdown table. Every (device, N, method) case runs
-in a fresh subprocess so that one case's peak cannot hide behind an earlier, larger one.
+N = bsz * 2 views, D = 128, 10 classes for single labels; multi-hot labels ('jaccard', 'any': the
+SupConLoss multilabel rule) have --classes columns, each set with probability 0.15 (about 3 classes
+a sample, 4% of rows all zero at 20 classes). The plain formula is single-label only. Prints a
+markdown table whose ratios are against the first row of the same device and N. Every (device, N,
+labels, method) case runs in a fresh subprocess so that one case's peak cannot hide behind an
+earlier, larger one.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from losses import SupConLoss  # noqa: E402
 
 METHODS = ('plain', 'lean', 'lean-chunked')
+LABELS = ('single', 'jaccard', 'any')
 
 
 def plain_supcon_loss(features, labels, temperature=0.1, base_temperature=0.07):
@@ -49,17 +55,24 @@ def plain_supcon_loss(features, labels, temperature=0.1, base_temperature=0.07):
     return (-(temperature / base_temperature) * mean_log_prob_pos).mean()
 
 
-def make_loss(method, chunk_size):
+def make_loss(method, chunk_size, labels='single'):
     if method == 'plain':
         return plain_supcon_loss
-    return SupConLoss(temperature=0.1, chunk_size=chunk_size if method == 'lean-chunked' else None)
+    return SupConLoss(
+        temperature=0.1,
+        chunk_size=chunk_size if method == 'lean-chunked' else None,
+        multilabel='jaccard' if labels == 'single' else labels,
+    )
 
 
-def make_inputs(n, dim, device, seed=0):
+def make_inputs(n, dim, device, seed=0, labels='single', classes=20):
     generator = torch.Generator().manual_seed(seed)
     features = F.normalize(torch.randn(n // 2, 2, dim, generator=generator), dim=-1)
-    labels = torch.randint(0, 10, (n // 2,), generator=generator)
-    return features.to(device).requires_grad_(), labels.to(device)
+    if labels == 'single':
+        targets = torch.randint(0, 10, (n // 2,), generator=generator)
+    else:
+        targets = (torch.rand(n // 2, classes, generator=generator) < 0.15).float()
+    return features.to(device).requires_grad_(), targets.to(device)
 
 
 def forward_backward(loss_fn, features, labels):
@@ -72,13 +85,13 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def measure_one_case(method, n, dim, device, repeats, chunk_size):
+def measure_one_case(method, n, dim, device, repeats, chunk_size, labels='single', classes=20):
     """Peak memory above the inputs, then median time; runs inside its own subprocess."""
-    loss_fn = make_loss(method, chunk_size)
+    loss_fn = make_loss(method, chunk_size, labels)
     # A tiny run first, so thread pools, BLAS workspaces and the CUDA context are not counted as the
     # loss's.
-    forward_backward(loss_fn, *make_inputs(64, dim, device, seed=1))
-    features, labels = make_inputs(n, dim, device)
+    forward_backward(loss_fn, *make_inputs(64, dim, device, 1, labels, classes))
+    features, labels = make_inputs(n, dim, device, 0, labels, classes)
     synchronize(device)
 
     if device.startswith('cuda'):
@@ -109,12 +122,16 @@ def measure_one_case(method, n, dim, device, repeats, chunk_size):
     return {'time_ms': 1000 * statistics.median(times), 'peak_mib': peak_bytes / 2**20}
 
 
-def run_case_in_subprocess(method, n, args, device):
+def run_case_in_subprocess(method, n, args, device, labels):
     command = [
         sys.executable,
         os.path.abspath(__file__),
         '--worker',
         method,
+        '--labels',
+        labels,
+        '--classes',
+        str(args.classes),
         '--sizes',
         str(n),
         '--device',
@@ -160,6 +177,21 @@ def parse_option():
         default=None,
         help='CPU threads for torch; default: torch\'s own choice (all cores)',
     )
+    parser.add_argument(
+        '--labels',
+        nargs='+',
+        choices=LABELS,
+        default=['single'],
+        help='single labels, or multi-hot ones under SupConLoss(multilabel=...)',
+    )
+    parser.add_argument('--classes', type=int, default=20, help='columns of the multi-hot labels')
+    parser.add_argument(
+        '--methods',
+        nargs='+',
+        choices=METHODS,
+        default=list(METHODS),
+        help='plain is skipped for multi-hot labels',
+    )
     parser.add_argument('--worker', choices=METHODS, help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -178,6 +210,8 @@ def main():
                     args.device[0],
                     args.repeats,
                     args.chunk_size,
+                    args.labels[0],
+                    args.classes,
                 )
             )
         )
@@ -187,21 +221,24 @@ def main():
         f'torch {torch.__version__}, {torch.get_num_threads()} CPU threads, D={args.dim}, '
         f'chunk_size={args.chunk_size}, median of {args.repeats} runs after a warm-up\n'
     )
-    print('| device | N | method | time ms | peak MiB | time vs plain | peak vs plain |')
-    print('|---|---|---|---|---|---|---|')
+    print('| device | N | labels | method | time ms | peak MiB | time vs first | peak vs first |')
+    print('|---|---|---|---|---|---|---|---|')
     for device in args.device:
         for n in args.sizes:
-            plain = None
-            for method in METHODS:
-                result = run_case_in_subprocess(method, n, args, device)
-                plain = plain or result
-                print(
-                    f"| {device} | {n} | {method} | {result['time_ms']:.1f} | "
-                    f"{result['peak_mib']:.1f} | "
-                    f"{result['time_ms'] / plain['time_ms']:.2f} | "
-                    f"{result['peak_mib'] / max(plain['peak_mib'], 1e-9):.2f} |",
-                    flush=True,
-                )
+            first = None
+            for labels in args.labels:
+                for method in args.methods:
+                    if method == 'plain' and labels != 'single':
+                        continue
+                    result = run_case_in_subprocess(method, n, args, device, labels)
+                    first = first or result
+                    print(
+                        f"| {device} | {n} | {labels} | {method} | {result['time_ms']:.1f} | "
+                        f"{result['peak_mib']:.1f} | "
+                        f"{result['time_ms'] / first['time_ms']:.2f} | "
+                        f"{result['peak_mib'] / max(first['peak_mib'], 1e-9):.2f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == '__main__':
