@@ -29,6 +29,7 @@ from networks.from_checkpoint import (
 from networks.resnet_big import MODEL_NAMES  # noqa: E402
 from supcon import (
     data,  # noqa: E402
+    multilabel,  # noqa: E402
     runtime,  # noqa: E402
 )
 from supcon.augment import test_transform  # noqa: E402
@@ -184,6 +185,11 @@ def set_loader(opt, rt):
             test_transform(opt.size, mean, std),
             data_folder=opt.data_folder,
             test_folder=opt.test_folder,
+        )
+    if multilabel.is_multilabel(test_dataset):
+        raise UserError(
+            f'main_tsne.py colours each image by its one class, but {opt.test_folder} has rows'
+            f' with several labels; pass a --test_csv with one label per row'
         )
     class_names = list(test_dataset.classes)
     if opt.num_classes is not None and opt.num_classes != len(class_names):

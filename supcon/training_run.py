@@ -101,6 +101,10 @@ class Run:
         'aug',
         'patch_size',
         'val_split',
+        'labelled_fraction',
+        'labelled_only',
+        'multilabel',
+        'linear_labels',
     )
 
     def __init__(self, opt, rt, meters=None):
