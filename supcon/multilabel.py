@@ -23,8 +23,8 @@ from util import AverageMeter
 
 def is_multilabel(dataset) -> bool:
     """True when the items' targets are multi-hot rows rather than class indices."""
-    targets = dataset.targets
-    return len(targets) > 0 and getattr(targets[0], 'ndim', 0) == 1
+    targets = getattr(dataset, 'targets', None)  # a data set of other kinds: single-label
+    return targets is not None and len(targets) > 0 and getattr(targets[0], 'ndim', 0) == 1
 
 
 def classifier_criterion(dataset, criterion: nn.Module) -> nn.Module:
@@ -178,8 +178,8 @@ def check_pretraining(opt, dataset):
     if not multi:
         if getattr(opt, 'multilabel', 'jaccard') != 'jaccard':
             raise UserError(
-                f'--multilabel {opt.multilabel} weighs pairs of multi-label images, but every'
-                f' row of {opt.data_folder} has at most one label; drop --multilabel'
+                f'--multilabel {opt.multilabel} weighs pairs of images with several labels, but'
+                f' every training image has at most one; drop --multilabel'
             )
         return
     problem = None
