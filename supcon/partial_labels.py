@@ -170,6 +170,13 @@ class PartialLabels(Dataset):
 def pretraining_set(dataset, opt, seed: int):
     """main_supcon.py's training images: every image with the labels of a --labelled_fraction
     kept, or (--labelled_only) the labelled images alone. Prints how many keep their labels."""
+    if opt.knn_every and not has_label(dataset.targets).all():
+        # the monitor's memory bank votes with the training labels (a --labelled_fraction's
+        # hidden ones included: it measures the features, training never sees them)
+        raise UserError(
+            f'--knn_every votes with the labels of every training image, but some rows of'
+            f' {opt.data_folder} have none; drop --knn_every or label those rows'
+        )
     if opt.labelled_fraction >= 1 and not opt.labelled_only:
         return dataset
     labelled = labelled_mask(dataset, opt.labelled_fraction, seed) & has_label(dataset.targets)

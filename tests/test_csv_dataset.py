@@ -184,6 +184,13 @@ def test_main_supcon_refuses_what_multi_hot_labels_cannot_do(lists, extra, fragm
     assert_one_line_error(call('main_supcon', args, lists), fragment)
 
 
+def test_knn_every_needs_every_training_row_labelled(lists):
+    write_csv(lists / 'partly.csv', [['img/0.png', 'a'], ['img/1.png', ''], ['img/2.png', 'b']])
+    args = ['--dataset', 'csv', '--data_csv', 'partly.csv', '--test_csv', 'test.csv'] + NORM
+    args += FAST + ['--model', 'resnet18', '--batch_size', '2', '--epochs', '1', '--knn_every', '1']
+    assert_one_line_error(call('main_supcon', args, lists), 'some rows of partly.csv have none')
+
+
 def test_multilabel_any_needs_multi_label_data(lists):
     args = ['--dataset', 'csv', '--data_csv', 'train.csv'] + NORM + FAST
     args += ['--model', 'resnet18', '--batch_size', '2', '--epochs', '1', '--multilabel', 'any']
