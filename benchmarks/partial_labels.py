@@ -122,7 +122,7 @@ class Bench:
         split = ['--val_split', VAL_SPLIT] if val else []
         tail = ['--seed', seed, '--num_workers', 0, '--print_freq', 1000, '--resume', 'auto']
         common = ['--model', 'resnet18', '--amp', '--cosine', '--batch_size', batch, '--temp', TEMP]
-        common += ['--save_freq', 100000, '--trial', 'bench']
+        common += ['--save_freq', 100000, '--trial', f'bench_s{seed}']  # a run folder per seed
         pretrain_argv = data + common + pretrain + tail + split
         with self.pretrain_lock(pname or name):
             texts = [self.run(f'{pname or name}_pretrain', 'main_supcon.py', pretrain_argv)]
