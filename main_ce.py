@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupCEResNet
-from supcon import data, engine, options, runtime
+from supcon import data, engine, multilabel, options, runtime
 from supcon.augment import add_augmentation_arguments
 from supcon.optim import build_optimizer
 from supcon.training_run import Run
@@ -172,6 +172,9 @@ def main():
 
     # build model and criterion
     model, criterion = set_model(opt, rt, num_classes)
+    # multi-label data: a sigmoid per label, measured by mean average precision (multilabel.py)
+    multi_label = multilabel.is_multilabel(train_loader.dataset)
+    criterion = multilabel.classifier_criterion(train_loader.dataset, criterion)
 
     # build optimizer
     optimizer = build_optimizer(opt, model)
@@ -180,6 +183,7 @@ def main():
     start_epoch = run.restore(model, optimizer, scaler)
     best_acc = run.extra.get('best_acc', best_acc)
     val_acc = run.extra.get('val_acc')
+    val_f1 = run.extra.get('val_f1')
     logger = run.logger
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
     eval_model = runtime.unwrap(model) if rt.distributed else model
@@ -211,9 +215,11 @@ def main():
 
         # evaluation
         eval_model.eval()
-        val_loss, val_acc, _ = engine.validate(
+        # multi-label: the mean average precision and F1@0.5 instead of top-1 and top-5
+        val_loss, val_acc, top5_or_f1 = engine.validate(
             val_loader, eval_model, criterion, opt, rt, num_classes
         )
+        val_f1 = top5_or_f1 if multi_label else None
         if val_acc > best_acc:
             best_acc = val_acc
 
@@ -221,20 +227,21 @@ def main():
         logger.log_value('train_loss', loss, epoch)
         logger.log_value('train_acc', train_acc, epoch)
         logger.log_value('val_loss', val_loss, epoch)
-        logger.log_value('val_acc', val_acc, epoch)
+        logger.log_value('val_map' if multi_label else 'val_acc', val_acc, epoch)
+        if multi_label:
+            logger.log_value('val_f1', val_f1, epoch)
         logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
         logger.flush()
 
         run.extra = {'best_acc': best_acc, 'val_acc': val_acc}
+        if multi_label:
+            run.extra['val_f1'] = val_f1
         run.end_epoch(epoch)
 
     # save the last model
     run.save('last.pth', opt.epochs)
     run.close()
-    if runtime.is_main_process():
-        print('best accuracy: {:.2f}'.format(best_acc))
-        if val_acc is not None:  # the last epoch's: unlike the best, not chosen on the test split
-            print('final accuracy: {:.2f}'.format(val_acc))
+    multilabel.print_results(best_acc, val_acc, val_f1, multi_label)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,7 @@ import torch.nn as nn
 from networks.from_checkpoint import checkpoint_model, encoder_from_checkpoint
 from networks.resnet_big import MODEL_NAMES, LinearClassifier
 from networks.timm_backbone import is_timm_model
-from supcon import data, engine, options, runtime
+from supcon import data, engine, multilabel, options, partial_labels, runtime
 from supcon.augment import add_augmentation_arguments
 from supcon.checkpoint import bare_state_dict, load_checkpoint
 from supcon.optim import build_optimizer
@@ -94,6 +94,7 @@ def parse_option(argv=None):
         '--ckpt', type=str, default='', help='(required) the pretraining checkpoint to evaluate'
     )
 
+    partial_labels.add_arguments(parser, linear=True)
     data.add_arguments(parser, test_folder=True)
     add_augmentation_arguments(parser, classifier=True, gpu_aug=False)
     runtime.add_runtime_arguments(parser)
@@ -120,6 +121,10 @@ def parse_option(argv=None):
     # the weights); --model, when given, must agree
     saved = load_checkpoint(opt.ckpt, mmap=True)
     opt.model, opt.stem = checkpoint_model(saved, opt.ckpt, opt.model)
+    # the labelled images of a --labelled_fraction checkpoint: its fraction, chosen by its seed
+    opt.labelled_fraction, opt.labelled_seed, opt.linear_labels = (
+        partial_labels.resolve_linear_options(opt, saved.get('opt') or {})
+    )
     del saved
 
     opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.format(
@@ -214,6 +219,9 @@ def main():
 
     # build model and criterion
     encoder, classifier, criterion = set_model(opt, rt, num_classes)
+    # multi-label data: a sigmoid per label, measured by mean average precision (multilabel.py)
+    multi_label = multilabel.is_multilabel(train_loader.dataset)
+    criterion = multilabel.classifier_criterion(train_loader.dataset, criterion)
     encoder_snapshot = {k: v.detach().cpu().clone() for k, v in bare_state_dict(encoder).items()}
 
     # build optimizer: the classifier's weight and bias, nothing else (one group for sgd;
@@ -226,6 +234,7 @@ def main():
     start_epoch = run.restore(classifier, optimizer, scaler)
     best_acc = run.extra.get('best_acc', best_acc)
     val_acc = run.extra.get('val_acc')
+    val_f1 = run.extra.get('val_f1')
     logger = run.logger
 
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
@@ -254,16 +263,20 @@ def main():
 
         # eval for one epoch
         eval_model.eval()
-        val_loss, val_acc, _ = engine.validate(
+        # multi-label: the mean average precision and F1@0.5 instead of top-1 and top-5
+        val_loss, val_acc, top5_or_f1 = engine.validate(
             val_loader, eval_model, criterion, opt, rt, num_classes
         )
+        val_f1 = top5_or_f1 if multi_label else None
         if val_acc > best_acc:
             best_acc = val_acc
 
         logger.log_value('train_loss', loss, epoch)
         logger.log_value('train_acc', acc, epoch)
         logger.log_value('val_loss', val_loss, epoch)
-        logger.log_value('val_acc', val_acc, epoch)
+        logger.log_value('val_map' if multi_label else 'val_acc', val_acc, epoch)
+        if multi_label:
+            logger.log_value('val_f1', val_f1, epoch)
         logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
         logger.flush()
 
@@ -272,15 +285,14 @@ def main():
             'val_acc': val_acc,
             'encoder_ckpt': os.path.abspath(opt.ckpt),
         }
+        if multi_label:
+            run.extra['val_f1'] = val_f1
         run.end_epoch(epoch)
 
     run.save('last.pth', opt.epochs)
     run.close()
     check_encoder_unchanged(encoder, encoder_snapshot)
-    if runtime.is_main_process():
-        print('best accuracy: {:.2f}'.format(best_acc))
-        if val_acc is not None:  # the last epoch's: unlike the best, not chosen on the test split
-            print('final accuracy: {:.2f}'.format(val_acc))
+    multilabel.print_results(best_acc, val_acc, val_f1, multi_label)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ import torch
 from losses import SupConLoss
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupConResNet
-from supcon import data, options, runtime
+from supcon import data, multilabel, options, partial_labels, runtime
 from supcon.augment import add_augmentation_arguments, supcon_transform
 from supcon.distributed import note
 from supcon.moco import MomentumContrast
@@ -74,6 +74,15 @@ def parse_option(argv=None):
     parser.add_argument('--method', type=str, default='SupCon', help=', '.join(METHODS))
     parser.add_argument('--temp', type=float, default=0.07, help='temperature for loss function')
     parser.add_argument(
+        '--multilabel',
+        type=str,
+        default='jaccard',
+        choices=('jaccard', 'any'),
+        help='multi-label data (--dataset csv): a pair\'s positive weight is the Jaccard'
+        ' overlap of its label sets, or 1 when they share any label (docs/labels.md)',
+    )
+    partial_labels.add_arguments(parser)
+    parser.add_argument(
         '--moco',
         action='store_true',
         help='momentum key encoder and a labelled queue of past keys (for small'
@@ -116,6 +125,7 @@ def parse_option(argv=None):
         opt.method = 'SupCon_hybrid'
     options.check_common_options(opt)
     check_model_name(opt.model)
+    partial_labels.check_pretraining_options(opt)
     if opt.dataset == 'path' and opt.data_folder is None:
         raise UserError(
             '--dataset path needs --data_folder (one sub-folder per class)'
@@ -214,6 +224,9 @@ def set_loader(opt, rt):
             f' {len(train_dataset.classes)} classes of the training data; drop'
             f' --num_classes (pretraining reads them from the data) or fix it'
         )
+    multilabel.check_pretraining(opt, train_dataset)
+    # unlabelled images carry the label -1 (SupConLoss gives them SimCLR's positives)
+    train_dataset = partial_labels.pretraining_set(train_dataset, opt, rt.seed)
     train_loader, train_sampler = build_loader(
         train_dataset, rt.local_batch_size, shuffle=True, **rt.loader_options()
     )
@@ -230,7 +243,9 @@ def set_model(opt, rt):
         pretrained_file=opt.pretrained,
     )
     model = SupConResNet(name=opt.model, stem=opt.stem, encoder=encoder)
-    criterion = SupConLoss(temperature=opt.temp, hybrid=opt.method == 'SupCon_hybrid')
+    criterion = SupConLoss(
+        temperature=opt.temp, hybrid=opt.method == 'SupCon_hybrid', multilabel=opt.multilabel
+    )
     model = runtime.prepare_model(model, rt, parallel='encoder')
     moco = None
     if opt.moco:

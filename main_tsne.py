@@ -30,7 +30,7 @@ from networks.from_checkpoint import (  # noqa: E402
     head_from_checkpoint,
 )
 from networks.resnet_big import MODEL_NAMES  # noqa: E402
-from supcon import data, options, runtime  # noqa: E402
+from supcon import data, multilabel, options, runtime  # noqa: E402
 from supcon.augment import test_transform  # noqa: E402
 from supcon.checkpoint import folder_write_problem, load_checkpoint  # noqa: E402
 from supcon.errors import UserError  # noqa: E402
@@ -233,6 +233,11 @@ def set_loader(opt, rt):
             data_folder=opt.data_folder,
             test_folder=opt.test_folder,
             val_split=opt.val_split,
+        )
+    if multilabel.is_multilabel(test_dataset):
+        raise UserError(
+            f'main_tsne.py colours each image by its one class, but {opt.test_folder} has rows'
+            f' with several labels; pass a --test_csv with one label per row'
         )
     class_names = list(test_dataset.classes)
     if opt.num_classes is not None and opt.num_classes != len(class_names):

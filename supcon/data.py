@@ -6,6 +6,8 @@ the same images with the same normalisation. Data sets: ``cifar10``/``cifar100``
 (scikit-learn's, offline), ``imagenet`` (``train/`` and ``val/`` folders of class sub-folders, the
 usual ImageNet layout). ``--val_split`` carves a validation split out of the training images for
 choosing settings. Transforms live in ``augment.py``, seeded samplers in ``sampling.py``.
+``csv`` lists images and their labels, one or several, in ``--data_csv``/``--test_csv`` files
+(``csv_dataset.py``); which training images keep their labels is ``partial_labels.py``'s job.
 """
 
 import math
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 
 from supcon.augment import test_transform, train_transform
 from supcon.cifar import CIFAR_NAMES, load_cifar
+from supcon.csv_dataset import build_csv_dataset, resolve_options
 from supcon.distributed import all_gather_objects, get_rank, get_world_size, note
 from supcon.errors import UserError
 from supcon.image_folder import (  # noqa: F401 (DataError re-exported)
@@ -26,11 +29,12 @@ from supcon.image_folder import (  # noqa: F401 (DataError re-exported)
     build_image_folder,
     first_unreadable,
 )
+from supcon.partial_labels import classifier_training_set
 from supcon.runtime import Runtime, main_process_first
 from supcon.sampling import build_loader
 from supcon.val_split import SplitSubset, validation_indices
 
-DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet')
+DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet', 'csv')
 # data sets held in memory as 32x32 arrays: their batches stack without resizing
 ARRAY_DATASETS = ('cifar10', 'cifar100', 'digits')
 
@@ -59,7 +63,15 @@ def add_arguments(parser, test_folder=True, knn_only=False):
         default='cifar10',
         choices=DATASET_NAMES,
         help='digits is scikit-learn\'s 8x8 digits, shipped offline for demos;'
-        ' imagenet reads --data_folder/train and --data_folder/val',
+        ' imagenet reads --data_folder/train and --data_folder/val; csv reads --data_csv'
+        ' and --test_csv (docs/labels.md)',
+    )
+    group.add_argument(
+        '--data_csv',
+        type=str,
+        default=None,
+        help='--dataset csv: the training CSV, columns path,labels (labels separated by ";",'
+        ' empty: unlabelled; paths relative to the CSV\'s folder)',
     )
     group.add_argument(
         '--data_folder',
@@ -76,6 +88,12 @@ def add_arguments(parser, test_folder=True, knn_only=False):
             default=None,
             help='test image folder for --dataset path, and for imagenet in place of'
             ' --data_folder/val; not read with --val_split' + knn,
+        )
+        group.add_argument(
+            '--test_csv',
+            type=str,
+            default=None,
+            help='--dataset csv: the test CSV, with the training CSV\'s labels' + knn,
         )
     group.add_argument(
         '--mean',
@@ -121,6 +139,7 @@ def resolve_defaults(opt):
         opt.size = 224 if opt.dataset == 'imagenet' else 32
     if not 0.0 <= opt.val_split < 1.0 or not math.isfinite(opt.val_split):
         raise UserError(f'--val_split must be a fraction in [0, 1), got {opt.val_split}')
+    resolve_options(opt)  # --dataset csv: its files travel as data_folder/test_folder
     if opt.dataset == 'imagenet' and opt.data_folder is None:
         raise UserError(
             '--dataset imagenet needs --data_folder (the folder holding train/ and'
@@ -266,8 +285,10 @@ def build_dataset(
     """The `split` ('train' or 'test') of data set `name`; items are (transform(image), label).
 
     The result has `.classes` (class names) and `.targets` (int label per item).
-    `test_folder` is only used by 'path' and 'imagenet' (in place of
-    `data_folder`/val); `download` only by the CIFAR sets. With
+    `test_folder` is only used by 'path' and 'imagenet' (in place of `data_folder`/val);
+    `download` only by the CIFAR sets; for 'csv', `data_folder` and `test_folder` are the
+    training and test CSV files (multi-hot targets when a training row has several labels;
+    -1 or a zero row: unlabelled). With
     `val_split` > 0 'train' is the training images less a held-out fraction and 'test'
     is that held-out fraction (of the training images, with `transform`).
     """
@@ -275,7 +296,8 @@ def build_dataset(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if val_split:
         full = build_dataset(name, 'train', transform, data_folder, test_folder, download)
-        held_out = validation_indices(full.targets, val_split, full.classes)
+        targets = getattr(full, 'stratify_targets', full.targets)  # a CSV's: one label a row
+        held_out = validation_indices(targets, val_split, full.classes)
         if split == 'test':
             return SplitSubset(full, held_out)
         size_note = (
@@ -306,6 +328,8 @@ def build_dataset(
         return build_image_folder(split, transform, train, test_folder or val)
     if name == 'digits':
         return _build_digits(split, transform)
+    if name == 'csv':
+        return build_csv_dataset(split, transform, data_folder, test_folder)
     raise UserError(f'unknown --dataset {name!r}; choose one of {", ".join(DATASET_NAMES)}')
 
 
@@ -342,12 +366,12 @@ def parse_triple(text: str, flag: str) -> tuple[float, float, float]:
 
 def resolve_mean_std(dataset: str, mean_text: str | None, std_text: str | None):
     """(mean, std) for Normalize: --mean/--std text when given, else the data set's constants."""
-    if dataset == 'path' and not (mean_text and std_text):
+    if dataset in ('path', 'csv') and not (mean_text and std_text):
         raise UserError(
-            '--dataset path needs --mean and --std of your images, e.g. '
+            f'--dataset {dataset} needs --mean and --std of your images, e.g. '
             '--mean "(0.4914, 0.4822, 0.4465)" --std "(0.2023, 0.1994, 0.2010)"'
         )
-    if dataset not in MEAN_STD and dataset != 'path':  # pragma: no cover - argparse checks it
+    if dataset not in MEAN_STD and dataset not in ('path', 'csv'):  # pragma: no cover
         raise UserError(f'unknown --dataset {dataset!r}; choose one of {", ".join(DATASET_NAMES)}')
     default_mean, default_std = MEAN_STD.get(dataset, (None, None))
     mean = parse_triple(mean_text, '--mean') if mean_text else default_mean
@@ -385,6 +409,7 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
     is evaluated exactly once. ``uint8_train=True`` (--gpu_aug) hands training images
     over as uint8 tensors for the device to augment. ``num_classes`` is checked against
     --num_classes. The test loader uses --num_workers_val workers (the fork's flag).
+    Only images with a label are trained on (``partial_labels.classifier_training_set``).
     """
     mean, std = resolve_mean_std(opt.dataset, opt.mean, opt.std)
     if uint8_train:
@@ -403,6 +428,8 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
     val_options = rt.loader_options()
     val_options['num_workers'] = min(opt.num_workers_val, os.cpu_count() or 1)
     check_images(val_dataset, max(1, val_options['num_workers']))
+    # images without a label (CSV rows, those a --labelled_fraction checkpoint left unlabelled)
+    train_dataset = classifier_training_set(train_dataset, opt)
 
     train_loader, train_sampler = build_loader(
         train_dataset, rt.local_batch_size, shuffle=True, **rt.loader_options()

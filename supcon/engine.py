@@ -1,5 +1,6 @@
 """The classification loop shared by ``main_ce.py`` and ``main_linear.py``: one training
 epoch and the evaluation of the test split, as plain functions (MAE's ``engine_*.py`` style).
+Multi-label data (multi-hot targets) is measured by ``multilabel.py``.
 """
 
 import time
@@ -7,6 +8,7 @@ import time
 import torch
 import torch.nn as nn
 
+from supcon import multilabel
 from supcon.runtime import (
     Runtime,
     all_reduce_sum,
@@ -80,7 +82,10 @@ def train_classifier(
         scaler.update()
 
         # one host sync a step: statistics summed over ranks, NaN check, agreed stop
-        (correct,) = correct_counts(output.detach(), labels)
+        if labels.dim() == 2:  # multi-hot: the top label is one of the image's (precision@1)
+            correct = multilabel.top1_hits(output.detach(), labels)
+        else:
+            (correct,) = correct_counts(output.detach(), labels)
         loss_sum, correct, n, stop = step_statistics(
             rt, loss.detach() * bsz, correct, bsz, run.stop.requested
         )
@@ -116,8 +121,11 @@ def validate(val_loader, model: nn.Module, criterion, opt, rt: Runtime, num_clas
     """Loss, top-1 and top-5 (None under 5 classes) over the whole test split.
 
     Under torchrun each rank evaluates its own share (no padding) and the sums
-    are added up, so every test image counts exactly once.
+    are added up, so every test image counts exactly once. Multi-label data gets
+    ``multilabel.validate``'s loss, mean average precision and F1@0.5 instead.
     """
+    if multilabel.is_multilabel(val_loader.dataset):
+        return multilabel.validate(val_loader, model, criterion, opt, rt)
     topk = (1, 5) if num_classes >= 5 else (1,)
     totals = torch.zeros(2 + len(topk), dtype=torch.float64, device=rt.device)
     batch_time = AverageMeter()

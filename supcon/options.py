@@ -189,6 +189,14 @@ def extend_run_name(opt, stem=True):
         suffixes.append('key_encoder')
     if getattr(opt, 'val_split', 0):
         suffixes.append(f'val_{opt.val_split}')
+    fraction = getattr(opt, 'labelled_fraction', None) or 1.0
+    # in main_linear.py only when its classifier trains on the labelled images alone
+    if fraction < 1 and getattr(opt, 'linear_labels', 'labelled') == 'labelled':
+        suffixes.append(f'lab{fraction}')
+    if getattr(opt, 'labelled_only', False):
+        suffixes.append('labonly')
+    if getattr(opt, 'multilabel', 'jaccard') != 'jaccard':
+        suffixes.append(f'ml_{opt.multilabel}')
     opt.model_name = '_'.join([opt.model_name] + suffixes)
 
 

@@ -103,6 +103,10 @@ class Run:
         'patch_size',
         'pretrained',
         'val_split',
+        'labelled_fraction',
+        'labelled_only',
+        'multilabel',
+        'linear_labels',
     )
 
     def __init__(self, opt, rt, meters=None):

@@ -1,0 +1,229 @@
+"""Which training images keep their labels: ``--labelled_fraction``, ``--labelled_only``, and
+the unlabelled rows of a ``--dataset csv``.
+
+main_supcon.py keeps the labels of a stratified fraction F of the training images, chosen by
+the run's seed, and marks the others -1: SupConLoss gives those SimCLR's positives (their own
+other views) and makes them nobody's positive (docs/labels.md). main_linear.py reads F and the
+seed from the checkpoint and trains its classifier on the same labelled images (``--linear_labels
+all``: on every image). The choice depends on (seed, F, the training labels) alone, never on an
+RNG's state, so every rank, a resumed run and main_linear.py make the same one; per class the
+chosen images are the first of one seeded order, so a smaller F's images are among a larger's.
+"""
+
+import math
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from supcon.distributed import is_main_process
+from supcon.errors import UserError
+from supcon.multilabel import is_multilabel
+from supcon.sampling import mix_seed
+
+UNLABELLED = -1  # SupConLoss's unlabelled sample
+
+
+def add_arguments(parser, linear=False):
+    """--labelled_fraction and --labelled_only (main_supcon.py), or --labelled_fraction and
+    --linear_labels (main_linear.py, where the checkpoint's fraction is the default)."""
+    if linear:
+        parser.add_argument(
+            '--labelled_fraction',
+            type=float,
+            default=None,
+            help='train the classifier on this stratified fraction of the training images,'
+            ' chosen by the checkpoint\'s seed; default: the checkpoint\'s --labelled_fraction',
+        )
+        parser.add_argument(
+            '--linear_labels',
+            type=str,
+            default=None,
+            choices=('labelled', 'all'),
+            help='labelled: only the images whose labels pretraining kept; all: every training'
+            ' image with its label; default: labelled when the fraction is below 1',
+        )
+        return
+    parser.add_argument(
+        '--labelled_fraction',
+        type=float,
+        default=1.0,
+        help='keep the labels of this stratified fraction of the training images (chosen by'
+        ' --seed) and mark the rest unlabelled, still used with SimCLR\'s positives',
+    )
+    parser.add_argument(
+        '--labelled_only',
+        action='store_true',
+        help='train on the labelled images alone and drop the others (the baseline partial'
+        ' labels are measured against)',
+    )
+
+
+def check_fraction(fraction, flag='--labelled_fraction'):
+    if not (math.isfinite(fraction) and 0 < fraction <= 1):
+        raise UserError(f'{flag} must be a fraction in (0, 1], got {fraction}')
+
+
+def check_pretraining_options(opt):
+    """main_supcon.py's checks: SimCLR reads no labels, so both flags are refused with it."""
+    check_fraction(opt.labelled_fraction)
+    if opt.method == 'SimCLR' and (opt.labelled_fraction < 1 or opt.labelled_only):
+        raise UserError(
+            'SimCLR reads no labels, so --labelled_fraction/--labelled_only would change'
+            ' nothing; drop them (main_linear.py --labelled_fraction F evaluates a SimCLR'
+            ' encoder on the labelled images a SupCon run of the same --seed keeps)'
+        )
+
+
+def resolve_linear_options(opt, saved):
+    """main_linear.py: (labelled_fraction, labelled_seed, linear_labels) from the flags and the
+    options ``saved`` in the checkpoint (a plain dict)."""
+    saved_fraction = float(saved.get('labelled_fraction', 1.0))
+    fraction = saved_fraction if opt.labelled_fraction is None else opt.labelled_fraction
+    check_fraction(fraction)
+    if opt.labelled_fraction is not None and saved_fraction < 1 and fraction != saved_fraction:
+        raise UserError(
+            f'--labelled_fraction {fraction} differs from the {saved_fraction} the checkpoint'
+            f' was pretrained with; drop --labelled_fraction to evaluate on its labelled'
+            f' images, or pass --linear_labels all'
+        )
+    linear_labels = opt.linear_labels or ('labelled' if fraction < 1 else 'all')
+    if linear_labels == 'all' and opt.labelled_fraction is not None and fraction < 1:
+        raise UserError(
+            '--linear_labels all trains on every label, so --labelled_fraction would change'
+            ' nothing; drop one of them'
+        )
+    seed = saved.get('seed')
+    if fraction < 1 and linear_labels == 'labelled' and seed is None:
+        if opt.seed is None:
+            raise UserError(
+                f'--ckpt {opt.ckpt} records no seed to choose the labelled images with; pass --seed'
+            )
+        seed = opt.seed
+    return fraction, None if seed is None else int(seed), linear_labels
+
+
+# --------------------------------------------------------------------------- the choice
+
+
+def has_label(targets) -> np.ndarray:
+    """Per item: does it have a label (a class index other than -1, or a nonzero multi-hot row)."""
+    targets = np.asarray(targets)
+    if targets.ndim == 2:
+        return targets.any(axis=1)
+    return targets != UNLABELLED
+
+
+def stratified_fraction(targets, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the images that keep their labels: of each class of n images, the first
+    max(1, round(F n)) (halves rounded up) of an order drawn from (seed, class)."""
+    targets = np.asarray(targets)
+    keep = np.zeros(len(targets), dtype=bool)
+    for label in np.unique(targets[targets != UNLABELLED]):
+        members = np.flatnonzero(targets == label)
+        count = max(1, math.floor(fraction * len(members) + 0.5))
+        rng = np.random.default_rng(mix_seed('labelled', int(seed), int(label)))
+        keep[members[rng.permutation(len(members))[:count]]] = True
+    return keep
+
+
+def labelled_mask(dataset, fraction: float, seed: int) -> np.ndarray:
+    """``stratified_fraction`` of the whole data set under ``dataset`` (a --val_split part of
+    it, say), read for ``dataset``'s items: an image keeps or loses its label whatever part
+    of the training images a run uses."""
+    if fraction >= 1:
+        return has_label(dataset.targets)
+    base, positions = dataset, np.arange(len(dataset))
+    while hasattr(base, 'indices') and hasattr(base, 'dataset'):  # SplitSubset, Subset
+        positions = np.asarray(base.indices, dtype=np.int64)[positions]
+        base = base.dataset
+    if is_multilabel(base):
+        raise UserError(
+            '--labelled_fraction chooses images class by class, but the training CSV has'
+            ' rows with several labels; drop it and leave the labels of the images to treat'
+            ' as unlabelled empty in the CSV'
+        )
+    return stratified_fraction(base.targets, fraction, seed)[positions]
+
+
+class PartialLabels(Dataset):
+    """The items ``indices`` of ``dataset``; those not marked in ``labelled`` (a mask over
+    ``indices``) get the label -1. ``classes``, ``targets``, ``dataset`` and ``indices`` as a
+    ``data.SplitSubset``."""
+
+    def __init__(self, dataset, indices, labelled=None):
+        self.dataset, self.indices = dataset, [int(i) for i in indices]
+        self.classes = dataset.classes
+        self.labelled = np.ones(len(self.indices), bool) if labelled is None else labelled
+        self.targets = [
+            dataset.targets[i] if keep else UNLABELLED
+            for i, keep in zip(self.indices, self.labelled)
+        ]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        image, target = self.dataset[self.indices[index]]
+        return image, target if self.labelled[index] else UNLABELLED
+
+
+def pretraining_set(dataset, opt, seed: int):
+    """main_supcon.py's training images: every image with the labels of a --labelled_fraction
+    kept, or (--labelled_only) the labelled images alone. Prints how many keep their labels."""
+    if opt.knn_every and not has_label(dataset.targets).all():
+        # the monitor's memory bank votes with the training labels (a --labelled_fraction's
+        # hidden ones included: it measures the features, training never sees them)
+        raise UserError(
+            f'--knn_every votes with the labels of every training image, but some rows of'
+            f' {opt.data_folder} have none; drop --knn_every or label those rows'
+        )
+    if opt.labelled_fraction >= 1 and not opt.labelled_only:
+        return dataset
+    labelled = labelled_mask(dataset, opt.labelled_fraction, seed) & has_label(dataset.targets)
+    n, total = int(labelled.sum()), len(labelled)
+    if n == 0:
+        raise UserError(f'no training image of {opt.data_folder} has a label; drop --labelled_only')
+    if opt.labelled_only and n == total:
+        raise UserError(
+            '--labelled_only drops the unlabelled images, but every training image is'
+            ' labelled; add --labelled_fraction below 1 or drop --labelled_only'
+        )
+    if is_main_process():
+        why = (
+            f' (--labelled_fraction {opt.labelled_fraction}, stratified by class, seed {seed})'
+            if opt.labelled_fraction < 1
+            else ''
+        )
+        rest = 'dropped (--labelled_only)' if opt.labelled_only else 'unlabelled (label -1)'
+        print(
+            f'note: {n} of the {total} training images keep their labels{why}; the other'
+            f' {total - n} are {rest}',
+            flush=True,
+        )
+    if opt.labelled_only:
+        return PartialLabels(dataset, np.flatnonzero(labelled))
+    return PartialLabels(dataset, np.arange(total), labelled)
+
+
+def classifier_training_set(dataset, opt):
+    """main_ce.py's and main_linear.py's training images: those with a label and, for a linear
+    evaluation on the labelled images (--linear_labels labelled), with a label pretraining kept."""
+    keep = has_label(dataset.targets)
+    fraction = getattr(opt, 'labelled_fraction', None) or 1.0
+    if getattr(opt, 'linear_labels', 'all') == 'labelled' and fraction < 1:
+        keep &= labelled_mask(dataset, fraction, opt.labelled_seed)
+    if keep.all():
+        return dataset
+    if not keep.any():
+        raise UserError(
+            f'no training image of {opt.data_folder} has a label, so there is nothing to train'
+            f' a classifier on; label some rows of the CSV'
+        )
+    if is_main_process():
+        why = f' (--labelled_fraction {fraction}, seed {opt.labelled_seed})' if fraction < 1 else ''
+        print(
+            f'note: the classifier trains on the {int(keep.sum())} labelled of the'
+            f' {len(keep)} training images{why}',
+            flush=True,
+        )
+    return PartialLabels(dataset, np.flatnonzero(keep))
