@@ -92,7 +92,10 @@ def encoder_state(ckpt, key_encoder=False):
             )
     else:
         state = ckpt['model']
-    converted = from_torchvision_layout(state)
+    # timm's ResNets name their projections `downsample` too: only ours can be in that layout
+    converted = (
+        from_torchvision_layout(state) if saved.get('model') in (None, *MODEL_NAMES) else None
+    )
     if converted is not None:
         state, model, stem = converted
         saved.update(model=saved.get('model', model), stem=stem)
