@@ -107,7 +107,7 @@ def parse_option(argv=None):
         type=int,
         default=None,
         help='queries compared with the whole gallery at once; default: as many as keep'
-        ' one block of similarities near 16M numbers (64 MiB)',
+        ' one block of similarities near 8M numbers (32 MiB)',
     )
     parser.add_argument(
         '--num_workers',

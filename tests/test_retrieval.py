@@ -185,6 +185,25 @@ def test_neighbours_are_exact_and_ties_go_to_the_lowest_index(leave_one_out):
         assert not (indices == np.arange(60)[:, None]).any()
 
 
+@pytest.mark.parametrize('kind', ['continuous', 'ties'])
+def test_grouped_selection_equals_a_full_sort(kind):
+    """A gallery of 2003 against k of 1, 10, 60: the search takes its m largest from the groups
+    with the largest maxima (2003 is no multiple of the group sizes 16, 7, 3: a tail too)."""
+    rng = np.random.default_rng(6)
+    if kind == 'ties':
+        q, g = exact_tied_embeddings(40, seed=7), exact_tied_embeddings(2003, seed=8)
+    else:
+        q, g = rng.normal(size=(40, 32)), rng.normal(size=(2003, 32))
+    qn = F.normalize(torch.as_tensor(q, dtype=torch.float32), dim=1)
+    gn = F.normalize(torch.as_tensor(g, dtype=torch.float32), dim=1)
+    sim = (qn @ gn.T).numpy()  # the products the search makes for its one block of 40
+    want = np.stack([np.lexsort((np.arange(2003), -row)) for row in sim])
+    for k in (1, 10, 60):
+        ((_, indices, values),) = sorted_neighbours(qn, gn, k, block_size=40)
+        np.testing.assert_array_equal(indices.numpy(), want[:, :k])
+        np.testing.assert_array_equal(values.numpy(), np.take_along_axis(sim, want[:, :k], 1))
+
+
 def test_every_gallery_item_can_be_asked_for():
     q, g = F.normalize(torch.randn(5, 4), dim=1), F.normalize(torch.randn(6, 4), dim=1)
     (_, indices, _), *_ = sorted_neighbours(q, g, 6)
