@@ -107,7 +107,7 @@ def parse_option(argv=None):
         type=int,
         default=None,
         help='queries compared with the whole gallery at once; default: as many as keep'
-        ' one block of similarities near 8M numbers (32 MiB)',
+        ' one block of similarities near 2M numbers (8 MiB), 64 rows at least',
     )
     parser.add_argument(
         '--num_workers',

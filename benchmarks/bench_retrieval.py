@@ -240,7 +240,7 @@ def main():
     s.add_argument('--methods', nargs='+', default=['ours', 'peer'], choices=['ours', 'peer'])
     s.add_argument('--dim', type=int, default=128)
     s.add_argument('--classes', type=int, default=100, help='equal classes: R = N / classes')
-    s.add_argument('--noise', type=float, default=1.0, help='cluster spread (centres ~ N(0, 1))')
+    s.add_argument('--noise', type=float, default=2.0, help='cluster spread (centres ~ N(0, 1))')
     s.add_argument('--seed', type=int, default=0)
     s.add_argument('--threads', type=int, default=2, help='torch (and faiss) threads')
     s.add_argument('--block_size', type=int, default=None, help='ours: query rows per block')

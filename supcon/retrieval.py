@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from supcon.errors import UserError
 
 RECALL_KS = (1, 5, 10)
-# similarities held at once per block: 32 MiB of float32 (64 to 1024 query rows measured
-# equally fast on the CPU for galleries of 10k to 100k; fewer rows pay Python's overhead)
-BLOCK_ENTRIES = 1 << 23
+# similarities held at once per block: 8 MiB of float32, but at least 64 query rows (64 to
+# 1024 rows measured equally fast on the CPU for galleries of 10k to 100k; fewer rows pay
+# Python's overhead per block, more only hold more memory)
+BLOCK_ENTRIES, MIN_BLOCK_ROWS = 1 << 21, 64
 
 
 def default_block_size(num_gallery: int, entries: int = BLOCK_ENTRIES) -> int:
-    """Query rows per block so that a block's similarities hold about ``entries`` numbers."""
-    return max(1, min(4096, entries // max(1, num_gallery)))
+    """Query rows per block: about ``entries`` similarities, 64 rows at least."""
+    return max(MIN_BLOCK_ROWS, min(4096, entries // max(1, num_gallery)))
 
 
 def _largest(sim: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
