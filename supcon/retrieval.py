@@ -33,32 +33,34 @@ def default_block_size(num_gallery: int, entries: int = BLOCK_ENTRIES) -> int:
     return max(MIN_BLOCK_ROWS, min(4096, entries // max(1, num_gallery)))
 
 
-def _largest(sim: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, columns) [B, m] of each row's m largest similarities, values descending.
+def _largest(sim: torch.Tensor, m: int, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, columns) [B, m] of each row's m largest similarities (values descending if
+    ``sorted``).
 
     The values are exact; among equal values any columns may come back. When m is small
     next to the row, ``topk`` runs on fewer numbers: the row's columns are dealt into
     groups of c (group j: columns j, j + g, j + 2g, ... for g groups), and the m groups
     with the largest maxima hold every value above the row's m-th largest and enough
     values equal to it (their maxima), so those m x c candidates, with the columns left
-    over after the last whole group, have the same m largest values as the row.
+    over after the last whole group, have the same m largest values as the row. The m
+    largest maxima are found the same way, on the maxima.
     """
     rows, n = sim.shape
     # about half of sqrt(n / m): topk over n / size maxima, then over m * size candidates,
     # measured fastest on the CPU (gathering the candidates costs more than the maxima)
     size = int(round(math.sqrt(n / m) / 2))
     if size < 2 or 2 * m * size > n:
-        return sim.topk(m, dim=1)
+        return sim.topk(m, dim=1, sorted=sorted)
     groups = n // size
     # strided groups: the maximum runs over whole rows of the view, which vectorises
     maxima = sim[:, : groups * size].view(rows, size, groups).amax(dim=1)  # [B, groups]
-    best = maxima.topk(m, dim=1).indices  # [B, m]
+    _, best = _largest(maxima, m, sorted=False)  # [B, m] group numbers, any order
     steps = torch.arange(size, device=sim.device) * groups
     columns = (best[:, :, None] + steps).flatten(1)  # [B, m * size]
     if groups * size < n:
         rest = torch.arange(groups * size, n, device=sim.device).expand(rows, -1)
         columns = torch.cat([columns, rest], dim=1)
-    values, position = sim.gather(1, columns).topk(m, dim=1)
+    values, position = sim.gather(1, columns).topk(m, dim=1, sorted=sorted)
     return values, columns.gather(1, position)
 
 
