@@ -26,6 +26,7 @@ RECALL_KS = (1, 5, 10)
 # 1024 rows measured equally fast on the CPU for galleries of 10k to 100k; fewer rows pay
 # Python's overhead per block, more only hold more memory)
 BLOCK_ENTRIES, MIN_BLOCK_ROWS = 1 << 21, 64
+SCORE_ROWS = 2048
 
 
 def default_block_size(num_gallery: int, entries: int = BLOCK_ENTRIES) -> int:
@@ -209,15 +210,12 @@ def retrieval_metrics(
     available = gallery.shape[0] - int(leave_one_out)
     k = min(max([max_r, *recall_ks]), available)
 
-    sums = dict.fromkeys(
-        ['precision_at_1', 'r_precision', 'mean_average_precision_at_r']
-        + [f'recall_at_{r}' for r in recall_ks],
-        0.0,
-    )
+    names = ['precision_at_1', 'r_precision', 'mean_average_precision_at_r']
+    names += [f'recall_at_{cut}' for cut in recall_ks]
+    totals = torch.zeros(len(names), dtype=torch.float64, device=device)
     ranks = torch.arange(1, k + 1, device=device, dtype=torch.float64)
-    for start, indices, _ in sorted_neighbours(
-        queries, gallery, k, leave_one_out=leave_one_out, block_size=block_size
-    ):
+
+    def score(start: int, indices: torch.Tensor) -> None:
         rows = slice(start, start + indices.shape[0])
         keep = scored[rows]
         same = (g_labels[indices] == q_labels[rows, None])[keep]  # [B', k]
@@ -225,12 +223,23 @@ def retrieval_metrics(
         # the first R neighbours are the ones R-Precision and MAP@R look at
         hits = same & (ranks[None, :] <= r[:, None])
         precision_at_rank = hits.cumsum(dim=1).to(torch.float64) / ranks
-        sums['precision_at_1'] += same[:, 0].sum().item()
-        sums['r_precision'] += (hits.sum(dim=1) / r).sum().item()
-        average_precision = (precision_at_rank * hits).sum(dim=1) / r
-        sums['mean_average_precision_at_r'] += average_precision.sum().item()
-        for cut in recall_ks:
-            sums[f'recall_at_{cut}'] += same[:, : min(cut, k)].any(dim=1).sum().item()
+        parts = [same[:, 0], hits.sum(dim=1) / r, (precision_at_rank * hits).sum(dim=1) / r]
+        parts += [same[:, : min(cut, k)].any(dim=1) for cut in recall_ks]
+        totals.add_(torch.stack([part.sum(dtype=torch.float64) for part in parts]))
+
+    # neighbours are scored SCORE_ROWS queries at a time: the search's blocks are small on a
+    # large gallery, and each scoring step costs a dozen small operations
+    pending, first = [], 0
+    for start, indices, _ in sorted_neighbours(
+        queries, gallery, k, leave_one_out=leave_one_out, block_size=block_size
+    ):
+        pending.append(indices)
+        if start + indices.shape[0] - first >= SCORE_ROWS:
+            score(first, torch.cat(pending))
+            pending, first = [], start + indices.shape[0]
+    if pending:
+        score(first, torch.cat(pending))
+    sums = dict(zip(names, totals.tolist()))
     num_scored = int(scored.sum())
     metrics = {name: float(total) / num_scored for name, total in sums.items()}
     metrics.update(

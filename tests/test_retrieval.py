@@ -30,7 +30,7 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 
 from networks.encoders import build_encoder
 from networks.resnet_big import SupCEResNet, SupConResNet
-from supcon import augment, checkpoint, data, options
+from supcon import augment, checkpoint, data, options, retrieval
 from supcon.moco import KeyEncoder, LabelQueue
 from supcon.retrieval import retrieval_metrics, sorted_neighbours
 
@@ -137,7 +137,9 @@ def test_metrics_match_accuracy_calculator_against_a_gallery(continuous):
     assert ours['recall_at_1'] == ours['precision_at_1']
 
 
-def test_metrics_match_accuracy_calculator_leave_one_out(continuous):
+@pytest.mark.parametrize('score_rows', [2048, 20])
+def test_metrics_match_accuracy_calculator_leave_one_out(continuous, score_rows, monkeypatch):
+    monkeypatch.setattr(retrieval, 'SCORE_ROWS', score_rows)  # 20: scored in parts
     q, ql, _, _ = continuous
     ours = retrieval_metrics(torch.from_numpy(q), ql, block_size=17)
     assert_agree(ours, peer(q, ql))  # reference=None: the queries searched among themselves
