@@ -26,7 +26,8 @@ RECALL_KS = (1, 5, 10)
 # 1024 rows measured equally fast on the CPU for galleries of 10k to 100k; fewer rows pay
 # Python's overhead per block, more only hold more memory)
 BLOCK_ENTRIES, MIN_BLOCK_ROWS = 1 << 21, 64
-SCORE_ROWS = 2048
+# neighbour lists scored at once: about 1M (a few MiB for each temporary of the scoring)
+SCORE_ENTRIES = 1 << 20
 
 
 def default_block_size(num_gallery: int, entries: int = BLOCK_ENTRIES) -> int:
@@ -232,14 +233,14 @@ def retrieval_metrics(
         parts += [same[:, : min(cut, k)].any(dim=1) for cut in recall_ks]
         totals.add_(torch.stack([part.sum(dtype=torch.float64) for part in parts]))
 
-    # neighbours are scored SCORE_ROWS queries at a time: the search's blocks are small on a
-    # large gallery, and each scoring step costs a dozen small operations
-    pending, first = [], 0
+    # neighbours are scored SCORE_ENTRIES // k queries at a time: the search's blocks are small
+    # on a large gallery, and each scoring step costs a dozen small operations
+    score_rows, pending, first = max(1, SCORE_ENTRIES // max(1, k)), [], 0
     for start, indices, _ in sorted_neighbours(
         queries, gallery, k, leave_one_out=leave_one_out, block_size=block_size
     ):
         pending.append(indices)
-        if start + indices.shape[0] - first >= SCORE_ROWS:
+        if start + indices.shape[0] - first >= score_rows:
             score(first, torch.cat(pending))
             pending, first = [], start + indices.shape[0]
     if pending:

@@ -137,9 +137,9 @@ def test_metrics_match_accuracy_calculator_against_a_gallery(continuous):
     assert ours['recall_at_1'] == ours['precision_at_1']
 
 
-@pytest.mark.parametrize('score_rows', [2048, 20])
-def test_metrics_match_accuracy_calculator_leave_one_out(continuous, score_rows, monkeypatch):
-    monkeypatch.setattr(retrieval, 'SCORE_ROWS', score_rows)  # 20: scored in parts
+@pytest.mark.parametrize('score_entries', [1 << 20, 1000])
+def test_metrics_match_accuracy_calculator_leave_one_out(continuous, score_entries, monkeypatch):
+    monkeypatch.setattr(retrieval, 'SCORE_ENTRIES', score_entries)  # 1000: scored in parts
     q, ql, _, _ = continuous
     ours = retrieval_metrics(torch.from_numpy(q), ql, block_size=17)
     assert_agree(ours, peer(q, ql))  # reference=None: the queries searched among themselves
