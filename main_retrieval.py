@@ -265,7 +265,7 @@ def set_loader(opt):
         class_names=class_names,
         queries=queries,
         query_paths=image_paths(query_set),
-        gallery_paths=None if gallery_set is None else image_paths(gallery_set),
+        gallery_paths=image_paths(query_set if gallery_set is None else gallery_set),
     )
     gallery_loader = None if gallery_set is None else make_loader(gallery_set, opt)
     return make_loader(query_set, opt), gallery_loader, about

@@ -8,9 +8,10 @@ when any of its K nearest neighbours shares its label. tests/test_retrieval.py c
 against AccuracyCalculator; docs/retrieval.md states them in full.
 
 Similarity is the dot product of L2-normalised rows (cosine). Neighbours are ordered by
-similarity, highest first, and equal similarities by gallery index, lowest first: the same
-ranking on any device and for any block size. No queries x gallery matrix is ever held
-whole: each block of query rows is searched, scored and dropped.
+similarity, highest first, and equal similarities by gallery index, lowest first, exactly for
+the float32 similarities as computed (another BLAS code path may round a product differently
+by about 1e-7: docs/retrieval.md). No queries x gallery matrix is ever held whole: each block
+of query rows is searched, scored and dropped.
 """
 
 import math
@@ -26,8 +27,8 @@ RECALL_KS = (1, 5, 10)
 # 1024 rows measured equally fast on the CPU for galleries of 10k to 100k; fewer rows pay
 # Python's overhead per block, more only hold more memory)
 BLOCK_ENTRIES, MIN_BLOCK_ROWS = 1 << 21, 64
-# neighbour lists scored at once: about 1M (a few MiB for each temporary of the scoring)
-SCORE_ENTRIES = 1 << 20
+# neighbour lists scored at once: about 256k (2 MiB for each float64 temporary of the scoring)
+SCORE_ENTRIES = 1 << 18
 
 
 def default_block_size(num_gallery: int, entries: int = BLOCK_ENTRIES) -> int:

@@ -137,7 +137,7 @@ def test_metrics_match_accuracy_calculator_against_a_gallery(continuous):
     assert ours['recall_at_1'] == ours['precision_at_1']
 
 
-@pytest.mark.parametrize('score_entries', [1 << 20, 1000])
+@pytest.mark.parametrize('score_entries', [1 << 18, 1000])
 def test_metrics_match_accuracy_calculator_leave_one_out(continuous, score_entries, monkeypatch):
     monkeypatch.setattr(retrieval, 'SCORE_ENTRIES', score_entries)  # 1000: scored in parts
     q, ql, _, _ = continuous
@@ -441,6 +441,7 @@ def test_gallery_test_head_features_and_tensorboard(folders, tmp_path):
     saved = np.load(tmp_path / 'e.npz', allow_pickle=False)
     assert saved['query_features'].shape == (11, 128)  # the projection head's width
     np.testing.assert_array_equal(saved['gallery_features'], saved['query_features'])
+    np.testing.assert_array_equal(saved['gallery_paths'], saved['query_paths'])
     assert record['leave_one_out'] and record['num_gallery'] == 11 and 'knn_acc' not in record
     assert_agree(record, peer(saved['query_features'], saved['query_labels']))
     scalars = read_scalars(tmp_path / 'retrieval_tensorboard' / 'path_head_test')
@@ -506,6 +507,30 @@ def test_torchrun_ranks_embed_shares_and_count_every_image_once(folders, tmp_pat
         else:  # every image once, in data-set order
             np.testing.assert_array_equal(two_npz[key], one_npz[key])
     assert len(set(two_npz['query_paths'].tolist())) == 11
+
+
+def test_bench_table_over_checkpoints(folders, tmp_path):
+    """benchmarks/bench_retrieval.py checkpoints: main_retrieval.py on each, one row each, and
+    the mean and standard deviation over them."""
+    paths = [tmp_path / f'seed{seed}.pth' for seed in (0, 1)]
+    for seed, path in enumerate(paths):
+        save_our_checkpoint(path, seed=seed)
+    done = subprocess.run(
+        [sys.executable, str(REPO / 'benchmarks/bench_retrieval.py'), 'checkpoints']
+        + [*map(str, paths), '--json', 'all.json', '--']
+        + [*map(str, folder_args(folders)), *MEAN_STD, *RUN],
+        cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    records = json.loads((tmp_path / 'all.json').read_text())
+    rows = [line for line in done.stdout.splitlines() if line.startswith('| ')]
+    assert rows[0].split(' | ')[1:4] == ['P@1', 'R-Prec', 'MAP@R'] and len(rows) == 4
+    p1 = [records[str(path)]['precision_at_1'] for path in paths]
+    assert rows[1].startswith(f'| {paths[0]} | {p1[0]:.4f} |')
+    assert rows[2].startswith(f'| {paths[1]} | {p1[1]:.4f} |')
+    mean, std = np.mean(p1), np.std(p1, ddof=1)
+    assert rows[3].startswith(f'| mean ± std (2) | {mean:.4f} ± {std:.4f} |')
+    assert not list(tmp_path.glob('retrieval_*.json'))  # its runs write to a scratch folder
 
 
 # --------------------------------------------------------------------------- bad input
