@@ -536,6 +536,22 @@ def test_bench_table_over_checkpoints(folders, tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
+def test_a_failed_export_leaves_no_file_and_says_so_in_one_line(folders, tmp_path, monkeypatch):
+    import main_retrieval
+
+    def half_written(f, **arrays):
+        f.write(b'PK half a zip')
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(main_retrieval.np, 'savez', half_written)
+    path = tmp_path / 'supcon.pth'
+    save_our_checkpoint(path)
+    args = ['--ckpt', path, *folder_args(folders), *MEAN_STD, *RUN, '--save_embeddings', 'e.npz']
+    result = call('main_retrieval', args, tmp_path)
+    assert_one_line_error(result, '--save_embeddings e.npz', 'No space left on device')
+    assert not list(tmp_path.glob('*.npz')) and not list(tmp_path.glob('.e.npz*'))
+
+
 def bad_cases(root, tmp_path):
     good = tmp_path / 'good.pth'
     save_our_checkpoint(good)
