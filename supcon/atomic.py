@@ -1,4 +1,5 @@
-"""The one atomic write behind every file the project saves (checkpoints, ``util.save_model``).
+"""The one atomic write behind every file the project saves (checkpoints, ``util.save_model``,
+main_retrieval.py's results).
 
 A temporary file in the target's folder, flushed and synced, then renamed over the
 target: a kill at any moment leaves the previous file or the new one, never a
@@ -13,7 +14,12 @@ import torch
 
 
 def atomic_save(obj, path: str) -> None:
-    """``torch.save(obj)`` to ``path`` atomically; the folder must exist.
+    """``torch.save(obj)`` to ``path`` atomically; the folder must exist."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str, write) -> None:
+    """``write(f)`` into a binary file that becomes ``path`` atomically; the folder must exist.
 
     On any failure the temporary file is removed and the exception re-raised.
     """
@@ -25,7 +31,7 @@ def atomic_save(obj, path: str) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
