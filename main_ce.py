@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupCEResNet
-from supcon import data, engine, options, runtime
+from supcon import balanced, class_accuracy, data, engine, options, runtime
 from supcon.augment import add_augmentation_arguments
 from supcon.optim import build_optimizer
 from supcon.training_run import Run
@@ -79,7 +79,8 @@ def parse_option(argv=None):
     parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
     parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
 
-    data.add_arguments(parser, test_folder=True)
+    data.add_arguments(parser, test_folder=True, imbalance=True)
+    balanced.add_arguments(parser)
     add_augmentation_arguments(parser, classifier=True)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
@@ -94,6 +95,7 @@ def parse_option(argv=None):
             ' sub-folder per class each) and --mean/--std'
         )
     data.resolve_defaults(opt)
+    balanced.resolve_options(opt)
     if opt.stem is None:
         opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
@@ -168,6 +170,7 @@ def main():
 
     # build data loader
     train_loader, train_sampler, val_loader, num_classes, device_augment = set_loader(opt, rt)
+    train_counts = class_accuracy.training_counts(train_loader.dataset, num_classes)
 
     # build model and criterion
     model, criterion = set_model(opt, rt, num_classes)
@@ -179,6 +182,7 @@ def main():
     start_epoch = run.restore(model, optimizer, scaler)
     best_acc = run.extra.get('best_acc', best_acc)
     val_acc = run.extra.get('val_acc')
+    class_counts = run.extra.get('class_counts')  # the last epoch's (correct, total) per class
     logger = run.logger
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
     eval_model = runtime.unwrap(model) if rt.distributed else model
@@ -210,8 +214,8 @@ def main():
 
         # evaluation
         eval_model.eval()
-        val_loss, val_acc, _ = engine.validate(
-            val_loader, eval_model, criterion, opt, rt, num_classes
+        val_loss, val_acc, _, class_counts = engine.validate(
+            val_loader, eval_model, criterion, opt, rt, num_classes, per_class=True
         )
         if val_acc > best_acc:
             best_acc = val_acc
@@ -222,9 +226,12 @@ def main():
         logger.log_value('val_loss', val_loss, epoch)
         logger.log_value('val_acc', val_acc, epoch)
         logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
+        class_accuracy.log_summary(
+            logger, class_accuracy.summarize(*class_counts, train_counts), epoch
+        )
         logger.flush()
 
-        run.extra = {'best_acc': best_acc, 'val_acc': val_acc}
+        run.extra = {'best_acc': best_acc, 'val_acc': val_acc, 'class_counts': list(class_counts)}
         run.end_epoch(epoch)
 
     # save the last model
@@ -234,6 +241,9 @@ def main():
         print('best accuracy: {:.2f}'.format(best_acc))
         if val_acc is not None:  # the last epoch's: unlike the best, not chosen on the test split
             print('final accuracy: {:.2f}'.format(val_acc))
+        if class_counts is not None:  # the last epoch's, as the final accuracy
+            classes = train_loader.dataset.classes
+            class_accuracy.report(opt.save_folder, classes, train_counts, class_counts, opt.epochs)
 
 
 if __name__ == '__main__':

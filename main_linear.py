@@ -16,7 +16,7 @@ import torch.nn as nn
 from networks.from_checkpoint import checkpoint_model, encoder_from_checkpoint
 from networks.resnet_big import MODEL_NAMES, LinearClassifier
 from networks.timm_backbone import is_timm_model
-from supcon import data, engine, options, runtime
+from supcon import balanced, class_accuracy, data, engine, options, runtime
 from supcon.augment import add_augmentation_arguments
 from supcon.checkpoint import bare_state_dict, load_checkpoint
 from supcon.optim import build_optimizer
@@ -94,7 +94,8 @@ def parse_option(argv=None):
         '--ckpt', type=str, default='', help='(required) the pretraining checkpoint to evaluate'
     )
 
-    data.add_arguments(parser, test_folder=True)
+    data.add_arguments(parser, test_folder=True, imbalance='checkpoint')
+    balanced.add_arguments(parser)
     add_augmentation_arguments(parser, classifier=True, gpu_aug=False)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
@@ -113,12 +114,18 @@ def parse_option(argv=None):
             ' sub-folder per class each) and --mean/--std'
         )
     data.resolve_defaults(opt)
+    balanced.resolve_options(opt)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
     # the checkpoint's options say which encoder it holds (read lazily: set_model loads
     # the weights); --model, when given, must agree
     saved = load_checkpoint(opt.ckpt, mmap=True)
     opt.model, opt.stem = checkpoint_model(saved, opt.ckpt, opt.model)
+    # the classifier trains on the images the encoder was pretrained on: the checkpoint's long
+    # tail (its ratio unless --imbalance_ratio says otherwise, drawn with its run's seed)
+    if opt.imbalance_ratio is None:
+        opt.imbalance_ratio = float(saved['opt'].get('imbalance_ratio') or 1.0)
+    opt.imbalance_seed = saved['opt'].get('seed')
     del saved
 
     opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.format(
@@ -210,6 +217,7 @@ def main():
 
     # build data loader
     train_loader, train_sampler, val_loader, num_classes = set_loader(opt, rt)
+    train_counts = class_accuracy.training_counts(train_loader.dataset, num_classes)
 
     # build model and criterion
     encoder, classifier, criterion = set_model(opt, rt, num_classes)
@@ -223,6 +231,7 @@ def main():
     start_epoch = run.restore(classifier, optimizer, scaler)
     best_acc = run.extra.get('best_acc', best_acc)
     val_acc = run.extra.get('val_acc')
+    class_counts = run.extra.get('class_counts')  # the last epoch's (correct, total) per class
     logger = run.logger
 
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
@@ -251,8 +260,8 @@ def main():
 
         # eval for one epoch
         eval_model.eval()
-        val_loss, val_acc, _ = engine.validate(
-            val_loader, eval_model, criterion, opt, rt, num_classes
+        val_loss, val_acc, _, class_counts = engine.validate(
+            val_loader, eval_model, criterion, opt, rt, num_classes, per_class=True
         )
         if val_acc > best_acc:
             best_acc = val_acc
@@ -262,11 +271,15 @@ def main():
         logger.log_value('val_loss', val_loss, epoch)
         logger.log_value('val_acc', val_acc, epoch)
         logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
+        class_accuracy.log_summary(
+            logger, class_accuracy.summarize(*class_counts, train_counts), epoch
+        )
         logger.flush()
 
         run.extra = {
             'best_acc': best_acc,
             'val_acc': val_acc,
+            'class_counts': list(class_counts),
             'encoder_ckpt': os.path.abspath(opt.ckpt),
         }
         run.end_epoch(epoch)
@@ -278,6 +291,9 @@ def main():
         print('best accuracy: {:.2f}'.format(best_acc))
         if val_acc is not None:  # the last epoch's: unlike the best, not chosen on the test split
             print('final accuracy: {:.2f}'.format(val_acc))
+        if class_counts is not None:  # the last epoch's, as the final accuracy
+            classes = train_loader.dataset.classes
+            class_accuracy.report(opt.save_folder, classes, train_counts, class_counts, opt.epochs)
 
 
 if __name__ == '__main__':

@@ -17,12 +17,13 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from supcon import balanced
 from supcon.augment import test_transform, train_transform
 from supcon.cifar import CIFAR_NAMES, load_cifar
 from supcon.errors import UserError
 from supcon.image_folder import DataError, build_image_folder  # noqa: F401 (DataError re-exported)
 from supcon.runtime import main_process_first
-from supcon.sampling import build_loader
+from supcon.sampling import build_loader, mix_seed
 
 DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet')
 # data sets held in memory as 32x32 arrays: their batches stack without resizing
@@ -39,11 +40,13 @@ MEAN_STD = {
 }
 
 
-def add_arguments(parser, test_folder=True, knn_only=False):
+def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
     """The data flags of the reference and of the fork that added ``--dataset path``.
 
     ``knn_only=True`` (main_supcon.py) says in the help which flags only matter for
-    ``--knn_every``: pretraining itself never reads the test split.
+    ``--knn_every``: pretraining itself never reads the test split. ``imbalance`` adds
+    --imbalance_ratio (the training scripts); ``'checkpoint'`` defaults it to the
+    checkpoint's (main_linear.py).
     """
     group = parser.add_argument_group('data')
     knn = ' (pretraining: only for --knn_every)' if knn_only else ''
@@ -105,6 +108,17 @@ def add_arguments(parser, test_folder=True, knn_only=False):
         ' for every seed) and evaluate on it instead of the test split;'
         ' 0 = off (the reference\'s behaviour)',
     )
+    if imbalance:
+        from_ckpt = imbalance == 'checkpoint'
+        group.add_argument(
+            '--imbalance_ratio',
+            type=float,
+            default=None if from_ckpt else 1.0,
+            help='long-tailed training split: class i keeps n_max * R ** (-i / (C - 1)) of its'
+            ' images (CIFAR-10-LT\'s profile), chosen by the seed; the evaluation split is'
+            ' untouched; 1 = off'
+            + (' (default: the ratio and seed --ckpt was pretrained with)' if from_ckpt else ''),
+        )
     return group
 
 
@@ -114,6 +128,12 @@ def resolve_defaults(opt):
         opt.size = 224 if opt.dataset == 'imagenet' else 32
     if not 0.0 <= opt.val_split < 1.0 or not math.isfinite(opt.val_split):
         raise UserError(f'--val_split must be a fraction in [0, 1), got {opt.val_split}')
+    ratio = getattr(opt, 'imbalance_ratio', None)
+    if ratio is not None and not (math.isfinite(ratio) and ratio >= 1):
+        raise UserError(
+            f'--imbalance_ratio must be a finite number >= 1 (the most frequent class over the'
+            f' rarest; 1 keeps every image), got {ratio}'
+        )
     if opt.dataset == 'imagenet' and opt.data_folder is None:
         raise UserError(
             '--dataset imagenet needs --data_folder (the folder holding train/ and'
@@ -156,6 +176,24 @@ class SplitSubset(Dataset):
 
     def __getitem__(self, index):
         return self.dataset[self.indices[index]]
+
+
+def long_tail_indices(targets, num_classes, ratio, seed):
+    """The exponential long tail of CIFAR-10-LT (Cao et al. 2019), sorted indices of ``targets``.
+
+    Class i (in the data set's order) keeps int(n_max * ratio ** (-i / (C - 1))) of its images,
+    at least 1 and at most what it has; n_max is the largest class. The images kept are a
+    random choice drawn from ``seed`` alone, so every rank and a resumed run keep the same ones.
+    """
+    targets = np.asarray(targets)
+    counts = np.bincount(targets, minlength=num_classes)
+    rng = np.random.default_rng(mix_seed('imbalance', seed))
+    kept = []
+    for i in range(num_classes):
+        wanted = counts.max() * ratio ** (-i / (num_classes - 1)) if num_classes > 1 else counts[i]
+        members = np.flatnonzero(targets == i)
+        kept.append(rng.permutation(members)[: min(max(int(wanted), 1), len(members))])
+    return np.sort(np.concatenate(kept))
 
 
 def validation_indices(targets, fraction):
@@ -260,16 +298,23 @@ def build_dataset(
     test_folder=None,
     download=True,
     val_split=0.0,
+    imbalance_ratio=1.0,
+    imbalance_seed=0,
 ):
     """The `split` ('train' or 'test') of data set `name`; items are (transform(image), label).
 
     The result has `.classes` (class names) and `.targets` (int label per item).
     `test_folder` is only used by 'path'; `download` only by the CIFAR sets. With
     `val_split` > 0 'train' is the training images less a held-out fraction and 'test'
-    is that held-out fraction (of the training images, with `transform`).
+    is that held-out fraction (of the training images, with `transform`). With
+    `imbalance_ratio` > 1 'train' is then cut to a long tail (``long_tail_indices``).
     """
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split == 'train' and imbalance_ratio != 1:
+        full = build_dataset(name, split, transform, data_folder, test_folder, download, val_split)
+        kept = long_tail_indices(full.targets, len(full.classes), imbalance_ratio, imbalance_seed)
+        return SplitSubset(full, kept)
     if val_split:
         full = build_dataset(name, 'train', transform, data_folder, test_folder, download)
         held_out = validation_indices(full.targets, val_split)
@@ -347,7 +392,8 @@ def classification_loaders(opt, rt, uint8_train=False):
     are only resized; the test loader is not padded, so under torchrun every test image
     is evaluated exactly once. ``uint8_train=True`` (--gpu_aug) hands training images
     over as uint8 tensors for the device to augment. ``num_classes`` is checked against
-    --num_classes. The test loader uses --num_workers_val workers (the fork's flag).
+    --num_classes. The test loader uses --num_workers_val workers (the fork's flag); the
+    training loader follows --sampler (``balanced.train_loader``).
     """
     mean, std = resolve_mean_std(opt.dataset, opt.mean, opt.std)
     if uint8_train:
@@ -357,16 +403,19 @@ def classification_loaders(opt, rt, uint8_train=False):
     else:
         train_tf = train_transform(opt.size, mean, std, aug=opt.aug)
     splits = dict(data_folder=opt.data_folder, test_folder=opt.test_folder, val_split=opt.val_split)
+    # main_linear.py draws the long tail with the pretraining run's seed (its checkpoint's)
+    seed = getattr(opt, 'imbalance_seed', None)
+    tail = dict(
+        imbalance_ratio=opt.imbalance_ratio, imbalance_seed=rt.seed if seed is None else seed
+    )
     with main_process_first():  # rank 0 downloads CIFAR while the others wait
-        train_dataset = build_dataset(opt.dataset, 'train', train_tf, **splits)
+        train_dataset = build_dataset(opt.dataset, 'train', train_tf, **splits, **tail)
         val_dataset = build_dataset(
             opt.dataset, 'test', test_transform(opt.size, mean, std), **splits
         )
     num_classes = check_num_classes(train_dataset, val_dataset, opt.num_classes)
 
-    train_loader, train_sampler = build_loader(
-        train_dataset, rt.local_batch_size, shuffle=True, **rt.loader_options()
-    )
+    train_loader, train_sampler = balanced.train_loader(train_dataset, opt, rt)
     val_options = rt.loader_options()
     val_options['num_workers'] = min(opt.num_workers_val, os.cpu_count() or 1)
     val_loader, _ = build_loader(

@@ -173,4 +173,8 @@ def extend_run_name(opt, stem=True):
         suffixes.append('key_encoder')
     if getattr(opt, 'val_split', 0):
         suffixes.append(f'val_{opt.val_split}')
+    if getattr(opt, 'sampler', 'random') == 'balanced':
+        suffixes.append(f'balanced_m{opt.m_per_class}')
+    if getattr(opt, 'imbalance_ratio', None) not in (None, 1):
+        suffixes.append(f'imb{opt.imbalance_ratio:g}')
     opt.model_name = '_'.join([opt.model_name] + suffixes)

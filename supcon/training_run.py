@@ -101,6 +101,9 @@ class Run:
         'aug',
         'patch_size',
         'val_split',
+        'sampler',
+        'm_per_class',
+        'imbalance_ratio',
     )
 
     def __init__(self, opt, rt, meters=None):
