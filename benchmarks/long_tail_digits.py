@@ -94,7 +94,9 @@ class LongTailBench(Bench):
             + CONFIGS[config]
             + split,
         )
-        folder = self.one_folder(f'save/SupCon/digits_models/SupCon_*_trial_{trial}_cosine*')
+        folder = self.one_folder(
+            f'save/SupCon/digits_models/SupCon_digits_resnet18_lr_{fmt(lr)}_*_trial_{trial}_cosine*'
+        )
         text = self.linear(name + '_linear', folder / 'last.pth', seed, split)
         result = self.accuracies(text, name)
         groups = GROUPS.findall(text)[-1]
