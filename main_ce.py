@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupCEResNet
-from supcon import data, engine, multilabel, options, runtime
+from supcon import balanced, class_accuracy, data, engine, multilabel, options, runtime
 from supcon.augment import add_augmentation_arguments
 from supcon.optim import build_optimizer
 from supcon.training_run import Run
@@ -79,7 +79,8 @@ def parse_option(argv=None):
     parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
     parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
 
-    data.add_arguments(parser, test_folder=True)
+    data.add_arguments(parser, test_folder=True, imbalance=True)
+    balanced.add_arguments(parser)
     add_augmentation_arguments(parser, classifier=True)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
@@ -95,6 +96,7 @@ def parse_option(argv=None):
         )
     data.resolve_defaults(opt)
     data.check_test_folder(opt)
+    balanced.resolve_options(opt)
     if opt.stem is None:
         opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
@@ -174,6 +176,10 @@ def main():
     model, criterion = set_model(opt, rt, num_classes)
     # multi-label data: a sigmoid per label, measured by mean average precision (multilabel.py)
     multi_label = multilabel.is_multilabel(train_loader.dataset)
+    # images per class of the training split (for the many / medium / few-shot groups)
+    train_counts = (
+        None if multi_label else class_accuracy.training_counts(train_loader.dataset, num_classes)
+    )
     criterion = multilabel.classifier_criterion(train_loader.dataset, criterion)
 
     # build optimizer
@@ -184,6 +190,7 @@ def main():
     best_acc = run.extra.get('best_acc', best_acc)
     val_acc = run.extra.get('val_acc')
     val_f1 = run.extra.get('val_f1')
+    class_counts = run.extra.get('class_counts')  # the last epoch's (correct, total) per class
     logger = run.logger
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
     eval_model = runtime.unwrap(model) if rt.distributed else model
@@ -216,8 +223,8 @@ def main():
         # evaluation
         eval_model.eval()
         # multi-label: the mean average precision and F1@0.5 instead of top-1 and top-5
-        val_loss, val_acc, top5_or_f1 = engine.validate(
-            val_loader, eval_model, criterion, opt, rt, num_classes
+        val_loss, val_acc, top5_or_f1, class_counts = engine.validate(
+            val_loader, eval_model, criterion, opt, rt, num_classes, per_class=True
         )
         val_f1 = top5_or_f1 if multi_label else None
         if val_acc > best_acc:
@@ -231,17 +238,25 @@ def main():
         if multi_label:
             logger.log_value('val_f1', val_f1, epoch)
         logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
+        if class_counts is not None:
+            summary = class_accuracy.summarize(*class_counts, train_counts)
+            class_accuracy.log_summary(logger, summary, epoch)
         logger.flush()
 
         run.extra = {'best_acc': best_acc, 'val_acc': val_acc}
         if multi_label:
             run.extra['val_f1'] = val_f1
+        else:
+            run.extra['class_counts'] = list(class_counts)
         run.end_epoch(epoch)
 
     # save the last model
     run.save('last.pth', opt.epochs)
     run.close()
     multilabel.print_results(best_acc, val_acc, val_f1, multi_label)
+    if runtime.is_main_process() and class_counts is not None:  # the last epoch's, as final
+        classes = train_loader.dataset.classes
+        class_accuracy.report(opt.save_folder, classes, train_counts, class_counts, opt.epochs)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,16 @@ import torch.nn as nn
 from networks.from_checkpoint import checkpoint_model, encoder_from_checkpoint
 from networks.resnet_big import MODEL_NAMES, LinearClassifier
 from networks.timm_backbone import is_timm_model
-from supcon import data, engine, multilabel, options, partial_labels, runtime
+from supcon import (
+    balanced,
+    class_accuracy,
+    data,
+    engine,
+    multilabel,
+    options,
+    partial_labels,
+    runtime,
+)
 from supcon.augment import add_augmentation_arguments
 from supcon.checkpoint import bare_state_dict, load_checkpoint
 from supcon.optim import build_optimizer
@@ -95,7 +104,8 @@ def parse_option(argv=None):
     )
 
     partial_labels.add_arguments(parser, linear=True)
-    data.add_arguments(parser, test_folder=True)
+    data.add_arguments(parser, test_folder=True, imbalance='checkpoint')
+    balanced.add_arguments(parser)
     add_augmentation_arguments(parser, classifier=True, gpu_aug=False)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
@@ -115,6 +125,7 @@ def parse_option(argv=None):
         )
     data.resolve_defaults(opt)
     data.check_test_folder(opt)
+    balanced.resolve_options(opt)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
     # the checkpoint's options say which encoder it holds (read lazily: set_model loads
@@ -125,6 +136,11 @@ def parse_option(argv=None):
     opt.labelled_fraction, opt.labelled_seed, opt.linear_labels = (
         partial_labels.resolve_linear_options(opt, saved.get('opt') or {})
     )
+    # the classifier trains on the images the encoder was pretrained on: the checkpoint's long
+    # tail (its ratio unless --imbalance_ratio says otherwise, drawn with its run's seed)
+    if opt.imbalance_ratio is None:
+        opt.imbalance_ratio = float(saved['opt'].get('imbalance_ratio') or 1.0)
+    opt.imbalance_seed = saved['opt'].get('seed')
     del saved
 
     opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.format(
@@ -221,6 +237,10 @@ def main():
     encoder, classifier, criterion = set_model(opt, rt, num_classes)
     # multi-label data: a sigmoid per label, measured by mean average precision (multilabel.py)
     multi_label = multilabel.is_multilabel(train_loader.dataset)
+    # images per class of the training split (for the many / medium / few-shot groups)
+    train_counts = (
+        None if multi_label else class_accuracy.training_counts(train_loader.dataset, num_classes)
+    )
     criterion = multilabel.classifier_criterion(train_loader.dataset, criterion)
     encoder_snapshot = {k: v.detach().cpu().clone() for k, v in bare_state_dict(encoder).items()}
 
@@ -235,6 +255,7 @@ def main():
     best_acc = run.extra.get('best_acc', best_acc)
     val_acc = run.extra.get('val_acc')
     val_f1 = run.extra.get('val_f1')
+    class_counts = run.extra.get('class_counts')  # the last epoch's (correct, total) per class
     logger = run.logger
 
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
@@ -264,8 +285,8 @@ def main():
         # eval for one epoch
         eval_model.eval()
         # multi-label: the mean average precision and F1@0.5 instead of top-1 and top-5
-        val_loss, val_acc, top5_or_f1 = engine.validate(
-            val_loader, eval_model, criterion, opt, rt, num_classes
+        val_loss, val_acc, top5_or_f1, class_counts = engine.validate(
+            val_loader, eval_model, criterion, opt, rt, num_classes, per_class=True
         )
         val_f1 = top5_or_f1 if multi_label else None
         if val_acc > best_acc:
@@ -278,11 +299,15 @@ def main():
         if multi_label:
             logger.log_value('val_f1', val_f1, epoch)
         logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
+        if class_counts is not None:
+            summary = class_accuracy.summarize(*class_counts, train_counts)
+            class_accuracy.log_summary(logger, summary, epoch)
         logger.flush()
 
         run.extra = {
             'best_acc': best_acc,
             'val_acc': val_acc,
+            'class_counts': list(class_counts),
             'encoder_ckpt': os.path.abspath(opt.ckpt),
         }
         if multi_label:
@@ -293,6 +318,9 @@ def main():
     run.close()
     check_encoder_unchanged(encoder, encoder_snapshot)
     multilabel.print_results(best_acc, val_acc, val_f1, multi_label)
+    if runtime.is_main_process() and class_counts is not None:  # the last epoch's, as final
+        classes = train_loader.dataset.classes
+        class_accuracy.report(opt.save_folder, classes, train_counts, class_counts, opt.epochs)
 
 
 if __name__ == '__main__':

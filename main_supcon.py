@@ -14,12 +14,14 @@ import torch
 from losses import SupConLoss
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupConResNet
-from supcon import data, multilabel, options, partial_labels, runtime
+from supcon import balanced, data, multilabel, options, partial_labels, runtime
 from supcon.augment import add_augmentation_arguments, supcon_transform
 from supcon.distributed import note
 from supcon.moco import MomentumContrast
 from supcon.optim import build_optimizer
-from supcon.sampling import build_loader, mix_seed
+from supcon.positives import TAGS as POSITIVES_TAGS
+from supcon.positives import PositiveCounter
+from supcon.sampling import mix_seed
 from supcon.training_run import Run, check_finite
 from util import AverageMeter, UserError, adjust_learning_rate, warmup_learning_rate
 
@@ -115,7 +117,8 @@ def parse_option(argv=None):
         ' split (of the held-out images with --val_split; 0 = off)',
     )
 
-    data.add_arguments(parser, test_folder=True, knn_only=True)
+    data.add_arguments(parser, test_folder=True, knn_only=True, imbalance=True)
+    balanced.add_arguments(parser)
     add_augmentation_arguments(parser)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
@@ -132,6 +135,7 @@ def parse_option(argv=None):
             ' and --mean/--std, e.g. --mean "(0.4914, 0.4822, 0.4465)"'
         )
     data.resolve_defaults(opt)
+    balanced.resolve_options(opt)
     if opt.stem is None:
         opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
     if opt.knn_every < 0:
@@ -217,6 +221,8 @@ def set_loader(opt, rt):
             train_transform,
             data_folder=opt.data_folder,
             val_split=opt.val_split,
+            imbalance_ratio=opt.imbalance_ratio,
+            imbalance_seed=rt.seed,
         )
     if opt.num_classes is not None and opt.num_classes != len(train_dataset.classes):
         raise UserError(
@@ -227,9 +233,7 @@ def set_loader(opt, rt):
     multilabel.check_pretraining(opt, train_dataset)
     # unlabelled images carry the label -1 (SupConLoss gives them SimCLR's positives)
     train_dataset = partial_labels.pretraining_set(train_dataset, opt, rt.seed)
-    train_loader, train_sampler = build_loader(
-        train_dataset, rt.local_batch_size, shuffle=True, **rt.loader_options()
-    )
+    train_loader, train_sampler = balanced.train_loader(train_dataset, opt, rt)
     return train_loader, train_sampler, device_augment
 
 
@@ -271,6 +275,7 @@ def train(
 
     With ``moco`` the key encoder follows the model after every step and the step's keys
     go into the queue; with ``device_augment`` the two views are made on the device.
+    Updates ``run``'s meters: the loss and the positives per anchor (``supcon.positives``).
     """
     model.train()
 
@@ -279,6 +284,7 @@ def train(
     losses = run.meters['loss']
     start = run.epoch_start_step(epoch)
     total_steps = start + len(train_loader)  # a resumed epoch's loader holds only the rest
+    positives = PositiveCounter(len(train_loader.dataset.classes), opt.method == 'SupCon')
 
     end = time.time()
     for i, (images, labels) in enumerate(train_loader):
@@ -312,6 +318,10 @@ def train(
             loss = moco(criterion, images, features, labels, loss_labels, rt, shuffle_seed)
         else:
             loss = criterion(features, loss_labels)
+        # class counts of this batch (and of the queue the loss just saw), summed over ranks below
+        counts = positives.step_counts(
+            labels, moco.queue.labels if moco is not None else None, rt.rank
+        )
 
         # SGD
         optimizer.zero_grad(set_to_none=True)
@@ -321,12 +331,13 @@ def train(
         if moco is not None:
             moco.step_done(runtime.unwrap(model))
 
-        # one host sync a step: loss over ranks, NaN check, a stop all ranks agree on
-        loss_sum, n, stop = runtime.step_statistics(
-            rt, loss.detach() * bsz, bsz, run.stop.requested
+        # one host sync a step: loss and class counts over ranks, NaN check, an agreed stop
+        loss_sum, n, *class_counts, stop = runtime.step_statistics(
+            rt, loss.detach() * bsz, bsz, counts, run.stop.requested
         )
         check_finite(loss_sum, epoch, step + 1, opt)
         losses.update(loss_sum / n, n)
+        positives.update(class_counts, n, run.meters)
 
         # measure elapsed time
         batch_time.update(time.time() - end)
@@ -356,7 +367,8 @@ def train(
 def main():
     opt = parse_option()
     rt = runtime.setup_runtime(opt)
-    run = Run(opt, rt, meters={'loss': AverageMeter()})
+    meters = {name: AverageMeter() for name in ('loss',) + POSITIVES_TAGS}
+    run = Run(opt, rt, meters=meters)
     options.print_options(run.options())
 
     # build data loader
@@ -402,11 +414,18 @@ def main():
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
         time2 = time.time()
+        positives = [run.meters[tag].avg for tag in POSITIVES_TAGS]
         if runtime.is_main_process():
-            print('epoch {}, total time {:.2f}'.format(epoch, time2 - time1), flush=True)
+            print(
+                'epoch {}, total time {:.2f}, positives_per_anchor {:.2f},'
+                ' anchors_without_positive {:.3f}'.format(epoch, time2 - time1, *positives),
+                flush=True,
+            )
 
         # tensorboard logger
         logger.log_value('loss', loss, epoch)
+        for tag, value in zip(POSITIVES_TAGS, positives):
+            logger.log_value(tag, value, epoch)
         logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
         if knn_monitor is not None and epoch % opt.knn_every == 0:
             knn_acc = knn_monitor(runtime.unwrap(model).encoder, epoch)

@@ -186,7 +186,7 @@ def job(opt, name, lr, seed, val, env, stop):
         run_logged('main_linear.py', linear_args(opt, found[-1], seed, val), lin_log, opt.out, env)
     text = read(lin_log)
     epoch_times = {}
-    for n, t in re.findall(r'^epoch (\d+), total time ([\d.]+)$', read(pre_log), re.M):
+    for n, t in re.findall(r'^epoch (\d+), total time ([\d.]+)', read(pre_log), re.M):
         epoch_times[int(n)] = float(t)  # a resumed run's later line for an epoch wins
     return {
         'config': name,

@@ -12,13 +12,13 @@ choosing settings. Transforms live in ``augment.py``, seeded samplers in ``sampl
 
 import math
 import os
-import re
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from supcon import balanced
 from supcon.augment import test_transform, train_transform
 from supcon.cifar import CIFAR_NAMES, load_cifar
 from supcon.csv_dataset import build_csv_dataset, resolve_options
@@ -29,31 +29,24 @@ from supcon.image_folder import (  # noqa: F401 (DataError re-exported)
     build_image_folder,
     first_unreadable,
 )
+from supcon.normalization import MEAN_STD, parse_triple, resolve_mean_std  # noqa: F401
 from supcon.partial_labels import classifier_training_set
 from supcon.runtime import Runtime, main_process_first
 from supcon.sampling import build_loader
-from supcon.val_split import SplitSubset, validation_indices
+from supcon.val_split import SplitSubset, long_tail_indices, validation_indices
 
 DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet', 'csv')
 # data sets held in memory as 32x32 arrays: their batches stack without resizing
 ARRAY_DATASETS = ('cifar10', 'cifar100', 'digits')
 
-# (mean, std) per channel of the training images scaled to [0, 1]. The CIFAR
-# values are the reference SupContrast's; the digits values were computed from
-# the 32x32 RGB training split this module builds (tests recompute them).
-MEAN_STD = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    'cifar100': ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    'digits': ((0.3094, 0.3094, 0.3094), (0.3488, 0.3488, 0.3488)),
-    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's
-}
 
-
-def add_arguments(parser, test_folder=True, knn_only=False):
+def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
     """The data flags of the reference and of the fork that added ``--dataset path``.
 
     ``knn_only=True`` (main_supcon.py) says in the help which flags only matter for
-    ``--knn_every``: pretraining itself never reads the test split.
+    ``--knn_every``: pretraining itself never reads the test split. ``imbalance`` adds
+    --imbalance_ratio (the training scripts); ``'checkpoint'`` defaults it to the
+    checkpoint's (main_linear.py).
     """
     group = parser.add_argument_group('data')
     knn = ' (pretraining: only for --knn_every)' if knn_only else ''
@@ -130,6 +123,17 @@ def add_arguments(parser, test_folder=True, knn_only=False):
         ' for every seed) and evaluate on it instead of the test split;'
         ' 0 = off (the reference\'s behaviour)',
     )
+    if imbalance:
+        from_ckpt = imbalance == 'checkpoint'
+        group.add_argument(
+            '--imbalance_ratio',
+            type=float,
+            default=None if from_ckpt else 1.0,
+            help='long-tailed training split: class i keeps n_max * R ** (-i / (C - 1)) of its'
+            ' images (CIFAR-10-LT\'s profile), chosen by the seed; the evaluation split is'
+            ' untouched; 1 = off'
+            + (' (default: the ratio and seed --ckpt was pretrained with)' if from_ckpt else ''),
+        )
     return group
 
 
@@ -140,6 +144,12 @@ def resolve_defaults(opt):
     if not 0.0 <= opt.val_split < 1.0 or not math.isfinite(opt.val_split):
         raise UserError(f'--val_split must be a fraction in [0, 1), got {opt.val_split}')
     resolve_options(opt)  # --dataset csv: its files travel as data_folder/test_folder
+    ratio = getattr(opt, 'imbalance_ratio', None)
+    if ratio is not None and not (math.isfinite(ratio) and ratio >= 1):
+        raise UserError(
+            f'--imbalance_ratio must be a finite number >= 1 (the most frequent class over the'
+            f' rarest; 1 keeps every image), got {ratio}'
+        )
     if opt.dataset == 'imagenet' and opt.data_folder is None:
         raise UserError(
             '--dataset imagenet needs --data_folder (the folder holding train/ and'
@@ -281,6 +291,8 @@ def build_dataset(
     test_folder=None,
     download=True,
     val_split=0.0,
+    imbalance_ratio=1.0,
+    imbalance_seed=0,
 ):
     """The `split` ('train' or 'test') of data set `name`; items are (transform(image), label).
 
@@ -290,10 +302,15 @@ def build_dataset(
     training and test CSV files (multi-hot targets when a training row has several labels;
     -1 or a zero row: unlabelled). With
     `val_split` > 0 'train' is the training images less a held-out fraction and 'test'
-    is that held-out fraction (of the training images, with `transform`).
+    is that held-out fraction (of the training images, with `transform`). With
+    `imbalance_ratio` > 1 'train' is then cut to a long tail (``long_tail_indices``).
     """
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split == 'train' and imbalance_ratio != 1:
+        full = build_dataset(name, split, transform, data_folder, test_folder, download, val_split)
+        kept = long_tail_indices(full.targets, len(full.classes), imbalance_ratio, imbalance_seed)
+        return SplitSubset(full, kept)
     if val_split:
         full = build_dataset(name, 'train', transform, data_folder, test_folder, download)
         targets = getattr(full, 'stratify_targets', full.targets)  # a CSV's: one label a row
@@ -333,54 +350,6 @@ def build_dataset(
     raise UserError(f'unknown --dataset {name!r}; choose one of {", ".join(DATASET_NAMES)}')
 
 
-_NUMBER = r'[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?'
-
-
-_TRIPLE = re.compile(
-    rf'\s*[(\[]?\s*({_NUMBER})\s*[,\s]\s*({_NUMBER})\s*[,\s]\s*({_NUMBER})'
-    rf'\s*,?\s*[)\]]?\s*'
-)
-
-
-_BRACKETS = {'(': ')', '[': ']'}
-
-
-def parse_triple(text: str, flag: str) -> tuple[float, float, float]:
-    """Parse "(0.1, 0.2, 0.3)", "0.1,0.2,0.3" or "[0.1 0.2 0.3]" into three floats."""
-    error = UserError(
-        f'{flag} must be three numbers such as "(0.4914, 0.4822, 0.4465)", got {text!r}'
-    )
-    match = _TRIPLE.fullmatch(str(text))
-    if match is None:
-        raise error
-    stripped = str(text).strip()
-    opening = stripped[:1] if stripped[:1] in _BRACKETS else ''
-    closing = stripped[-1:] if stripped[-1:] in _BRACKETS.values() else ''
-    if _BRACKETS.get(opening, '') != closing:  # "(1, 2, 3]" or "(1, 2, 3"
-        raise error
-    values = tuple(float(v) for v in match.groups())
-    if not all(math.isfinite(v) for v in values):  # "1e999" overflows to inf
-        raise error
-    return values
-
-
-def resolve_mean_std(dataset: str, mean_text: str | None, std_text: str | None):
-    """(mean, std) for Normalize: --mean/--std text when given, else the data set's constants."""
-    if dataset in ('path', 'csv') and not (mean_text and std_text):
-        raise UserError(
-            f'--dataset {dataset} needs --mean and --std of your images, e.g. '
-            '--mean "(0.4914, 0.4822, 0.4465)" --std "(0.2023, 0.1994, 0.2010)"'
-        )
-    if dataset not in MEAN_STD and dataset not in ('path', 'csv'):  # pragma: no cover
-        raise UserError(f'unknown --dataset {dataset!r}; choose one of {", ".join(DATASET_NAMES)}')
-    default_mean, default_std = MEAN_STD.get(dataset, (None, None))
-    mean = parse_triple(mean_text, '--mean') if mean_text else default_mean
-    std = parse_triple(std_text, '--std') if std_text else default_std
-    if min(std) <= 0:
-        raise UserError(f'--std values must be > 0 (Normalize divides by them), got {std}')
-    return mean, std
-
-
 def check_images(dataset, workers=1):
     """Decode every image of a folder-backed ``dataset`` once; raise the first broken one.
 
@@ -408,8 +377,9 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
     are only resized; the test loader is not padded, so under torchrun every test image
     is evaluated exactly once. ``uint8_train=True`` (--gpu_aug) hands training images
     over as uint8 tensors for the device to augment. ``num_classes`` is checked against
-    --num_classes. The test loader uses --num_workers_val workers (the fork's flag).
-    Only images with a label are trained on (``partial_labels.classifier_training_set``).
+    --num_classes. The test loader uses --num_workers_val workers (the fork's flag); the
+    training loader follows --sampler (``balanced.train_loader``). Only images with a label are
+    trained on (``partial_labels.classifier_training_set``).
     """
     mean, std = resolve_mean_std(opt.dataset, opt.mean, opt.std)
     if uint8_train:
@@ -419,8 +389,13 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
     else:
         train_tf = train_transform(opt.size, mean, std, aug=opt.aug)
     splits = dict(data_folder=opt.data_folder, test_folder=opt.test_folder, val_split=opt.val_split)
+    # main_linear.py draws the long tail with the pretraining run's seed (its checkpoint's)
+    seed = getattr(opt, 'imbalance_seed', None)
+    tail = dict(
+        imbalance_ratio=opt.imbalance_ratio, imbalance_seed=rt.seed if seed is None else seed
+    )
     with main_process_first():  # rank 0 downloads CIFAR while the others wait
-        train_dataset = build_dataset(opt.dataset, 'train', train_tf, **splits)
+        train_dataset = build_dataset(opt.dataset, 'train', train_tf, **splits, **tail)
         val_dataset = build_dataset(
             opt.dataset, 'test', test_transform(opt.size, mean, std), **splits
         )
@@ -431,9 +406,7 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
     # images without a label (CSV rows, those a --labelled_fraction checkpoint left unlabelled)
     train_dataset = classifier_training_set(train_dataset, opt)
 
-    train_loader, train_sampler = build_loader(
-        train_dataset, rt.local_batch_size, shuffle=True, **rt.loader_options()
-    )
+    train_loader, train_sampler = balanced.train_loader(train_dataset, opt, rt)
     val_loader, _ = build_loader(
         val_dataset, rt.local_batch_size_val, shuffle=False, pad=False, **val_options
     )

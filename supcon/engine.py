@@ -117,17 +117,25 @@ def train_classifier(
     return losses.avg, top1.avg, None
 
 
-def validate(val_loader, model: nn.Module, criterion, opt, rt: Runtime, num_classes: int):
+def validate(
+    val_loader, model: nn.Module, criterion, opt, rt: Runtime, num_classes: int, per_class=False
+):
     """Loss, top-1 and top-5 (None under 5 classes) over the whole test split.
 
     Under torchrun each rank evaluates its own share (no padding) and the sums
-    are added up, so every test image counts exactly once. Multi-label data gets
-    ``multilabel.validate``'s loss, mean average precision and F1@0.5 instead.
+    are added up, so every test image counts exactly once. ``per_class=True`` adds a
+    fourth value, ``(correct, total)``: top-1 hits and test images per class (lists of
+    ``num_classes`` numbers), summed over ranks in the same collective. Multi-label data gets
+    ``multilabel.validate``'s loss, mean average precision and F1@0.5 instead (and no
+    per-class counts: None).
     """
     if multilabel.is_multilabel(val_loader.dataset):
-        return multilabel.validate(val_loader, model, criterion, opt, rt)
+        result = multilabel.validate(val_loader, model, criterion, opt, rt)
+        return (*result, None) if per_class else result
     topk = (1, 5) if num_classes >= 5 else (1,)
     totals = torch.zeros(2 + len(topk), dtype=torch.float64, device=rt.device)
+    # per class: [0] top-1 hits, [1] test images
+    class_totals = torch.zeros(2, num_classes, dtype=torch.float64, device=rt.device)
     batch_time = AverageMeter()
     with torch.no_grad():
         end = time.time()
@@ -146,6 +154,11 @@ def validate(val_loader, model: nn.Module, criterion, opt, rt: Runtime, num_clas
                     *counts,
                 ]
             ).double()
+            # the first of the same topk as correct_counts': per-class hits add up to top-1's
+            _, pred = output.topk(min(max(topk), output.shape[1]), 1, True, True)
+            hits = (pred[:, 0] == labels).double()
+            class_totals[0].index_add_(0, labels, hits)
+            class_totals[1].index_add_(0, labels, torch.ones_like(hits))
             batch_time.update(time.time() - end)
             end = time.time()
             if idx % opt.print_freq == 0 and is_main_process():
@@ -167,8 +180,8 @@ def validate(val_loader, model: nn.Module, criterion, opt, rt: Runtime, num_clas
                     ),
                     flush=True,
                 )
-    all_reduce_sum(totals)
-    loss_sum, n, *correct = totals.tolist()
+    summed = all_reduce_sum(torch.cat([totals, class_totals.reshape(-1)])).tolist()
+    loss_sum, n, *correct = summed[: len(totals)]
     n = max(n, 1.0)
     accs = [100.0 * c / n for c in correct]
     top5 = accs[1] if len(accs) > 1 else None
@@ -176,4 +189,7 @@ def validate(val_loader, model: nn.Module, criterion, opt, rt: Runtime, num_clas
         print(' * Acc@1 {:.3f}'.format(accs[0]), flush=True)
         if top5 is not None:
             print(' * Acc@5 {:.3f}'.format(top5), flush=True)
+    if per_class:
+        per = summed[len(totals) :]
+        return loss_sum / n, accs[0], top5, (per[:num_classes], per[num_classes:])
     return loss_sum / n, accs[0], top5

@@ -181,6 +181,9 @@ class KNNMonitor:
             data_folder=opt.data_folder,
             test_folder=opt.test_folder,
             val_split=opt.val_split,
+            # the memory bank is the run's own (long-tailed) training split; 'test' ignores these
+            imbalance_ratio=getattr(opt, 'imbalance_ratio', 1.0),
+            imbalance_seed=rt.seed,
         )
         self.held_out = 'held-out' if splits['val_split'] else 'test'
         with main_process_first():

@@ -197,6 +197,10 @@ def extend_run_name(opt, stem=True):
         suffixes.append('labonly')
     if getattr(opt, 'multilabel', 'jaccard') != 'jaccard':
         suffixes.append(f'ml_{opt.multilabel}')
+    if getattr(opt, 'sampler', 'random') == 'balanced':
+        suffixes.append(f'balanced_m{opt.m_per_class}')
+    if getattr(opt, 'imbalance_ratio', None) not in (None, 1):
+        suffixes.append(f'imb{opt.imbalance_ratio:g}')
     opt.model_name = '_'.join([opt.model_name] + suffixes)
 
 

@@ -409,12 +409,13 @@ def seed_everything(seed):
 def step_statistics(rt: Runtime, *values) -> list[float]:
     """Sum per-step statistics over ranks in one collective and one host sync.
 
-    Values may be tensors on the device or numbers. Callers pass the stop flag
-    last: every rank then stops at the same step, so none waits forever in a
-    collective the others left.
+    Values may be tensors on the device (a vector is flattened into the returned
+    list in its place) or numbers. Callers pass the stop flag last: every rank
+    then stops at the same step, so none waits forever in a collective the
+    others left.
     """
-    stats = torch.stack(
-        [torch.as_tensor(v, device=rt.device).detach().double().reshape(()) for v in values]
+    stats = torch.cat(
+        [torch.as_tensor(v, device=rt.device).detach().double().reshape(-1) for v in values]
     )
     all_reduce_sum(stats)
     return stats.tolist()

@@ -119,11 +119,13 @@ def build_loader(
     num_workers=0,
     pin_memory=False,
     pad=True,
+    sampler=None,
 ):
     """(DataLoader, SeededSampler) over `dataset`; `batch_size` is per rank.
 
     Call sampler.set_epoch(epoch) before each epoch, and sampler.set_start(k)
-    to resume after this rank's first k items.
+    to resume after this rank's first k items. `sampler` replaces the SeededSampler with
+    another one yielding (sample_seed, index) pairs (``balanced.BalancedSampler``).
     """
     if batch_size < 1:
         raise UserError(f'--batch_size must be at least 1, got {batch_size}')
@@ -136,9 +138,10 @@ def build_loader(
         # a part of a data set says where it came from (data.SplitSubset: --val_split)
         size = f'{len(dataset)} images{getattr(dataset, "size_note", "")}'
         raise UserError(f'{what} is larger than the data set ({size}); lower --batch_size')
-    sampler = SeededSampler(
-        len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, pad=pad
-    )
+    if sampler is None:
+        sampler = SeededSampler(
+            len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, pad=pad
+        )
     # The loader draws its workers' base seed from this generator rather than
     # from torch's global RNG, so iterating leaves the caller's RNG as it was.
     generator = torch.Generator()

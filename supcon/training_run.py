@@ -107,6 +107,9 @@ class Run:
         'labelled_only',
         'multilabel',
         'linear_labels',
+        'sampler',
+        'm_per_class',
+        'imbalance_ratio',
     )
 
     def __init__(self, opt, rt, meters=None):

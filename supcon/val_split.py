@@ -12,6 +12,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from supcon.errors import UserError
+from supcon.sampling import mix_seed
 
 
 class SplitSubset(Dataset):
@@ -142,3 +143,21 @@ def validation_indices(targets, fraction, classes=None):
             f' {n} images; add images or use --val_split 0'
         )
     raise UserError(f'{flag}: {why}; {advice}')
+
+
+def long_tail_indices(targets, num_classes, ratio, seed):
+    """The exponential long tail of CIFAR-10-LT (Cao et al. 2019), sorted indices of ``targets``.
+
+    Class i (in the data set's order) keeps int(n_max * ratio ** (-i / (C - 1))) of its images,
+    at least 1 and at most what it has; n_max is the largest class. The images kept are a
+    random choice drawn from ``seed`` alone, so every rank and a resumed run keep the same ones.
+    """
+    targets = np.asarray(targets)
+    counts = np.bincount(targets, minlength=num_classes)
+    rng = np.random.default_rng(mix_seed('imbalance', seed))
+    kept = []
+    for i in range(num_classes):
+        wanted = counts.max() * ratio ** (-i / (num_classes - 1)) if num_classes > 1 else counts[i]
+        members = np.flatnonzero(targets == i)
+        kept.append(rng.permutation(members)[: min(max(int(wanted), 1), len(members))])
+    return np.sort(np.concatenate(kept))

@@ -1,0 +1,82 @@
+"""How many positives SupCon's anchors get (``positives_per_anchor``, ``anchors_without_positive``).
+
+Every view of every image is an anchor (``contrast_mode='all'``). Its positives besides its own
+image's other views are the views of the other images of its class in the global batch and, under
+``--moco``, the queue rows of its class. For an anchor of class c, with n_c images of class c in the
+global batch, q_c queue rows of class c and V views per image, that is V * (n_c - 1) + q_c:
+
+- ``positives_per_anchor``: its mean over the anchors;
+- ``anchors_without_positive``: the fraction of anchors for which it is 0 (n_c = 1, q_c = 0), whose
+  only positives are their own views; SupCon's loss then degenerates to SimCLR's for them.
+
+Both come from per-class counts (a bincount of the batch's labels, and of the queue's), never from
+an N x N mask. SimCLR and the hybrid loss have no positives besides an anchor's own views (the
+hybrid loss leaves other images of the class out of the contrast): 0 and 1 by definition.
+"""
+
+import torch
+
+TAGS = ('positives_per_anchor', 'anchors_without_positive')
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images per class of ``labels`` as float64 [num_classes], on their device.
+
+    ``index_add_`` rather than ``torch.bincount``: bincount reads the largest label back to the
+    host to size its output, a device sync every step on CUDA.
+    """
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=labels.device)
+    return counts.index_add_(0, labels.long(), torch.ones_like(labels, dtype=torch.float64))
+
+
+def positive_statistics(batch_counts, queue_counts=None, n_views=2):
+    """(positives_per_anchor, anchors_without_positive, anchors) of one global batch.
+
+    ``batch_counts[c]``: images of class c in the global batch; ``queue_counts[c]``: queue rows
+    of class c (None: no queue). Numbers or sequences of numbers; anchors = n_views x images.
+    """
+    batch = [float(n) for n in batch_counts]
+    queue = [0.0] * len(batch) if queue_counts is None else [float(q) for q in queue_counts]
+    anchors = n_views * sum(batch)
+    if anchors == 0:
+        return 0.0, 0.0, 0
+    positives = sum(n_views * n * (n_views * (n - 1) + q) for n, q in zip(batch, queue))
+    lonely = sum(n_views * n for n, q in zip(batch, queue) if n == 1 and q == 0)
+    return positives / anchors, lonely / anchors, int(anchors)
+
+
+class PositiveCounter:
+    """Per-step class counts for ``runtime.step_statistics`` and the epoch's two means.
+
+    ``supervised=False`` (SimCLR, the hybrid loss): nothing is counted and every anchor has 0
+    positives besides its own views. ``step_counts`` returns the counts to sum over ranks: this
+    rank's batch counts, then the queue's counts on rank 0 only (the queue is the same on every
+    rank, so the sum over ranks is the queue's own count). ``update`` adds the summed counts to
+    ``meters[TAGS[0]]`` and ``meters[TAGS[1]]``, weighted by the step's anchors.
+    """
+
+    def __init__(self, num_classes, supervised, n_views=2):
+        self.num_classes, self.supervised, self.n_views = num_classes, supervised, n_views
+
+    def step_counts(self, labels, queue_labels=None, rank=0):
+        """A float64 vector for step_statistics: [] unsupervised, else batch (+ queue) counts."""
+        if not self.supervised:
+            return torch.zeros(0, dtype=torch.float64, device=labels.device)
+        counts = [class_counts(labels, self.num_classes)]
+        if queue_labels is not None:
+            # unfilled queue rows hold label -1: shifted into a bin of their own, then dropped
+            queue = class_counts(queue_labels + 1, self.num_classes + 1)[1:]
+            counts.append(queue if rank == 0 else torch.zeros_like(queue))
+        return torch.cat(counts)
+
+    def update(self, summed_counts, images, meters):
+        """Fold one step in: ``summed_counts`` as step_counts gave them, summed over ranks;
+        ``images`` the global batch's number of images."""
+        if not self.supervised:
+            mean, lonely, anchors = 0.0, 1.0, self.n_views * int(images)
+        else:
+            c = self.num_classes
+            queue = summed_counts[c : 2 * c] if len(summed_counts) > c else None
+            mean, lonely, anchors = positive_statistics(summed_counts[:c], queue, self.n_views)
+        meters[TAGS[0]].update(mean, anchors)
+        meters[TAGS[1]].update(lonely, anchors)
