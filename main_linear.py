@@ -307,9 +307,10 @@ def main():
         run.extra = {
             'best_acc': best_acc,
             'val_acc': val_acc,
-            'class_counts': list(class_counts),
             'encoder_ckpt': os.path.abspath(opt.ckpt),
         }
+        if class_counts is not None:
+            run.extra['class_counts'] = list(class_counts)
         if multi_label:
             run.extra['val_f1'] = val_f1
         run.end_epoch(epoch)

@@ -284,7 +284,9 @@ def train(
     losses = run.meters['loss']
     start = run.epoch_start_step(epoch)
     total_steps = start + len(train_loader)  # a resumed epoch's loader holds only the rest
-    positives = PositiveCounter(len(train_loader.dataset.classes), opt.method == 'SupCon')
+    # multi-hot labels weigh positives by overlap: no per-class count describes them (0 and 1)
+    supervised = opt.method == 'SupCon' and not multilabel.is_multilabel(train_loader.dataset)
+    positives = PositiveCounter(len(train_loader.dataset.classes), supervised)
 
     end = time.time()
     for i, (images, labels) in enumerate(train_loader):

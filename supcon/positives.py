@@ -62,7 +62,8 @@ class PositiveCounter:
         """A float64 vector for step_statistics: [] unsupervised, else batch (+ queue) counts."""
         if not self.supervised:
             return torch.zeros(0, dtype=torch.float64, device=labels.device)
-        counts = [class_counts(labels, self.num_classes)]
+        # unlabelled images (label -1, --labelled_fraction) are shifted into bin 0 of their own
+        counts = [class_counts(labels + 1, self.num_classes + 1)]
         if queue_labels is not None:
             # unfilled queue rows hold label -1: shifted into a bin of their own, then dropped
             queue = class_counts(queue_labels + 1, self.num_classes + 1)[1:]
@@ -76,7 +77,14 @@ class PositiveCounter:
             mean, lonely, anchors = 0.0, 1.0, self.n_views * int(images)
         else:
             c = self.num_classes
-            queue = summed_counts[c : 2 * c] if len(summed_counts) > c else None
-            mean, lonely, anchors = positive_statistics(summed_counts[:c], queue, self.n_views)
+            unlabelled, batch = summed_counts[0], summed_counts[1 : c + 1]
+            queue = summed_counts[c + 1 : 2 * c + 1] if len(summed_counts) > c + 1 else None
+            mean, lonely, anchors = positive_statistics(batch, queue, self.n_views)
+            # an unlabelled anchor's only positives are its own views (SupConLoss's label -1)
+            extra = self.n_views * int(unlabelled)
+            if extra:
+                total = anchors + extra
+                mean, lonely = mean * anchors / total, (lonely * anchors + extra) / total
+                anchors = total
         meters[TAGS[0]].update(mean, anchors)
         meters[TAGS[1]].update(lonely, anchors)

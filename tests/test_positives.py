@@ -23,6 +23,9 @@ def plain_positives(labels, queue_labels=(), n_views=2):
     per_anchor = []
     for i, label in enumerate(labels):
         for _ in range(n_views):
+            if label == -1:  # unlabelled: only its own views (SupConLoss's rule)
+                per_anchor.append(0)
+                continue
             batch = sum(n_views for j, other in enumerate(labels) if j != i and other == label)
             queue = sum(1 for row in queue_labels if row == label)
             per_anchor.append(batch + queue)
@@ -79,8 +82,21 @@ def test_the_queue_counts_come_from_rank_0_only():
     """Ranks hold the same queue: only rank 0 puts it into the sum over ranks."""
     counter = PositiveCounter(3, supervised=True)
     labels, queue = torch.tensor([0, 1]), torch.tensor([2, 2, -1])
-    assert counter.step_counts(labels, queue, rank=0).tolist() == [1, 1, 0, 0, 0, 2]
-    assert counter.step_counts(labels, queue, rank=1).tolist() == [1, 1, 0, 0, 0, 0]
+    # bin 0 counts the unlabelled images (label -1), then one bin per class, then the queue's
+    assert counter.step_counts(labels, queue, rank=0).tolist() == [0, 1, 1, 0, 0, 0, 2]
+    assert counter.step_counts(labels, queue, rank=1).tolist() == [0, 1, 1, 0, 0, 0, 0]
+
+
+def test_unlabelled_anchors_have_only_their_own_views():
+    """--labelled_fraction's -1 labels: those anchors count, with no positive of their own."""
+    counter = PositiveCounter(3, supervised=True)
+    labels = [0, 0, -1, 1, -1, 0, 2, 2]
+    meters = fresh_meters()
+    counter.update(counter.step_counts(torch.tensor(labels)).tolist(), len(labels), meters)
+    expected = plain_positives(labels)
+    assert meters[TAGS[0]].avg == pytest.approx(statistics.mean(expected), rel=1e-12)
+    assert meters[TAGS[1]].avg == pytest.approx(np.mean([n == 0 for n in expected]))
+    assert meters[TAGS[0]].count == 2 * len(labels)
 
 
 def test_class_counts_and_the_plain_function():
