@@ -13,7 +13,7 @@ import torch
 from losses import SupConLoss
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupConResNet
-from supcon import data, options, runtime
+from supcon import data, options, probe, runtime
 from supcon.augment import add_augmentation_arguments, supcon_transform
 from supcon.moco import MomentumContrast
 from supcon.optim import build_optimizer
@@ -104,6 +104,7 @@ def parse_option(argv=None):
         ' split (of the held-out images with --val_split; 0 = off)',
     )
 
+    probe.add_arguments(parser)
     data.add_arguments(parser, test_folder=True, knn_only=True)
     add_augmentation_arguments(parser)
     runtime.add_runtime_arguments(parser)
@@ -136,6 +137,7 @@ def parse_option(argv=None):
                 f'--moco_m must be in [0, 1] (0 copies the trained encoder, 1 never'
                 f' updates the key encoder), got {opt.moco_m}'
             )
+    probe.check_options(opt)
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
@@ -227,11 +229,13 @@ def train(
     run,
     moco=None,
     device_augment=None,
+    heads=None,
 ):
     """One epoch of training; returns (loss, stopped_at).
 
     With ``moco`` the key encoder follows the model after every step and the step's keys
-    go into the queue; with ``device_augment`` the two views are made on the device.
+    go into the queue; with ``device_augment`` the two views are made on the device;
+    ``heads`` (supcon/probe.py) trains the online probe and adds --ce_weight's term.
     """
     model.train()
 
@@ -257,13 +261,16 @@ def train(
         images = runtime.to_device(images, rt)
         labels = labels.to(rt.device, non_blocking=True)
         bsz = labels.shape[0]
+        if i == 0:
+            run.log_views(images, epoch, views=2)
 
         # warm-up learning rate
         warmup_learning_rate(opt, epoch, step, total_steps, optimizer)
 
         # compute loss (SupConLoss works in float32 whatever autocast does)
         with runtime.autocast(rt):
-            features = model(images)
+            # the encoder's features come out of the same forward pass, for the heads
+            features, encoded = model(images, with_features=True)
         f1, f2 = torch.split(features, [bsz, bsz], dim=0)
         features = torch.cat([f1.unsqueeze(1), f2.unsqueeze(1)], dim=1)
         loss_labels = None if opt.method == 'SimCLR' else labels
@@ -273,10 +280,15 @@ def train(
             loss = moco(criterion, images, features, labels, loss_labels, rt, shuffle_seed)
         else:
             loss = criterion(features, loss_labels)
+        if heads is not None:
+            # --ce_weight's cross-entropy (else zero); the probe's loss, on detached features
+            loss = loss + heads(encoded, labels)
 
         # SGD
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if heads is not None:
+            heads.step(epoch, step, total_steps)  # the probe's own SGD step
         scaler.step(optimizer)
         scaler.update()
         if moco is not None:
@@ -309,6 +321,7 @@ def train(
                 ),
                 flush=True,
             )
+            run.log_step('loss_step', losses.val, epoch, step, total_steps)
         if stop:
             return losses.avg, step + 1
     return losses.avg, None
@@ -326,12 +339,27 @@ def main():
     # build model and criterion
     model, criterion, moco = set_model(opt, rt)
 
+    # the online probe and the --ce_weight classifier, on the encoder's features
+    heads = None
+    if opt.online_probe or opt.ce_weight:
+        width = probe.feature_width(runtime.unwrap(model))
+        heads = probe.ClassifierHeads(opt, rt, width, train_loader.dataset)
+
     # build optimizer
     optimizer = build_optimizer(opt, model)
+    if heads is not None:
+        heads.add_to_optimizer(optimizer, opt)
     scaler = runtime.make_scaler(rt)
 
     # resume, checkpoints and tensorboard
-    start_epoch = run.restore(model, optimizer, scaler, moco=moco)
+    start_epoch = run.restore(
+        model,
+        optimizer,
+        scaler,
+        moco=moco,
+        probe=getattr(heads, 'probe', None),
+        ce_classifier=getattr(heads, 'joint', None),
+    )
     logger = run.logger
     knn_monitor = None
     if opt.knn_every:
@@ -358,6 +386,7 @@ def main():
             run,
             moco=moco,
             device_augment=device_augment,
+            heads=heads,
         )
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
@@ -371,9 +400,16 @@ def main():
         if knn_monitor is not None and epoch % opt.knn_every == 0:
             knn_acc = knn_monitor(runtime.unwrap(model).encoder, epoch)
             logger.log_value('knn_acc', knn_acc, epoch)
+        if heads is not None and (epoch % opt.probe_every == 0 or epoch == opt.epochs):
+            for tag, value in heads.evaluate(runtime.unwrap(model).encoder, epoch).items():
+                logger.log_value(tag, value, epoch)
         logger.flush()
 
         run.end_epoch(epoch)
+
+    # the options and final metrics for TensorBoard's HPARAMS tab, once per run
+    metrics = ['loss'] + (['knn_acc'] if opt.knn_every else [])
+    run.log_hparams(metrics + (heads.tags() if heads is not None else []))
 
     # save the last model
     save_file = run.save('last.pth', opt.epochs)

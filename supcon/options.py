@@ -173,4 +173,6 @@ def extend_run_name(opt, stem=True):
         suffixes.append('key_encoder')
     if getattr(opt, 'val_split', 0):
         suffixes.append(f'val_{opt.val_split}')
+    if getattr(opt, 'ce_weight', 0):
+        suffixes.append(f'ce{opt.ce_weight}')
     opt.model_name = '_'.join([opt.model_name] + suffixes)

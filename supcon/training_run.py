@@ -34,7 +34,7 @@ from supcon.checkpoint import (
 from supcon.errors import NonFiniteLossError, UserError
 from supcon.options import plain_options
 from supcon.runtime import all_reduce_sum, cleanup_runtime, is_main_process, seed_everything
-from supcon.tb_logger import TBLogger
+from supcon.tb_logger import TBLogger, views_grid
 
 #: save folder (absolute) -> the last checkpoint a Run in this process saved or resumed from
 _LAST_GOOD = {}
@@ -101,6 +101,9 @@ class Run:
         'aug',
         'patch_size',
         'val_split',
+        'online_probe',
+        'probe_lr',
+        'ce_weight',
     )
 
     def __init__(self, opt, rt, meters=None):
@@ -119,6 +122,7 @@ class Run:
         self.stop = GracefulStop(opt.save_folder)
         self._writer = None
         self._notes = set()
+        self._trained = self._views_logged = False
         self._ckpt, self._ckpt_path = None, None
         self._check_writable()  # before any work: an epoch trained but not saved is lost
         self._remove_stale_temporaries()  # left by a kill during a save; never loaded
@@ -254,6 +258,7 @@ class Run:
 
     def begin_epoch(self, epoch, sampler):
         """Point the sampler at this epoch's order and past the steps a resumed epoch did."""
+        self._trained = True
         sampler.set_epoch(epoch)
         sampler.set_start(
             self.start_step * self.rt.local_batch_size if epoch == self.start_epoch else 0
@@ -351,6 +356,31 @@ class Run:
         if self._writer is None:
             self._writer = TBLogger(self.opt.tb_folder, purge_step=self.start_epoch)
         return self._writer
+
+    def log_step(self, name, value, epoch, step, steps_per_epoch):
+        """A scalar at the global step of ``step`` (0-based) of ``epoch``, under ``step/``."""
+        first = (self.start_epoch - 1) * steps_per_epoch + self.start_step + 1
+        global_step = (epoch - 1) * steps_per_epoch + step + 1
+        self.logger.log_step_value(name, value, global_step, purge_step=first)
+
+    def log_views(self, images, epoch, views=1):
+        """The grid of the run's first training batch under ``views`` (step 1), once per run:
+        a run resumed in epoch 1 writes it again (its purge hid the first one), a later one
+        does not."""
+        if epoch != 1 or self._views_logged or not is_main_process():
+            return
+        self._views_logged = True
+        from supcon.data import resolve_mean_std
+
+        mean, std = resolve_mean_std(self.opt.dataset, self.opt.mean, self.opt.std)
+        self.logger.log_image('views', views_grid(images, mean, std, views=views), 1)
+
+    def log_hparams(self, metrics):
+        """The options and the ``metrics`` tags for the HPARAMS tab, at the last epoch. Only a
+        process that trained writes it, so resuming a finished run adds no second record."""
+        if self._trained:
+            self.logger.log_hparams(self.options(), metrics, self.opt.epochs)
+            self.logger.flush()
 
     def close(self):
         if self._writer is not None:
