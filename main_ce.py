@@ -227,6 +227,8 @@ def main():
         run.extra = {'best_acc': best_acc, 'val_acc': val_acc}
         run.end_epoch(epoch)
 
+    # the options and final metrics for TensorBoard's HPARAMS tab, once per run
+    run.log_hparams(['train_loss', 'train_acc', 'val_loss', 'val_acc'])
     # save the last model
     run.save('last.pth', opt.epochs)
     run.close()

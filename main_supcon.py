@@ -340,10 +340,7 @@ def main():
     model, criterion, moco = set_model(opt, rt)
 
     # the online probe and the --ce_weight classifier, on the encoder's features
-    heads = None
-    if opt.online_probe or opt.ce_weight:
-        width = probe.feature_width(runtime.unwrap(model))
-        heads = probe.ClassifierHeads(opt, rt, width, train_loader.dataset)
+    heads = probe.build_heads(opt, rt, runtime.unwrap(model), train_loader.dataset)
 
     # build optimizer
     optimizer = build_optimizer(opt, model)

@@ -107,6 +107,15 @@ def check_options(opt):
             )
 
 
+def build_heads(opt, rt, model, train_set):
+    """The run's ``ClassifierHeads`` (on the device, the evaluation split loaded), or None
+    without --online_probe and --ce_weight. ``model`` is the bare SupConResNet."""
+    if not (opt.online_probe or opt.ce_weight):
+        return None
+    evaluation = EvaluationSplit(opt, rt, train_set)
+    return ClassifierHeads(opt, rt, feature_width(model), len(train_set.classes), evaluation)
+
+
 def feature_width(model):
     """The width of the encoder features of a (bare) SupConResNet: its head's input."""
     head = model.head
@@ -188,17 +197,16 @@ class ClassifierHeads(nn.Module):
     run's optimizer (``add_to_optimizer``), which gives it the encoder's schedule.
     """
 
-    def __init__(self, opt, rt, dim, train_set):
+    def __init__(self, opt, rt, dim, num_classes, evaluation=None):
         super().__init__()
         self.rt = rt
-        num_classes = len(train_set.classes)
         self.probe = None
         if opt.online_probe:
             self.probe = OnlineProbe(dim, num_classes, opt.probe_lr, opt.epochs, rt.device)
         self.joint = zero_linear(dim, num_classes).to(rt.device) if opt.ce_weight else None
         self.ce_weight = float(opt.ce_weight)
         self._probe_loss = None
-        self.evaluation = EvaluationSplit(opt, rt, train_set)
+        self.evaluation = evaluation  # an EvaluationSplit, for ``evaluate``
 
     def add_to_optimizer(self, optimizer, opt):
         """The joint classifier's parameters join ``optimizer`` (one more group, or two for

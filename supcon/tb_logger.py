@@ -154,3 +154,49 @@ def views_grid(images, mean, std, views=1, count=8, min_side=64):
         tiles = F.interpolate(tiles, scale_factor=scale, mode='nearest')
     per_row = views * (2 if views > 1 else count)
     return make_grid(tiles, nrow=per_row, padding=2, pad_value=1.0)
+
+
+def thumbnails(images, mean, std, side=32, count=None):
+    """Un-normalised [N, 3, s, s] thumbnails in [0, 1] for the projector's sprite: smaller
+    images enlarged by a whole factor (nearest neighbour), larger ones averaged down to ``side``;
+    ``count`` points fit TensorBoard's 8192-pixel sprite."""
+    images = images.detach().float().cpu()
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    images = (images * std + mean).clamp(0, 1)
+    n = count or images.shape[0]
+    side = min(side, max(1, 8192 // math.ceil(math.sqrt(n))))
+    current = images.shape[-1]
+    if current < side:
+        images = F.interpolate(images, scale_factor=side // current, mode='nearest')
+    elif current > side:
+        images = F.interpolate(images, size=(side, side), mode='area')
+    return images
+
+
+def write_projector(folder, features, labels, class_names, images, tag):
+    """The embedding projector's files in ``folder`` (``tensorboard --logdir folder``): an
+    event file, ``projector_config.pbtxt`` and, under ``00000/<tag>/``, the features
+    (tensors.tsv), a label and class name per row (metadata.tsv) and ``images``'s sprite.
+    Files of an earlier call with the same tag are replaced. Returns the config's path."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    embedding = os.path.join(folder, '00000', tag)
+    for name in ('tensors.tsv', 'metadata.tsv', 'sprite.png'):
+        if os.path.isfile(os.path.join(embedding, name)):
+            os.remove(os.path.join(embedding, name))
+    if os.path.isdir(embedding) and not os.listdir(embedding):
+        os.rmdir(embedding)  # add_embedding warns about an existing folder
+    metadata = [[int(label), class_names[int(label)]] for label in labels]
+    writer = SummaryWriter(log_dir=folder)
+    try:
+        writer.add_embedding(
+            features,
+            metadata=metadata,
+            label_img=images,
+            tag=tag,
+            metadata_header=['label', 'class'],
+        )
+    finally:
+        writer.close()
+    return os.path.join(folder, 'projector_config.pbtxt')
