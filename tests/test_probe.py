@@ -315,8 +315,8 @@ def script_args(images, **changes):
     ]
 
 
-VARIANTS = {
-    'probe': {'online_probe': True, 'probe_lr': 0.3},
+VARIANTS = {  # the probe on SimCLR (labels only for the probe), the joint term on SupCon
+    'probe': {'online_probe': True, 'probe_lr': 0.3, 'method': 'SimCLR'},
     'ce': {'ce_weight': 0.5},
 }
 
