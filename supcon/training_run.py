@@ -377,9 +377,11 @@ class Run:
 
     def log_hparams(self, metrics):
         """The options and the ``metrics`` tags for the HPARAMS tab, at the last epoch. Only a
-        process that trained writes it, so resuming a finished run adds no second record."""
+        process that trained writes it, so resuming a finished run adds no second record;
+        ``--resume`` is left out, so a resumed run's record is an uninterrupted one's."""
         if self._trained:
-            self.logger.log_hparams(self.options(), metrics, self.opt.epochs)
+            options = {k: v for k, v in self.options().items() if k != 'resume'}
+            self.logger.log_hparams(options, metrics, self.opt.epochs)
             self.logger.flush()
 
     def close(self):
