@@ -288,7 +288,8 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if heads is not None:
-            heads.step(epoch, step, total_steps)  # the probe's own SGD step
+            # the probe's own SGD step; both classifiers' gradients averaged over ranks
+            heads.step(epoch, step, total_steps)
         scaler.step(optimizer)
         scaler.update()
         if moco is not None:
