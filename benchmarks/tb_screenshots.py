@@ -5,13 +5,13 @@
     python benchmarks/tb_screenshots.py --tb_run DIR --projector DIR   # an existing run
 
 Not run by the tests. ``--train`` pretrains SupCon on digits with demo_digits.sh's settings and
-``--online_probe`` (``--epochs`` epochs, ``--print_freq 3`` so ``loss_step`` has points), then
-draws ``main_tsne.py --projector`` of its last.pth. The run's TensorBoard folder and the projector
-folder are copied into one temporary log folder, TensorBoard serves it, and Chromium (driven over
-the DevTools protocol, so each page gets real seconds to fetch its data and render) saves
-``tb_scalars.png`` (loss, loss_step, probe_acc, probe_loss on the time series dashboard),
-``tb_images.png`` (the views grid),
-``tb_projector.png`` (the features with their thumbnails) and ``tb_hparams.png`` under ``--out``.
+``--online_probe`` (``--epochs`` epochs, ``--print_freq 3`` so ``loss_step`` has points; a run
+whose last.pth exists is reused), then draws ``main_tsne.py --projector`` of its last.pth. The
+run's TensorBoard folder and the projector folder are copied into one temporary log folder,
+TensorBoard serves it, and Chromium (driven over the DevTools protocol, so each page gets real
+seconds to fetch its data and render) saves under ``--out``: ``tb_scalars.png`` (loss, loss_step,
+probe_acc, probe_loss on the time series dashboard), ``tb_images.png`` (the views grid),
+``tb_projector.png`` (the features with their thumbnails) and ``tb_hparams.png``.
 """
 
 import argparse
@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 # the time series dashboard's tag filter, typed in (its legacy SCALARS tab drew no lines headless)
 FILTER_TAGS = """(() => {
   document.querySelector('button[aria-label="Close side pane"]').click();
@@ -51,12 +52,13 @@ def train(epochs, work):
     args = common + ['--method', 'SupCon', '--batch_size', '128', '--learning_rate', '0.03']
     args += ['--temp', '0.1', '--cosine', '--epochs', str(epochs), '--save_freq', str(epochs)]
     args += ['--print_freq', '3', '--online_probe', '--trial', 'tb_screenshots']
-    subprocess.run([sys.executable, str(REPO / 'main_supcon.py')] + args, cwd=work, env=env,
-                   check=True)  # fmt: skip
     import main_supcon
 
     opt = main_supcon.parse_option(args)
     ckpt = Path(work) / opt.save_folder / 'last.pth'
+    if not ckpt.exists():  # a finished run is reused: only the pictures are taken again
+        subprocess.run([sys.executable, str(REPO / 'main_supcon.py')] + args, cwd=work, env=env,
+                       check=True)  # fmt: skip
     out = ckpt.with_name('last_tsne_encoder.png')
     tsne = common + ['--ckpt', str(ckpt), '--out', str(out), '--projector']
     subprocess.run([sys.executable, str(REPO / 'main_tsne.py')] + tsne, cwd=work, env=env,
