@@ -17,9 +17,6 @@ from supcon.runtime import is_main_process
 
 #: the sub-folder (a run of its own in TensorBoard) of the scalars whose step is the global step
 STEP_RUN = 'step'
-#: the options the HPARAMS tab lists first (it shows the first few columns by default)
-FIRST_HPARAMS = ('method', 'model', 'dataset', 'learning_rate', 'batch_size', 'epochs', 'temp')
-FIRST_HPARAMS += ('online_probe', 'probe_lr', 'ce_weight', 'seed', 'trial')
 
 
 def wait_for_a_later_second(log_dir):
@@ -99,10 +96,7 @@ class TBLogger:
             return
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-        # the tab shows the first few columns: what tells runs apart comes first
-        first = [key for key in FIRST_HPARAMS if key in hparams]
-        order = first + sorted(key for key in hparams if key not in first)
-        plain = {key: plain_hparam(hparams[key]) for key in order}
+        plain = {key: plain_hparam(value) for key, value in sorted(hparams.items())}
         summaries = hparams_summaries(
             {k: v for k, v in plain.items() if v is not None}, dict.fromkeys(metrics)
         )
