@@ -250,6 +250,8 @@ def main():
             run.extra['class_counts'] = list(class_counts)
         run.end_epoch(epoch)
 
+    # the options and final metrics for TensorBoard's HPARAMS tab, once per run
+    run.log_hparams(['train_loss', 'train_acc', 'val_loss', 'val_acc'])
     # save the last model
     run.save('last.pth', opt.epochs)
     run.close()

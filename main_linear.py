@@ -315,6 +315,8 @@ def main():
             run.extra['val_f1'] = val_f1
         run.end_epoch(epoch)
 
+    # the options and final metrics for TensorBoard's HPARAMS tab, once per run
+    run.log_hparams(['train_loss', 'train_acc', 'val_loss', 'val_acc'])
     run.save('last.pth', opt.epochs)
     run.close()
     check_encoder_unchanged(encoder, encoder_snapshot)

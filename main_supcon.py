@@ -5,7 +5,6 @@ on CPU, on one or several GPUs, and under torchrun (see README.md).
 """
 
 import argparse
-import math
 import os
 import time
 
@@ -14,10 +13,10 @@ import torch
 from losses import SupConLoss
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupConResNet
-from supcon import balanced, data, multilabel, options, partial_labels, runtime
+from supcon import balanced, data, multilabel, options, partial_labels, probe, runtime
 from supcon.augment import add_augmentation_arguments, supcon_transform
 from supcon.distributed import note
-from supcon.moco import MomentumContrast
+from supcon.moco import MomentumContrast, moco_options, note_queue_length
 from supcon.optim import build_optimizer
 from supcon.positives import TAGS as POSITIVES_TAGS
 from supcon.positives import PositiveCounter
@@ -117,6 +116,7 @@ def parse_option(argv=None):
         ' split (of the held-out images with --val_split; 0 = off)',
     )
 
+    probe.add_arguments(parser)
     data.add_arguments(parser, test_folder=True, knn_only=True, imbalance=True)
     balanced.add_arguments(parser)
     add_augmentation_arguments(parser)
@@ -146,37 +146,17 @@ def parse_option(argv=None):
             f' accuracy is never measured; use --knn_every {opt.epochs} or less'
         )
     data.check_test_folder(opt, reads_test=opt.knn_every > 0)
-    if not opt.moco and (opt.moco_k is not None or opt.moco_m is not None):
-        raise UserError('--moco_k/--moco_m only act with --moco; add --moco or drop them')
-    if opt.moco:
-        opt.moco_k = 4096 if opt.moco_k is None else opt.moco_k
-        opt.moco_m = 0.999 if opt.moco_m is None else opt.moco_m
-        if opt.moco_k < 1:
-            raise UserError(f'--moco_k must be a positive queue length, got {opt.moco_k}')
-        if not 0 <= opt.moco_m <= 1:
-            raise UserError(
-                f'--moco_m must be in [0, 1] (0 copies the trained encoder, 1 never'
-                f' updates the key encoder), got {opt.moco_m}'
-            )
-        if opt.moco_m == 1:
-            note(
-                '--moco_m 1 never updates the key encoder: its keys come from its random'
-                ' initial weights all run long (MoCo uses 0.99 to 0.999)'
-            )
+    moco_options(opt)
+    probe.check_options(opt)
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
+    # the reference's run name, character for character
     opt.model_name = '{}_{}_{}_lr_{}_decay_{}_bsz_{}_temp_{}_trial_{}'.format(
-        opt.method,
-        opt.dataset,
-        opt.model,
-        opt.learning_rate,
-        opt.weight_decay,
-        opt.batch_size,
-        opt.temp,
-        opt.trial,
-    )
+        opt.method, opt.dataset, opt.model, opt.learning_rate, opt.weight_decay,
+        opt.batch_size, opt.temp, opt.trial,
+    )  # fmt: skip
     if opt.cosine:
         opt.model_name = '{}_cosine'.format(opt.model_name)
     # warm-up for large-batch training (forced above 256, as the reference)
@@ -186,17 +166,6 @@ def parse_option(argv=None):
     opt.tb_folder = os.path.join(opt.tb_path, opt.model_name)
     opt.save_folder = os.path.join(opt.model_path, opt.model_name)
     return opt
-
-
-def note_queue_length(opt, n_images):
-    """Note a --moco queue longer than the training images (docs/small-batches.md)."""
-    if opt.moco and opt.moco_k > n_images:
-        below = 2 ** int(math.log2(n_images))
-        note(
-            f'--moco_k {opt.moco_k} is longer than the {n_images} training images: the queue'
-            f' holds stale keys of the same images from earlier epochs; docs/small-batches.md'
-            f' keeps it well below the data set (e.g. --moco_k {below} or less)'
-        )
 
 
 def set_loader(opt, rt):
@@ -270,11 +239,13 @@ def train(
     run,
     moco=None,
     device_augment=None,
+    heads=None,
 ):
     """One epoch of training; returns (loss, stopped_at).
 
     With ``moco`` the key encoder follows the model after every step and the step's keys
-    go into the queue; with ``device_augment`` the two views are made on the device.
+    go into the queue; with ``device_augment`` the two views are made on the device;
+    ``heads`` (supcon/probe.py) trains the online probe and adds --ce_weight's term.
     Updates ``run``'s meters: the loss and the positives per anchor (``supcon.positives``).
     """
     model.train()
@@ -304,13 +275,16 @@ def train(
         images = runtime.to_device(images, rt)
         labels = labels.to(rt.device, non_blocking=True)
         bsz = labels.shape[0]
+        if i == 0:
+            run.log_views(images, epoch, views=2)
 
         # warm-up learning rate
         warmup_learning_rate(opt, epoch, step, total_steps, optimizer)
 
         # compute loss (SupConLoss works in float32 whatever autocast does)
         with runtime.autocast(rt):
-            features = model(images)
+            # the encoder's features come out of the same forward pass, for the heads
+            features, encoded = model(images, with_features=True)
         f1, f2 = torch.split(features, [bsz, bsz], dim=0)
         features = torch.cat([f1.unsqueeze(1), f2.unsqueeze(1)], dim=1)
         loss_labels = None if opt.method == 'SimCLR' else labels
@@ -320,6 +294,9 @@ def train(
             loss = moco(criterion, images, features, labels, loss_labels, rt, shuffle_seed)
         else:
             loss = criterion(features, loss_labels)
+        if heads is not None:
+            # --ce_weight's cross-entropy (else zero); the probe's loss, on detached features
+            loss = loss + heads(encoded, labels)
         # class counts of this batch (and of the queue the loss just saw), summed over ranks below
         counts = positives.step_counts(
             labels, moco.queue.labels if moco is not None else None, rt.rank
@@ -328,6 +305,9 @@ def train(
         # SGD
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if heads is not None:
+            # the probe's own SGD step; both classifiers' gradients averaged over ranks
+            heads.step(epoch, step, total_steps)
         scaler.step(optimizer)
         scaler.update()
         if moco is not None:
@@ -361,6 +341,7 @@ def train(
                 ),
                 flush=True,
             )
+            run.log_step('loss_step', losses.val, epoch, step, total_steps)
         if stop:
             return losses.avg, step + 1
     return losses.avg, None
@@ -380,12 +361,24 @@ def main():
     # build model and criterion
     model, criterion, moco = set_model(opt, rt)
 
+    # the online probe and the --ce_weight classifier, on the encoder's features
+    heads = probe.build_heads(opt, rt, runtime.unwrap(model), train_loader.dataset)
+
     # build optimizer
     optimizer = build_optimizer(opt, model)
+    if heads is not None:
+        heads.add_to_optimizer(optimizer, opt)
     scaler = runtime.make_scaler(rt)
 
     # resume, checkpoints and tensorboard
-    start_epoch = run.restore(model, optimizer, scaler, moco=moco)
+    start_epoch = run.restore(
+        model,
+        optimizer,
+        scaler,
+        moco=moco,
+        probe=getattr(heads, 'probe', None),
+        ce_classifier=getattr(heads, 'joint', None),
+    )
     logger = run.logger
     knn_monitor = None
     if opt.knn_every:
@@ -412,6 +405,7 @@ def main():
             run,
             moco=moco,
             device_augment=device_augment,
+            heads=heads,
         )
         if stopped_at is not None:
             run.interrupted(epoch, stopped_at)
@@ -432,9 +426,16 @@ def main():
         if knn_monitor is not None and epoch % opt.knn_every == 0:
             knn_acc = knn_monitor(runtime.unwrap(model).encoder, epoch)
             logger.log_value('knn_acc', knn_acc, epoch)
+        if heads is not None and (epoch % opt.probe_every == 0 or epoch == opt.epochs):
+            for tag, value in heads.evaluate(runtime.unwrap(model).encoder, epoch).items():
+                logger.log_value(tag, value, epoch)
         logger.flush()
 
         run.end_epoch(epoch)
+
+    # the options and final metrics for TensorBoard's HPARAMS tab, once per run
+    metrics = ['loss'] + (['knn_acc'] if opt.knn_every else [])
+    run.log_hparams(metrics + (heads.tags() if heads is not None else []))
 
     # save the last model
     save_file = run.save('last.pth', opt.epochs)

@@ -100,6 +100,12 @@ def parse_option(argv=None):
         default=16,
         help='data loading workers, capped at the CPUs present',
     )
+    parser.add_argument(
+        '--projector',
+        action='store_true',
+        help='also write the features, labels and image thumbnails for TensorBoard\'s embedding'
+        ' projector in <--out without .png>_projector/ (tensorboard --logdir that folder)',
+    )
 
     data.add_arguments(parser, test_folder=True)
     runtime.add_runtime_arguments(parser, training=False)
@@ -345,6 +351,32 @@ def plot(points, labels, names, title, opt):
     return fig
 
 
+def write_projector(loader, features, labels, class_names, opt):
+    """The embedding projector's files next to the figure, thumbnails from the same images."""
+    from supcon.tb_logger import thumbnails
+    from supcon.tb_logger import write_projector as write_files
+
+    subset = loader.dataset.dataset  # the loader's class-balanced Subset, in its order
+    images = torch.stack([subset[i][0] for i in range(len(subset))])
+    mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+    folder = os.path.splitext(opt.out)[0] + '_projector'
+    try:
+        config = write_files(
+            folder,
+            features,
+            labels,
+            class_names,
+            thumbnails(images, mean, std),
+            tag=opt.features,
+        )
+    except OSError as exc:
+        raise UserError(
+            f'--projector: cannot write {folder} ({exc.strerror or exc}); pass an --out in a'
+            f' folder you can write to'
+        ) from None
+    print(f'wrote {config} (tensorboard --logdir {folder})', flush=True)
+
+
 def main():
     opt = parse_option()
     rt = runtime.setup_runtime(opt)
@@ -386,6 +418,8 @@ def main():
     finally:
         plt.close(fig)
     print(f'wrote {opt.out}', flush=True)
+    if opt.projector:
+        write_projector(loader, features, labels, class_names, opt)
 
 
 if __name__ == '__main__':

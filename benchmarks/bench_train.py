@@ -51,6 +51,8 @@ CONFIGS = {
     'amp-matmul-wgrad': ['--amp', '--cpu_bf16_wgrad', 'matmul'],
     'fp32+gpu_aug': ['--gpu_aug'],  # augmentation as batched tensor ops on the device (kornia)
     'amp+gpu_aug': ['--amp', '--gpu_aug'],
+    'amp+probe': ['--amp', '--online_probe'],  # the linear probe's step (bench_probe.py: its share)
+    'amp+ce': ['--amp', '--ce_weight', '0.5'],
 }
 DEFAULT_CONFIGS = {
     'cpu': ['fp32', 'amp', 'amp-matmul-wgrad', 'amp-no-cl', 'fp32+cl', 'compile', 'amp+compile'],
@@ -103,17 +105,20 @@ def build_run(argv):
     """Everything main_supcon.main() builds before its epoch loop, in the same order."""
     import main_supcon
     import util
-    from supcon import runtime, training_run
+    from supcon import probe, runtime, training_run
 
     opt = main_supcon.parse_option(argv)
     rt = runtime.setup_runtime(opt)
     run = training_run.Run(opt, rt, meters={'loss': util.AverageMeter()})
     train_loader, train_sampler, device_augment = main_supcon.set_loader(opt, rt)
     model, criterion, moco = main_supcon.set_model(opt, rt)
+    heads = probe.build_heads(opt, rt, runtime.unwrap(model), train_loader.dataset)
     optimizer = util.set_optimizer(opt, model)
+    if heads is not None:
+        heads.add_to_optimizer(optimizer, opt)
     scaler = runtime.make_scaler(rt)
     run.restore(model, optimizer, scaler)
-    extra = dict(moco=moco, device_augment=device_augment)
+    extra = dict(moco=moco, device_augment=device_augment, heads=heads)
     return opt, rt, run, train_loader, train_sampler, model, criterion, optimizer, scaler, extra
 
 

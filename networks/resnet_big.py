@@ -218,11 +218,14 @@ class SupConResNet(nn.Module):
         else:
             raise ValueError(f"unknown head {head!r}; expected 'mlp' or 'linear'")
 
-    def forward(self, x):
+    def forward(self, x, with_features=False):
         feat = self.encoder(x)
         # Normalising here puts every embedding on the unit sphere, so the loss's dot
         # products are cosine similarities and the temperature alone sets their scale.
-        return F.normalize(self.head(feat), dim=1)
+        out = F.normalize(self.head(feat), dim=1)
+        # with_features: the encoder's output too, for classifiers on it (supcon/probe.py),
+        # so a training step needs no second forward pass
+        return (out, feat) if with_features else out
 
 
 class SupCEResNet(nn.Module):

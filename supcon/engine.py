@@ -67,6 +67,8 @@ def train_classifier(
         images = to_device(images, rt)
         labels = labels.to(rt.device, non_blocking=True)
         bsz = labels.shape[0]
+        if i == 0:
+            run.log_views(images, epoch)
 
         warmup_learning_rate(opt, epoch, step, total_steps, optimizer)
 
@@ -112,6 +114,7 @@ def train_classifier(
                 ),
                 flush=True,
             )
+            run.log_step('loss_step', losses.val, epoch, step, total_steps)
         if stop:
             return losses.avg, top1.avg, step + 1
     return losses.avg, top1.avg, None

@@ -12,12 +12,14 @@ or with a world size of 1, the helpers work on the local tensors alone.
 """
 
 import copy
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from supcon.distributed import all_gather_rows, get_rank, get_world_size
+from supcon.distributed import all_gather_rows, get_rank, get_world_size, note
+from supcon.errors import UserError
 
 
 @torch.no_grad()
@@ -246,3 +248,35 @@ class MomentumContrast(nn.Module):
         for view_keys in (k1, k2):
             self.queue.enqueue(view_keys, labels)
         self._step_keys = None
+
+
+def moco_options(opt):
+    """Check --moco / --moco_k / --moco_m at parse time and fill in the defaults (4096, 0.999)."""
+    if not opt.moco and (opt.moco_k is not None or opt.moco_m is not None):
+        raise UserError('--moco_k/--moco_m only act with --moco; add --moco or drop them')
+    if opt.moco:
+        opt.moco_k = 4096 if opt.moco_k is None else opt.moco_k
+        opt.moco_m = 0.999 if opt.moco_m is None else opt.moco_m
+        if opt.moco_k < 1:
+            raise UserError(f'--moco_k must be a positive queue length, got {opt.moco_k}')
+        if not 0 <= opt.moco_m <= 1:
+            raise UserError(
+                f'--moco_m must be in [0, 1] (0 copies the trained encoder, 1 never'
+                f' updates the key encoder), got {opt.moco_m}'
+            )
+        if opt.moco_m == 1:
+            note(
+                '--moco_m 1 never updates the key encoder: its keys come from its random'
+                ' initial weights all run long (MoCo uses 0.99 to 0.999)'
+            )
+
+
+def note_queue_length(opt, n_images):
+    """Note a --moco queue longer than the training images (docs/small-batches.md)."""
+    if opt.moco and opt.moco_k > n_images:
+        below = 2 ** int(math.log2(n_images))
+        note(
+            f'--moco_k {opt.moco_k} is longer than the {n_images} training images: the queue'
+            f' holds stale keys of the same images from earlier epochs; docs/small-batches.md'
+            f' keeps it well below the data set (e.g. --moco_k {below} or less)'
+        )

@@ -201,6 +201,8 @@ def extend_run_name(opt, stem=True):
         suffixes.append(f'balanced_m{opt.m_per_class}')
     if getattr(opt, 'imbalance_ratio', None) not in (None, 1):
         suffixes.append(f'imb{opt.imbalance_ratio:g}')
+    if getattr(opt, 'ce_weight', 0):
+        suffixes.append(f'ce{opt.ce_weight}')
     opt.model_name = '_'.join([opt.model_name] + suffixes)
 
 

@@ -1,13 +1,22 @@
 """TensorBoard logging in the reference's ``tensorboard_logger`` style, through SummaryWriter.
 
 The reference logged with ``tensorboard_logger``, which crashes with protobuf >= 4;
-``TBLogger.log_value(name, value, step)`` keeps its calls and folders.
+``TBLogger.log_value(name, value, step)`` keeps its calls and folders. Beyond the reference's
+epoch scalars (docs/monitoring.md): a grid of training views (``log_image``), scalars per step
+(``log_step_value``, in the sub-run ``step/``) and the HPARAMS tab's record (``log_hparams``).
 """
 
+import math
 import os
 import time
 
+import torch
+import torch.nn.functional as F
+
 from supcon.runtime import is_main_process
+
+#: the sub-folder (a run of its own in TensorBoard) of the scalars whose step is the global step
+STEP_RUN = 'step'
 
 
 def wait_for_a_later_second(log_dir):
@@ -36,11 +45,15 @@ class TBLogger:
     so a run killed after logging but before saving shows no duplicated step.
     The folder and its event file are made at the first ``log_value``, so a run that
     fails before it has anything to log leaves no empty TensorBoard folder behind.
+
+    Per-step scalars go to a second writer in ``<log_dir>/step``: a purge hides every tag's
+    events at or after its step, and epoch numbers and global steps cannot share one.
     """
 
     def __init__(self, log_dir, purge_step=None):
         self.log_dir, self.purge_step = log_dir, purge_step
         self.writer = None
+        self.step_writer = None
         self.closed = False
 
     def _open(self):
@@ -56,12 +69,134 @@ class TBLogger:
         if writer is not None:
             writer.add_scalar(name, value, step)
 
+    def log_image(self, name, image, step):
+        """``image`` [3, H, W] with values in [0, 1] (see ``views_grid``)."""
+        writer = self._open()
+        if writer is not None:
+            writer.add_image(name, image, step)
+
+    def log_step_value(self, name, value, step, purge_step):
+        """A scalar at global step ``step``, in the sub-run ``step/``; ``purge_step`` (the first
+        global step of this process) hides what a killed run logged from there on."""
+        if self.step_writer is None and not self.closed and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+
+            folder = os.path.join(self.log_dir, STEP_RUN)
+            wait_for_a_later_second(folder)
+            self.step_writer = SummaryWriter(log_dir=folder, purge_step=purge_step)
+        if self.step_writer is not None:
+            self.step_writer.add_scalar(name, value, step)
+
+    def log_hparams(self, hparams, metrics, step):
+        """The HPARAMS tab's record of this run: ``hparams`` {name: value} and the tags of
+        ``metrics``, whose last logged values the tab shows. Written at ``step`` (the run's
+        last epoch), so a fresh run in the same folder purges it with the scalars."""
+        writer = self._open()
+        if writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        plain = {key: plain_hparam(value) for key, value in sorted(hparams.items())}
+        summaries = hparams_summaries(
+            {k: v for k, v in plain.items() if v is not None}, dict.fromkeys(metrics)
+        )
+        for summary in summaries:  # experiment, session start, session end
+            writer._get_file_writer().add_summary(summary, step)
+
     def flush(self):
-        if self.writer is not None:
-            self.writer.flush()
+        for writer in (self.writer, self.step_writer):
+            if writer is not None:
+                writer.flush()
 
     def close(self):
         self.closed = True
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        for writer in (self.writer, self.step_writer):
+            if writer is not None:
+                writer.close()
+        self.writer = self.step_writer = None
+
+
+def plain_hparam(value):
+    """A value the HPARAMS tab can show: numbers as they are, switches and lists as text, and
+    None (an option left at "not given") left out."""
+    if value is None:
+        return None
+    if isinstance(value, bool):  # not a number 0/1 in the table
+        return str(value)
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return ','.join(str(v) for v in value)
+    return str(value)
+
+
+def views_grid(images, mean, std, views=1, count=8, min_side=64):
+    """A [3, H, W] grid in [0, 1] of the first ``count`` images of a batch, un-normalised.
+
+    ``images`` holds ``views`` stacked view-major ([views * bsz, 3, h, w], as main_supcon.py
+    feeds the network): each image's views are shown side by side, two images to a row of
+    the grid. Tiles are enlarged (nearest neighbour) to at least ``min_side`` pixels, so
+    8x8 digits are visible in TensorBoard's image card.
+    """
+    from torchvision.utils import make_grid
+
+    images = images.detach().float().cpu()
+    bsz = images.shape[0] // views
+    count = min(count, bsz)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    # tiles: image 0 view 1, image 0 view 2, image 1 view 1, ...
+    tiles = torch.stack([images[v * bsz : v * bsz + count] for v in range(views)], dim=1)
+    tiles = (tiles.flatten(0, 1) * std + mean).clamp(0, 1)
+    side = tiles.shape[-1]
+    if side < min_side:
+        scale = math.ceil(min_side / side)
+        tiles = F.interpolate(tiles, scale_factor=scale, mode='nearest')
+    per_row = views * (2 if views > 1 else count)
+    return make_grid(tiles, nrow=per_row, padding=2, pad_value=1.0)
+
+
+def thumbnails(images, mean, std, side=32, count=None):
+    """Un-normalised [N, 3, s, s] thumbnails in [0, 1] for the projector's sprite: smaller
+    images enlarged by a whole factor (nearest neighbour), larger ones averaged down to ``side``;
+    ``count`` points fit TensorBoard's 8192-pixel sprite."""
+    images = images.detach().float().cpu()
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    images = (images * std + mean).clamp(0, 1)
+    n = count or images.shape[0]
+    side = min(side, max(1, 8192 // math.ceil(math.sqrt(n))))
+    current = images.shape[-1]
+    if current < side:
+        images = F.interpolate(images, scale_factor=side // current, mode='nearest')
+    elif current > side:
+        images = F.interpolate(images, size=(side, side), mode='area')
+    return images
+
+
+def write_projector(folder, features, labels, class_names, images, tag):
+    """The embedding projector's files in ``folder`` (``tensorboard --logdir folder``): an
+    event file, ``projector_config.pbtxt`` and, under ``00000/<tag>/``, the features
+    (tensors.tsv), a label and class name per row (metadata.tsv) and ``images``'s sprite.
+    Files of an earlier call with the same tag are replaced. Returns the config's path."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    embedding = os.path.join(folder, '00000', tag)
+    for name in ('tensors.tsv', 'metadata.tsv', 'sprite.png'):
+        if os.path.isfile(os.path.join(embedding, name)):
+            os.remove(os.path.join(embedding, name))
+    if os.path.isdir(embedding) and not os.listdir(embedding):
+        os.rmdir(embedding)  # add_embedding warns about an existing folder
+    metadata = [[int(label), class_names[int(label)]] for label in labels]
+    writer = SummaryWriter(log_dir=folder)
+    try:
+        writer.add_embedding(
+            features,
+            metadata=metadata,
+            label_img=images,
+            tag=tag,
+            metadata_header=['label', 'class'],
+        )
+    finally:
+        writer.close()
+    return os.path.join(folder, 'projector_config.pbtxt')

@@ -35,7 +35,7 @@ from supcon.checkpoint import (
 from supcon.errors import NonFiniteLossError, UserError
 from supcon.options import plain_options
 from supcon.runtime import all_reduce_sum, cleanup_runtime, is_main_process, seed_everything
-from supcon.tb_logger import TBLogger
+from supcon.tb_logger import TBLogger, views_grid
 
 #: save folder (absolute) -> the last checkpoint a Run in this process saved or resumed from
 _LAST_GOOD = {}
@@ -76,41 +76,13 @@ class Run:
 
     #: Options that define the run: resuming with another value is refused.
     FIXED = (
-        'model',
-        'dataset',
-        'method',
-        'batch_size',
-        'size',
-        'stem',
-        'head',
-        'feat_dim',
-        'temp',
-        'ckpt',
-        'seed',
-        'learning_rate',
-        'cosine',
-        'num_classes',
-        'weight_decay',
-        'momentum',
-        'lr_decay_rate',
-        'lr_decay_epochs',
-        'warm',
-        'moco',
-        'moco_k',
-        'moco_m',
-        'optimizer',
-        'aug',
-        'patch_size',
-        'pretrained',
-        'val_split',
-        'labelled_fraction',
-        'labelled_only',
-        'multilabel',
-        'linear_labels',
-        'sampler',
-        'm_per_class',
-        'imbalance_ratio',
-    )
+        'model', 'dataset', 'method', 'batch_size', 'size', 'stem', 'head', 'feat_dim', 'temp',
+        'ckpt', 'seed', 'learning_rate', 'cosine', 'num_classes', 'weight_decay', 'momentum',
+        'lr_decay_rate', 'lr_decay_epochs', 'warm', 'moco', 'moco_k', 'moco_m', 'optimizer',
+        'aug', 'patch_size', 'pretrained', 'val_split', 'labelled_fraction', 'labelled_only',
+        'multilabel', 'linear_labels', 'sampler', 'm_per_class', 'imbalance_ratio',
+        'online_probe', 'probe_lr', 'ce_weight',
+    )  # fmt: skip
 
     def __init__(self, opt, rt, meters=None):
         """Find and read the ``--resume`` checkpoint; call before building loaders.
@@ -128,6 +100,7 @@ class Run:
         self.stop = GracefulStop(opt.save_folder)
         self._writer = None
         self._notes = set()
+        self._trained = self._views_logged = False
         self._ckpt, self._ckpt_path = None, None
         self._claim_folder()  # before any work: an epoch trained but not saved is lost
         self._remove_stale_temporaries()  # left by a kill during a save; never loaded
@@ -276,6 +249,7 @@ class Run:
 
     def begin_epoch(self, epoch, sampler):
         """Point the sampler at this epoch's order and past the steps a resumed epoch did."""
+        self._trained = True
         sampler.set_epoch(epoch)
         sampler.set_start(
             self.start_step * self.rt.local_batch_size if epoch == self.start_epoch else 0
@@ -379,6 +353,33 @@ class Run:
         if self._writer is None:
             self._writer = TBLogger(self.opt.tb_folder, purge_step=self.start_epoch)
         return self._writer
+
+    def log_step(self, name, value, epoch, step, steps_per_epoch):
+        """A scalar at the global step of ``step`` (0-based) of ``epoch``, under ``step/``."""
+        first = (self.start_epoch - 1) * steps_per_epoch + self.start_step + 1
+        global_step = (epoch - 1) * steps_per_epoch + step + 1
+        self.logger.log_step_value(name, value, global_step, purge_step=first)
+
+    def log_views(self, images, epoch, views=1):
+        """The grid of the run's first training batch under ``views`` (step 1), once per run:
+        a run resumed in epoch 1 writes it again (its purge hid the first one), a later one
+        does not."""
+        if epoch != 1 or self._views_logged or not is_main_process():
+            return
+        self._views_logged = True
+        from supcon.data import resolve_mean_std
+
+        mean, std = resolve_mean_std(self.opt.dataset, self.opt.mean, self.opt.std)
+        self.logger.log_image('views', views_grid(images, mean, std, views=views), 1)
+
+    def log_hparams(self, metrics):
+        """The options and the ``metrics`` tags for the HPARAMS tab, at the last epoch. Only a
+        process that trained writes it, so resuming a finished run adds no second record;
+        ``--resume`` is left out, so a resumed run's record is an uninterrupted one's."""
+        if self._trained:
+            options = {k: v for k, v in self.options().items() if k != 'resume'}
+            self.logger.log_hparams(options, metrics, self.opt.epochs)
+            self.logger.flush()
 
     def close(self):
         """Close TensorBoard and let another run write the save folder (its lock goes)."""
