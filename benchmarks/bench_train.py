@@ -81,6 +81,10 @@ class TimedBatches:
     def __len__(self):
         return self.limit
 
+    @property
+    def dataset(self):  # train() reads the classes (positives per anchor) from its loader's data
+        return self.loader.dataset
+
     def _batches(self):
         while True:
             self.sampler.set_epoch(self.epoch)
@@ -109,7 +113,11 @@ def build_run(argv):
 
     opt = main_supcon.parse_option(argv)
     rt = runtime.setup_runtime(opt)
-    run = training_run.Run(opt, rt, meters={'loss': util.AverageMeter()})
+    from supcon.positives import TAGS
+
+    # the meters main_supcon.main() gives its Run: the loss and the positives per anchor
+    meters = {name: util.AverageMeter() for name in ('loss',) + TAGS}
+    run = training_run.Run(opt, rt, meters=meters)
     train_loader, train_sampler, device_augment = main_supcon.set_loader(opt, rt)
     model, criterion, moco = main_supcon.set_model(opt, rt)
     heads = probe.build_heads(opt, rt, runtime.unwrap(model), train_loader.dataset)
