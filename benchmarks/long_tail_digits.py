@@ -153,16 +153,16 @@ class LongTailBench(Bench):
         )
 
     def lt_table(self, validation, chosen, per_seed):
-        def mean_std(values):
+        def mean_std(values, digits=2):
             values = [float(v) for v in values]
             std = statistics.stdev(values) if len(values) > 1 else float('nan')
-            return f'{statistics.mean(values):.2f} ± {std:.2f}'
+            return f'{statistics.mean(values):.{digits}f} ± {std:.{digits}f}'
 
         seeds = self.args.seeds
         lines = [
             '| configuration | lr (validation final % per lr) | overall top-1 % |'
-            ' mean per-class % | few-shot % | anchors_without_positive (last epoch) |'
-            ' per seed overall / per-class / few |',
+            ' mean per-class % | few-shot % | positives_per_anchor / anchors_without_positive'
+            ' (last epoch) | per seed overall / per-class / few |',
             '|---|---|---|---|---|---|---|',
         ]
         for c in per_seed:
@@ -177,7 +177,8 @@ class LongTailBench(Bench):
             lines.append(
                 f'| {LABELS[c]} | {search} | {mean_std(r["final"] for r in rs)} |'
                 f' {mean_std(r["mean_class"] for r in rs)} | {mean_std(r["few"] for r in rs)} |'
-                f' {mean_std(r["anchors_without_positive"] for r in rs)} | {each} |'
+                f' {mean_std((r["positives_per_anchor"] for r in rs), 1)} /'
+                f' {mean_std((r["anchors_without_positive"] for r in rs), 3)} | {each} |'
             )
         return '\n'.join(lines)
 
