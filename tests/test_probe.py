@@ -17,9 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import free_port, read_scalars
+from helpers import free_port, read_scalars, write_image_folder
 from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
-from PIL import Image
 from test_resume import spawn, tb_folder
 
 from losses import SupConLoss
@@ -278,14 +277,8 @@ def test_two_processes_step_and_evaluate_as_one(tmp_path):
 def images(tmp_path_factory):
     """Two classes, 8 training and 4 test images each, 8x8 RGB."""
     root = tmp_path_factory.mktemp('images')
-    rng = np.random.default_rng(0)
-    for split, count in (('train', 8), ('test', 4)):
-        for name in ('a', 'b'):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f'{i}.png')
+    write_image_folder(root / 'train', {'a': 8, 'b': 8}, size=8, seed=0)
+    write_image_folder(root / 'test', {'a': 4, 'b': 4}, size=8, seed=1)
     return root
 
 

@@ -8,11 +8,10 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import write_image_folder
 from inprocess import call, one_thread, save_folder  # noqa: F401
-from PIL import Image
 from test_resume import spawn, tb_folder
 
 from supcon import tb_logger
@@ -53,14 +52,8 @@ def session_starts(folder):
 def images(tmp_path_factory):
     """Two classes, 8 training and 2 test images each, 8x8 RGB."""
     root = tmp_path_factory.mktemp('images')
-    rng = np.random.default_rng(0)
-    for split, count in (('train', 8), ('test', 2)):
-        for name in ('a', 'b'):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f'{i}.png')
+    write_image_folder(root / 'train', {'a': 8, 'b': 8}, size=8, seed=0)
+    write_image_folder(root / 'test', {'a': 2, 'b': 2}, size=8, seed=1)
     return root
 
 
