@@ -182,15 +182,16 @@ def check_pretraining(opt, dataset):
                 f' every training image has at most one; drop --multilabel'
             )
         return
-    problem = None
+    problem, fix = None, 'drop the flag or use --method SupCon / SimCLR with the CSV'
     if opt.method == 'SupCon_hybrid':
         problem = '--method SupCon_hybrid leaves "the anchor\'s class" out, which needs one label'
     elif opt.moco:
         problem = '--moco\'s label queue holds one label per key'
     elif opt.knn_every:
         problem = '--knn_every\'s kNN vote counts one class per image'
+    elif getattr(opt, 'online_probe', False) or getattr(opt, 'ce_weight', 0):
+        flag = '--online_probe' if opt.online_probe else '--ce_weight'
+        problem = f'{flag} trains a softmax classifier, one class per image'
+        fix = f'drop {flag}: main_linear.py evaluates the checkpoint by mean average precision'
     if problem:
-        raise UserError(
-            f'{problem}, but {opt.data_folder} has rows with several labels; drop the flag or'
-            f' use --method SupCon / SimCLR with the CSV'
-        )
+        raise UserError(f'{problem}, but {opt.data_folder} has rows with several labels; {fix}')

@@ -33,6 +33,7 @@ from supcon.augment import test_transform
 from supcon.distributed import all_reduce_sum, get_world_size, is_main_process
 from supcon.errors import UserError
 from supcon.features import extract_features
+from supcon.partial_labels import has_label
 from supcon.runtime import main_process_first
 from supcon.sampling import build_loader
 
@@ -114,7 +115,30 @@ def build_heads(opt, rt, model, train_set):
     if not (opt.online_probe or opt.ce_weight):
         return None
     evaluation = EvaluationSplit(opt, rt, train_set)
-    return ClassifierHeads(opt, rt, feature_width(model), len(train_set.classes), evaluation)
+    partial = not has_label(train_set.targets).all()
+    return ClassifierHeads(
+        opt, rt, feature_width(model), len(train_set.classes), evaluation, partial=partial
+    )
+
+
+def labelled_share(labels):
+    """The step's labelled rows (label >= 0) summed over ranks, divided by the world size: what
+    each rank divides its sum of losses by, so that the gradient averaging over ranks gives the
+    mean over every labelled row of the step, as one process would (at least 1: a step without
+    labels then adds zero). One collective, no host sync."""
+    count = all_reduce_sum((labels >= 0).sum().to(torch.float32))
+    return count.clamp(min=1) / get_world_size()
+
+
+def labelled_cross_entropy(logits, labels, share=None):
+    """Mean cross-entropy of ``logits`` against ``labels``. With ``share`` (partial labels, see
+    ``labelled_share``): the sum over the rows with a label (>= 0; -1 = unlabelled, no gradient)
+    divided by ``share``, without indexing (no host sync)."""
+    if share is None:
+        return F.cross_entropy(logits, labels)
+    keep = labels >= 0
+    losses = F.cross_entropy(logits, labels.clamp(min=0), reduction='none')
+    return torch.where(keep, losses, torch.zeros_like(losses)).sum() / share
 
 
 def feature_width(model):
@@ -168,9 +192,10 @@ class OnlineProbe(nn.Module):
             self.classifier.parameters(), lr=lr, momentum=PROBE_MOMENTUM
         )
 
-    def loss(self, encoded, labels):
-        """Mean cross-entropy on ``encoded`` [n, dim], detached: the encoder gets no gradient."""
-        return F.cross_entropy(self.classifier(encoded.detach().float()), labels)
+    def loss(self, encoded, labels, share=None):
+        """Mean cross-entropy on ``encoded`` [n, dim], detached: the encoder gets no gradient
+        (``share``: see ``labelled_cross_entropy``)."""
+        return labelled_cross_entropy(self.classifier(encoded.detach().float()), labels, share)
 
     def set_lr(self, epoch, step, steps_per_epoch):
         lr = cosine_lr(
@@ -198,9 +223,11 @@ class ClassifierHeads(nn.Module):
     run's optimizer (``add_to_optimizer``), which gives it the encoder's schedule.
     """
 
-    def __init__(self, opt, rt, dim, num_classes, evaluation=None):
+    def __init__(self, opt, rt, dim, num_classes, evaluation=None, partial=False):
         super().__init__()
         self.rt = rt
+        # some training images are unlabelled (-1): both classifiers learn from the others only
+        self.partial = partial
         self.probe = None
         if opt.online_probe:
             self.probe = OnlineProbe(dim, num_classes, opt.probe_lr, opt.epochs, rt.device)
@@ -227,11 +254,12 @@ class ClassifierHeads(nn.Module):
         ``encoded`` [2 * bsz, dim] (both views, view-major), or a zero without --ce_weight.
         Also computes the probe's loss for ``step``. ``labels`` are the batch's [bsz]."""
         labels = torch.cat([labels, labels])  # both views of every image
+        share = labelled_share(labels) if self.partial else None
         if self.probe is not None:
-            self._probe_loss = self.probe.loss(encoded, labels)
+            self._probe_loss = self.probe.loss(encoded, labels, share)
         if self.joint is None:
             return encoded.new_zeros((), dtype=torch.float32)
-        return self.ce_weight * F.cross_entropy(self.joint(encoded.float()), labels)
+        return self.ce_weight * labelled_cross_entropy(self.joint(encoded.float()), labels, share)
 
     def step(self, epoch, step, steps_per_epoch):
         """After the training loss's backward pass: the probe's backward pass (its own graph),

@@ -268,16 +268,16 @@ def prepare(root):
     d.reference_without_model = ckpts / 'reference' / 'ckpt_epoch_3.pth'
     save_reference_checkpoint(d.reference_without_model, record_model=False)
     d.no_epoch = ckpts / 'no_epoch.pth'
-    torch.save({'model': torch.load(d.ours)['model']}, d.no_epoch)
+    torch.save({'model': torch.load(d.ours, weights_only=True)['model']}, d.no_epoch)
     d.diverged = ckpts / 'diverged.pth'
-    state = torch.load(d.ours)
+    state = torch.load(d.ours, weights_only=True)
     state['model']['encoder.conv1.weight'][0] = float('nan')  # as an older version could save
     torch.save(state, d.diverged)
     d.opt_list = ckpts / 'opt_list.pth'
     torch.save(dict(state, opt=['resnet18']), d.opt_list)
     d.marker = root / 'pwned'
     d.evil = ckpts / 'evil.pth'
-    torch.save(dict(torch.load(d.ours), opt=RunsShell(d.marker)), d.evil)
+    torch.save(dict(torch.load(d.ours, weights_only=True), opt=RunsShell(d.marker)), d.evil)
     write_image_folder(root / 'looped', {'a': 2, 'b': 2}, size=12)
     (root / 'looped' / 'a' / 'loop').symlink_to('..')  # ImageFolder read it 40 times over
     return d

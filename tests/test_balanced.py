@@ -173,7 +173,7 @@ def test_two_gloo_ranks_hold_the_one_process_batches_statistics_and_class_counts
     mp.start_processes(
         _worker, args=(free_port(), out_file), nprocs=2, join=True, start_method='fork'
     )
-    batches, means, per_class = torch.load(out_file)
+    batches, means, per_class = torch.load(out_file, weights_only=True)
     one_batches, one_means, one_per_class = run_epoch(0, 1)
     assert batches == one_batches and len(batches) == math.ceil(len(TAIL) / 8)
     for batch in batches:  # 4 classes x 2 images in every global batch

@@ -11,7 +11,7 @@ from inprocess import assert_one_line_error, call, one_thread, save_folder  # no
 from PIL import Image
 from test_resume import max_abs_diff
 
-from supcon import data
+from supcon import checkpoint, data
 from supcon.csv_dataset import build_csv_dataset
 
 NORM = ['--mean', '(0.5,0.5,0.5)', '--std', '(0.25,0.25,0.25)']
@@ -176,6 +176,8 @@ def test_the_csv_flags_need_dataset_csv_and_its_mean_std(lists, tmp_path):
         (['--method', 'SupCon_hybrid'], '--method SupCon_hybrid'),
         (['--knn_every', '1', '--test_csv', 'test.csv'], '--knn_every'),
         (['--labelled_fraction', '0.5'], '--labelled_fraction chooses images class by class'),
+        (['--online_probe', '--test_csv', 'test.csv'], '--online_probe trains a softmax'),
+        (['--ce_weight', '1', '--test_csv', 'test.csv'], '--ce_weight trains a softmax'),
     ],
 )
 def test_main_supcon_refuses_what_multi_hot_labels_cannot_do(lists, extra, fragment):
@@ -189,6 +191,22 @@ def test_knn_every_needs_every_training_row_labelled(lists):
     args = ['--dataset', 'csv', '--data_csv', 'partly.csv', '--test_csv', 'test.csv'] + NORM
     args += FAST + ['--model', 'resnet18', '--batch_size', '2', '--epochs', '1', '--knn_every', '1']
     assert_one_line_error(call('main_supcon', args, lists), 'some rows of partly.csv have none')
+
+
+def test_the_probe_and_the_joint_classifier_learn_from_the_labelled_rows_only(lists):
+    """An unlabelled row (-1) in a single-label CSV: both heads train (once a traceback: a
+    target of -1) on the labelled rows, are evaluated and checkpointed."""
+    rows = [['img/0.png', 'a'], ['img/1.png', ''], ['img/2.png', 'b'], ['img/3.png', '']]
+    write_csv(lists / 'partly_heads.csv', rows)
+    args = ['--dataset', 'csv', '--data_csv', 'partly_heads.csv', '--test_csv', 'test.csv']
+    args += NORM + FAST + ['--model', 'resnet18', '--batch_size', '4', '--epochs', '1']
+    args += ['--online_probe', '--probe_lr', '1', '--ce_weight', '0.5', '--trial', 'heads']
+    result = call('main_supcon', args, lists)
+    assert result.code == 0, result.err
+    assert 'probe accuracy: ' in result.out and 'ce accuracy: ' in result.out
+    state = checkpoint.load_checkpoint(str(save_folder('main_supcon', args, lists) / 'last.pth'))
+    for weight in (state['probe']['classifier']['weight'], state['ce_classifier']['weight']):
+        assert torch.isfinite(weight).all() and weight.abs().sum() > 0  # both started at zero
 
 
 def test_multilabel_any_needs_multi_label_data(lists):

@@ -309,7 +309,7 @@ def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path)
         runtime.Runtime(device=torch.device('cpu'), local_batch_size_val=8),
     )(encoder, 1)
 
-    results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+    results = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     assert sorted(r['share'] for r in results) == [16, 17]
     for result in results:
         assert result['labels'].tolist() == labels.tolist()

@@ -698,7 +698,10 @@ def _distributed_worker(rank, port, out_dir):
 def distributed_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp('supcon_gloo'))
     mp.spawn(_distributed_worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(os.path.join(out_dir, f'rank{rank}.pt')) for rank in range(WORLD_SIZE)]
+    return [
+        torch.load(os.path.join(out_dir, f'rank{rank}.pt'), weights_only=True)
+        for rank in range(WORLD_SIZE)
+    ]
 
 
 @pytest.mark.parametrize('case', list(DISTRIBUTED_CASES))

@@ -292,7 +292,7 @@ def test_two_ranks_measure_every_test_image_once(tmp_path):
     mp.start_processes(
         _rank_validate, args=(free_port(), out_file), nprocs=2, join=True, start_method='fork'
     )
-    loss, mean_ap, f1 = torch.load(out_file)
+    loss, mean_ap, f1 = torch.load(out_file, weights_only=True)
     dataset, model = two_rank_case()
     inputs = dataset.inputs
     targets = torch.stack([torch.from_numpy(t.astype(np.float32)) for t in dataset.targets])

@@ -119,6 +119,41 @@ def test_the_probe_step_is_sgd_with_momentum_on_the_cross_entropy_at_a_cosine_ra
     assert torch.allclose(heads.probe.classifier.bias.double(), bias, atol=1e-6)
 
 
+def test_unlabelled_images_are_left_out_of_both_classifiers():
+    """-1 labels (--labelled_fraction, unlabelled CSV rows): both losses are the plain mean
+    cross-entropy over the labelled rows alone, unlabelled rows get no gradient, and a step
+    without any label adds an exact zero (not NaN)."""
+    rt = runtime.Runtime(device=torch.device('cpu'))
+    heads = probe.ClassifierHeads(heads_options(ce_weight=0.5), rt, 6, 3, partial=True)
+    generator = torch.Generator().manual_seed(2)
+    for classifier in heads.classifiers().values():
+        torch.nn.init.normal_(classifier.weight, generator=generator)
+    encoded = torch.randn(10, 6, generator=generator, requires_grad=True)  # 2 views x 5 images
+    labels = torch.tensor([2, -1, 0, -1, 1])
+    term = heads(encoded, labels)
+    both = torch.cat([labels, labels])
+    keep = both >= 0
+    x, y = encoded.detach().double()[keep], both[keep]
+    for classifier, value in (
+        (heads.joint, term / 0.5),
+        (heads.probe.classifier, heads._probe_loss),
+    ):
+        logits = x @ classifier.weight.detach().double().T + classifier.bias.detach().double()
+        plain = (torch.logsumexp(logits, 1) - logits[torch.arange(len(y)), y]).mean()
+        assert float(value.detach()) == pytest.approx(float(plain), rel=1e-6)
+    term.backward()
+    assert torch.count_nonzero(encoded.grad[~keep]) == 0 and encoded.grad[keep].abs().sum() > 0
+    heads.step(1, 0, 4)  # the probe's gradient: from the labelled rows only, finite
+    assert torch.isfinite(heads.probe.classifier.weight).all()
+
+    none = torch.full((5,), -1)
+    encoded = torch.randn(10, 6, generator=generator, requires_grad=True)
+    term = heads(encoded, none)
+    assert float(term) == 0.0 and float(heads._probe_loss) == 0.0
+    term.backward()
+    assert torch.count_nonzero(encoded.grad) == 0
+
+
 def digits_options(**changes):
     values = dict(
         online_probe=True,
@@ -191,7 +226,7 @@ def test_with_val_split_the_probe_scores_the_held_out_images():
 # --------------------------------------------------------------------------- 2 processes
 
 
-def _two_rank_worker(rank, port, out_file):
+def _two_rank_worker(rank, port, out_file, partial=False):
     torch.set_num_threads(1)
     dist.init_process_group(
         'gloo',
@@ -204,22 +239,25 @@ def _two_rank_worker(rank, port, out_file):
         rt = runtime.Runtime(
             device=torch.device('cpu'), rank=rank, world_size=WORLD_SIZE, local_batch_size_val=64
         )
-        results = run_heads(rt, rank, WORLD_SIZE)
+        results = run_heads(rt, rank, WORLD_SIZE, partial)
         if rank == 0:
             torch.save(results, out_file)
     finally:
         dist.destroy_process_group()
 
 
-def run_heads(rt, rank, world):
+def run_heads(rt, rank, world, partial=False):
     """Three steps of both heads on this rank's share of fixed batches, then the evaluation of
-    a fixed encoder on the digits test split."""
+    a fixed encoder on the digits test split. ``partial``: some training images are unlabelled
+    (-1), unevenly over the ranks: half at random at step 0, all of rank 1's share at step 1,
+    every image at step 2."""
+    train_set = data.build_dataset('digits', 'train', None)
+    if partial:
+        train_set = argparse.Namespace(classes=train_set.classes, targets=[-1, *train_set.targets])
     heads = probe.build_heads(
-        digits_options(epochs=2),
-        rt,
-        SupConResNet(encoder=(fixed_encoder(), 10)),
-        data.build_dataset('digits', 'train', None),
+        digits_options(epochs=2), rt, SupConResNet(encoder=(fixed_encoder(), 10)), train_set
     )
+    assert heads.partial == partial
     generator = torch.Generator().manual_seed(6)
     joint_grads = []
     bsz = 8
@@ -227,6 +265,9 @@ def run_heads(rt, rank, world):
     for step in range(3):
         encoded = torch.randn(2, bsz, 10, generator=generator)  # [view, image, dim]
         labels = torch.randint(0, 10, (bsz,), generator=generator)
+        if partial:
+            unlabelled = [torch.rand(bsz, generator=generator) < 0.5, torch.arange(bsz) >= 4]
+            labels[unlabelled[step] if step < 2 else slice(None)] = -1
         local = encoded[:, share].reshape(-1, 10)  # view-major, as main_supcon stacks them
         heads.joint.zero_grad(set_to_none=True)
         heads(local, labels[share]).backward()
@@ -242,17 +283,19 @@ def run_heads(rt, rank, world):
     }
 
 
-def test_two_processes_step_and_evaluate_as_one(tmp_path):
+@pytest.mark.parametrize('partial', [False, True], ids=['labelled', 'partly_labelled'])
+def test_two_processes_step_and_evaluate_as_one(tmp_path, partial):
     out_file = tmp_path / 'rank0.pt'
     mp.start_processes(
         _two_rank_worker,
-        args=(free_port(), str(out_file)),
+        args=(free_port(), str(out_file), partial),
         nprocs=WORLD_SIZE,
         join=True,
         start_method='fork',
     )
-    two = torch.load(out_file)
-    one = run_heads(runtime.Runtime(device=torch.device('cpu'), local_batch_size_val=64), 0, 1)
+    two = torch.load(out_file, weights_only=True)
+    rt = runtime.Runtime(device=torch.device('cpu'), local_batch_size_val=64)
+    one = run_heads(rt, 0, 1, partial)
     for name in ('weight', 'bias'):
         assert torch.allclose(
             two['probe']['classifier'][name], one['probe']['classifier'][name], atol=1e-6
