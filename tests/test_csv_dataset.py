@@ -178,6 +178,7 @@ def test_the_csv_flags_need_dataset_csv_and_its_mean_std(lists, tmp_path):
         (['--labelled_fraction', '0.5'], '--labelled_fraction chooses images class by class'),
         (['--online_probe', '--test_csv', 'test.csv'], '--online_probe trains a softmax'),
         (['--ce_weight', '1', '--test_csv', 'test.csv'], '--ce_weight trains a softmax'),
+        (['--imbalance_ratio', '2'], '--imbalance_ratio cuts each class to a long tail'),
     ],
 )
 def test_main_supcon_refuses_what_multi_hot_labels_cannot_do(lists, extra, fragment):

@@ -39,6 +39,15 @@ def test_n_max_is_the_largest_class_and_a_class_keeps_at_most_what_it_has():
     assert np.bincount(targets[kept]).tolist() == [10, 20, 3]
 
 
+def test_unlabelled_images_are_all_kept_and_the_classes_get_their_tail():
+    labels = np.repeat(np.arange(3), 20)
+    targets = np.concatenate([labels, np.full(7, -1)])  # 7 CSV rows without labels
+    np.random.default_rng(1).shuffle(targets)
+    kept = data.long_tail_indices(targets, 3, ratio=4.0, seed=0)
+    assert np.flatnonzero(targets == -1).tolist() == [i for i in kept if targets[i] == -1]
+    assert np.bincount(targets[kept][targets[kept] >= 0]).tolist() == [20, 10, 5]
+
+
 def test_the_images_kept_depend_on_the_seed_only():
     targets = np.repeat(np.arange(4), 30)
     first = data.long_tail_indices(targets, 4, 5.0, seed=7)
