@@ -41,44 +41,14 @@ def parse_option(argv=None):
         ' evaluation); results go to ./save/SupCon/<dataset>_linear_models/.',
     )
 
-    parser.add_argument('--print_freq', type=int, default=10, help='print every N steps')
-    parser.add_argument(
-        '--save_freq', type=int, default=50, help='keep ckpt_epoch_N.pth every N epochs'
+    options.add_training_arguments(
+        parser,
+        epochs=100,
+        learning_rate=0.1,
+        lr_decay_epochs='60,75,90',
+        lr_decay_rate=0.2,
+        weight_decay=0,
     )
-    parser.add_argument(
-        '--batch_size',
-        type=int,
-        default=256,
-        help='global batch size (summed over GPUs and processes)',
-    )
-    parser.add_argument(
-        '--num_workers',
-        type=int,
-        default=16,
-        help='data loading workers per process, capped at the CPUs present',
-    )
-    parser.add_argument(
-        '--num_workers_val',
-        type=int,
-        default=8,
-        help='data loading workers for the test split (the fork\'s flag)',
-    )
-    parser.add_argument('--epochs', type=int, default=100, help='number of training epochs')
-
-    # optimization
-    parser.add_argument('--learning_rate', type=float, default=0.1, help='learning rate')
-    parser.add_argument(
-        '--lr_decay_epochs',
-        type=str,
-        default='60,75,90',
-        help='comma-separated epochs after which the learning rate decays (without --cosine)',
-    )
-    parser.add_argument(
-        '--lr_decay_rate', type=float, default=0.2, help='decay rate for learning rate'
-    )
-    parser.add_argument('--weight_decay', type=float, default=0, help='weight decay')
-    parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
-    options.add_optimizer_argument(parser)
 
     # model
     parser.add_argument(
@@ -97,8 +67,7 @@ def parse_option(argv=None):
     )
 
     # other setting
-    parser.add_argument('--cosine', action='store_true', help='using cosine annealing')
-    parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
+    options.add_schedule_arguments(parser, sync_bn=False, trial=False)
     parser.add_argument(
         '--ckpt', type=str, default='', help='(required) the pretraining checkpoint to evaluate'
     )

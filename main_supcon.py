@@ -35,38 +35,13 @@ def parse_option(argv=None):
         ' to ./save/SupCon/<dataset>_models/<run name>/.',
     )
 
-    parser.add_argument('--print_freq', type=int, default=10, help='print every N steps')
-    parser.add_argument(
-        '--save_freq', type=int, default=50, help='keep ckpt_epoch_N.pth every N epochs'
+    options.add_training_arguments(
+        parser,
+        epochs=1000,
+        learning_rate=0.05,
+        lr_decay_epochs='700,800,900',
+        num_workers_val=False,
     )
-    parser.add_argument(
-        '--batch_size',
-        type=int,
-        default=256,
-        help='global batch size (summed over GPUs and processes)',
-    )
-    parser.add_argument(
-        '--num_workers',
-        type=int,
-        default=16,
-        help='data loading workers per process, capped at the CPUs present',
-    )
-    parser.add_argument('--epochs', type=int, default=1000, help='number of training epochs')
-
-    # optimization
-    parser.add_argument('--learning_rate', type=float, default=0.05, help='learning rate')
-    parser.add_argument(
-        '--lr_decay_epochs',
-        type=str,
-        default='700,800,900',
-        help='comma-separated epochs after which the learning rate decays (without --cosine)',
-    )
-    parser.add_argument(
-        '--lr_decay_rate', type=float, default=0.1, help='decay rate for learning rate'
-    )
-    parser.add_argument('--weight_decay', type=float, default=1e-4, help='weight decay')
-    parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
-    options.add_optimizer_argument(parser)
 
     # model
     options.add_model_arguments(parser)
@@ -100,14 +75,7 @@ def parse_option(argv=None):
     )
 
     # other setting
-    parser.add_argument('--cosine', action='store_true', help='using cosine annealing')
-    parser.add_argument(
-        '--syncBN',
-        action='store_true',
-        help='synchronise BatchNorm over processes (under torchrun)',
-    )
-    parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
-    parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
+    options.add_schedule_arguments(parser)
     parser.add_argument(
         '--knn_every',
         type=int,

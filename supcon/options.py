@@ -168,6 +168,67 @@ def add_optimizer_argument(parser):
     )
 
 
+def add_training_arguments(
+    parser, epochs, learning_rate, lr_decay_epochs, lr_decay_rate=0.1, weight_decay=1e-4,
+    num_workers_val=True,
+):  # fmt: skip
+    """The reference's printing, saving, loader and optimisation flags, each script's defaults
+    given (``num_workers_val``: the fork's flag, in the scripts that read a test split)."""
+    parser.add_argument('--print_freq', type=int, default=10, help='print every N steps')
+    parser.add_argument(
+        '--save_freq', type=int, default=50, help='keep ckpt_epoch_N.pth every N epochs'
+    )
+    parser.add_argument(
+        '--batch_size',
+        type=int,
+        default=256,
+        help='global batch size (summed over GPUs and processes)',
+    )
+    parser.add_argument(
+        '--num_workers',
+        type=int,
+        default=16,
+        help='data loading workers per process, capped at the CPUs present',
+    )
+    if num_workers_val:
+        parser.add_argument(
+            '--num_workers_val',
+            type=int,
+            default=8,
+            help='data loading workers for the test split (the fork\'s flag)',
+        )
+    parser.add_argument('--epochs', type=int, default=epochs, help='number of training epochs')
+
+    # optimization
+    parser.add_argument('--learning_rate', type=float, default=learning_rate, help='learning rate')
+    parser.add_argument(
+        '--lr_decay_epochs',
+        type=str,
+        default=lr_decay_epochs,
+        help='comma-separated epochs after which the learning rate decays (without --cosine)',
+    )
+    parser.add_argument(
+        '--lr_decay_rate', type=float, default=lr_decay_rate, help='decay rate for learning rate'
+    )
+    parser.add_argument('--weight_decay', type=float, default=weight_decay, help='weight decay')
+    parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
+    add_optimizer_argument(parser)
+
+
+def add_schedule_arguments(parser, sync_bn=True, trial=True):
+    """The reference's "other setting" flags: --cosine, --syncBN, --warm, --trial."""
+    parser.add_argument('--cosine', action='store_true', help='using cosine annealing')
+    if sync_bn:
+        parser.add_argument(
+            '--syncBN',
+            action='store_true',
+            help='synchronise BatchNorm over processes (under torchrun)',
+        )
+    parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
+    if trial:
+        parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
+
+
 def extend_run_name(opt, stem=True):
     """Append what the reference does not have to ``opt.model_name``, only when it is used,
     so that the reference's run names stay exactly as they were. ``stem=False``: the stem
