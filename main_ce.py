@@ -64,11 +64,8 @@ def parse_option(argv=None):
     opt.model_name = 'SupCE_{}_{}_lr_{}_decay_{}_bsz_{}_trial_{}'.format(
         opt.dataset, opt.model, opt.learning_rate, opt.weight_decay, opt.batch_size, opt.trial
     )
-    if opt.cosine:
-        opt.model_name = '{}_cosine'.format(opt.model_name)
-    # warm-up for large-batch training (forced above 256, as the reference)
-    options.configure_warmup(opt, large_batch=256)
-    options.extend_run_name(opt)
+    # _cosine, warm-up for large-batch training (forced above 256, as the reference), our parts
+    options.finish_run_name(opt, large_batch=256)
 
     opt.tb_folder = os.path.join(opt.tb_path, opt.model_name)
     opt.save_folder = os.path.join(opt.model_path, opt.model_name)

@@ -115,11 +115,8 @@ def parse_option(argv=None):
     opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.format(
         opt.dataset, opt.model, opt.learning_rate, opt.weight_decay, opt.batch_size
     )
-    if opt.cosine:
-        opt.model_name = '{}_cosine'.format(opt.model_name)
-    # warm-up stays opt-in here, as in the reference's linear script
-    options.configure_warmup(opt, large_batch=None)
-    options.extend_run_name(opt, stem=False)
+    # _cosine; warm-up stays opt-in here, as in the reference's linear script; our parts
+    options.finish_run_name(opt, large_batch=None, stem=False)
 
     # one folder per evaluated checkpoint, so evaluating several never mixes them
     ckpt_path = os.path.abspath(opt.ckpt)

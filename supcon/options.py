@@ -52,6 +52,16 @@ def configure_warmup(opt, large_batch=256):
             opt.warmup_to = opt.learning_rate
 
 
+def finish_run_name(opt, large_batch=256, stem=True):
+    """The tail of every run name after the reference's head: ``_cosine``, then the warm-up
+    (``configure_warmup``, forced above ``large_batch`` as the reference does, ``_warm``), then
+    what the reference does not have (``extend_run_name``)."""
+    if opt.cosine:
+        opt.model_name = '{}_cosine'.format(opt.model_name)
+    configure_warmup(opt, large_batch=large_batch)
+    extend_run_name(opt, stem=stem)
+
+
 def check_choice(value, choices, flag):
     if value not in choices:
         raise UserError(f'{flag} {value} is not known; choose one of {", ".join(choices)}')
