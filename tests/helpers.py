@@ -332,3 +332,21 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
+
+
+def runtime_opt(**changes):
+    """The options runtime.setup_runtime reads, as a training script parses them on a CPU."""
+    values = dict(
+        device='cpu',
+        batch_size=8,
+        batch_size_val=4,
+        num_workers=0,
+        amp=False,
+        amp_dtype='auto',
+        channels_last=None,
+        compile=False,
+        seed=0,
+        syncBN=False,
+    )
+    values.update(changes)
+    return argparse.Namespace(**values)

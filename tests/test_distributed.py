@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import free_port
+from helpers import free_port, runtime_opt
 from PIL import Image
 
 import util
@@ -290,23 +290,6 @@ def test_distributed_validate_counts_each_sample_once(cpu_ranks):
 # ---------------------------------------------------------------- set-up checks in one process
 
 
-def _runtime_opt(**kw):
-    values = dict(
-        device='cpu',
-        batch_size=8,
-        batch_size_val=4,
-        num_workers=0,
-        amp=False,
-        amp_dtype='auto',
-        channels_last=None,
-        compile=False,
-        seed=0,
-        syncBN=False,
-    )
-    values.update(kw)
-    return argparse.Namespace(**values)
-
-
 def _torchrun_env(monkeypatch, world_size):
     for key, value in dict(
         WORLD_SIZE=world_size,
@@ -322,7 +305,7 @@ def _torchrun_env(monkeypatch, world_size):
 def test_syncbn_without_torchrun_prints_a_note(monkeypatch, capsys):
     for key in ('WORLD_SIZE', 'LOCAL_RANK', 'RANK'):
         monkeypatch.delenv(key, raising=False)
-    opt = _runtime_opt(syncBN=True)
+    opt = runtime_opt(syncBN=True)
     with torch.random.fork_rng():
         rt = runtime.setup_runtime(opt)
     assert not rt.distributed and rt.local_batch_size == 8
@@ -332,9 +315,9 @@ def test_syncbn_without_torchrun_prints_a_note(monkeypatch, capsys):
 def test_odd_global_batch_and_cpu_syncbn_fail_before_the_process_group(monkeypatch):
     _torchrun_env(monkeypatch, 2)
     with pytest.raises(util.UserError, match=r'--batch_size 7 does not divide by the 2 processes'):
-        runtime.setup_runtime(_runtime_opt(batch_size=7))
+        runtime.setup_runtime(runtime_opt(batch_size=7))
     with pytest.raises(util.UserError, match=r'--syncBN needs CUDA'):
-        runtime.setup_runtime(_runtime_opt(syncBN=True))
+        runtime.setup_runtime(runtime_opt(syncBN=True))
     assert not dist.is_initialized()
 
 

@@ -1,9 +1,8 @@
 """Tests for runtime.py: run_main's one-line errors and exit codes."""
 
-import argparse
-
 import pytest
 import torch
+from helpers import runtime_opt
 
 from supcon import runtime
 from util import UserError
@@ -51,23 +50,6 @@ def test_run_main_lets_success_and_bugs_through(capsys):
 
 
 # --------------------------------------------------------------------------- setup_runtime
-
-
-def runtime_opt(**changes):
-    values = dict(
-        device='cpu',
-        batch_size=8,
-        batch_size_val=4,
-        num_workers=0,
-        amp=False,
-        amp_dtype='auto',
-        channels_last=None,
-        compile=False,
-        seed=0,
-        syncBN=False,
-    )
-    values.update(changes)
-    return argparse.Namespace(**values)
 
 
 @pytest.fixture
