@@ -350,3 +350,32 @@ def runtime_opt(**changes):
     )
     values.update(changes)
     return argparse.Namespace(**values)
+
+
+def folder_args(root, **options):
+    """The command line of a run on the image folders ``root``/train and ``root``/test at the
+    tests' small settings, updated by ``options``: True is a switch, None or False leaves the
+    flag out, anything else is its value."""
+    values = {
+        'dataset': 'path',
+        'data_folder': root / 'train',
+        'test_folder': root / 'test',
+        'mean': '(0.5,0.5,0.5)',
+        'std': '(0.25,0.25,0.25)',
+        'size': 8,
+        'batch_size': 4,
+        'epochs': 1,
+        'learning_rate': 0.01,
+        'num_workers': 0,
+        'device': 'cpu',
+        'seed': 1,
+        'print_freq': 100,
+    }
+    values.update(options)
+    args = []
+    for key, value in values.items():
+        if value is True:
+            args.append(f'--{key}')
+        elif value is not None and value is not False:
+            args += [f'--{key}', str(value)]
+    return args

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import folder_args
 from inprocess import assert_one_line_error, call, one_thread  # noqa: F401
 from PIL import Image
 
@@ -65,26 +66,8 @@ def folder(tmp_path_factory):
 
 
 def path_args(root, **changes):
-    options = {
-        'dataset': 'path',
-        'data_folder': root / 'train',
-        'test_folder': root / 'test',
-        'mean': '(0.5,0.5,0.5)',
-        'std': '(0.25,0.25,0.25)',
-        'size': 8,
-        'batch_size': 8,
-        'epochs': 1,
-        'num_workers': 0,
-        'device': 'cpu',
-        'seed': 0,
-        'print_freq': 1000,
-    }
-    options.update(changes)
-    args = []
-    for key, value in options.items():
-        if value is not None:
-            args += [f'--{key}', str(value)]
-    return args
+    options = dict(batch_size=8, seed=0, print_freq=1000, learning_rate=None)
+    return folder_args(root, **dict(options, **changes))
 
 
 def trained(script, args, cwd):

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import folder_args
 from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 from test_resume import Runs, images, max_abs_diff  # noqa: F401 (images: a fixture)
 
@@ -73,29 +74,7 @@ def test_through_a_val_split_an_image_keeps_the_choice_of_the_whole_training_set
 
 
 def pretrain_args(images, **changes):
-    options = {
-        'dataset': 'path',
-        'data_folder': images / 'train',
-        'test_folder': images / 'test',
-        'mean': '(0.5,0.5,0.5)',
-        'std': '(0.25,0.25,0.25)',
-        'size': 8,
-        'batch_size': 4,
-        'epochs': 1,
-        'learning_rate': 0.01,
-        'num_workers': 0,
-        'device': 'cpu',
-        'seed': 7,
-        'print_freq': 100,
-        'model': 'resnet18',
-    }
-    options.update(changes)
-    return [
-        item
-        for key, value in options.items()
-        if value is not None
-        for item in ((f'--{key}',) if value is True else (f'--{key}', value))
-    ]
+    return folder_args(images, **{'seed': 7, 'model': 'resnet18', **changes})
 
 
 def linear_args(images, ckpt, *extra):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import free_port, read_scalars, write_image_folder
+from helpers import folder_args, free_port, read_scalars, write_image_folder
 from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 from test_resume import spawn, tb_folder
 
@@ -326,29 +326,7 @@ def images(tmp_path_factory):
 
 
 def script_args(images, **changes):
-    options = {
-        'dataset': 'path',
-        'data_folder': images / 'train',
-        'test_folder': images / 'test',
-        'mean': '(0.5,0.5,0.5)',
-        'std': '(0.25,0.25,0.25)',
-        'size': 8,
-        'batch_size': 4,
-        'epochs': EPOCHS,
-        'learning_rate': 0.01,
-        'num_workers': 0,
-        'device': 'cpu',
-        'seed': 1,
-        'print_freq': 100,
-        'model': 'resnet18',
-    }
-    options.update(changes)
-    return [
-        item
-        for key, value in options.items()
-        if value is not None
-        for item in ((f'--{key}',) if value is True else (f'--{key}', value))
-    ]
+    return folder_args(images, **{'epochs': EPOCHS, 'model': 'resnet18', **changes})
 
 
 VARIANTS = {  # the probe on SimCLR (labels only for the probe), the joint term on SupCon
@@ -411,8 +389,8 @@ def test_kill_and_resume_auto_equals_the_uninterrupted_run(images, tmp_path, var
     assert ('probe' in reference) == (variant == 'probe')
     assert ('ce_classifier' in reference) == (variant == 'ce')
     tag = 'probe_acc' if variant == 'probe' else 'ce_acc'
-    for folder_args in ((args, reference_cwd), (args, cwd)):
-        steps = [s for s, _ in read_scalars(tb_folder('main_supcon', *folder_args))[tag]]
+    for run_cwd in (reference_cwd, cwd):
+        steps = [s for s, _ in read_scalars(tb_folder('main_supcon', args, run_cwd))[tag]]
         assert steps == list(range(1, EPOCHS + 1))
     assert read_scalars(tb_folder('main_supcon', args, cwd))[tag] == pytest.approx(
         read_scalars(tb_folder('main_supcon', args, reference_cwd))[tag]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import folder_args
 from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 from PIL import Image
 
@@ -121,31 +122,11 @@ class Runs:
         """The command line of ``script`` (or of a ``script+variant`` of VARIANTS)."""
         script, _, variant = script.partition('+')
         changes = dict(VARIANTS.get(f'{script}+{variant}', {}), **changes) if variant else changes
-        options = {
-            'dataset': 'path',
-            'data_folder': self.images / 'train',
-            'test_folder': self.images / 'test',
-            'mean': '(0.5,0.5,0.5)',
-            'std': '(0.25,0.25,0.25)',
-            'size': 8,
-            'batch_size': 4,
-            'epochs': EPOCHS,
-            'learning_rate': 0.01,
-            'num_workers': 0,
-            'device': 'cpu',
-            'seed': 1,
-            'print_freq': 100,
-        }
         if script == 'main_linear':
-            options['ckpt'] = self.pretrained()
+            options = {'ckpt': self.pretrained()}
         else:
-            options['model'] = 'resnet18'
-        options.update(changes)
-        return [
-            item
-            for key, value in options.items()
-            for item in ((f'--{key}',) if value is True else (f'--{key}', value))
-        ]
+            options = {'model': 'resnet18'}
+        return folder_args(self.images, **{'epochs': EPOCHS, **options, **changes})
 
     def pretrained(self):
         """One epoch of SupCon pretraining, the encoder main_linear evaluates."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_image_folder
+from helpers import folder_args, write_image_folder
 from inprocess import call, one_thread, save_folder  # noqa: F401
 from test_resume import spawn, tb_folder
 
@@ -58,29 +58,8 @@ def images(tmp_path_factory):
 
 
 def args_for(script, images, **changes):
-    options = {
-        'dataset': 'path',
-        'data_folder': images / 'train',
-        'test_folder': images / 'test',
-        'mean': '(0.5,0.5,0.5)',
-        'std': '(0.25,0.25,0.25)',
-        'size': 8,
-        'batch_size': 4,
-        'epochs': EPOCHS,
-        'learning_rate': 0.01,
-        'num_workers': 0,
-        'device': 'cpu',
-        'seed': 1,
-        'print_freq': PRINT_FREQ,
-        'model': 'resnet18',
-    }
-    options.update(changes)
-    return [
-        item
-        for key, value in options.items()
-        if value is not None
-        for item in ((f'--{key}',) if value is True else (f'--{key}', value))
-    ]
+    defaults = {'epochs': EPOCHS, 'print_freq': PRINT_FREQ, 'model': 'resnet18'}
+    return folder_args(images, **{**defaults, **changes})
 
 
 # --------------------------------------------------------------------------- the grid

@@ -5,6 +5,7 @@ backbones, --optimizer lars, --aug (and main_linear's --aug none), --dataset ima
 import numpy as np
 import pytest
 import torch
+from helpers import folder_args
 from inprocess import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
 from PIL import Image
 
@@ -53,29 +54,8 @@ def folder(tmp_path_factory):
 
 
 def path_args(root, **changes):
-    options = {
-        'dataset': 'path',
-        'data_folder': root / 'train',
-        'test_folder': root / 'test',
-        'mean': '(0.5,0.5,0.5)',
-        'std': '(0.25,0.25,0.25)',
-        'size': 32,
-        'batch_size': 8,
-        'epochs': 1,
-        'num_workers': 0,
-        'device': 'cpu',
-        'seed': 0,
-        'print_freq': 1000,
-        'learning_rate': 0.05,
-    }
-    options.update(changes)
-    args = []
-    for key, value in options.items():
-        if value is True:  # a switch
-            args.append(f'--{key}')
-        elif value is not None and value is not False:
-            args += [f'--{key}', str(value)]
-    return args
+    options = dict(size=32, batch_size=8, seed=0, print_freq=1000, learning_rate=0.05)
+    return folder_args(root, **dict(options, **changes))
 
 
 def run_ok(script, args, cwd):
