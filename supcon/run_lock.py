@@ -7,9 +7,13 @@ exactly one creates it, and writes its host and process id into it. The lock goe
 run ends (``Run.close``, ``runtime.run_main`` after an error, or interpreter exit). A lock
 left on this host by a process that is gone (``kill -9``) is taken over; one from another
 host cannot be checked from here and is refused, naming the host and process to look at.
+Two runs taking over the same dead lock at once do it one after the other (``_takeover``), so
+that the second finds the first's lock, alive, instead of removing it.
 """
 
 import atexit
+import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -67,14 +71,36 @@ def _read_holder(path):
     return raw, None
 
 
+#: called between reading a lock file and removing it (tests widen that window with it)
+_BEFORE_REMOVE = None
+
+
+@contextlib.contextmanager
+def _takeover(path):
+    """Serialise takeovers of the lock ``path`` among the processes of this host (only they take
+    a lock over: another host's is refused) with an exclusive ``flock`` on its folder, which
+    leaves no file behind and which the kernel releases when its holder dies."""
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
 def _remove_if_unchanged(path, raw):
-    """Remove the lock file if it still holds ``raw`` (another run may have replaced it)."""
+    """Remove the lock file if it still holds ``raw`` (another run may have replaced it);
+    whether it did."""
     current, _ = _read_holder(path)
-    if current == raw:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
+    if current != raw:
+        return False
+    if _BEFORE_REMOVE is not None:
+        _BEFORE_REMOVE()
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def acquire(folder):
@@ -114,12 +140,17 @@ def acquire(folder):
                     f' {holder["host"]}{" (this one)" if here else ""}, since'
                     f' {holder.get("since", "?")} (its {LOCK_NAME}); {check}, then start again'
                 ) from None
-            if not ours:
-                note = (
-                    f'took over {path} from process {holder["pid"]} on this host, which is no'
-                    f' longer running (it was killed before it could remove its lock)'
-                )
-            _remove_if_unchanged(path, raw)
+            if ours:
+                _remove_if_unchanged(path, raw)
+                continue
+            with _takeover(path):
+                # under the guard the file is still the dead run's, or gone, or the newer lock
+                # of a takeover before ours (which stays)
+                if _remove_if_unchanged(path, raw):
+                    note = (
+                        f'took over {path} from process {holder["pid"]} on this host, which is'
+                        f' no longer running (it was killed before it could remove its lock)'
+                    )
             continue
         with os.fdopen(fd, 'w') as f:
             f.write(text)

@@ -216,6 +216,42 @@ def test_a_dead_process_lock_is_taken_over(tmp_path):
     run_lock.release(tmp_path)
 
 
+def _take_over_slowly(folder, results):
+    """A run's acquire() with a long pause between reading the dead lock and removing it."""
+    run_lock._BEFORE_REMOVE = lambda: time.sleep(0.5)
+    try:
+        note = run_lock.acquire(folder)
+        results.put(('took', os.getpid(), note))
+        time.sleep(2)  # alive while the other run looks at the lock
+        run_lock.release(folder)
+    except UserError as error:
+        results.put(('refused', os.getpid(), str(error)))
+
+
+def test_two_runs_taking_over_one_dead_lock_at_once_leave_one_holder(tmp_path):
+    """Once, both read the dead lock, then each removed what was there, the second removing the
+    first's fresh lock: two runs in one folder. Now the takeovers queue on a flock."""
+    import multiprocessing
+
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    write_lock(tmp_path, host=HOST, pid=dead.pid)
+    context = multiprocessing.get_context('fork')
+    results = context.Queue()
+    runs = [context.Process(target=_take_over_slowly, args=(tmp_path, results)) for _ in range(2)]
+    for run in runs:
+        run.start()
+    outcomes = sorted((results.get(timeout=60) for _ in runs), key=lambda o: o[0] != 'took')
+    for run in runs:
+        run.join(timeout=60)
+    (took, winner, note), (refused, _, error) = outcomes
+    assert (took, refused) == ('took', 'refused'), outcomes
+    # the winner took the dead run's lock over, or found it gone, removed by the other run
+    assert note is None or f'from process {dead.pid} on this host' in note
+    assert f'another run is writing {tmp_path}: process {winner} on host' in error
+    assert sorted(os.listdir(tmp_path)) == []  # the winner released it, no guard file left
+
+
 def test_a_live_process_lock_is_refused_and_release_never_removes_it(tmp_path):
     sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
     try:
