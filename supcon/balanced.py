@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Sampler
 
 from supcon.errors import UserError
-from supcon.sampling import build_loader, mix_seed
+from supcon.sampling import ResumablePosition, build_loader, mix_seed
 
 SAMPLERS = ('random', 'balanced')
 DEFAULT_M_PER_CLASS = 4
@@ -69,7 +69,7 @@ def resolve_options(opt):
         )
 
 
-class BalancedSampler(Sampler):
+class BalancedSampler(ResumablePosition, Sampler):
     """Yields (sample_seed, index) for this rank: its share of class-balanced global batches.
 
     ``targets`` are the data set's labels, ``batch_size`` the GLOBAL batch (a multiple of
@@ -109,14 +109,6 @@ class BalancedSampler(Sampler):
         self.steps = math.ceil(len(targets) / batch_size)  # what the random sampler gives
         self.epoch = 0
         self.start = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
-
-    def set_start(self, k):
-        if k < 0:
-            raise ValueError(f'start must be >= 0, got {k}')
-        self.start = int(k)
 
     def _permutation(self, n, *key):
         generator = torch.Generator()

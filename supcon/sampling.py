@@ -20,7 +20,23 @@ def mix_seed(*parts) -> int:
     return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
 
 
-class SeededSampler(Sampler):
+class ResumablePosition:
+    """``set_epoch`` / ``set_start`` of the project's training samplers: the epoch seeds their
+    order, ``start`` is the batch a resumed epoch begins at."""
+
+    epoch = 0
+    start = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def set_start(self, k):
+        if k < 0:
+            raise ValueError(f'start must be >= 0, got {k}')
+        self.start = int(k)
+
+
+class SeededSampler(ResumablePosition, Sampler):
     """Yields (sample_seed, index) for this rank; order and seeds depend on (seed, epoch) only.
 
     Like DistributedSampler, each rank takes every world_size-th index of one
@@ -45,14 +61,6 @@ class SeededSampler(Sampler):
         self.pad = pad
         self.epoch = 0
         self.start = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
-
-    def set_start(self, k):
-        if k < 0:
-            raise ValueError(f'start must be >= 0, got {k}')
-        self.start = int(k)
 
     def _rank_share_size(self):
         if self.pad:
