@@ -63,7 +63,8 @@ extension of the same rule.
 
 Unlabelled samples and multi-hot labels
 ---------------------------------------
-A label of -1 (supcon.contrastive.UNLABELLED) marks a sample, or a queue row, as unlabelled; any
+A label of -1 (supcon.objectives.contrastive.UNLABELLED) marks a sample, or a queue row, as
+unlabelled; any
 other value, negative ones included, is a class. An unlabelled sample is a class of its own: as an
 anchor its positives are the other batch rows of its own sample (SimCLR's: its other views'
 features, or its keys but the self row), and it is nobody else's positive; every other row,
@@ -120,7 +121,7 @@ are the same on every rank and are not.
 import torch
 import torch.nn as nn
 
-from supcon.contrastive import (
+from supcon.objectives.contrastive import (
     CONTRAST_MODES,
     MEMORY_BUDGET,
     MULTILABEL_RULES,
@@ -132,7 +133,7 @@ from supcon.contrastive import (
     auto_chunk_size,
     read_labels,
 )
-from supcon.distributed import (
+from supcon.system.distributed import (
     all_gather_rows,
     gather_sizes,
     gather_with_grad,

@@ -12,10 +12,15 @@ import torch.nn as nn
 
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupCEResNet
-from supcon import balanced, class_accuracy, data, engine, multilabel, options, runtime
-from supcon.augment import add_augmentation_arguments
-from supcon.optim import build_optimizer
-from supcon.training_run import Run
+from supcon import options
+from supcon.data import balanced, datasets
+from supcon.data.augment import add_augmentation_arguments
+from supcon.data.labelling import is_multilabel
+from supcon.evaluation import class_accuracy, classify, multilabel
+from supcon.system import runtime
+from supcon.training import loop
+from supcon.training.bookkeeping import Bookkeeper
+from supcon.training.optim import build_optimizer
 from util import AverageMeter, UserError, adjust_learning_rate
 
 
@@ -37,7 +42,7 @@ def parse_option(argv=None):
     # other setting
     options.add_schedule_arguments(parser)
 
-    data.add_arguments(parser, test_folder=True, imbalance=True)
+    datasets.add_arguments(parser, test_folder=True, imbalance=True)
     balanced.add_arguments(parser)
     add_augmentation_arguments(parser, classifier=True)
     runtime.add_runtime_arguments(parser)
@@ -52,8 +57,8 @@ def parse_option(argv=None):
             '--dataset path needs --data_folder and --test_folder (one sub-folder per class'
             ' each; or --val_split instead of --test_folder) and --mean/--std'
         )
-    data.resolve_defaults(opt)
-    data.check_test_folder(opt)
+    datasets.resolve_defaults(opt)
+    datasets.check_test_folder(opt)
     balanced.resolve_options(opt)
     if opt.stem is None:
         opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
@@ -74,12 +79,12 @@ def parse_option(argv=None):
 
 def set_loader(opt, rt):
     """(train_loader, train_sampler, val_loader, num_classes, device_augment or None)."""
-    loaders = data.classification_loaders(opt, rt, uint8_train=opt.gpu_aug)
+    loaders = datasets.classification_loaders(opt, rt, uint8_train=opt.gpu_aug)
     device_augment = None
     if opt.gpu_aug:
-        from supcon.gpu_augment import DeviceAugment
+        from supcon.data.gpu_augment import DeviceAugment
 
-        mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+        mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
         device_augment = DeviceAugment(opt.size, mean, std, kind='ce').to(rt.device)
     return (*loaders, device_augment)
 
@@ -103,7 +108,7 @@ def train(
 ):
     """One epoch of training; returns (loss, acc, stopped_at)."""
     model.train()
-    return engine.train_classifier(
+    return loop.train_classifier(
         train_loader,
         model,
         criterion,
@@ -121,7 +126,7 @@ def main():
     best_acc = 0
     opt = parse_option()
     rt = runtime.setup_runtime(opt)
-    run = Run(opt, rt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
+    run = Bookkeeper(opt, rt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
     options.print_options(run.options())
 
     # build data loader
@@ -130,7 +135,7 @@ def main():
     # build model and criterion
     model, criterion = set_model(opt, rt, num_classes)
     # multi-label data: a sigmoid per label, measured by mean average precision (multilabel.py)
-    multi_label = multilabel.is_multilabel(train_loader.dataset)
+    multi_label = is_multilabel(train_loader.dataset)
     # images per class of the training split (for the many / medium / few-shot groups)
     train_counts = (
         None if multi_label else class_accuracy.training_counts(train_loader.dataset, num_classes)
@@ -178,7 +183,7 @@ def main():
         # evaluation
         eval_model.eval()
         # multi-label: the mean average precision and F1@0.5 instead of top-1 and top-5
-        val_loss, val_acc, top5_or_f1, class_counts = engine.validate(
+        val_loss, val_acc, top5_or_f1, class_counts = classify.validate(
             val_loader, eval_model, criterion, opt, rt, num_classes, per_class=True
         )
         val_f1 = top5_or_f1 if multi_label else None
@@ -210,11 +215,11 @@ def main():
     # save the last model
     run.save('last.pth', opt.epochs)
     run.close()
-    multilabel.print_results(best_acc, val_acc, val_f1, multi_label)
+    classify.print_results(best_acc, val_acc, val_f1, multi_label)
     if runtime.is_main_process() and class_counts is not None:  # the last epoch's, as final
         classes = train_loader.dataset.classes
         class_accuracy.report(opt.save_folder, classes, train_counts, class_counts, opt.epochs)
 
 
 if __name__ == '__main__':
-    runtime.run_main(main)
+    runtime.launch(main)

@@ -16,20 +16,16 @@ import torch.nn as nn
 from networks.from_checkpoint import checkpoint_model, encoder_from_checkpoint
 from networks.resnet_big import MODEL_NAMES, LinearClassifier
 from networks.timm_backbone import is_timm_model
-from supcon import (
-    balanced,
-    class_accuracy,
-    data,
-    engine,
-    multilabel,
-    options,
-    partial_labels,
-    runtime,
-)
-from supcon.augment import add_augmentation_arguments
-from supcon.checkpoint import bare_state_dict, load_checkpoint
-from supcon.optim import build_optimizer
-from supcon.training_run import Run
+from supcon import options
+from supcon.data import balanced, datasets, labelling
+from supcon.data.augment import add_augmentation_arguments
+from supcon.data.labelling import is_multilabel
+from supcon.evaluation import class_accuracy, classify, multilabel
+from supcon.system import runtime
+from supcon.system.checkpoint import bare_state_dict, load_checkpoint
+from supcon.training import loop
+from supcon.training.bookkeeping import Bookkeeper
+from supcon.training.optim import build_optimizer
 from util import AverageMeter, UserError, adjust_learning_rate
 
 
@@ -72,8 +68,8 @@ def parse_option(argv=None):
         '--ckpt', type=str, default='', help='(required) the pretraining checkpoint to evaluate'
     )
 
-    partial_labels.add_arguments(parser, linear=True)
-    data.add_arguments(parser, test_folder=True, imbalance='checkpoint')
+    labelling.add_arguments(parser, linear=True)
+    datasets.add_arguments(parser, test_folder=True, imbalance='checkpoint')
     balanced.add_arguments(parser)
     add_augmentation_arguments(parser, classifier=True, gpu_aug=False)
     runtime.add_runtime_arguments(parser)
@@ -92,8 +88,8 @@ def parse_option(argv=None):
             '--dataset path needs --data_folder and --test_folder (one sub-folder per class'
             ' each; or --val_split instead of --test_folder) and --mean/--std'
         )
-    data.resolve_defaults(opt)
-    data.check_test_folder(opt)
+    datasets.resolve_defaults(opt)
+    datasets.check_test_folder(opt)
     balanced.resolve_options(opt)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
@@ -102,8 +98,8 @@ def parse_option(argv=None):
     saved = load_checkpoint(opt.ckpt, mmap=True)
     opt.model, opt.stem = checkpoint_model(saved, opt.ckpt, opt.model)
     # the labelled images of a --labelled_fraction checkpoint: its fraction, chosen by its seed
-    opt.labelled_fraction, opt.labelled_seed, opt.linear_labels = (
-        partial_labels.resolve_linear_options(opt, saved.get('opt') or {})
+    opt.labelled_fraction, opt.labelled_seed, opt.linear_labels = labelling.resolve_linear_options(
+        opt, saved.get('opt') or {}
     )
     # the classifier trains on the images the encoder was pretrained on: the checkpoint's long
     # tail (its ratio unless --imbalance_ratio says otherwise, drawn with its run's seed)
@@ -129,7 +125,7 @@ def parse_option(argv=None):
 
 
 def set_loader(opt, rt):
-    return data.classification_loaders(opt, rt)
+    return datasets.classification_loaders(opt, rt)
 
 
 class FrozenEncoderClassifier(nn.Module):
@@ -177,7 +173,7 @@ def train(train_loader, encoder, classifier, criterion, optimizer, scaler, epoch
     encoder.eval()
     classifier.train()
     model = FrozenEncoderClassifier(encoder, classifier)
-    return engine.train_classifier(
+    return loop.train_classifier(
         train_loader, model, criterion, optimizer, scaler, epoch, opt, rt, run
     )
 
@@ -193,7 +189,7 @@ def main():
     best_acc = 0
     opt = parse_option()
     rt = runtime.setup_runtime(opt)
-    run = Run(opt, rt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
+    run = Bookkeeper(opt, rt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
     options.print_options(run.options())
 
     # build data loader
@@ -202,7 +198,7 @@ def main():
     # build model and criterion
     encoder, classifier, criterion = set_model(opt, rt, num_classes)
     # multi-label data: a sigmoid per label, measured by mean average precision (multilabel.py)
-    multi_label = multilabel.is_multilabel(train_loader.dataset)
+    multi_label = is_multilabel(train_loader.dataset)
     # images per class of the training split (for the many / medium / few-shot groups)
     train_counts = (
         None if multi_label else class_accuracy.training_counts(train_loader.dataset, num_classes)
@@ -251,7 +247,7 @@ def main():
         # eval for one epoch
         eval_model.eval()
         # multi-label: the mean average precision and F1@0.5 instead of top-1 and top-5
-        val_loss, val_acc, top5_or_f1, class_counts = engine.validate(
+        val_loss, val_acc, top5_or_f1, class_counts = classify.validate(
             val_loader, eval_model, criterion, opt, rt, num_classes, per_class=True
         )
         val_f1 = top5_or_f1 if multi_label else None
@@ -286,11 +282,11 @@ def main():
     run.save('last.pth', opt.epochs)
     run.close()
     check_encoder_unchanged(encoder, encoder_snapshot)
-    multilabel.print_results(best_acc, val_acc, val_f1, multi_label)
+    classify.print_results(best_acc, val_acc, val_f1, multi_label)
     if runtime.is_main_process() and class_counts is not None:  # the last epoch's, as final
         classes = train_loader.dataset.classes
         class_accuracy.report(opt.save_folder, classes, train_counts, class_counts, opt.epochs)
 
 
 if __name__ == '__main__':
-    runtime.run_main(main)
+    runtime.launch(main)

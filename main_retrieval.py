@@ -5,7 +5,8 @@ reference's, the released ImageNet ResNet-50, timm encoders), embeds the evaluat
 (the queries: the test split, or with --val_split the held-out training images) and the
 training split (the gallery; ``--gallery test`` searches the queries among themselves, each
 leaving itself out) with the frozen encoder, and prints Precision@1, R-Precision, MAP@R,
-Recall@1/5/10 (cosine similarity, exact nearest neighbours: supcon/retrieval.py) and the kNN
+Recall@1/5/10 (cosine similarity, exact nearest neighbours: supcon/evaluation/retrieval.py) and
+the kNN
 monitor's top-1 accuracy. The results go to TensorBoard and, as JSON, next to the checkpoint
 (``retrieval_<ckpt name>.json``); ``--save_embeddings`` writes the features for other tools.
 The definitions are in docs/retrieval.md.
@@ -26,18 +27,20 @@ from networks.from_checkpoint import (
 )
 from networks.resnet_big import MODEL_NAMES
 from networks.timm_backbone import is_timm_model
-from supcon import data, runtime
-from supcon.atomic import atomic_write
-from supcon.augment import test_transform
-from supcon.checkpoint import folder_write_problem, load_checkpoint
+from supcon.data import datasets
+from supcon.data.augment import test_transform
+from supcon.data.sampling import build_loader
 from supcon.errors import UserError
-from supcon.features import extract_features, knn_accuracy
-from supcon.retrieval import RECALL_KS, check_scorable, retrieval_metrics
-from supcon.sampling import build_loader
-from supcon.tb_logger import TBLogger
+from supcon.evaluation.extract import extract_features
+from supcon.evaluation.knn import knn_accuracy
+from supcon.evaluation.retrieval import RECALL_KS, check_scorable, retrieval_metrics
+from supcon.system import runtime
+from supcon.system.atomic import atomic_write
+from supcon.system.checkpoint import folder_write_problem, load_checkpoint
+from supcon.training.tb_logger import TBLogger
 
 GALLERIES = ('train', 'test')
-# the kNN monitor's settings (supcon.features.KNNMonitor), so the numbers compare
+# the kNN monitor's settings (supcon.evaluation.knn.KNNMonitor), so the numbers compare
 KNN_K, KNN_TEMPERATURE = 200, 0.07
 METRICS = ['precision_at_1', 'r_precision', 'mean_average_precision_at_r'] + [
     f'recall_at_{k}' for k in RECALL_KS
@@ -116,7 +119,7 @@ def parse_option(argv=None):
         help='data loading workers, capped at the CPUs present',
     )
 
-    data.add_arguments(parser, test_folder=True)
+    datasets.add_arguments(parser, test_folder=True)
     runtime.add_runtime_arguments(parser, training=False)
     opt = parser.parse_args(argv)
 
@@ -147,7 +150,7 @@ def parse_option(argv=None):
                 f'--dataset path needs {" and ".join(needs)}, one sub-folder per class, and'
                 f' --mean/--std'
             )
-    data.resolve_defaults(opt)
+    datasets.resolve_defaults(opt)
     if opt.size < 1:
         raise UserError(f'--size must be a positive integer, got {opt.size}')
 
@@ -204,7 +207,7 @@ def check_writable(flag, path, extension):
 
 def image_paths(dataset):
     """The image file of each item of an image folder (or a --val_split part of one), or None."""
-    if isinstance(dataset, data.SplitSubset):
+    if isinstance(dataset, datasets.SplitSubset):
         paths = image_paths(dataset.dataset)
         return None if paths is None else [paths[i] for i in dataset.indices]
     samples = getattr(dataset, 'samples', None)
@@ -221,16 +224,16 @@ def make_loader(dataset, rt):
 
 def set_loader(opt, rt):
     """(query loader, gallery loader or None for --gallery test, what the data are)."""
-    mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+    mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
     splits = dict(data_folder=opt.data_folder, test_folder=opt.test_folder, val_split=opt.val_split)
     transform = test_transform(opt.size, mean, std)
     queries = 'held-out' if opt.val_split else 'test'
     try:
         with runtime.main_process_first():
-            query_set = data.build_dataset(opt.dataset, 'test', transform, **splits)
+            query_set = datasets.build_dataset(opt.dataset, 'test', transform, **splits)
             gallery_set = None
             if opt.gallery == 'train':
-                gallery_set = data.build_dataset(opt.dataset, 'train', transform, **splits)
+                gallery_set = datasets.build_dataset(opt.dataset, 'train', transform, **splits)
     except ValueError as exc:  # scikit-learn's refusal of a split that leaves a part empty
         if not opt.val_split:
             raise
@@ -239,7 +242,7 @@ def set_loader(opt, rt):
             f' ({exc}); pick a fraction that leaves images on both sides'
         ) from None
     if gallery_set is not None:
-        data.check_same_classes(gallery_set, query_set)
+        datasets.check_same_classes(gallery_set, query_set)
     class_names = list(query_set.classes)
     if opt.num_classes is not None and opt.num_classes != len(class_names):
         raise UserError(
@@ -386,4 +389,4 @@ def main():
 
 
 if __name__ == '__main__':
-    runtime.run_main(main)
+    runtime.launch(main)

@@ -13,15 +13,19 @@ import torch
 from losses import SupConLoss
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupConResNet
-from supcon import balanced, data, multilabel, options, partial_labels, probe, runtime
-from supcon.augment import add_augmentation_arguments, supcon_transform
-from supcon.distributed import note
-from supcon.moco import MomentumContrast, moco_options, note_queue_length
-from supcon.optim import build_optimizer
-from supcon.positives import TAGS as POSITIVES_TAGS
-from supcon.positives import PositiveCounter
-from supcon.sampling import mix_seed
-from supcon.training_run import Run, check_finite
+from supcon import options
+from supcon.data import balanced, datasets, labelling
+from supcon.data.augment import add_augmentation_arguments, supcon_transform
+from supcon.data.labelling import is_multilabel
+from supcon.data.sampling import mix_seed
+from supcon.objectives import probe
+from supcon.objectives.moco import MomentumContrast, moco_options, note_queue_length
+from supcon.objectives.positives import TAGS as POSITIVES_TAGS
+from supcon.objectives.positives import PositiveCounter
+from supcon.system import runtime
+from supcon.system.distributed import note
+from supcon.training.bookkeeping import Bookkeeper, check_finite
+from supcon.training.optim import build_optimizer
 from util import AverageMeter, UserError, adjust_learning_rate, warmup_learning_rate
 
 METHODS = ('SupCon', 'SimCLR', 'SupCon_hybrid')
@@ -57,7 +61,7 @@ def parse_option(argv=None):
         help='multi-label data (--dataset csv): a pair\'s positive weight is the Jaccard'
         ' overlap of its label sets, or 1 when they share any label (docs/labels.md)',
     )
-    partial_labels.add_arguments(parser)
+    labelling.add_arguments(parser)
     parser.add_argument(
         '--moco',
         action='store_true',
@@ -85,7 +89,7 @@ def parse_option(argv=None):
     )
 
     probe.add_arguments(parser)
-    data.add_arguments(parser, test_folder=True, knn_only=True, imbalance=True)
+    datasets.add_arguments(parser, test_folder=True, knn_only=True, imbalance=True)
     balanced.add_arguments(parser)
     add_augmentation_arguments(parser)
     runtime.add_runtime_arguments(parser)
@@ -96,13 +100,13 @@ def parse_option(argv=None):
         opt.method = 'SupCon_hybrid'
     options.check_common_options(opt)
     check_model_name(opt.model)
-    partial_labels.check_pretraining_options(opt)
+    labelling.check_pretraining_options(opt)
     if opt.dataset == 'path' and opt.data_folder is None:
         raise UserError(
             '--dataset path needs --data_folder (one sub-folder per class)'
             ' and --mean/--std, e.g. --mean "(0.4914, 0.4822, 0.4465)"'
         )
-    data.resolve_defaults(opt)
+    datasets.resolve_defaults(opt)
     balanced.resolve_options(opt)
     if opt.stem is None:
         opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
@@ -113,7 +117,7 @@ def parse_option(argv=None):
             f'--knn_every {opt.knn_every} is more than --epochs {opt.epochs}, so the kNN'
             f' accuracy is never measured; use --knn_every {opt.epochs} or less'
         )
-    data.check_test_folder(opt, reads_test=opt.knn_every > 0)
+    datasets.check_test_folder(opt, reads_test=opt.knn_every > 0)
     moco_options(opt)
     probe.check_options(opt)
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
@@ -139,17 +143,17 @@ def set_loader(opt, rt):
     With --gpu_aug the loader hands over uint8 images and ``device_augment`` makes the two
     views on the training device; otherwise the loader's workers make them (the reference).
     """
-    mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+    mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
     if opt.gpu_aug:
-        from supcon.gpu_augment import DeviceAugment, to_uint8_tensor
+        from supcon.data.gpu_augment import DeviceAugment, to_uint8_tensor
 
-        train_transform = to_uint8_tensor(data.fixed_size(opt.dataset, opt.size))
+        train_transform = to_uint8_tensor(datasets.fixed_size(opt.dataset, opt.size))
         device_augment = DeviceAugment(opt.size, mean, std, kind='supcon').to(rt.device)
     else:
         train_transform = supcon_transform(opt.size, mean, std, aug=opt.aug)
         device_augment = None
     with runtime.main_process_first():
-        train_dataset = data.build_dataset(
+        train_dataset = datasets.build_dataset(
             opt.dataset,
             'train',
             train_transform,
@@ -164,10 +168,10 @@ def set_loader(opt, rt):
             f' {len(train_dataset.classes)} classes of the training data; drop'
             f' --num_classes (pretraining reads them from the data) or fix it'
         )
-    multilabel.check_pretraining(opt, train_dataset)
+    labelling.check_pretraining(opt, train_dataset)
     # unlabelled images carry the label -1 (SupConLoss gives them SimCLR's positives)
-    train_dataset = partial_labels.pretraining_set(train_dataset, opt, rt.seed)
-    train_loader, train_sampler = balanced.train_loader(train_dataset, opt, rt)
+    train_dataset = labelling.pretraining_set(train_dataset, opt, rt.seed)
+    train_loader, train_sampler = datasets.training_loader(train_dataset, opt, rt)
     return train_loader, train_sampler, device_augment
 
 
@@ -210,8 +214,9 @@ def train(
 
     With ``moco`` the key encoder follows the model after every step and the step's keys
     go into the queue; with ``device_augment`` the two views are made on the device;
-    ``heads`` (supcon/probe.py) trains the online probe and adds --ce_weight's term.
-    Updates ``run``'s meters: the loss and the positives per anchor (``supcon.positives``).
+    ``heads`` (supcon/objectives/probe.py) trains the online probe and adds --ce_weight's term.
+    Updates ``run``'s meters: the loss and the positives per anchor
+    (``supcon.objectives.positives``).
     """
     model.train()
 
@@ -221,7 +226,7 @@ def train(
     start = run.epoch_start_step(epoch)
     total_steps = start + len(train_loader)  # a resumed epoch's loader holds only the rest
     # multi-hot labels weigh positives by overlap: no per-class count describes them (0 and 1)
-    supervised = opt.method == 'SupCon' and not multilabel.is_multilabel(train_loader.dataset)
+    supervised = opt.method == 'SupCon' and not is_multilabel(train_loader.dataset)
     positives = PositiveCounter(len(train_loader.dataset.classes), supervised)
 
     end = time.time()
@@ -316,7 +321,7 @@ def main():
     opt = parse_option()
     rt = runtime.setup_runtime(opt)
     meters = {name: AverageMeter() for name in ('loss',) + POSITIVES_TAGS}
-    run = Run(opt, rt, meters=meters)
+    run = Bookkeeper(opt, rt, meters=meters)
     options.print_options(run.options())
 
     # build data loader
@@ -330,9 +335,9 @@ def main():
     heads = probe.build_heads(opt, rt, runtime.unwrap(model), train_loader.dataset)
 
     # build optimizer
-    optimizer = build_optimizer(opt, model)
-    if heads is not None:
-        heads.add_to_optimizer(optimizer, opt)
+    optimizer = build_optimizer(
+        opt, model, extra=heads.trained_by_the_run_optimizer() if heads is not None else ()
+    )
     scaler = runtime.make_scaler(rt)
 
     # resume, checkpoints and tensorboard
@@ -347,7 +352,7 @@ def main():
     logger = run.logger
     knn_monitor = None
     if opt.knn_every:
-        from supcon.features import KNNMonitor
+        from supcon.evaluation.knn import KNNMonitor
 
         knn_monitor = KNNMonitor(opt, rt)
 
@@ -410,4 +415,4 @@ def main():
 
 
 if __name__ == '__main__':
-    runtime.run_main(main)
+    runtime.launch(main)

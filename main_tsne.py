@@ -30,12 +30,15 @@ from networks.from_checkpoint import (  # noqa: E402
     head_from_checkpoint,
 )
 from networks.resnet_big import MODEL_NAMES  # noqa: E402
-from supcon import data, multilabel, options, runtime  # noqa: E402
-from supcon.augment import test_transform  # noqa: E402
-from supcon.checkpoint import folder_write_problem, load_checkpoint  # noqa: E402
+from supcon import options  # noqa: E402
+from supcon.data import datasets
+from supcon.data.augment import test_transform  # noqa: E402
+from supcon.data.labelling import is_multilabel
+from supcon.data.sampling import build_loader  # noqa: E402
 from supcon.errors import UserError  # noqa: E402
-from supcon.features import extract_features  # noqa: E402
-from supcon.sampling import build_loader  # noqa: E402
+from supcon.evaluation.extract import extract_features  # noqa: E402
+from supcon.system import runtime
+from supcon.system.checkpoint import folder_write_problem, load_checkpoint  # noqa: E402
 
 FIGSIZE, DPI = (5, 5), 100  # 500x500 px: small enough to commit next to the code
 
@@ -107,7 +110,7 @@ def parse_option(argv=None):
         ' projector in <--out without .png>_projector/ (tensorboard --logdir that folder)',
     )
 
-    data.add_arguments(parser, test_folder=True)
+    datasets.add_arguments(parser, test_folder=True)
     runtime.add_runtime_arguments(parser, training=False)
     describe_checkpoint_defaults(parser)
     opt = parser.parse_args(argv)
@@ -144,7 +147,7 @@ def parse_option(argv=None):
     opt.model, _ = checkpoint_model(saved, opt.ckpt, opt.model)
     opt.ckpt_defaults = options.take_checkpoint_defaults(opt, saved['opt'])
     del saved
-    data.resolve_defaults(opt)
+    datasets.resolve_defaults(opt)
     if opt.dataset == 'path' and opt.val_split and opt.data_folder == './datasets/':
         raise UserError(
             '--dataset path with --val_split embeds held-out training images: it needs'
@@ -230,9 +233,9 @@ def stratified_subset(targets, max_samples, seed):
 def set_loader(opt, rt):
     """The loader of a fixed class-balanced subset of the test split (with --val_split, of
     the held-out training images), and the class names."""
-    mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+    mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
     with runtime.main_process_first():
-        test_dataset = data.build_dataset(
+        test_dataset = datasets.build_dataset(
             opt.dataset,
             'test',
             test_transform(opt.size, mean, std),
@@ -240,7 +243,7 @@ def set_loader(opt, rt):
             test_folder=opt.test_folder,
             val_split=opt.val_split,
         )
-    if multilabel.is_multilabel(test_dataset):
+    if is_multilabel(test_dataset):
         raise UserError(
             f'main_tsne.py colours each image by its one class, but {opt.test_folder} has rows'
             f' with several labels; pass a --test_csv with one label per row'
@@ -353,12 +356,12 @@ def plot(points, labels, names, title, opt):
 
 def write_projector(loader, features, labels, class_names, opt):
     """The embedding projector's files next to the figure, thumbnails from the same images."""
-    from supcon.tb_logger import thumbnails
-    from supcon.tb_logger import write_projector as write_files
+    from supcon.training.tb_logger import thumbnails
+    from supcon.training.tb_logger import write_projector as write_files
 
     subset = loader.dataset.dataset  # the loader's class-balanced Subset, in its order
     images = torch.stack([subset[i][0] for i in range(len(subset))])
-    mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+    mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
     folder = os.path.splitext(opt.out)[0] + '_projector'
     try:
         config = write_files(
@@ -423,4 +426,4 @@ def main():
 
 
 if __name__ == '__main__':
-    runtime.run_main(main)
+    runtime.launch(main)

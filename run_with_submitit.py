@@ -5,7 +5,7 @@
 
 Every flag this launcher does not know goes to the script. Each task runs the script's
 ``main()`` as ``srun python main_supcon.py ...`` would: the ranks and the rendezvous come
-from SLURM's variables (supcon/slurm.py), the checkpoints go to ./save/ under the folder
+from SLURM's variables (supcon/system/slurm.py), the checkpoints go to ./save/ under the folder
 this command was started in. Before the time limit submitit sends its signal; its hook,
 ``Trainer.checkpoint``, puts the same command with ``--resume auto`` back in the queue, and
 the job continues from the run's last checkpoint. docs/clusters.md has the details.
@@ -86,11 +86,11 @@ class Trainer:
             sys.path.insert(0, self.repo)
         import importlib
 
-        from supcon import runtime
+        from supcon.system import runtime
 
         module = importlib.import_module(self.script)
         sys.argv = [os.path.join(self.repo, f'{self.script}.py')] + self.args
-        runtime.run_main(module.main)
+        runtime.launch(module.main)
 
     def checkpoint(self, *args, **kwargs):
         """submitit's hook at the time-limit signal: requeue the same run with --resume auto.
@@ -100,7 +100,7 @@ class Trainer:
         """
         import submitit
 
-        from supcon.training_run import without_resume
+        from supcon.training.bookkeeping import without_resume
 
         resumed = type(self)(
             self.script, without_resume(self.args) + ['--resume', 'auto'], self.cwd, self.repo
@@ -180,6 +180,6 @@ def main():
 
 if __name__ == '__main__':
     sys.path.insert(0, REPO)
-    from supcon.runtime import run_main
+    from supcon.system.runtime import launch
 
-    run_main(main)
+    launch(main)

@@ -4,7 +4,7 @@ Users' own scripts import these (``from util import TwoCropTransform, AverageMet
 adjust_learning_rate, warmup_learning_rate, accuracy, set_optimizer, save_model``), so
 they stay here; ``UserError`` is the one-line error every script prints (defined in
 ``supcon.errors``). Of the project it imports only the two leaf modules ``supcon.errors``
-and ``supcon.atomic`` (the one atomic write), so every other module may import it.
+and ``supcon.system.atomic`` (the one atomic write), so every other module may import it.
 """
 
 import argparse
@@ -13,8 +13,8 @@ import math
 import numpy as np
 import torch
 
-from supcon.atomic import atomic_save
 from supcon.errors import NonFiniteLossError, UserError  # noqa: F401 (re-exported)
+from supcon.system.atomic import atomic_save
 
 
 class TwoCropTransform:

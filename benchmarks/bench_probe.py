@@ -50,7 +50,7 @@ def main():
     import torch
 
     import main_supcon
-    from supcon import runtime
+    from supcon.system import runtime
 
     torch.set_num_threads(args.threads)
     argv = ['--dataset', 'digits', '--model', 'resnet18', '--size', str(args.size)]

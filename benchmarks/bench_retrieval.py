@@ -1,4 +1,4 @@
-"""Time and peak memory of supcon/retrieval.py against pytorch-metric-learning's
+"""Time and peak memory of supcon/evaluation/retrieval.py against pytorch-metric-learning's
 AccuracyCalculator on the same embeddings; and main_retrieval.py over a list of checkpoints.
 
     python benchmarks/bench_retrieval.py search --n 10000 50000 --methods ours peer
@@ -81,7 +81,7 @@ def run_one(args):
         for name in ('query_features', 'query_labels', 'gallery_features', 'gallery_labels')
     }
     if args.method == 'ours':
-        from supcon.retrieval import retrieval_metrics
+        from supcon.evaluation.retrieval import retrieval_metrics
 
         def run():
             return retrieval_metrics(
@@ -92,7 +92,7 @@ def run_one(args):
                 block_size=args.block_size,
             )
 
-        knn = 'supcon.retrieval (exact, blocked)'
+        knn = 'supcon.evaluation.retrieval (exact, blocked)'
     else:
         from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 

@@ -8,11 +8,11 @@ setting.
     times, interleaved; medians python benchmarks/bench_train.py --device cuda --model resnet50
 
 Every configuration runs in a fresh subprocess that builds its run exactly as main_supcon.main()
-does (parse_option, setup_runtime, Run, set_loader, set_model, set_optimizer, make_scaler,
-Run.restore) and then calls main_supcon.train() itself, over the real loader cut to warmup + steps
-full batches. Timing comes from that loader wrapper: a step runs from the moment train() asks for
-its batch to the moment it asks for the next one, so it includes the wait for data, the forward, the
-loss, the SGD step and train()'s one host sync
+does (parse_option, setup_runtime, Bookkeeper, set_loader, set_model, set_optimizer, make_scaler,
+Bookkeeper.restore) and then calls main_supcon.train() itself, over the real loader cut to
+warmup + steps full batches. Timing comes from that loader wrapper: a step runs from the moment
+train() asks for its batch to the moment it asks for the next one, so it includes the wait for
+data, the forward, the loss, the SGD step and train()'s one host sync
 per step (which makes CUDA timings honest without extra synchronisation).
 
 Counting: a step of --batch_size B feeds the network 2 * B images (two views each). "img/s" counts
@@ -109,21 +109,23 @@ def build_run(argv):
     """Everything main_supcon.main() builds before its epoch loop, in the same order."""
     import main_supcon
     import util
-    from supcon import probe, runtime, training_run
+    from supcon.objectives import probe
+    from supcon.system import runtime
+    from supcon.training import bookkeeping
 
     opt = main_supcon.parse_option(argv)
     rt = runtime.setup_runtime(opt)
-    from supcon.positives import TAGS
+    from supcon.objectives.positives import TAGS
 
-    # the meters main_supcon.main() gives its Run: the loss and the positives per anchor
+    # the meters main_supcon.main() gives its Bookkeeper: the loss and the positives per anchor
     meters = {name: util.AverageMeter() for name in ('loss',) + TAGS}
-    run = training_run.Run(opt, rt, meters=meters)
+    run = bookkeeping.Bookkeeper(opt, rt, meters=meters)
     train_loader, train_sampler, device_augment = main_supcon.set_loader(opt, rt)
     model, criterion, moco = main_supcon.set_model(opt, rt)
     heads = probe.build_heads(opt, rt, runtime.unwrap(model), train_loader.dataset)
     optimizer = util.set_optimizer(opt, model)
-    if heads is not None:
-        heads.add_to_optimizer(optimizer, opt)
+    for module in heads.trained_by_the_run_optimizer() if heads is not None else ():
+        optimizer.add_param_group({'params': list(module.parameters())})
     scaler = runtime.make_scaler(rt)
     run.restore(model, optimizer, scaler)
     extra = dict(moco=moco, device_augment=device_augment, heads=heads)

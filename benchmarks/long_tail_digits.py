@@ -184,12 +184,13 @@ class LongTailBench(Bench):
 
 
 def positives_table(draws=2000, seed=0):
-    """anchors_without_positive of random batches (supcon.positives), no training: uniform labels
+    """anchors_without_positive of random batches (supcon.objectives.positives), no training:
+    uniform labels
     over 10 and 100 classes, and the long-tailed digits training split (--imbalance_ratio 10,
     seed 0) with random and with balanced batches; plain SupCon, 2 views, no queue."""
-    from supcon.balanced import BalancedSampler
-    from supcon.data import build_dataset
-    from supcon.positives import positive_statistics
+    from supcon.data.balanced import BalancedSampler
+    from supcon.data.datasets import build_dataset
+    from supcon.objectives.positives import positive_statistics
 
     rng = np.random.default_rng(seed)
 

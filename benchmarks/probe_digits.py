@@ -112,7 +112,8 @@ def run_with_probes(lrs, argv):
     """main_supcon.main() with one more OnlineProbe per rate of ``lrs`` (not checkpointed)."""
     sys.path.insert(0, str(REPO))
     import main_supcon
-    from supcon import probe, runtime
+    from supcon.objectives import probe
+    from supcon.system import runtime
 
     class SweepHeads(probe.ClassifierHeads):
         def __init__(self, opt, rt, dim, num_classes, evaluation):
@@ -148,7 +149,7 @@ def run_with_probes(lrs, argv):
 
     probe.build_heads = build_heads
     sys.argv = [str(REPO / 'main_supcon.py')] + argv
-    runtime.run_main(main_supcon.main)
+    runtime.launch(main_supcon.main)
 
 
 def main():

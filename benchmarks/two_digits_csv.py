@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supcon.data import _digits_arrays  # noqa: E402 (the split --dataset digits uses)
+from supcon.data.datasets import _digits_arrays  # noqa: E402 (the split --dataset digits uses)
 
 HALF = 16
 

@@ -7,7 +7,7 @@ torchvision's layout (see ``from_torchvision_layout``).
 
 In Python, the encoder of such a file is::
 
-    from supcon.checkpoint import load_checkpoint
+    from supcon.system.checkpoint import load_checkpoint
     from networks.from_checkpoint import encoder_from_checkpoint
     encoder, model = encoder_from_checkpoint(load_checkpoint('supcon.pth'), 'supcon.pth')
     features = encoder(images)   # [N, 2048] pooled features

@@ -223,7 +223,8 @@ class SupConResNet(nn.Module):
         # Normalising here puts every embedding on the unit sphere, so the loss's dot
         # products are cosine similarities and the temperature alone sets their scale.
         out = F.normalize(self.head(feat), dim=1)
-        # with_features: the encoder's output too, for classifiers on it (supcon/probe.py),
+        # with_features: the encoder's output too, for classifiers on it
+        # (supcon/objectives/probe.py),
         # so a training step needs no second forward pass
         return (out, feat) if with_features else out
 

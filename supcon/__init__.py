@@ -1,8 +1,31 @@
-"""The machinery the reference scripts lack, split by job.
+"""The machinery the reference scripts lack, in sub-packages by job; each imports only the
+ones listed before it (``tests/test_layout.py`` checks both the order and that this map names
+every module).
 
-Data: ``data`` (data sets and loaders), ``cifar``, ``sampling``, ``augment``, ``gpu_augment``.
-Devices and processes: ``runtime``, ``distributed``. Checkpoints and a run's bookkeeping:
-``atomic``, ``checkpoint``, ``training_run``, ``tb_logger``, ``options``, ``optim``.
-Evaluation: ``engine`` (the classifier loop), ``features`` (features and kNN). Methods: ``moco``.
+``errors``: ``UserError`` and ``NonFiniteLossError``, the errors printed as one line.
+
+``system`` -- devices, processes and files: ``runtime`` (devices, torchrun / DDP, mixed
+precision, seeding, ``launch``), ``distributed`` (rank, gathering), ``slurm``, ``atomic`` (the one
+atomic write), ``checkpoint`` (checkpoint files), ``run_lock`` (one live run per save folder).
+
+``data`` -- what the networks read: ``datasets`` (the registry and the loaders), ``cifar``,
+``image_folder``, ``csv_dataset``, ``sampling`` (seeded, resumable, sharded order), ``augment``
+and ``gpu_augment`` (the transforms), ``normalization`` (--mean/--std), and the capabilities that
+shape the training data: ``val_split``, ``long_tail`` (--imbalance_ratio), ``balanced``
+(--sampler balanced), ``labelling`` (partial and multiple labels).
+
+``evaluation`` -- measuring an encoder: ``extract`` (frozen features), ``knn``, ``retrieval``,
+``classify`` (the classifier's test-split evaluation), ``multilabel`` (mean average precision,
+F1), ``class_accuracy`` (per-class and many/medium/few-shot accuracy).
+
+``objectives`` -- what a training step computes: ``contrastive`` (the loss's lean autograd
+function behind ``losses.SupConLoss``), ``moco`` (the key encoder and queue), ``probe`` (the
+online probe and --ce_weight's joint classifier), ``positives`` (positives per anchor).
+
+``training`` -- the loop around the step: ``loop`` (the epoch loop of every training script),
+``bookkeeping`` (resume, checkpoints, signals, TensorBoard), ``optim``, ``tb_logger``.
+
+At the top: ``options`` (the flags the scripts share) and ``capabilities`` (the optional
+capabilities, each declaring its flags, checks, run-name part and what is fixed on resume).
 The reference's own API stays at the root: ``losses.py``, ``util.py``, ``networks/``.
 """

@@ -1,4 +1,4 @@
-"""The two errors every script turns into one line on stderr (``runtime.run_main``).
+"""The two errors every script turns into one line on stderr (``runtime.launch``).
 
 They live here, below everything else, so that any module can raise them; ``util``
 re-exports them under the reference-era names users already import.

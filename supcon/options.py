@@ -10,14 +10,13 @@ import os
 import re
 import sys
 
-import torch
-
 from networks.resnet_big import MODEL_NAMES, STEMS
 from networks.timm_backbone import is_timm_model
-from supcon.data import DATASET_NAMES
+from supcon.data.datasets import DATASET_NAMES
 from supcon.errors import UserError
-from supcon.optim import OPTIMIZER_NAMES
-from supcon.runtime import is_main_process
+from supcon.system.checkpoint import plain_options
+from supcon.system.runtime import is_main_process
+from supcon.training.optim import OPTIMIZER_NAMES
 
 
 def parse_decay_epochs(text):
@@ -110,7 +109,7 @@ def check_common_options(opt):
 
 
 def print_options(options):
-    """Print the run's configuration (a dict such as ``Run.options()``, or a Namespace)."""
+    """Print the run's configuration (a dict such as ``Bookkeeper.options()``, or a Namespace)."""
     if not is_main_process():
         return
     if not isinstance(options, dict):
@@ -119,21 +118,6 @@ def print_options(options):
     for key, value in sorted(options.items()):
         print(f'  {key}: {value}')
     sys.stdout.flush()
-
-
-def plain_options(opt):
-    """The options as a dict of plain values, safe for ``weights_only`` loading."""
-    plain = {}
-    for key, value in vars(opt).items():
-        if isinstance(value, torch.device):
-            value = str(value)
-        if value is None or isinstance(value, (bool, int, float, str)):
-            plain[key] = value
-        elif isinstance(value, (list, tuple)) and all(
-            isinstance(v, (bool, int, float, str)) for v in value
-        ):
-            plain[key] = list(value)
-    return plain
 
 
 def add_model_arguments(parser):

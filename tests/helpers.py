@@ -130,7 +130,7 @@ def _serve(spec_path):
     import importlib
 
     modules = {script: importlib.import_module(script) for script in SCRIPTS}
-    from supcon import runtime
+    from supcon.system import runtime
 
     codes = {}
     for case in spec:
@@ -157,7 +157,7 @@ def _child(case, module, runtime):
     sys.argv = [module.__file__] + case['args']
     code = 0
     try:
-        runtime.run_main(module.main)
+        runtime.launch(module.main)
     except SystemExit as exc:  # as the interpreter maps sys.exit(arg) to an exit code
         code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
         if not isinstance(exc.code, (int, type(None))):
@@ -293,12 +293,12 @@ def save_our_checkpoint(path, model='resnet18', seed=0):
     import torch
 
     from networks.resnet_big import SupConResNet
-    from supcon import checkpoint, options
+    from supcon.system import checkpoint
 
     torch.manual_seed(seed)
     net = SupConResNet(name=model)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
-    opt = options.plain_options(reference_options(model=model))
+    opt = checkpoint.plain_options(reference_options(model=model))
     checkpoint.save_checkpoint(
         {'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'epoch': 1, 'opt': opt},
         str(path),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from supcon import runtime
+from supcon.system import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def call(script, args, cwd):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runtime.run_main(module.main)
+                runtime.launch(module.main)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:

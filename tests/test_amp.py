@@ -23,7 +23,7 @@ from helpers import describe, run_script, write_image_folder
 import util
 from losses import SupConLoss
 from networks.resnet_big import SupConResNet
-from supcon import checkpoint, runtime
+from supcon.system import checkpoint, runtime
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 DEVICES = ['cpu', pytest.param('cuda', marks=CUDA)]

@@ -6,14 +6,14 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from supcon.augment import (
+from supcon.data.augment import (
     AUG_NAMES,
     RANDAUGMENT_MAGNITUDE,
     STACKED_RANDAUGMENT_MAGNITUDE,
     supcon_transform,
     train_transform,
 )
-from supcon.augment import test_transform as eval_transform  # a test_* name would be collected
+from supcon.data.augment import test_transform as eval_transform  # a test_* name would be collected
 from util import TwoCropTransform, UserError
 
 MEAN = (0.4914, 0.4822, 0.4465)

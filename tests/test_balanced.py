@@ -17,10 +17,11 @@ from inprocess import assert_one_line_error, call, one_thread, save_folder  # no
 from test_positives import plain_positives
 from test_resume import Runs, images, max_abs_diff, scalars, spawn, tb_folder  # noqa: F401
 
-from supcon import engine, runtime
-from supcon.balanced import BalancedSampler
-from supcon.positives import TAGS, PositiveCounter
-from supcon.sampling import SeededSampler, build_loader
+from supcon.data.balanced import BalancedSampler
+from supcon.data.sampling import SeededSampler, build_loader
+from supcon.evaluation import classify
+from supcon.objectives.positives import TAGS, PositiveCounter
+from supcon.system import runtime
 from util import AverageMeter
 
 # a long tail: 9 classes of 40 down to 1 image (fewer than M for the last ones)
@@ -144,7 +145,7 @@ def run_epoch(rank, world_size):
         test_set, 7, shuffle=False, seed=0, rank=rank, world_size=world_size, pad=False
     )
     opt = type('Opt', (), {'print_freq': 1000})()
-    *_, per_class = engine.validate(
+    *_, per_class = classify.validate(
         test_loader, classifier, nn.CrossEntropyLoss(), opt, rt, 9, per_class=True
     )
     return batches, [meters[tag].avg for tag in TAGS], per_class

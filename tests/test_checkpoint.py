@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from helpers import reference_options
 
-from supcon import checkpoint
+from supcon.system import checkpoint
 from util import UserError
 
 # --------------------------------------------------------------------------- checkpoints

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torchvision import transforms
 
-from supcon import cifar
-from supcon.augment import test_transform as make_test_transform  # not collected as a test
-from supcon.augment import train_transform
-from supcon.data import MEAN_STD, build_dataset
+from supcon.data import cifar
+from supcon.data.augment import test_transform as make_test_transform  # not collected as a test
+from supcon.data.augment import train_transform
+from supcon.data.datasets import MEAN_STD, build_dataset
 from util import UserError
 
 MEAN, STD = MEAN_STD['cifar10']

@@ -15,7 +15,7 @@ from networks.cpu_bf16_conv import (
     weight_grad_by_matmul,
 )
 from networks.resnet_big import SupConResNet
-from supcon import runtime
+from supcon.system import runtime
 
 BF16 = dict(device_type='cpu', dtype=torch.bfloat16)
 

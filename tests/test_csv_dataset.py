@@ -11,8 +11,9 @@ from inprocess import assert_one_line_error, call, one_thread, save_folder  # no
 from PIL import Image
 from test_resume import max_abs_diff
 
-from supcon import checkpoint, data
-from supcon.csv_dataset import build_csv_dataset
+from supcon.data import datasets
+from supcon.data.csv_dataset import build_csv_dataset
+from supcon.system import checkpoint
 
 NORM = ['--mean', '(0.5,0.5,0.5)', '--std', '(0.25,0.25,0.25)']
 FAST = [
@@ -78,7 +79,7 @@ def test_a_single_label_csv_has_the_classes_and_targets_of_the_image_folder(tmp_
     ]
     train = write_csv(tmp_path / 'train.csv', rows + [['extra.png', '']])
     from_csv = build_csv_dataset('train', None, train, None)
-    from_folder = data.build_dataset('path', 'train', None, data_folder=folder)
+    from_folder = datasets.build_dataset('path', 'train', None, data_folder=folder)
     assert not from_csv.multilabel and from_csv.classes == from_folder.classes == ['a', 'b', 'c']
     assert from_csv.targets == from_folder.targets + [-1]
     assert [p for p, _ in from_csv.samples[:-1]] == [str(p) for p, _ in from_folder.samples]

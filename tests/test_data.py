@@ -11,9 +11,9 @@ from test_cifar import (
     cifar10_root,  # noqa: F401,F811  (a fixture)
 )
 
-from supcon.augment import supcon_transform, train_transform
-from supcon.augment import test_transform as make_test_transform  # not collected as a test
-from supcon.data import (
+from supcon.data.augment import supcon_transform, train_transform
+from supcon.data.augment import test_transform as make_test_transform  # not collected as a test
+from supcon.data.datasets import (
     DATASET_NAMES,
     MEAN_STD,
     DataError,
@@ -23,7 +23,7 @@ from supcon.data import (
     parse_triple,
     resolve_mean_std,
 )
-from supcon.sampling import build_loader
+from supcon.data.sampling import build_loader
 from util import UserError
 
 # --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import subprocess
 
 from helpers import REPO, describe, script_env
 
-from supcon.checkpoint import load_checkpoint
+from supcon.system.checkpoint import load_checkpoint
 
 RUN = 'SupCon_digits_resnet18_lr_0.03_decay_0.0001_bsz_128_temp_0.1_trial_{}_cosine'
 

@@ -25,8 +25,9 @@ from PIL import Image
 
 import util
 from losses import SupConLoss
-from supcon import checkpoint, engine, runtime
-from supcon.sampling import SeededDataset, build_loader
+from supcon.data.sampling import SeededDataset, build_loader
+from supcon.evaluation import classify
+from supcon.system import checkpoint, runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD_SIZE = 2
@@ -96,7 +97,7 @@ def moco_steps(model, view1, view2, labels, steps=3, queue_size=12):
     Returns the model's weights, the key encoder's weights and the queue's rows and labels.
     A queue of 12 rows takes 8 keys a step: it fills, then wraps around.
     """
-    from supcon.moco import MomentumContrast
+    from supcon.objectives.moco import MomentumContrast
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
     criterion = SupConLoss(temperature=0.1)
@@ -268,7 +269,7 @@ def _validate(rank, world_size):
     rt = runtime.Runtime(device=torch.device('cpu'), rank=rank, world_size=world_size)
     classifier.eval()
     return (
-        engine.validate(loader, classifier, nn.CrossEntropyLoss(), opt, rt, num_classes=6),
+        classify.validate(loader, classifier, nn.CrossEntropyLoss(), opt, rt, num_classes=6),
         sampler.rank_indices(),
     )
 

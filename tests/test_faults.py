@@ -14,7 +14,7 @@ import torch
 from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 from PIL import Image
 
-from supcon import checkpoint
+from supcon.system import checkpoint
 
 DATA = [
     '--dataset',

@@ -14,8 +14,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from supcon import augment, data, runtime, sampling
-from supcon.features import KNNMonitor, extract_features, knn_accuracy, knn_predict
+from supcon.data import augment, datasets, sampling
+from supcon.evaluation.extract import extract_features
+from supcon.evaluation.knn import KNNMonitor, knn_accuracy, knn_predict
+from supcon.system import runtime
 from util import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +181,7 @@ def test_knn_monitor_with_val_split_never_reads_the_test_split(capsys):
     assert 0.19 < len(held.test_loader.dataset) / train_rows < 0.21
     assert (
         held.test_loader.dataset.dataset.indices
-        == data.build_dataset('digits', 'test', None, val_split=0.2).indices
+        == datasets.build_dataset('digits', 'test', None, val_split=0.2).indices
     )
     held(nn.Sequential(nn.Flatten()), 1)
     assert f'{len(held.test_loader.dataset)} held-out and' in capsys.readouterr().out
@@ -228,8 +230,10 @@ def test_knn_monitor_refuses_test_classes_other_than_the_training_ones(tmp_path)
 DIST_SCRIPT = textwrap.dedent('''
     import argparse, sys, torch
     import torch.nn as nn
-    from supcon import augment, data, runtime, sampling
-    from supcon.features import KNNMonitor, extract_features
+    from supcon.data import augment, datasets, sampling
+    from supcon.system import runtime
+    from supcon.evaluation.extract import extract_features
+    from supcon.evaluation.knn import KNNMonitor
 
     opt = argparse.Namespace(batch_size=2, batch_size_val=8, num_workers=0, amp=False,
                              amp_dtype='auto', channels_last=False, compile=False, seed=0,
@@ -237,8 +241,8 @@ DIST_SCRIPT = textwrap.dedent('''
                              test_folder='test', mean='0.5,0.5,0.5', std='0.3,0.3,0.3', size=8,
                              val_split=0.0)
     rt = runtime.setup_runtime(opt)
-    dataset = data.build_dataset('path', 'test', augment.test_transform(8, (0.5,) * 3, (0.3,) * 3),
-                                 'train', 'test')
+    transform = augment.test_transform(8, (0.5,) * 3, (0.3,) * 3)
+    dataset = datasets.build_dataset('path', 'test', transform, 'train', 'test')
     loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, rank=rt.rank,
                                   world_size=rt.world_size, pad=False)
     torch.manual_seed(0)
@@ -289,7 +293,7 @@ def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path)
 
     # the same in one process
     mean_std = dict(mean='0.5,0.5,0.5', std='0.3,0.3,0.3')
-    dataset = data.build_dataset(
+    dataset = datasets.build_dataset(
         'path',
         'test',
         augment.test_transform(8, (0.5,) * 3, (0.3,) * 3),

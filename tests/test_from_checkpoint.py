@@ -7,7 +7,7 @@ import torch
 
 from networks import from_checkpoint
 from networks.resnet_big import SupCEResNet, SupConResNet
-from supcon import checkpoint
+from supcon.system import checkpoint
 from util import UserError
 
 # --------------------------------------------------------------------------- checkpoints

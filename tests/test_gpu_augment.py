@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip('kornia')
 
-from supcon.gpu_augment import DeviceAugment, to_uint8_tensor  # noqa: E402
-from supcon.sampling import mix_seed  # noqa: E402
+from supcon.data.gpu_augment import DeviceAugment, to_uint8_tensor  # noqa: E402
+from supcon.data.sampling import mix_seed  # noqa: E402
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

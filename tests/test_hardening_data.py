@@ -18,8 +18,8 @@ from sklearn.model_selection import train_test_split
 from test_distributed import torchrun  # 2 gloo processes, as the README starts them
 
 import main_supcon
-from supcon import data
-from supcon.checkpoint import load_checkpoint
+from supcon.data import datasets
+from supcon.system.checkpoint import load_checkpoint
 
 SCRIPTS = ('main_supcon', 'main_ce', 'main_linear')
 DIGITS_TRAIN = 1437  # scikit-learn's 1797 digits less the 20 % test split
@@ -185,10 +185,10 @@ def test_val_split_edge_values_are_one_line(script, case, split_folders, encoder
     where, fraction, fragments, works = VAL_SPLIT_CASES[case]
     if where == 'digits':
         args = DIGITS + ['--val_split', str(fraction)]
-        targets = data.build_dataset('digits', 'train', None).targets
+        targets = datasets.build_dataset('digits', 'train', None).targets
     else:
         args = path_args(split_folders / where, None, '--val_split', fraction)
-        targets = data.build_dataset('path', 'train', None, split_folders / where).targets
+        targets = datasets.build_dataset('path', 'train', None, split_folders / where).targets
     assert not independent_split_ok(targets, fraction)  # scikit-learn fails, or empties a class
     result = call(script, script_args(script, args, encoder_ckpt), tmp_path)
     assert_one_line_error(result, f'--val_split {fraction}', *fragments)
@@ -240,7 +240,7 @@ def test_a_broken_test_image_is_found_before_training(script, broken_test, encod
 def test_a_broken_held_out_image_is_found_before_training(broken_test):
     """With --val_split the held-out training images are first read after epoch 1 too."""
     train = broken_test / 'train'
-    held = data.build_dataset('path', 'test', None, train, val_split=0.25)
+    held = datasets.build_dataset('path', 'test', None, train, val_split=0.25)
     path = held.dataset.samples[held.indices[0]][0]
     with open(path, 'wb') as f:
         f.write(b'truncated')
@@ -306,7 +306,9 @@ def imagenet_args(root, *extra):
 @pytest.mark.parametrize('script', ['main_ce', 'main_supcon'])
 def test_imagenet_honours_test_folder(script, imagenet_without_val, tmp_path):
     root = imagenet_without_val
-    held = data.build_dataset('imagenet', 'test', None, root / 'in', test_folder=root / 'elsewhere')
+    held = datasets.build_dataset(
+        'imagenet', 'test', None, root / 'in', test_folder=root / 'elsewhere'
+    )
     assert [os.path.relpath(p, root) for p, _ in held.samples] == [
         os.path.join('elsewhere', 'n01', '000.png'),
         os.path.join('elsewhere', 'n01', '001.png'),
@@ -360,7 +362,7 @@ def test_moco_k_against_digits(moco_k, noted, capsys):
     opt = main_supcon.parse_option(
         ['--dataset', 'digits', '--moco'] + (['--moco_k', moco_k] if moco_k else [])
     )
-    main_supcon.note_queue_length(opt, len(data.build_dataset('digits', 'train', None)))
+    main_supcon.note_queue_length(opt, len(datasets.build_dataset('digits', 'train', None)))
     out = capsys.readouterr().out
     k = moco_k or '4096'
     want = f'note: --moco_k {k} is longer than the {DIGITS_TRAIN} training images'

@@ -21,10 +21,13 @@ import main_tsne  # noqa: E402
 from networks.encoders import build_encoder  # noqa: E402
 from networks.from_checkpoint import encoder_from_checkpoint, encoder_state  # noqa: E402
 from networks.resnet_big import SupConResNet  # noqa: E402
-from supcon import data, runtime  # noqa: E402
-from supcon.augment import test_transform as eval_transform  # noqa: E402
-from supcon.checkpoint import load_checkpoint  # noqa: E402
-from supcon.options import plain_options  # noqa: E402
+from supcon.data import datasets  # noqa: E402
+from supcon.data.augment import test_transform as eval_transform  # noqa: E402
+from supcon.system import runtime
+from supcon.system.checkpoint import (
+    load_checkpoint,  # noqa: E402
+    plain_options,  # noqa: E402
+)
 
 # the issue's `D`, on the CPU (main_supcon.py has no --num_workers_val: see digits())
 D = ['--dataset', 'digits', '--size', '8', '--batch_size', '64', '--epochs', '1']
@@ -239,8 +242,8 @@ def test_tsne_val_split_embeds_the_held_out_training_images(digits_ckpt, tmp_pat
     opt = main_tsne.parse_option([str(a) for a in args])
     rt = runtime.setup_runtime(opt)  # one process, CPU: nothing to clean up
     loader, _ = main_tsne.set_loader(opt, rt)
-    transform = eval_transform(8, *data.resolve_mean_std('digits', None, None))
-    train = data.build_dataset('digits', 'train', transform)
+    transform = eval_transform(8, *datasets.resolve_mean_std('digits', None, None))
+    train = datasets.build_dataset('digits', 'train', transform)
     _, held_out = train_test_split(
         np.arange(len(train.targets)), test_size=0.2, stratify=train.targets, random_state=0
     )

@@ -72,7 +72,7 @@ def test_find_cycle_sees_a_cycle_and_its_absence():
 def test_no_import_circle():
     modules = project_modules()
     graph = {name: imports_of(path, modules) - {name} for name, path in modules.items()}
-    assert 'util' in graph and 'supcon.data' in graph  # the scan found the project
+    assert 'util' in graph and 'supcon.data.datasets' in graph  # the scan found the project
     assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
 
 
@@ -80,7 +80,7 @@ def test_util_imports_only_the_leaf_modules_of_the_package():
     """util.py is the reference's API; it may lean only on modules that import nothing of ours."""
     modules = project_modules()
     leaves = imports_of(modules['util'], modules)
-    assert leaves == {'supcon.errors', 'supcon.atomic'}
+    assert leaves == {'supcon.errors', 'supcon.system.atomic'}
     for leaf in leaves:
         assert imports_of(modules[leaf], modules) == set()
 
@@ -138,3 +138,75 @@ def test_reference_api_is_importable_with_its_signatures():
     assert params(SupCEResNet.__init__)[:3] == ['self', 'name', 'num_classes']
     assert params(LinearClassifier.__init__)[:3] == ['self', 'name', 'num_classes']
     assert params(LinearBatchNorm.__init__) == ['self', 'dim', 'affine']
+
+
+#: The sub-packages of supcon/, each allowed to import only those before it (and itself).
+LAYERS = ('errors', 'system', 'data', 'evaluation', 'objectives', 'training')
+#: What may sit directly in supcon/ besides the sub-packages.
+MAX_TOP_MODULES = 8
+
+
+def layer_of(module):
+    """The index of a ``supcon.*`` module's sub-package in LAYERS; top-level modules other than
+    ``errors`` come after every sub-package; None outside supcon."""
+    parts = module.split('.')
+    if parts[0] != 'supcon' or len(parts) < 2:
+        return None
+    return LAYERS.index(parts[1]) if parts[1] in LAYERS else len(LAYERS)
+
+
+def upward_imports(modules):
+    """['a imports b'] for every supcon module that imports one of a later sub-package."""
+    found = []
+    for name, path in sorted(modules.items()):
+        mine = layer_of(name)
+        if mine is None:
+            continue
+        for imported in sorted(imports_of(path, modules)):
+            theirs = layer_of(imported)
+            if theirs is not None and theirs > mine:
+                found.append(f'{name} imports {imported}')
+    return found
+
+
+def test_upward_imports_sees_a_data_module_importing_training(tmp_path):
+    (tmp_path / 'supcon' / 'data').mkdir(parents=True)
+    (tmp_path / 'supcon' / 'training').mkdir()
+    (tmp_path / 'supcon' / 'data' / 'a.py').write_text('from supcon.training import b\n')
+    (tmp_path / 'supcon' / 'training' / 'b.py').write_text('from supcon.data import a\n')
+    modules = {'supcon.data.a': tmp_path / 'supcon/data/a.py'}
+    modules['supcon.training.b'] = tmp_path / 'supcon/training/b.py'
+    assert upward_imports(modules) == ['supcon.data.a imports supcon.training.b']
+
+
+def test_no_sub_package_imports_a_later_one():
+    """system < data < evaluation < objectives < training < the top-level modules."""
+    assert upward_imports(project_modules()) == []
+
+
+def package_modules():
+    """Every module of supcon/ as (sub-package or '', module name), __init__ files left out."""
+    found = []
+    for path in sorted((REPO / 'supcon').rglob('*.py')):
+        rel = path.relative_to(REPO / 'supcon')
+        if path.stem != '__init__':
+            found.append(('/'.join(rel.parts[:-1]), path.stem))
+    return found
+
+
+def test_the_package_is_split_by_job_with_few_modules_at_its_top():
+    top = [name for package, name in package_modules() if not package]
+    assert len(top) <= MAX_TOP_MODULES, top
+    packages = {package for package, _ in package_modules() if package}
+    assert packages == set(LAYERS) - {'errors'}
+
+
+def test_the_package_map_and_the_readme_name_every_module():
+    """supcon/__init__.py names every module (``name``) and README.md's file table every file."""
+    package_map = (REPO / 'supcon' / '__init__.py').read_text()
+    readme = (REPO / 'README.md').read_text()
+    for package, name in package_modules():
+        assert f'``{name}``' in package_map, f'supcon/__init__.py does not name {name}'
+        path = f'supcon/{package}/' if package else 'supcon/'
+        row = [line for line in readme.splitlines() if line.startswith(f'| `{path}')]
+        assert row and f'`{name}' in row[0], f'README.md\'s file table does not list {path}{name}'

@@ -1,4 +1,4 @@
-"""Long tails on purpose (--imbalance_ratio, data.long_tail_indices) and what each class gets
+"""Long tails on purpose (--imbalance_ratio, datasets.long_tail_indices) and what each class gets
 (class_accuracy.py, validate's per-class counts): profiles, hand counts, the scripts' lines and
 per_class_accuracy.json."""
 
@@ -14,8 +14,10 @@ from PIL import Image
 from test_resume import scalars, tb_folder
 
 import main_linear
-from supcon import class_accuracy, data, engine, runtime
-from supcon.sampling import build_loader
+from supcon.data import datasets
+from supcon.data.sampling import build_loader
+from supcon.evaluation import class_accuracy, classify
+from supcon.system import runtime
 
 # --------------------------------------------------------------------------- the profile
 
@@ -23,18 +25,18 @@ from supcon.sampling import build_loader
 def test_the_exponential_profile_of_cifar_lt():
     targets = np.repeat(np.arange(5), 50)
     np.random.default_rng(0).shuffle(targets)
-    kept = data.long_tail_indices(targets, 5, ratio=10.0, seed=3)
+    kept = datasets.long_tail_indices(targets, 5, ratio=10.0, seed=3)
     counts = np.bincount(targets[kept], minlength=5).tolist()
     assert counts == [int(50 * 10.0 ** (-i / 4)) for i in range(5)] == [50, 28, 15, 8, 5]
     assert kept.tolist() == sorted(set(kept.tolist()))  # sorted, no repeats
     # ratio 1 keeps everything; a huge ratio still keeps one image of the rarest class
-    assert len(data.long_tail_indices(targets, 5, 1.0, 0)) == 250
-    assert np.bincount(targets[data.long_tail_indices(targets, 5, 1e9, 0)]).tolist()[-1] == 1
+    assert len(datasets.long_tail_indices(targets, 5, 1.0, 0)) == 250
+    assert np.bincount(targets[datasets.long_tail_indices(targets, 5, 1e9, 0)]).tolist()[-1] == 1
 
 
 def test_n_max_is_the_largest_class_and_a_class_keeps_at_most_what_it_has():
     targets = np.array([0] * 10 + [1] * 40 + [2] * 3)
-    kept = data.long_tail_indices(targets, 3, ratio=4.0, seed=0)
+    kept = datasets.long_tail_indices(targets, 3, ratio=4.0, seed=0)
     # wanted: 40, 40 / 2 = 20, 40 / 4 = 10; class 0 has 10 and class 2 only 3
     assert np.bincount(targets[kept]).tolist() == [10, 20, 3]
 
@@ -43,16 +45,16 @@ def test_unlabelled_images_are_all_kept_and_the_classes_get_their_tail():
     labels = np.repeat(np.arange(3), 20)
     targets = np.concatenate([labels, np.full(7, -1)])  # 7 CSV rows without labels
     np.random.default_rng(1).shuffle(targets)
-    kept = data.long_tail_indices(targets, 3, ratio=4.0, seed=0)
+    kept = datasets.long_tail_indices(targets, 3, ratio=4.0, seed=0)
     assert np.flatnonzero(targets == -1).tolist() == [i for i in kept if targets[i] == -1]
     assert np.bincount(targets[kept][targets[kept] >= 0]).tolist() == [20, 10, 5]
 
 
 def test_the_images_kept_depend_on_the_seed_only():
     targets = np.repeat(np.arange(4), 30)
-    first = data.long_tail_indices(targets, 4, 5.0, seed=7)
-    assert np.array_equal(first, data.long_tail_indices(targets, 4, 5.0, seed=7))
-    other = data.long_tail_indices(targets, 4, 5.0, seed=8)
+    first = datasets.long_tail_indices(targets, 4, 5.0, seed=7)
+    assert np.array_equal(first, datasets.long_tail_indices(targets, 4, 5.0, seed=7))
+    other = datasets.long_tail_indices(targets, 4, 5.0, seed=8)
     assert not np.array_equal(first, other)
     assert np.array_equal(np.bincount(targets[first]), np.bincount(targets[other]))
 
@@ -60,8 +62,8 @@ def test_the_images_kept_depend_on_the_seed_only():
 @pytest.mark.parametrize('val_split', [0.0, 0.2])
 def test_digits_training_split_gets_the_tail_and_the_evaluation_split_is_untouched(val_split):
     splits = dict(val_split=val_split)
-    full = data.build_dataset('digits', 'train', None, **splits)
-    tail = data.build_dataset(
+    full = datasets.build_dataset('digits', 'train', None, **splits)
+    tail = datasets.build_dataset(
         'digits', 'train', None, imbalance_ratio=10, imbalance_seed=1, **splits
     )
     full_counts = np.bincount(full.targets)
@@ -69,8 +71,8 @@ def test_digits_training_split_gets_the_tail_and_the_evaluation_split_is_untouch
     want = [min(full_counts[i], max(1, int(n_max * 10 ** (-i / 9)))) for i in range(10)]
     assert np.bincount(tail.targets).tolist() == want
     assert want[-1] < 20 and want[0] > 100  # few-shot and many-shot classes both present
-    test = data.build_dataset('digits', 'test', None, imbalance_ratio=10, **splits)
-    plain_test = data.build_dataset('digits', 'test', None, **splits)
+    test = datasets.build_dataset('digits', 'test', None, imbalance_ratio=10, **splits)
+    plain_test = datasets.build_dataset('digits', 'test', None, **splits)
     assert test.targets == plain_test.targets
     assert np.array_equal(test[5][0], plain_test[5][0])
     # the tail's images are training images of their class, each once
@@ -120,7 +122,7 @@ def test_validate_counts_each_class_by_hand():
     )
     rt = runtime.Runtime(device=torch.device('cpu'))
     opt = type('Opt', (), {'print_freq': 1000})()
-    _, top1, _, (correct, total) = engine.validate(
+    _, top1, _, (correct, total) = classify.validate(
         loader, classifier, nn.CrossEntropyLoss(), opt, rt, 6, per_class=True
     )
     predicted = classifier(features).argmax(1)
@@ -225,8 +227,8 @@ def test_main_linear_takes_the_checkpoint_tail_and_its_seed(folder, tmp_path):
     opt = main_linear.parse_option([str(a) for a in args])
     assert (opt.imbalance_ratio, opt.imbalance_seed) == (4.0, 5)
     rt = runtime.Runtime(device=torch.device('cpu'), seed=0)
-    train_loader, *_ = data.classification_loaders(opt, rt)
-    pretrained = data.build_dataset(
+    train_loader, *_ = datasets.classification_loaders(opt, rt)
+    pretrained = datasets.build_dataset(
         'path', 'train', None, data_folder=folder / 'train', imbalance_ratio=4, imbalance_seed=5
     )
     assert train_loader.dataset.dataset.indices == pretrained.indices  # the same images

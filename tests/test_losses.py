@@ -25,7 +25,7 @@ from losses import (
     auto_chunk_size,  # noqa: E402
     gather_with_grad,
 )
-from supcon import contrastive  # noqa: E402
+from supcon.objectives import contrastive  # noqa: E402
 
 
 def loop_supcon_loss(

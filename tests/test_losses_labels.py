@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers import free_port
 
 from losses import LabelSetPairs, LeanSupConFunction, PositivePairs, SupConLoss
-from supcon import contrastive
+from supcon.objectives import contrastive
 
 
 def loop_loss(

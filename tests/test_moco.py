@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers import free_port
 from torch import nn
 
-from supcon.moco import (
+from supcon.objectives.moco import (
     KeyEncoder,
     LabelQueue,
     gather_no_grad,

@@ -16,8 +16,9 @@ from sklearn.metrics import average_precision_score, f1_score
 import losses
 from networks.from_checkpoint import encoder_from_checkpoint
 from networks.resnet_big import LinearClassifier, SupCEResNet
-from supcon import augment, data, multilabel
-from supcon.checkpoint import load_checkpoint
+from supcon.data import augment, datasets
+from supcon.evaluation import multilabel
+from supcon.system.checkpoint import load_checkpoint
 
 CLASSES = ['a', 'b', 'c', 'd']  # 'd' has no test image: it is left out of both means
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -175,7 +176,7 @@ def pretrained(tiny, tmp_path_factory):
 
 
 def test_main_supcon_gives_the_loss_multi_hot_labels_and_the_rule(tiny, pretrained):
-    dataset = data.build_dataset('csv', 'train', None, data_folder=tiny / 'train.csv')
+    dataset = datasets.build_dataset('csv', 'train', None, data_folder=tiny / 'train.csv')
     rows = sorted(map(tuple, np.asarray(dataset.targets).tolist()))
     for rule, (ckpt, seen) in pretrained.items():
         assert len(seen) == 4 and all(r == rule for _, r in seen)
@@ -257,8 +258,9 @@ def _rank_validate(rank, port, out_file):
 
     import torch.distributed as dist
 
-    from supcon import engine, runtime
-    from supcon.sampling import build_loader
+    from supcon.data.sampling import build_loader
+    from supcon.evaluation import classify
+    from supcon.system import runtime
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -276,7 +278,7 @@ def _rank_validate(rank, port, out_file):
         rt = runtime.Runtime(device=torch.device('cpu'), rank=rank, world_size=2)
         opt = argparse.Namespace(print_freq=1000)
         with torch.no_grad():
-            result = engine.validate(loader, model, torch.nn.BCEWithLogitsLoss(), opt, rt, 4)
+            result = classify.validate(loader, model, torch.nn.BCEWithLogitsLoss(), opt, rt, 4)
         if rank == 0:
             torch.save(result, out_file)
     finally:
@@ -315,7 +317,7 @@ def test_the_two_digit_set_labels_each_image_with_both_of_its_digits(tmp_path):
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     builder.main(['--out', str(tmp_path), '--seed', '1'])
-    train_x, train_y, test_x, test_y = data._digits_arrays()
+    train_x, train_y, test_x, test_y = datasets._digits_arrays()
     for split, digits, labels in (('train', train_x, train_y), ('test', test_x, test_y)):
         rows = list(csv.DictReader(open(tmp_path / f'{split}.csv')))
         assert len(rows) == len(digits)
@@ -330,5 +332,5 @@ def test_the_two_digit_set_labels_each_image_with_both_of_its_digits(tmp_path):
             assert len(matches)
             names = set(rows[i]['labels'].split(';'))
             assert names == {str(labels[i]), str(labels[matches[0]])}
-    dataset = data.build_dataset('csv', 'train', None, data_folder=tmp_path / 'train.csv')
+    dataset = datasets.build_dataset('csv', 'train', None, data_folder=tmp_path / 'train.csv')
     assert dataset.multilabel and dataset.classes == [str(d) for d in range(10)]

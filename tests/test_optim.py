@@ -12,7 +12,7 @@ pytest.importorskip('timm')
 from timm.optim import Lars  # noqa: E402
 
 import util  # noqa: E402
-from supcon.optim import LARS_EPS, LARS_TRUST_COEFF, build_optimizer, lars_param_groups  # noqa: E402
+from supcon.training.optim import LARS_EPS, LARS_TRUST_COEFF, build_optimizer, lars_param_groups  # noqa: E402
 
 LR, MOMENTUM, WD = 0.1, 0.9, 1e-4
 

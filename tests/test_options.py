@@ -8,6 +8,7 @@ import torch
 from test_util import schedule
 
 from supcon import options
+from supcon.system import checkpoint
 from util import UserError
 
 # --------------------------------------------------------------------------- warm-up
@@ -73,7 +74,7 @@ def test_plain_options_keeps_only_plain_values():
         k=[1, object()],
         l=argparse.Namespace(x=1),
     )
-    plain = options.plain_options(opt)
+    plain = checkpoint.plain_options(opt)
     assert plain == {
         'a': 1,
         'b': 1.5,

@@ -17,8 +17,9 @@ from test_resume import Runs, images, max_abs_diff  # noqa: F401 (images: a fixt
 
 import main_linear
 import main_supcon
-from supcon import data, partial_labels, runtime
-from supcon.checkpoint import load_checkpoint
+from supcon.data import datasets, labelling
+from supcon.system import runtime
+from supcon.system.checkpoint import load_checkpoint
 
 FRACTION = 0.5
 
@@ -28,7 +29,7 @@ def expected_count(fraction, n):
 
 
 def digits_targets():
-    return np.asarray(data.build_dataset('digits', 'train', None).targets)
+    return np.asarray(datasets.build_dataset('digits', 'train', None).targets)
 
 
 # --------------------------------------------------------------------------- the choice
@@ -37,7 +38,7 @@ def digits_targets():
 @pytest.mark.parametrize('fraction', [0.01, 0.1, 0.3, 1.0])
 def test_each_class_keeps_max_1_round_F_n_of_its_images(fraction):
     targets = digits_targets()
-    keep = partial_labels.stratified_fraction(targets, fraction, seed=3)
+    keep = labelling.stratified_fraction(targets, fraction, seed=3)
     for label in range(10):
         members = targets == label
         assert keep[members].sum() == expected_count(fraction, members.sum()), label
@@ -46,28 +47,28 @@ def test_each_class_keeps_max_1_round_F_n_of_its_images(fraction):
 
 def test_the_choice_is_seeded_nested_and_ignores_global_rngs():
     targets = digits_targets()
-    a = partial_labels.stratified_fraction(targets, 0.1, seed=5)
+    a = labelling.stratified_fraction(targets, 0.1, seed=5)
     np.random.seed(123)
     torch.manual_seed(123)
-    assert np.array_equal(a, partial_labels.stratified_fraction(targets, 0.1, seed=5))
-    other = partial_labels.stratified_fraction(targets, 0.1, seed=6)
+    assert np.array_equal(a, labelling.stratified_fraction(targets, 0.1, seed=5))
+    other = labelling.stratified_fraction(targets, 0.1, seed=6)
     assert a.sum() == other.sum() and not np.array_equal(a, other)
-    larger = partial_labels.stratified_fraction(targets, 0.3, seed=5)
+    larger = labelling.stratified_fraction(targets, 0.3, seed=5)
     assert not (a & ~larger).any()  # F = 0.1's images are among F = 0.3's
 
 
 def test_unlabelled_images_are_never_chosen_and_a_class_of_one_keeps_it():
     targets = np.array([-1, -1, 0, 0, 0, 0, 1, -1, 2, 2])
-    keep = partial_labels.stratified_fraction(targets, 0.25, seed=0)
+    keep = labelling.stratified_fraction(targets, 0.25, seed=0)
     assert not keep[targets == -1].any()
     assert [keep[targets == c].sum() for c in (0, 1, 2)] == [1, 1, 1]
 
 
 def test_through_a_val_split_an_image_keeps_the_choice_of_the_whole_training_set():
-    full = data.build_dataset('digits', 'train', None)
-    part = data.build_dataset('digits', 'train', None, val_split=0.2)
-    whole = partial_labels.labelled_mask(full, 0.1, seed=2)
-    assert np.array_equal(partial_labels.labelled_mask(part, 0.1, seed=2), whole[part.indices])
+    full = datasets.build_dataset('digits', 'train', None)
+    part = datasets.build_dataset('digits', 'train', None, val_split=0.2)
+    whole = labelling.labelled_mask(full, 0.1, seed=2)
+    assert np.array_equal(labelling.labelled_mask(part, 0.1, seed=2), whole[part.indices])
 
 
 # --------------------------------------------------------------------------- the scripts

@@ -11,9 +11,9 @@ from inprocess import call, one_thread, save_folder  # noqa: F401
 from PIL import Image
 from test_resume import scalars, tb_folder
 
-from supcon import data
-from supcon.positives import TAGS, PositiveCounter, class_counts, positive_statistics
-from supcon.sampling import SeededSampler
+from supcon.data import datasets
+from supcon.data.sampling import SeededSampler
+from supcon.objectives.positives import TAGS, PositiveCounter, class_counts, positive_statistics
 from util import AverageMeter
 
 
@@ -155,7 +155,7 @@ def supcon_args(root, **changes):
 def expected_epochs(root, epochs, batch_size, queue_size=0):
     """Each epoch's plain mean and fraction, from the seeded order of the long-tailed split
     (the queue simulated: each step enqueues the labels of its two views' keys)."""
-    targets = data.build_dataset(
+    targets = datasets.build_dataset(
         'path', 'train', None, data_folder=root, imbalance_ratio=8, imbalance_seed=0
     ).targets
     assert np.bincount(targets).tolist() == [8, int(8 * 8**-0.5), 1]

@@ -24,7 +24,9 @@ from test_resume import spawn, tb_folder
 from losses import SupConLoss
 from networks.from_checkpoint import checkpoint_method
 from networks.resnet_big import SupConResNet
-from supcon import augment, checkpoint, data, probe, runtime
+from supcon.data import augment, datasets
+from supcon.objectives import probe
+from supcon.system import checkpoint, runtime
 
 WORLD_SIZE = 2
 EPOCHS = 2
@@ -181,7 +183,7 @@ def fixed_encoder():
 def test_probe_accuracy_and_loss_match_a_hand_computation(capsys):
     opt = digits_options()
     rt = runtime.Runtime(device=torch.device('cpu'), local_batch_size_val=100)
-    train_set = data.build_dataset('digits', 'train', None)
+    train_set = datasets.build_dataset('digits', 'train', None)
     heads = probe.build_heads(opt, rt, SupConResNet(encoder=(fixed_encoder(), 10)), train_set)
     generator = torch.Generator().manual_seed(5)
     for classifier in heads.classifiers().values():
@@ -192,8 +194,8 @@ def test_probe_accuracy_and_loss_match_a_hand_computation(capsys):
     assert set(results) == {'probe_acc', 'probe_loss', 'ce_acc', 'ce_loss'}
 
     # by hand: every test image through the same transform, one at a time, numpy arithmetic
-    mean, std = data.resolve_mean_std('digits', None, None)
-    test_set = data.build_dataset('digits', 'test', augment.test_transform(8, mean, std))
+    mean, std = datasets.resolve_mean_std('digits', None, None)
+    test_set = datasets.build_dataset('digits', 'test', augment.test_transform(8, mean, std))
     assert len(test_set) == 360
     with torch.no_grad():
         x = np.stack([encoder(test_set[i][0][None])[0].numpy() for i in range(len(test_set))])
@@ -215,10 +217,10 @@ def test_probe_accuracy_and_loss_match_a_hand_computation(capsys):
 def test_with_val_split_the_probe_scores_the_held_out_images():
     opt = digits_options(val_split=0.2)
     rt = runtime.Runtime(device=torch.device('cpu'), local_batch_size_val=500)
-    train_set = data.build_dataset('digits', 'train', None, val_split=0.2)
+    train_set = datasets.build_dataset('digits', 'train', None, val_split=0.2)
     heads = probe.build_heads(opt, rt, SupConResNet(encoder=(fixed_encoder(), 10)), train_set)
     _, labels = heads.evaluation.features(fixed_encoder(), 1)
-    held_out = data.build_dataset('digits', 'test', None, val_split=0.2)
+    held_out = datasets.build_dataset('digits', 'test', None, val_split=0.2)
     assert heads.evaluation.name == 'held-out'
     assert labels.tolist() == list(held_out.targets) and len(labels) == 288
 
@@ -251,7 +253,7 @@ def run_heads(rt, rank, world, partial=False):
     a fixed encoder on the digits test split. ``partial``: some training images are unlabelled
     (-1), unevenly over the ranks: half at random at step 0, all of rank 1's share at step 1,
     every image at step 2."""
-    train_set = data.build_dataset('digits', 'train', None)
+    train_set = datasets.build_dataset('digits', 'train', None)
     if partial:
         train_set = argparse.Namespace(classes=train_set.classes, targets=[-1, *train_set.targets])
     heads = probe.build_heads(

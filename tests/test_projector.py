@@ -18,7 +18,8 @@ from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
 import main_tsne
 from networks.from_checkpoint import encoder_from_checkpoint
-from supcon import augment, checkpoint, data
+from supcon.data import augment, datasets
+from supcon.system import checkpoint
 
 SAMPLES = 50
 
@@ -53,8 +54,8 @@ def test_projector_files_load_as_tensorboard_expects(tmp_path):
 
     # the features: the checkpoint's encoder on the same class-balanced test images, by hand
     tensor = projector_plugin._read_tensor_tsv_file(asset(embedding.tensor_path))
-    mean, std = data.resolve_mean_std('digits', None, None)
-    test_set = data.build_dataset('digits', 'test', augment.test_transform(8, mean, std))
+    mean, std = datasets.resolve_mean_std('digits', None, None)
+    test_set = datasets.build_dataset('digits', 'test', augment.test_transform(8, mean, std))
     chosen = main_tsne.stratified_subset(test_set.targets, SAMPLES, seed=0)
     encoder, _ = encoder_from_checkpoint(checkpoint.load_checkpoint(str(ckpt)), str(ckpt))
     pixels = torch.stack([test_set[int(i)][0] for i in chosen])
@@ -91,7 +92,7 @@ def test_projector_files_load_as_tensorboard_expects(tmp_path):
 
 
 def test_thumbnails_shrink_to_fit_the_sprite_limit():
-    from supcon.tb_logger import thumbnails
+    from supcon.training.tb_logger import thumbnails
 
     images = torch.zeros(5, 3, 64, 64)
     assert thumbnails(images, (0, 0, 0), (1, 1, 1)).shape == (5, 3, 32, 32)

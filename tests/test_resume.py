@@ -27,7 +27,8 @@ from inprocess import assert_one_line_error, call, one_thread, save_folder  # no
 from PIL import Image
 
 import util
-from supcon import checkpoint, training_run
+from supcon.system import checkpoint
+from supcon.training import bookkeeping
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ('main_supcon', 'main_ce', 'main_linear')
@@ -267,7 +268,7 @@ def test_sigterm_mid_epoch_saves_the_position_and_resumes_exactly(runs, tmp_path
 def test_ctrl_c_stops_after_the_step_and_a_second_one_aborts(capsys):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        stop = training_run.GracefulStop()
+        stop = bookkeeping.GracefulStop()
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs between bytecodes of the main thread
         assert stop.requested and stop.name == 'SIGINT'
@@ -377,7 +378,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     args = runs.args(script)
     ckpt_path = save_folder(script, args, tmp_path) / 'checkpoint.pth'
     state = {'diverged': False, 'saved': None}
-    real_end_epoch, real_set_model = training_run.Run.end_epoch, module.set_model
+    real_end_epoch, real_set_model = bookkeeping.Bookkeeper.end_epoch, module.set_model
 
     def end_epoch(self, epoch):
         real_end_epoch(self, epoch)
@@ -393,7 +394,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
 
         return model, diverging
 
-    monkeypatch.setattr(training_run.Run, 'end_epoch', end_epoch)
+    monkeypatch.setattr(bookkeeping.Bookkeeper, 'end_epoch', end_epoch)
     monkeypatch.setattr(module, 'set_model', set_model)
     result = call(script, args, tmp_path)
     assert_one_line_error(result, 'error: loss is nan at epoch 2, step 1')

@@ -1,4 +1,5 @@
-"""supcon/retrieval.py and main_retrieval.py: the metrics against pytorch-metric-learning's
+"""supcon/evaluation/retrieval.py and main_retrieval.py: the metrics against
+pytorch-metric-learning's
 AccuracyCalculator (ties, a class with one member, leave-one-out), the exact neighbour order,
 bounded memory, the script on every kind of checkpoint, torchrun, the export, bad input."""
 
@@ -30,9 +31,11 @@ from pytorch_metric_learning.utils.inference import CustomKNN
 
 from networks.encoders import build_encoder
 from networks.resnet_big import SupCEResNet, SupConResNet
-from supcon import augment, checkpoint, data, options, retrieval
-from supcon.moco import KeyEncoder, LabelQueue
-from supcon.retrieval import retrieval_metrics, sorted_neighbours
+from supcon.data import augment, datasets
+from supcon.evaluation import retrieval
+from supcon.evaluation.retrieval import retrieval_metrics, sorted_neighbours
+from supcon.objectives.moco import KeyEncoder, LabelQueue
+from supcon.system import checkpoint
 
 PEER_METRICS = ('precision_at_1', 'r_precision', 'mean_average_precision_at_r')
 SCRIPT_METRICS = list(PEER_METRICS) + ['recall_at_1', 'recall_at_5', 'recall_at_10']
@@ -226,7 +229,7 @@ def test_non_finite_features_are_refused_in_one_line():
 
 MEMORY_PROBE = """
 import sys, torch
-from supcon.retrieval import retrieval_metrics
+from supcon.evaluation.retrieval import retrieval_metrics
 torch.set_num_threads(1)
 n, dim, classes, block = 20000, 32, 200, 256
 g = torch.Generator().manual_seed(0)
@@ -284,7 +287,7 @@ def folder_args(root):
 
 def features_of(network, root, split):
     """What an encoder should give for the split's images: the test transform, L2-normalised."""
-    dataset = data.build_dataset(
+    dataset = datasets.build_dataset(
         'path',
         split,
         augment.test_transform(8, (0.5,) * 3, (0.25,) * 3),
@@ -306,7 +309,7 @@ def checkpoint_of_kind(kind, path):
         return net.encoder
     if kind == 'ce':
         net = SupCEResNet('resnet18', num_classes=3)
-        opt = options.plain_options(reference_options(model='resnet18'))
+        opt = checkpoint.plain_options(reference_options(model='resnet18'))
         checkpoint.save_checkpoint({'model': net.state_dict(), 'epoch': 7, 'opt': opt}, str(path))
         return net.encoder
     if kind == 'torchvision':  # the released ImageNet model: torchvision's layout, module.
@@ -472,7 +475,7 @@ def test_digits_with_val_split_queries_the_held_out_images(tmp_path):
     assert 'embedding 144 digits held-out images (queries)' in result.out
     saved = np.load(tmp_path / 'e.npz', allow_pickle=False)
     assert 'query_paths' not in saved.files and saved['class_names'].tolist() == list('0123456789')
-    held_out = data.build_dataset('digits', 'test', None, val_split=0.1)
+    held_out = datasets.build_dataset('digits', 'test', None, val_split=0.1)
     assert saved['query_labels'].tolist() == held_out.targets
     record = json.loads((tmp_path / 'retrieval_supcon_gallery_test_val_0.1.json').read_text())
     assert record['queries'] == 'held-out' and record['num_queries'] == 144

@@ -1,4 +1,4 @@
-"""One live run per save folder (``supcon/run_lock.py``): real second processes, ``kill -9``,
+"""One live run per save folder (``supcon/system/run_lock.py``): real second processes, ``kill -9``,
 a torchrun agent killed under its workers, locks of other hosts and of dead processes."""
 
 import json
@@ -14,8 +14,8 @@ import pytest
 from helpers import free_port, script_env, write_image_folder
 from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
 
-from supcon import run_lock
 from supcon.errors import UserError
+from supcon.system import run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()

@@ -1,13 +1,13 @@
-"""Tests for runtime.py: run_main's one-line errors and exit codes."""
+"""Tests for runtime.py: launch's one-line errors and exit codes."""
 
 import pytest
 import torch
 from helpers import runtime_opt
 
-from supcon import runtime
+from supcon.system import runtime
 from util import UserError
 
-# --------------------------------------------------------------------------- run_main
+# --------------------------------------------------------------------------- launch
 
 
 def test_run_main_turns_user_error_into_one_line_and_exit_2(capsys):
@@ -16,7 +16,7 @@ def test_run_main_turns_user_error_into_one_line_and_exit_2(capsys):
         raise UserError('--thing 3 is wrong; use 4')
 
     with pytest.raises(SystemExit) as info:
-        runtime.run_main(main)
+        runtime.launch(main)
     assert info.value.code == 2
     captured = capsys.readouterr()
     assert captured.err == 'error: --thing 3 is wrong; use 4\n'
@@ -32,21 +32,21 @@ def test_run_main_keeps_the_last_line_of_a_worker_traceback(capsys):
         )
 
     with pytest.raises(SystemExit) as info:
-        runtime.run_main(main)
+        runtime.launch(main)
     assert info.value.code == 2
     assert capsys.readouterr().err == 'error: cannot read image a.png\n'
 
 
 def test_run_main_lets_success_and_bugs_through(capsys):
     calls = []
-    runtime.run_main(lambda: calls.append(1))
+    runtime.launch(lambda: calls.append(1))
     assert calls == [1] and capsys.readouterr().err == ''
 
     def buggy():
         raise ValueError('a bug, not a user error')
 
     with pytest.raises(ValueError):
-        runtime.run_main(buggy)
+        runtime.launch(buggy)
 
 
 # --------------------------------------------------------------------------- setup_runtime
@@ -124,6 +124,6 @@ def test_run_main_turns_ctrl_c_into_one_line_and_exit_130(capsys):
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as info:
-        runtime.run_main(main)
+        runtime.launch(main)
     assert info.value.code == 130
     assert capsys.readouterr().err == 'error: interrupted by Ctrl-C\n'

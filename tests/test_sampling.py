@@ -5,9 +5,9 @@ import pytest
 import torch
 from test_cifar import MEAN, STD, assert_one_line
 
-from supcon.augment import supcon_transform
-from supcon.data import ArrayImageDataset
-from supcon.sampling import SeededDataset, SeededSampler, build_loader
+from supcon.data.augment import supcon_transform
+from supcon.data.datasets import ArrayImageDataset
+from supcon.data.sampling import SeededDataset, SeededSampler, build_loader
 from util import TwoCropTransform, UserError
 
 # -------------------------------------------------------------------- Seeded sampling and loading

@@ -26,7 +26,7 @@ import main_linear
 import main_supcon
 import util
 from networks.resnet_big import SupCEResNet, SupConResNet
-from supcon import augment, data
+from supcon.data import augment, datasets
 
 ANIMALS = [
     'butterfly',
@@ -84,8 +84,8 @@ def load_plain(path):
 
 def split_images(folder, size=8):
     """The test split as the scripts see it (no augmentation), as one batch."""
-    mean, std = data.resolve_mean_std('path', SEED_MEAN, SEED_STD)
-    dataset = data.build_dataset(
+    mean, std = datasets.resolve_mean_std('path', SEED_MEAN, SEED_STD)
+    dataset = datasets.build_dataset(
         'path',
         'test',
         augment.test_transform(size, mean, std),

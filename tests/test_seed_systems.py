@@ -21,8 +21,8 @@ from networks.from_checkpoint import (
     head_from_checkpoint,
 )
 from networks.resnet_big import SupConResNet
-from supcon import data
-from supcon.checkpoint import load_checkpoint
+from supcon.data import datasets
+from supcon.system.checkpoint import load_checkpoint
 
 DIGITS = ['--dataset', 'digits', '--model', 'resnet18', '--size', '8'] + FAST
 # a tenth of the digits' training images (144), for quick end-to-end runs
@@ -97,10 +97,10 @@ def test_num_workers_val_sets_the_test_loaders_workers():
             '0',
         ]
     )
-    from supcon import runtime
+    from supcon.system import runtime
 
     rt = runtime.setup_runtime(opt)
-    train_loader, _, val_loader, num_classes = data.classification_loaders(opt, rt)
+    train_loader, _, val_loader, num_classes = datasets.classification_loaders(opt, rt)
     assert (train_loader.num_workers, val_loader.num_workers, num_classes) == (0, 1, 10)
 
 
@@ -108,7 +108,7 @@ def test_cifar_mean_std_are_applied_and_said_once(capsys):
     opt = main_ce.parse_option(['--mean', '(0.5, 0.5, 0.5)', '--std', '(0.2, 0.2, 0.2)'])
     out = capsys.readouterr().out
     assert out.count('note: using the given --mean/--std for cifar10') == 1
-    assert data.resolve_mean_std(opt.dataset, opt.mean, opt.std) == ((0.5,) * 3, (0.2,) * 3)
+    assert datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std) == ((0.5,) * 3, (0.2,) * 3)
     main_ce.parse_option([])
     assert 'note:' not in capsys.readouterr().out
 

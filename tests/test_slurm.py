@@ -29,8 +29,10 @@ from inprocess import one_thread  # noqa: F401
 
 import main_supcon
 import run_with_submitit
-from supcon import checkpoint, data, runtime, slurm, training_run
+from supcon.data import datasets
 from supcon.errors import UserError
+from supcon.system import checkpoint, runtime, slurm
+from supcon.training import bookkeeping
 
 REPO = Path(__file__).resolve().parents[1]
 # 72 training images (a twentieth of digits): 5 steps of 16 (8 a rank) an epoch, 2 epochs
@@ -311,7 +313,7 @@ def test_requeue_runs_scontrol_or_says_what_to_run(tmp_path):
 def test_sigusr1_asks_for_a_stop_and_a_later_signal_keeps_the_first(capsys):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
-        stop = training_run.GracefulStop()
+        stop = bookkeeping.GracefulStop()
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.01)
         assert stop.requested and stop.name == 'SIGUSR1'
@@ -345,7 +347,7 @@ def start_rank(env, args, cwd, log):
         sys.argv = [str(REPO / 'main_supcon.py')] + args
         code = 0
         try:
-            runtime.run_main(main_supcon.main)
+            runtime.launch(main_supcon.main)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
         except BaseException:
@@ -386,7 +388,7 @@ def run_ranks(envs, cwd, signal_at=None):
 def reference(tmp_path_factory):
     """(last.pth, rank 0's output) of two ranks started with torchrun's variables."""
     cwd = tmp_path_factory.mktemp('torchrun_vars')
-    data.build_dataset('digits', 'train', None)  # cached once here, not in every fork
+    datasets.build_dataset('digits', 'train', None)  # cached once here, not in every fork
     port = slurm.master_port(free_job_id())
     envs = [
         clean_env(
@@ -497,14 +499,14 @@ def test_submitit_splits_flags_and_refuses_without_sbatch(monkeypatch, tmp_path,
     monkeypatch.setenv('PATH', str(tmp_path / 'empty'))
     monkeypatch.setattr(sys, 'argv', ['run_with_submitit.py', '--ngpus', '0'] + ARGS)
     with pytest.raises(SystemExit) as info:
-        runtime.run_main(run_with_submitit.main)
+        runtime.launch(run_with_submitit.main)
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count('\n') == 1
     assert err.startswith('error: sbatch is not on the PATH') and 'python main_supcon.py' in err
     # the script's own flags are checked before anything is submitted
     monkeypatch.setattr(sys, 'argv', ['run_with_submitit.py', '--learning_rate', '-1'])
     with pytest.raises(SystemExit) as info:
-        runtime.run_main(run_with_submitit.main)
+        runtime.launch(run_with_submitit.main)
     assert info.value.code == 2 and '--learning_rate' in capsys.readouterr().err
 
 

@@ -1,6 +1,6 @@
 """Tests for tb_logger.py: event files of a resumed run sort after the killed run's."""
 
-from supcon import tb_logger
+from supcon.training import tb_logger
 
 
 def test_a_new_event_file_sorts_after_the_existing_ones(tmp_path):

@@ -14,7 +14,7 @@ from helpers import folder_args, write_image_folder
 from inprocess import call, one_thread, save_folder  # noqa: F401
 from test_resume import spawn, tb_folder
 
-from supcon import tb_logger
+from supcon.training import tb_logger
 
 EPOCHS, STEPS = 3, 4  # 16 training images, --batch_size 4
 PRINT_FREQ = 3

@@ -13,8 +13,9 @@ import main_ce
 import main_linear
 import main_supcon
 from networks.from_checkpoint import encoder_from_checkpoint
-from supcon import data, runtime
-from supcon.checkpoint import load_checkpoint
+from supcon.data import datasets
+from supcon.system import runtime
+from supcon.system.checkpoint import load_checkpoint
 
 DIGITS = [
     '--dataset',
@@ -287,7 +288,7 @@ def test_imagenet_layout_in_every_script(tmp_path):
     ]
     opt = main_supcon.parse_option(common[:4])
     assert (opt.size, opt.stem) == (224, 'imagenet')  # the ImageNet defaults
-    assert data.MEAN_STD['imagenet'] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert datasets.MEAN_STD['imagenet'] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     run_ok('main_supcon', common, tmp_path)
     path = last_checkpoint(main_supcon, common, tmp_path)
     assert path.parent.name.endswith('_stem_imagenet')
@@ -309,14 +310,14 @@ def test_imagenet_needs_its_folder():
 
 
 def test_val_split_is_stratified_disjoint_and_fixed():
-    train = data.build_dataset('digits', 'train', None, val_split=0.2)
-    held = data.build_dataset('digits', 'test', None, val_split=0.2)
-    full = data.build_dataset('digits', 'train', None)
+    train = datasets.build_dataset('digits', 'train', None, val_split=0.2)
+    held = datasets.build_dataset('digits', 'test', None, val_split=0.2)
+    full = datasets.build_dataset('digits', 'train', None)
     assert len(train) + len(held) == len(full) == 1437
     assert not set(train.indices) & set(held.indices)
     counts = np.bincount(held.targets, minlength=10)
     assert counts.min() >= 0.2 * np.bincount(full.targets).min() - 1
-    assert held.indices == data.build_dataset('digits', 'test', None, val_split=0.2).indices
+    assert held.indices == datasets.build_dataset('digits', 'test', None, val_split=0.2).indices
     image, label = held[0]
     reference_image, reference_label = full[held.indices[0]]
     assert label == reference_label and np.array_equal(

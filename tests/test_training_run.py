@@ -1,4 +1,4 @@
-"""Tests for training_run.py beyond the end-to-end ones of test_resume.py: the divergence message,
+"""Tests for bookkeeping.py beyond the end-to-end ones of test_resume.py: the divergence message,
 the second Ctrl-C."""
 
 import argparse
@@ -9,15 +9,16 @@ import time
 import pytest
 import torch
 
-from supcon import checkpoint, runtime, training_run
+from supcon.system import checkpoint, runtime
+from supcon.training import bookkeeping
 from util import UserError
 
 
 def test_a_nan_loss_names_the_last_good_checkpoint(tmp_path):
     opt = argparse.Namespace(learning_rate=0.5, save_folder=str(tmp_path / 'run'))
-    training_run.check_finite(1.5, 1, 1, opt)
+    bookkeeping.check_finite(1.5, 1, 1, opt)
     with pytest.raises(UserError) as info:
-        training_run.check_finite(float('nan'), 2, 3, opt)
+        bookkeeping.check_finite(float('nan'), 2, 3, opt)
     assert str(info.value).startswith(
         'loss is nan at epoch 2, step 3: training diverged and'
         ' nothing was saved from it; no checkpoint was saved'
@@ -27,7 +28,7 @@ def test_a_nan_loss_names_the_last_good_checkpoint(tmp_path):
             {'model': {'w': torch.ones(2)}, 'epoch': epoch}, str(tmp_path / 'run' / name)
         )
     with pytest.raises(UserError) as info:
-        training_run.check_finite(float('inf'), 3, 1, opt)
+        bookkeeping.check_finite(float('inf'), 3, 1, opt)
     message = str(info.value)
     assert f'the last good checkpoint is {tmp_path / "run" / "ckpt_epoch_2.pth"}' in message
     assert '--learning_rate (now 0.5)' in message and '\n' not in message
@@ -37,7 +38,7 @@ def test_a_second_ctrl_c_exits_130_with_one_line_and_no_traceback(capsys, tmp_pa
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def main():
-        stop = training_run.GracefulStop(str(tmp_path))
+        stop = bookkeeping.GracefulStop(str(tmp_path))
         os.kill(os.getpid(), signal.SIGINT)  # the first asks for a stop after the step
         time.sleep(0.01)
         assert stop.requested
@@ -47,7 +48,7 @@ def test_a_second_ctrl_c_exits_130_with_one_line_and_no_traceback(capsys, tmp_pa
 
     try:
         with pytest.raises(SystemExit) as info:
-            runtime.run_main(main)
+            runtime.launch(main)
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -13,7 +13,7 @@ from PIL import Image
 from test_features import run_script, write_image_folder
 
 from networks.resnet_big import SupCEResNet, SupConResNet
-from supcon import runtime
+from supcon.system import runtime
 
 # --------------------------------------------------------------------------- main_tsne.py
 
@@ -193,7 +193,7 @@ def test_main_tsne_user_errors_exit_2_with_one_line(case, tmp_path, monkeypatch,
         ],
     )
     with pytest.raises(SystemExit) as info:
-        runtime.run_main(main_tsne.main)
+        runtime.launch(main_tsne.main)
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and f'--ckpt {path}' in err
@@ -211,7 +211,7 @@ def test_main_tsne_user_errors_exit_2_with_one_line(case, tmp_path, monkeypatch,
 def test_main_tsne_refuses_bad_flags_before_loading_anything(case, tmp_path, monkeypatch, capsys):
     """--out is checked before the data, the model and t-SNE, not after minutes of work."""
     import main_tsne
-    from supcon import checkpoint
+    from supcon.system import checkpoint
 
     def never(*args, **kwargs):
         raise AssertionError('loaded data before checking the flags')
@@ -235,7 +235,7 @@ def test_main_tsne_refuses_bad_flags_before_loading_anything(case, tmp_path, mon
         monkeypatch.setattr(checkpoint.tempfile, 'mkstemp', refuse)
     monkeypatch.setattr(sys, 'argv', ['main_tsne.py'] + args + extra)
     with pytest.raises(SystemExit) as info:
-        runtime.run_main(main_tsne.main)
+        runtime.launch(main_tsne.main)
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and err.count('\n') == 1 and words in err, err

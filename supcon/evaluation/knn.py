@@ -1,117 +1,20 @@
-"""Frozen features of a trained encoder: extraction, a weighted kNN classifier, a kNN monitor.
+"""A weighted kNN classifier on frozen features and the kNN monitor of pretraining (--knn_every).
 
 The kNN accuracy is the cheap label-free-training probe of InstDisc and MoCo:
 no classifier is trained, so it can run every few epochs of pretraining.
-Rebuilding an encoder from a checkpoint is ``networks/from_checkpoint.py``'s job.
 """
 
-import contextlib
 import time
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
-from supcon import data
-from supcon.augment import test_transform
-from supcon.distributed import all_gather_rows, is_distributed
+from supcon.data import datasets
+from supcon.data.augment import test_transform
+from supcon.data.sampling import build_loader
 from supcon.errors import UserError
-from supcon.runtime import Runtime, autocast, is_main_process, main_process_first, to_device
-from supcon.sampling import build_loader
-
-# --------------------------------------------------------------------------- extraction
-
-
-@contextlib.contextmanager
-def eval_mode(*modules):
-    """Eval mode inside the block; each module's own train/eval mode is restored after."""
-    modules = [m for m in modules if m is not None]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-
-
-def _gather_rows(tensor, device):
-    """Every rank's rows (ranks may hold different numbers), in rank order, on the CPU."""
-    return all_gather_rows(tensor.to(device)).cpu()
-
-
-def extract_features(
-    encoder: nn.Module,
-    loader,
-    rt: Runtime,
-    head=None,
-    desc: str = 'features',
-    progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of every sample of ``loader``, on every rank, in data-set order.
-
-    Under torchrun each rank extracts its own share (a ``pad=False`` loader) and
-    the shares are gathered, so each sample is counted exactly once. ``head``
-    maps encoder features to L2-normalised projections (``--features head``).
-    Returns ``(features [N, D] float32, labels [N] int64)`` on the CPU.
-    """
-    feats, labels = [], []
-    total = len(loader)
-    tick = max(1, total // 10)
-    show = progress and is_main_process()
-    with eval_mode(encoder, head), torch.no_grad():
-        for i, (images, target) in enumerate(loader):
-            images = to_device(images, rt)
-            with autocast(rt):
-                out = encoder(images)
-                if head is not None:
-                    out = head(out)
-            out = out.float()
-            if head is not None:
-                out = F.normalize(out, dim=1)
-            feats.append(out.cpu())
-            labels.append(torch.as_tensor(target, dtype=torch.int64))
-            if show and ((i + 1) % tick == 0 or i + 1 == total):
-                print(f'  {desc}: {i + 1}/{total} batches', flush=True)
-    feats = torch.cat(feats) if feats else torch.zeros(0, 0)
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
-
-    # the data-set index of each row, when the sampler can say (data.SeededSampler)
-    sampler = getattr(loader, 'sampler', None)
-    index = None
-    if hasattr(sampler, 'rank_indices'):
-        index = torch.as_tensor(sampler.rank_indices()[sampler.start :], dtype=torch.int64)
-        if index.shape[0] != labels.shape[0]:
-            index = None  # not this loader's order after all: keep rank order
-
-    if is_distributed():
-        device = rt.device if dist.get_backend() == 'nccl' else torch.device('cpu')
-        # every rank must take part in the same collectives: use the indices only if all can
-        usable = torch.tensor([int(index is not None)], device=device)
-        dist.all_reduce(usable, op=dist.ReduceOp.MIN)
-        if not usable.item():
-            index = None
-        # an empty share still has to send rows of the right width
-        width = torch.tensor([feats.shape[1] if feats.numel() else -1], device=device)
-        dist.all_reduce(width, op=dist.ReduceOp.MAX)
-        if feats.shape[0] == 0:
-            feats = torch.zeros(0, int(width))
-        feats = _gather_rows(feats, device)
-        labels = _gather_rows(labels, device)
-        if index is not None:
-            index = _gather_rows(index, device)
-    if index is not None:
-        # data-set order; a padded loader's repeated samples are kept once
-        index, order = index.sort(stable=True)
-        first = torch.ones_like(index, dtype=torch.bool)
-        first[1:] = index[1:] != index[:-1]
-        feats, labels = feats[order[first]], labels[order[first]]
-    return feats, labels
-
-
-# --------------------------------------------------------------------------- kNN
+from supcon.evaluation.extract import eval_mode, extract_features
+from supcon.system.runtime import is_main_process, main_process_first
 
 
 def knn_predict(
@@ -175,7 +78,7 @@ class KNNMonitor:
                 ' or drop --knn_every'
             )
         self.rt, self.k, self.temperature = rt, k, temperature
-        mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+        mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
         transform = test_transform(opt.size, mean, std)
         splits = dict(
             data_folder=opt.data_folder,
@@ -187,14 +90,14 @@ class KNNMonitor:
         )
         self.held_out = 'held-out' if splits['val_split'] else 'test'
         with main_process_first():
-            train_set = data.build_dataset(opt.dataset, 'train', transform, **splits)
-            test_set = data.build_dataset(opt.dataset, 'test', transform, **splits)
+            train_set = datasets.build_dataset(opt.dataset, 'train', transform, **splits)
+            test_set = datasets.build_dataset(opt.dataset, 'test', transform, **splits)
         # the labels are class indices: they mean the same only if both splits have the
         # same classes (main_ce.py and main_linear.py check the same)
-        data.check_same_classes(train_set, test_set)
+        datasets.check_same_classes(train_set, test_set)
         # training reads the training images in its first epoch; the test images are first
         # read at epoch --knn_every, so a broken one is found now rather than then
-        data.check_images(test_set, max(1, rt.num_workers))
+        datasets.check_images(test_set, max(1, rt.num_workers))
         self.num_classes = len(train_set.classes)
         self.train_loader, self.test_loader = [
             build_loader(

@@ -3,8 +3,8 @@
 ``rt = setup_runtime(opt)`` resolves the runtime flags once, at the start of every script,
 into a ``Runtime`` that the scripts pass on (``opt`` stays the parsed options); the rest are
 small helpers the training loops call with it (``autocast(rt)``, ``to_device(images, rt)``,
-``step_statistics(rt, ...)``) and ``run_main``, which turns a ``UserError`` into one line on
-stderr and exit code 2. Rank and world size come from ``supcon.distributed``.
+``step_statistics(rt, ...)``) and ``launch``, which turns a ``UserError`` into one line on
+stderr and exit code 2. Rank and world size come from ``supcon.system.distributed``.
 """
 
 import argparse
@@ -21,8 +21,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from networks.cpu_bf16_conv import use_matmul_weight_grad
-from supcon import run_lock, slurm
-from supcon.distributed import (  # noqa: F401 (re-exported for the scripts)
+from supcon.errors import UserError
+from supcon.system import run_lock, slurm
+from supcon.system.distributed import (  # noqa: F401 (re-exported for the scripts)
     all_reduce_sum,
     destroy_process_group,
     is_initialized,
@@ -30,7 +31,6 @@ from supcon.distributed import (  # noqa: F401 (re-exported for the scripts)
     launch_rank,
     main_process_first,
 )
-from supcon.errors import UserError
 
 
 def add_runtime_arguments(parser, training=True):
@@ -421,7 +421,7 @@ def step_statistics(rt: Runtime, *values) -> list[float]:
     return stats.tolist()
 
 
-def run_main(main):
+def launch(main):
     """Run a script's ``main``; user errors print one line and exit 2, Ctrl-C exits 130.
 
     Under torchrun every rank meets the same bad option or data (they run the same command),

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from supcon.runtime import is_main_process
+from supcon.system.runtime import is_main_process
 
 #: the sub-folder (a run of its own in TensorBoard) of the scalars whose step is the global step
 STEP_RUN = 'step'

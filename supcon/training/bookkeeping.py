@@ -1,6 +1,6 @@
 """One training run's bookkeeping: resuming, per-epoch saves, SIGTERM / Ctrl-C, divergence.
 
-``Run(opt, rt)`` reads the ``--resume`` checkpoint before anything is built (so the
+``Bookkeeper(opt, rt)`` reads the ``--resume`` checkpoint before anything is built (so the
 run's seed is adopted), ``restore`` puts the state back into the model and
 optimizer, ``end_epoch``/``save`` write the reference's files (plus a rolling
 ``checkpoint.pth``), and a signal saves the position inside the epoch before the
@@ -18,8 +18,9 @@ import sys
 
 import torch
 
-from supcon import run_lock, slurm
-from supcon.checkpoint import (
+from supcon.errors import NonFiniteLossError, UserError
+from supcon.system import run_lock, slurm
+from supcon.system.checkpoint import (
     bare_state_dict,
     checkpoint_position,
     first_nonfinite,
@@ -27,17 +28,16 @@ from supcon.checkpoint import (
     load_bare_state_dict,
     load_checkpoint,
     newest_checkpoint,
+    plain_options,
     resume_problem,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from supcon.errors import NonFiniteLossError, UserError
-from supcon.options import plain_options
-from supcon.runtime import all_reduce_sum, cleanup_runtime, is_main_process, seed_everything
-from supcon.tb_logger import TBLogger, views_grid
+from supcon.system.runtime import all_reduce_sum, cleanup_runtime, is_main_process, seed_everything
+from supcon.training.tb_logger import TBLogger, views_grid
 
-#: save folder (absolute) -> the last checkpoint a Run in this process saved or resumed from
+#: save folder (absolute) -> the last checkpoint a Bookkeeper in this process saved or resumed from
 _LAST_GOOD = {}
 
 
@@ -66,7 +66,7 @@ def check_finite(loss, epoch, step, opt):
         )
 
 
-class Run:
+class Bookkeeper:
     """Resuming, per-epoch checkpoints and TensorBoard for one training run.
 
     The run's own ``checkpoint.pth`` is refreshed after every epoch (and on a
@@ -367,7 +367,7 @@ class Run:
         if epoch != 1 or self._views_logged or not is_main_process():
             return
         self._views_logged = True
-        from supcon.data import resolve_mean_std
+        from supcon.data.datasets import resolve_mean_std
 
         mean, std = resolve_mean_std(self.opt.dataset, self.opt.mean, self.opt.std)
         self.logger.log_image('views', views_grid(images, mean, std, views=views), 1)

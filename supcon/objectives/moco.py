@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from supcon.distributed import all_gather_rows, get_rank, get_world_size, note
 from supcon.errors import UserError
+from supcon.system.distributed import all_gather_rows, get_rank, get_world_size, note
 
 
 @torch.no_grad()
@@ -221,7 +221,7 @@ class MomentumContrast(nn.Module):
         ``loss_labels`` is None for SimCLR (every queue row is then a negative), ``labels`` are
         what enters the queue either way.
         """
-        from supcon.runtime import autocast  # runtime imports nothing of moco; keep it lazy
+        from supcon.system.runtime import autocast  # runtime imports nothing of moco; keep it lazy
 
         bsz = features.shape[0]
         with autocast(rt):

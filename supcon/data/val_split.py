@@ -12,7 +12,6 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from supcon.errors import UserError
-from supcon.sampling import mix_seed
 
 
 class SplitSubset(Dataset):
@@ -143,29 +142,3 @@ def validation_indices(targets, fraction, classes=None):
             f' {n} images; add images or use --val_split 0'
         )
     raise UserError(f'{flag}: {why}; {advice}')
-
-
-def long_tail_indices(targets, num_classes, ratio, seed):
-    """The exponential long tail of CIFAR-10-LT (Cao et al. 2019), sorted indices of ``targets``.
-
-    Class i (in the data set's order) keeps int(n_max * ratio ** (-i / (C - 1))) of its images,
-    at least 1 and at most what it has; n_max is the largest class. The images kept are a
-    random choice drawn from ``seed`` alone, so every rank and a resumed run keep the same ones.
-    Unlabelled images (-1: a CSV row without labels) belong to no class and are all kept.
-    """
-    targets = np.asarray(targets)
-    if targets.ndim != 1:
-        raise UserError(
-            '--imbalance_ratio cuts each class to a long tail of its images, which needs one label'
-            ' per image, but the training CSV has rows with several labels; drop --imbalance_ratio'
-        )
-    labelled = targets >= 0
-    counts = np.bincount(targets[labelled], minlength=num_classes)
-    rng = np.random.default_rng(mix_seed('imbalance', seed))
-    kept = []
-    for i in range(num_classes):
-        wanted = counts.max() * ratio ** (-i / (num_classes - 1)) if num_classes > 1 else counts[i]
-        members = np.flatnonzero(targets == i)
-        kept.append(rng.permutation(members)[: min(max(int(wanted), 1), len(members))])
-    kept.append(np.flatnonzero(~labelled))
-    return np.sort(np.concatenate(kept))

@@ -81,18 +81,26 @@ def lars_param_groups(model, weight_decay):
     return groups
 
 
-def build_optimizer(opt, model):
-    """The optimiser ``opt.optimizer`` names (``sgd`` when the attribute is missing)."""
+def build_optimizer(opt, model, extra=()):
+    """The optimiser ``opt.optimizer`` names (``sgd`` when the attribute is missing).
+
+    The parameters of the ``extra`` modules (e.g. --ce_weight's joint classifier) join it as
+    groups of their own with the optimiser's settings: one more group, or two for LARS (weights
+    adapted, biases not).
+    """
     name = getattr(opt, 'optimizer', None) or 'sgd'
     if name == 'sgd':
-        return util.set_optimizer(opt, model)
+        optimizer = util.set_optimizer(opt, model)
+        for module in extra:
+            optimizer.add_param_group({'params': list(module.parameters())})
+        return optimizer
     if name == 'lars':
         from timm.optim import Lars
 
         groups = lars_param_groups(model, opt.weight_decay)
         if not groups:
             raise util.UserError('the model has no trainable parameters to optimise')
-        return Lars(
+        optimizer = Lars(
             groups,
             lr=opt.learning_rate,
             momentum=opt.momentum,
@@ -101,6 +109,10 @@ def build_optimizer(opt, model):
             eps=LARS_EPS,
             trust_clip=LARS_TRUST_CLIP,
         )
+        for module in extra:
+            for group in lars_param_groups(module, opt.weight_decay):
+                optimizer.add_param_group(group)
+        return optimizer
     raise util.UserError(
         f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}"
     )

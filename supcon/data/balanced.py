@@ -19,8 +19,8 @@ from collections import deque
 import torch
 from torch.utils.data import Sampler
 
+from supcon.data.sampling import ResumablePosition, mix_seed
 from supcon.errors import UserError
-from supcon.sampling import ResumablePosition, build_loader, mix_seed
 
 SAMPLERS = ('random', 'balanced')
 DEFAULT_M_PER_CLASS = 4
@@ -175,18 +175,16 @@ def fewer_classes_advice(batch_size, num_classes):
     )
 
 
-def train_loader(dataset, opt, rt):
-    """(DataLoader, sampler) of the training split for --sampler random or balanced."""
-    sampler = None
-    if getattr(opt, 'sampler', 'random') == 'balanced':
-        sampler = BalancedSampler(
-            dataset.targets,
-            opt.batch_size,
-            opt.m_per_class,
-            seed=rt.seed,
-            rank=rt.rank,
-            world_size=rt.world_size,
-        )
-    return build_loader(
-        dataset, rt.local_batch_size, shuffle=True, sampler=sampler, **rt.loader_options()
+def sampler_for(dataset, opt, rt):
+    """The ``BalancedSampler`` of ``dataset`` under --sampler balanced, else None (the loader's
+    own seeded shuffle)."""
+    if getattr(opt, 'sampler', 'random') != 'balanced':
+        return None
+    return BalancedSampler(
+        dataset.targets,
+        opt.batch_size,
+        opt.m_per_class,
+        seed=rt.seed,
+        rank=rt.rank,
+        world_size=rt.world_size,
     )

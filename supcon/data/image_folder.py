@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from torchvision import datasets
 
-from supcon.cifar import short_reason
+from supcon.data.cifar import short_reason
 from supcon.errors import UserError
 
 
@@ -21,7 +21,7 @@ class DataError(UserError):
     """An image file that cannot be read; the message names the file.
 
     Raised by the rank whose share of the data holds the file, so that rank prints it
-    (``rank_local``; other errors are printed by rank 0 alone, ``runtime.run_main``).
+    (``rank_local``; other errors are printed by rank 0 alone, ``runtime.launch``).
     """
 
     rank_local = True

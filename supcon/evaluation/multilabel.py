@@ -15,16 +15,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from supcon.distributed import all_gather_rows, all_reduce_sum, is_distributed, is_main_process
-from supcon.errors import UserError
-from supcon.runtime import autocast, to_device
+from supcon.data.labelling import is_multilabel
+from supcon.system.distributed import (
+    all_gather_rows,
+    all_reduce_sum,
+    is_distributed,
+    is_main_process,
+)
+from supcon.system.runtime import autocast, to_device
 from util import AverageMeter
-
-
-def is_multilabel(dataset) -> bool:
-    """True when the items' targets are multi-hot rows rather than class indices."""
-    targets = getattr(dataset, 'targets', None)  # a data set of other kinds: single-label
-    return targets is not None and len(targets) > 0 and getattr(targets[0], 'ndim', 0) == 1
 
 
 def classifier_criterion(dataset, criterion: nn.Module) -> nn.Module:
@@ -158,40 +157,3 @@ def _width(model):
     """Outputs of the classifier (its last linear layer), for an empty share of the test set."""
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linear[-1].out_features if linear else 0
-
-
-def print_results(best, final, final_f1, multilabel):
-    """The end-of-run lines: the reference's best/final accuracy, or their multi-label twins."""
-    if not is_main_process():
-        return
-    name = 'mean average precision' if multilabel else 'accuracy'
-    print('best {}: {:.2f}'.format(name, best))
-    if final is not None:  # the last epoch's: unlike the best, not chosen on the test split
-        print('final {}: {:.2f}'.format(name, final))
-        if multilabel and final_f1 is not None:
-            print('final F1@0.5: {:.2f}'.format(final_f1))
-
-
-def check_pretraining(opt, dataset):
-    """Refuse the main_supcon.py options that cannot use multi-hot labels (one line each)."""
-    multi = is_multilabel(dataset)
-    if not multi:
-        if getattr(opt, 'multilabel', 'jaccard') != 'jaccard':
-            raise UserError(
-                f'--multilabel {opt.multilabel} weighs pairs of images with several labels, but'
-                f' every training image has at most one; drop --multilabel'
-            )
-        return
-    problem, fix = None, 'drop the flag or use --method SupCon / SimCLR with the CSV'
-    if opt.method == 'SupCon_hybrid':
-        problem = '--method SupCon_hybrid leaves "the anchor\'s class" out, which needs one label'
-    elif opt.moco:
-        problem = '--moco\'s label queue holds one label per key'
-    elif opt.knn_every:
-        problem = '--knn_every\'s kNN vote counts one class per image'
-    elif getattr(opt, 'online_probe', False) or getattr(opt, 'ce_weight', 0):
-        flag = '--online_probe' if opt.online_probe else '--ce_weight'
-        problem = f'{flag} trains a softmax classifier, one class per image'
-        fix = f'drop {flag}: main_linear.py evaluates the checkpoint by mean average precision'
-    if problem:
-        raise UserError(f'{problem}, but {opt.data_folder} has rows with several labels; {fix}')

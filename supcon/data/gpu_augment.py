@@ -72,7 +72,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from supcon.augment import CROP_RATIO, CROP_SCALE, GRAYSCALE_P, JITTER, JITTER_P
+from supcon.data.augment import CROP_RATIO, CROP_SCALE, GRAYSCALE_P, JITTER, JITTER_P
 
 __all__ = ['DeviceAugment', 'ToUint8Tensor', 'to_uint8_tensor', 'KINDS']
 

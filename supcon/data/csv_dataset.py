@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from supcon.data.image_folder import _load_rgb_image
 from supcon.errors import UserError
-from supcon.image_folder import _load_rgb_image
 
 COLUMNS = ('path', 'labels')
 SEPARATOR = ';'

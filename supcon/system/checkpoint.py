@@ -3,7 +3,7 @@ the checkpoint to resume from.
 
 Files are written atomically (a kill never leaves a truncated checkpoint) and
 read with ``weights_only=True`` (a checkpoint can never run code). The run that
-writes them (resume, per-epoch saves, signals) is ``training_run.Run``.
+writes them (resume, per-epoch saves, signals) is ``bookkeeping.Bookkeeper``.
 """
 
 import argparse
@@ -18,9 +18,9 @@ import tempfile
 import numpy as np
 import torch
 
-from supcon.atomic import atomic_save
 from supcon.errors import UserError
-from supcon.runtime import is_main_process, unwrap
+from supcon.system.atomic import atomic_save
+from supcon.system.runtime import is_main_process, unwrap
 
 # the look-behind leaves the dot unconsumed, so nested wrappers (module._orig_mod.) all go
 _WRAPPER_KEY = re.compile(r'(^|(?<=\.))(module|_orig_mod)\.')
@@ -323,3 +323,18 @@ def newest_checkpoint(folder: str, quiet: bool = False) -> str | None:
             continue
         return path
     return None
+
+
+def plain_options(opt):
+    """The options as a dict of plain values, safe for ``weights_only`` loading."""
+    plain = {}
+    for key, value in vars(opt).items():
+        if isinstance(value, torch.device):
+            value = str(value)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            plain[key] = value
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, (bool, int, float, str)) for v in value
+        ):
+            plain[key] = list(value)
+    return plain

@@ -15,10 +15,9 @@ import math
 import numpy as np
 from torch.utils.data import Dataset
 
-from supcon.distributed import is_main_process
+from supcon.data.sampling import mix_seed
 from supcon.errors import UserError
-from supcon.multilabel import is_multilabel
-from supcon.sampling import mix_seed
+from supcon.system.distributed import is_main_process
 
 UNLABELLED = -1  # SupConLoss's unlabelled sample
 
@@ -227,3 +226,34 @@ def classifier_training_set(dataset, opt):
             flush=True,
         )
     return PartialLabels(dataset, np.flatnonzero(keep))
+
+
+def is_multilabel(dataset) -> bool:
+    """True when the items' targets are multi-hot rows rather than class indices."""
+    targets = getattr(dataset, 'targets', None)  # a data set of other kinds: single-label
+    return targets is not None and len(targets) > 0 and getattr(targets[0], 'ndim', 0) == 1
+
+
+def check_pretraining(opt, dataset):
+    """Refuse the main_supcon.py options that cannot use multi-hot labels (one line each)."""
+    multi = is_multilabel(dataset)
+    if not multi:
+        if getattr(opt, 'multilabel', 'jaccard') != 'jaccard':
+            raise UserError(
+                f'--multilabel {opt.multilabel} weighs pairs of images with several labels, but'
+                f' every training image has at most one; drop --multilabel'
+            )
+        return
+    problem, fix = None, 'drop the flag or use --method SupCon / SimCLR with the CSV'
+    if opt.method == 'SupCon_hybrid':
+        problem = '--method SupCon_hybrid leaves "the anchor\'s class" out, which needs one label'
+    elif opt.moco:
+        problem = '--moco\'s label queue holds one label per key'
+    elif opt.knn_every:
+        problem = '--knn_every\'s kNN vote counts one class per image'
+    elif getattr(opt, 'online_probe', False) or getattr(opt, 'ce_weight', 0):
+        flag = '--online_probe' if opt.online_probe else '--ce_weight'
+        problem = f'{flag} trains a softmax classifier, one class per image'
+        fix = f'drop {flag}: main_linear.py evaluates the checkpoint by mean average precision'
+    if problem:
+        raise UserError(f'{problem}, but {opt.data_folder} has rows with several labels; {fix}')

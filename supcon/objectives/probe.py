@@ -28,14 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from supcon import data
-from supcon.augment import test_transform
-from supcon.distributed import all_reduce_sum, get_world_size, is_main_process
+from supcon.data import datasets
+from supcon.data.augment import test_transform
+from supcon.data.labelling import has_label
+from supcon.data.sampling import build_loader
 from supcon.errors import UserError
-from supcon.features import extract_features
-from supcon.partial_labels import has_label
-from supcon.runtime import main_process_first
-from supcon.sampling import build_loader
+from supcon.evaluation.extract import extract_features
+from supcon.system.distributed import all_reduce_sum, get_world_size, is_main_process
+from supcon.system.runtime import main_process_first
 
 #: --probe_lr's default, chosen on the digits validation split (benchmarks/README.md, "Online
 #: probe and joint cross-entropy"): 0.01, 0.1 and 0.3 tied at the last epoch (0.03 and 1 one image
@@ -220,7 +220,7 @@ class ClassifierHeads(nn.Module):
 
     ``probe`` (an ``OnlineProbe``) and ``joint`` (an ``nn.Linear``) are what checkpoints store
     under ``'probe'`` and ``'ce_classifier'``; the joint classifier's parameters belong to the
-    run's optimizer (``add_to_optimizer``), which gives it the encoder's schedule.
+    run's optimizer (``trained_by_the_run_optimizer``), which gives it the encoder's schedule.
     """
 
     def __init__(self, opt, rt, dim, num_classes, evaluation=None, partial=False):
@@ -236,18 +236,10 @@ class ClassifierHeads(nn.Module):
         self._probe_loss = None
         self.evaluation = evaluation  # an EvaluationSplit, for ``evaluate``
 
-    def add_to_optimizer(self, optimizer, opt):
-        """The joint classifier's parameters join ``optimizer`` (one more group, or two for
-        LARS: its weight adapted, its bias not), with the optimizer's own settings."""
-        if self.joint is None:
-            return
-        if getattr(opt, 'optimizer', 'sgd') == 'lars':
-            from supcon.optim import lars_param_groups
-
-            for group in lars_param_groups(self.joint, opt.weight_decay):
-                optimizer.add_param_group(group)
-        else:
-            optimizer.add_param_group({'params': list(self.joint.parameters())})
+    def trained_by_the_run_optimizer(self):
+        """The modules whose parameters join the run's optimizer (the joint classifier: it
+        steps with the encoder, on its schedule); the probe has its own optimizer."""
+        return [self.joint] if self.joint is not None else []
 
     def forward(self, encoded, labels):
         """The term to add to the step's loss: W * cross-entropy of the joint classifier on
@@ -332,9 +324,9 @@ class EvaluationSplit:
     def __init__(self, opt, rt, train_set):
         self.rt = rt
         self.name = 'held-out' if opt.val_split else 'test'
-        mean, std = data.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+        mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
         with main_process_first():
-            dataset = data.build_dataset(
+            dataset = datasets.build_dataset(
                 opt.dataset,
                 'test',
                 test_transform(opt.size, mean, std),
@@ -342,7 +334,7 @@ class EvaluationSplit:
                 test_folder=opt.test_folder,
                 val_split=opt.val_split,
             )
-        data.check_same_classes(train_set, dataset)  # the labels must mean the same
+        datasets.check_same_classes(train_set, dataset)  # the labels must mean the same
         # not padded: under torchrun every image is evaluated exactly once
         self.loader, _ = build_loader(
             dataset, rt.local_batch_size_val, shuffle=False, pad=False, **rt.loader_options()

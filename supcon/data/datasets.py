@@ -18,22 +18,23 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from supcon import balanced
-from supcon.augment import test_transform, train_transform
-from supcon.cifar import CIFAR_NAMES, load_cifar
-from supcon.csv_dataset import build_csv_dataset, resolve_options
-from supcon.distributed import all_gather_objects, get_rank, get_world_size, note
-from supcon.errors import UserError
-from supcon.image_folder import (  # noqa: F401 (DataError re-exported)
+from supcon.data import balanced
+from supcon.data.augment import test_transform, train_transform
+from supcon.data.cifar import CIFAR_NAMES, load_cifar
+from supcon.data.csv_dataset import build_csv_dataset, resolve_options
+from supcon.data.image_folder import (  # noqa: F401 (DataError re-exported)
     DataError,
     build_image_folder,
     first_unreadable,
 )
-from supcon.normalization import MEAN_STD, parse_triple, resolve_mean_std  # noqa: F401
-from supcon.partial_labels import classifier_training_set
-from supcon.runtime import Runtime, main_process_first
-from supcon.sampling import build_loader
-from supcon.val_split import SplitSubset, long_tail_indices, validation_indices
+from supcon.data.labelling import classifier_training_set
+from supcon.data.long_tail import long_tail_indices
+from supcon.data.normalization import MEAN_STD, parse_triple, resolve_mean_std  # noqa: F401
+from supcon.data.sampling import build_loader
+from supcon.data.val_split import SplitSubset, validation_indices
+from supcon.errors import UserError
+from supcon.system.distributed import all_gather_objects, get_rank, get_world_size, note
+from supcon.system.runtime import Runtime, main_process_first
 
 DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet', 'csv')
 # data sets held in memory as 32x32 arrays: their batches stack without resizing
@@ -366,7 +367,7 @@ def check_images(dataset, workers=1):
     paths = [samples[i][0] for i in (range(len(samples)) if indices is None else indices)]
     problem = first_unreadable(paths[get_rank() :: get_world_size()], workers)
     problem = next((p for p in all_gather_objects(problem) if p), None)
-    if problem:  # every rank raises it: a UserError, printed once (runtime.run_main)
+    if problem:  # every rank raises it: a UserError, printed once (runtime.launch)
         raise UserError(problem)
 
 
@@ -379,11 +380,11 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
     over as uint8 tensors for the device to augment. ``num_classes`` is checked against
     --num_classes. The test loader uses --num_workers_val workers (the fork's flag); the
     training loader follows --sampler (``balanced.train_loader``). Only images with a label are
-    trained on (``partial_labels.classifier_training_set``).
+    trained on (``labelling.classifier_training_set``).
     """
     mean, std = resolve_mean_std(opt.dataset, opt.mean, opt.std)
     if uint8_train:
-        from supcon.gpu_augment import to_uint8_tensor
+        from supcon.data.gpu_augment import to_uint8_tensor
 
         train_tf = to_uint8_tensor(fixed_size(opt.dataset, opt.size))
     else:
@@ -406,8 +407,20 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
     # images without a label (CSV rows, those a --labelled_fraction checkpoint left unlabelled)
     train_dataset = classifier_training_set(train_dataset, opt)
 
-    train_loader, train_sampler = balanced.train_loader(train_dataset, opt, rt)
+    train_loader, train_sampler = training_loader(train_dataset, opt, rt)
     val_loader, _ = build_loader(
         val_dataset, rt.local_batch_size_val, shuffle=False, pad=False, **val_options
     )
     return train_loader, train_sampler, val_loader, num_classes
+
+
+def training_loader(dataset, opt, rt: Runtime):
+    """(DataLoader, sampler) of a training split: the seeded shuffle, or class-balanced batches
+    (--sampler balanced, ``balanced.py``)."""
+    return build_loader(
+        dataset,
+        rt.local_batch_size,
+        shuffle=True,
+        sampler=balanced.sampler_for(dataset, opt, rt),
+        **rt.loader_options(),
+    )

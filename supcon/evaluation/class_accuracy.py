@@ -12,7 +12,7 @@ accuracy and is left out of every mean.
 import json
 import os
 
-from supcon.atomic import atomic_write
+from supcon.system.atomic import atomic_write
 
 MANY_SHOT, FEW_SHOT = 100, 20  # more than 100 training images: many; fewer than 20: few
 GROUPS = ('many', 'medium', 'few')

@@ -4,7 +4,7 @@ Two runs writing one folder overwrite each other's checkpoints: a ``--resume aut
 the workers that a ``kill -9`` of the torchrun agent left running, for one. ``acquire``
 creates ``<folder>/.lock`` with ``O_CREAT | O_EXCL``, so of two runs starting together
 exactly one creates it, and writes its host and process id into it. The lock goes when the
-run ends (``Run.close``, ``runtime.run_main`` after an error, or interpreter exit). A lock
+run ends (``Bookkeeper.close``, ``runtime.launch`` after an error, or interpreter exit). A lock
 left on this host by a process that is gone (``kill -9``) is taken over; one from another
 host cannot be checked from here and is refused, naming the host and process to look at.
 Two runs taking over the same dead lock at once do it one after the other (``_takeover``), so

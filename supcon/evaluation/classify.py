@@ -1,0 +1,110 @@
+"""The classification loop shared by ``main_ce.py`` and ``main_linear.py``: one training
+epoch and the evaluation of the test split, as plain functions (MAE's ``engine_*.py`` style).
+Multi-label data (multi-hot targets) is measured by ``multilabel.py``.
+"""
+
+import time
+
+import torch
+import torch.nn as nn
+
+from supcon.data.labelling import is_multilabel
+from supcon.evaluation import multilabel
+from supcon.system.runtime import (
+    Runtime,
+    all_reduce_sum,
+    autocast,
+    is_main_process,
+    to_device,
+)
+from util import AverageMeter, correct_counts
+
+
+def validate(
+    val_loader, model: nn.Module, criterion, opt, rt: Runtime, num_classes: int, per_class=False
+):
+    """Loss, top-1 and top-5 (None under 5 classes) over the whole test split.
+
+    Under torchrun each rank evaluates its own share (no padding) and the sums
+    are added up, so every test image counts exactly once. ``per_class=True`` adds a
+    fourth value, ``(correct, total)``: top-1 hits and test images per class (lists of
+    ``num_classes`` numbers), summed over ranks in the same collective. Multi-label data gets
+    ``multilabel.validate``'s loss, mean average precision and F1@0.5 instead (and no
+    per-class counts: None).
+    """
+    if is_multilabel(val_loader.dataset):
+        result = multilabel.validate(val_loader, model, criterion, opt, rt)
+        return (*result, None) if per_class else result
+    topk = (1, 5) if num_classes >= 5 else (1,)
+    totals = torch.zeros(2 + len(topk), dtype=torch.float64, device=rt.device)
+    # per class: [0] top-1 hits, [1] test images
+    class_totals = torch.zeros(2, num_classes, dtype=torch.float64, device=rt.device)
+    batch_time = AverageMeter()
+    with torch.no_grad():
+        end = time.time()
+        for idx, (images, labels) in enumerate(val_loader):
+            images = to_device(images, rt)
+            labels = labels.to(rt.device, non_blocking=True)
+            with autocast(rt):
+                output = model(images)
+            output = output.float()
+            loss = criterion(output, labels)
+            counts = correct_counts(output, labels, topk)
+            totals += torch.stack(
+                [
+                    loss * labels.shape[0],
+                    torch.tensor(float(labels.shape[0]), device=rt.device),
+                    *counts,
+                ]
+            ).double()
+            # the first of the same topk as correct_counts': per-class hits add up to top-1's
+            _, pred = output.topk(min(max(topk), output.shape[1]), 1, True, True)
+            hits = (pred[:, 0] == labels).double()
+            class_totals[0].index_add_(0, labels, hits)
+            class_totals[1].index_add_(0, labels, torch.ones_like(hits))
+            batch_time.update(time.time() - end)
+            end = time.time()
+            if idx % opt.print_freq == 0 and is_main_process():
+                # the reference's line: this batch's value, then the running average
+                bsz = labels.shape[0]
+                loss_avg, n, correct1 = totals[0].item(), totals[1].item(), totals[2].item()
+                print(
+                    'Test: [{0}/{1}]\t'
+                    'Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
+                    'Loss {2:.4f} ({3:.4f})\t'
+                    'Acc@1 {4:.3f} ({5:.3f})'.format(
+                        idx,
+                        len(val_loader),
+                        loss.item(),
+                        loss_avg / n,
+                        100.0 * counts[0].item() / bsz,
+                        100.0 * correct1 / n,
+                        batch_time=batch_time,
+                    ),
+                    flush=True,
+                )
+    summed = all_reduce_sum(torch.cat([totals, class_totals.reshape(-1)])).tolist()
+    loss_sum, n, *correct = summed[: len(totals)]
+    n = max(n, 1.0)
+    accs = [100.0 * c / n for c in correct]
+    top5 = accs[1] if len(accs) > 1 else None
+    if is_main_process():
+        print(' * Acc@1 {:.3f}'.format(accs[0]), flush=True)
+        if top5 is not None:
+            print(' * Acc@5 {:.3f}'.format(top5), flush=True)
+    if per_class:
+        per = summed[len(totals) :]
+        return loss_sum / n, accs[0], top5, (per[:num_classes], per[num_classes:])
+    return loss_sum / n, accs[0], top5
+
+
+def print_results(best, final, final_f1, multilabel):
+    """The end-of-run lines: the reference's best/final accuracy, or their multi-label twins."""
+    if not is_main_process():
+        return
+    name = 'mean average precision' if multilabel else 'accuracy'
+    print('best {}: {:.2f}'.format(name, best))
+    if final is not None:  # the last epoch's: unlike the best, not chosen on the test split
+        print('final {}: {:.2f}'.format(name, final))
+        if multilabel and final_f1 is not None:
+            print('final F1@0.5: {:.2f}'.format(final_f1))

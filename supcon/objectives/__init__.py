@@ -1,0 +1,1 @@
+"""What a training step computes: the loss and what it needs (supcon/__init__.py has the map)."""

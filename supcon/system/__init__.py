@@ -1,0 +1,1 @@
+"""Devices, processes and files (supcon/__init__.py has the map)."""
