@@ -10,16 +10,17 @@ import time
 
 import torch.nn as nn
 
-from networks.encoders import build_encoder, check_model_name
+from networks import encoders
+from networks.encoders import build_encoder
 from networks.resnet_big import SupCEResNet
-from supcon import options
+from supcon import capabilities, options
 from supcon.data import balanced, datasets
 from supcon.data.augment import add_augmentation_arguments
-from supcon.data.labelling import is_multilabel
-from supcon.evaluation import class_accuracy, classify, multilabel
+from supcon.evaluation import multilabel
+from supcon.evaluation.classify import EpochEvaluation
 from supcon.system import runtime
-from supcon.training import loop
 from supcon.training.bookkeeping import Bookkeeper
+from supcon.training.loop import EpochLoop, train_classifier
 from supcon.training.optim import build_optimizer
 from util import AverageMeter, UserError, adjust_learning_rate
 
@@ -37,7 +38,7 @@ def parse_option(argv=None):
     )
 
     # model
-    options.add_model_arguments(parser)
+    encoders.add_arguments(parser)
 
     # other setting
     options.add_schedule_arguments(parser)
@@ -49,7 +50,6 @@ def parse_option(argv=None):
     opt = parser.parse_args(argv)
 
     options.check_common_options(opt)
-    check_model_name(opt.model)
     if opt.num_workers_val < 0:
         raise UserError(f'--num_workers_val must be 0 or more, got {opt.num_workers_val}')
     if opt.dataset == 'path' and opt.data_folder is None:
@@ -59,9 +59,7 @@ def parse_option(argv=None):
         )
     datasets.resolve_defaults(opt)
     datasets.check_test_folder(opt)
-    balanced.resolve_options(opt)
-    if opt.stem is None:
-        opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
+    capabilities.check_options(opt, 'ce')
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
@@ -70,7 +68,7 @@ def parse_option(argv=None):
         opt.dataset, opt.model, opt.learning_rate, opt.weight_decay, opt.batch_size, opt.trial
     )
     # _cosine, warm-up for large-batch training (forced above 256, as the reference), our parts
-    options.finish_run_name(opt, large_batch=256)
+    options.finish_run_name(opt, 'ce', large_batch=256)
 
     opt.tb_folder = os.path.join(opt.tb_path, opt.model_name)
     opt.save_folder = os.path.join(opt.model_path, opt.model_name)
@@ -103,122 +101,65 @@ def set_model(opt, rt, num_classes):
     return model, criterion
 
 
-def train(
-    train_loader, model, criterion, optimizer, scaler, epoch, opt, rt, run, device_augment=None
-):
-    """One epoch of training; returns (loss, acc, stopped_at)."""
+def train(train_loader, model, criterion, optimizer, epoch, loop, device_augment=None):
+    """One epoch of training; returns (loss, acc)."""
     model.train()
-    return loop.train_classifier(
-        train_loader,
-        model,
-        criterion,
-        optimizer,
-        scaler,
-        epoch,
-        opt,
-        rt,
-        run,
-        device_augment=device_augment,
+    return train_classifier(
+        train_loader, model, criterion, optimizer, epoch, loop, augment=device_augment
     )
 
 
 def main():
-    best_acc = 0
     opt = parse_option()
     rt = runtime.setup_runtime(opt)
-    run = Bookkeeper(opt, rt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
-    options.print_options(run.options())
+    book = Bookkeeper(
+        opt, rt, meters={'loss': AverageMeter(), 'acc': AverageMeter()}, fixed=capabilities.FIXED
+    )
+    options.print_options(book.options())
 
     # build data loader
     train_loader, train_sampler, val_loader, num_classes, device_augment = set_loader(opt, rt)
 
-    # build model and criterion
+    # build model and criterion (multi-label data: a sigmoid per label, multilabel.py)
     model, criterion = set_model(opt, rt, num_classes)
-    # multi-label data: a sigmoid per label, measured by mean average precision (multilabel.py)
-    multi_label = is_multilabel(train_loader.dataset)
-    # images per class of the training split (for the many / medium / few-shot groups)
-    train_counts = (
-        None if multi_label else class_accuracy.training_counts(train_loader.dataset, num_classes)
-    )
     criterion = multilabel.classifier_criterion(train_loader.dataset, criterion)
 
     # build optimizer
     optimizer = build_optimizer(opt, model)
     scaler = runtime.make_scaler(rt)
 
-    start_epoch = run.restore(model, optimizer, scaler)
-    best_acc = run.extra.get('best_acc', best_acc)
-    val_acc = run.extra.get('val_acc')
-    val_f1 = run.extra.get('val_f1')
-    class_counts = run.extra.get('class_counts')  # the last epoch's (correct, total) per class
-    logger = run.logger
+    start_epoch = book.restore(model, optimizer, scaler)
+    loop = EpochLoop(opt, rt, book, optimizer, scaler)
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
     eval_model = runtime.unwrap(model) if rt.distributed else model
+    evaluation = EpochEvaluation(
+        val_loader, criterion, opt, rt, num_classes, train_loader.dataset, book
+    )
 
     # training routine
     for epoch in range(start_epoch, opt.epochs + 1):
-        run.begin_epoch(epoch, train_sampler)
+        book.begin_epoch(epoch, train_sampler)
         adjust_learning_rate(opt, optimizer, epoch)
 
         # train for one epoch
         time1 = time.time()
-        loss, train_acc, stopped_at = train(
-            train_loader,
-            model,
-            criterion,
-            optimizer,
-            scaler,
-            epoch,
-            opt,
-            rt,
-            run,
-            device_augment=device_augment,
+        loss, train_acc = train(
+            train_loader, model, criterion, optimizer, epoch, loop, device_augment
         )
-        if stopped_at is not None:
-            run.interrupted(epoch, stopped_at)
         time2 = time.time()
         if runtime.is_main_process():
             print('epoch {}, total time {:.2f}'.format(epoch, time2 - time1), flush=True)
 
-        # evaluation
-        eval_model.eval()
-        # multi-label: the mean average precision and F1@0.5 instead of top-1 and top-5
-        val_loss, val_acc, top5_or_f1, class_counts = classify.validate(
-            val_loader, eval_model, criterion, opt, rt, num_classes, per_class=True
-        )
-        val_f1 = top5_or_f1 if multi_label else None
-        if val_acc > best_acc:
-            best_acc = val_acc
-
-        # tensorboard logger
-        logger.log_value('train_loss', loss, epoch)
-        logger.log_value('train_acc', train_acc, epoch)
-        logger.log_value('val_loss', val_loss, epoch)
-        logger.log_value('val_map' if multi_label else 'val_acc', val_acc, epoch)
-        if multi_label:
-            logger.log_value('val_f1', val_f1, epoch)
-        logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
-        if class_counts is not None:
-            summary = class_accuracy.summarize(*class_counts, train_counts)
-            class_accuracy.log_summary(logger, summary, epoch)
-        logger.flush()
-
-        run.extra = {'best_acc': best_acc, 'val_acc': val_acc}
-        if multi_label:
-            run.extra['val_f1'] = val_f1
-        else:
-            run.extra['class_counts'] = list(class_counts)
-        run.end_epoch(epoch)
+        # evaluation, tensorboard logger
+        evaluation(eval_model, epoch, loss, train_acc, optimizer.param_groups[0]['lr'])
+        book.end_epoch(epoch)
 
     # the options and final metrics for TensorBoard's HPARAMS tab, once per run
-    run.log_hparams(['train_loss', 'train_acc', 'val_loss', 'val_acc'])
+    book.log_hparams(evaluation.tags())
     # save the last model
-    run.save('last.pth', opt.epochs)
-    run.close()
-    classify.print_results(best_acc, val_acc, val_f1, multi_label)
-    if runtime.is_main_process() and class_counts is not None:  # the last epoch's, as final
-        classes = train_loader.dataset.classes
-        class_accuracy.report(opt.save_folder, classes, train_counts, class_counts, opt.epochs)
+    book.save('last.pth', opt.epochs)
+    book.close()
+    evaluation.finish()
 
 
 if __name__ == '__main__':

@@ -13,18 +13,19 @@ import time
 import torch
 import torch.nn as nn
 
+from networks import from_checkpoint
 from networks.from_checkpoint import checkpoint_model, encoder_from_checkpoint
-from networks.resnet_big import MODEL_NAMES, LinearClassifier
+from networks.resnet_big import LinearClassifier
 from networks.timm_backbone import is_timm_model
-from supcon import options
+from supcon import capabilities, options
 from supcon.data import balanced, datasets, labelling
 from supcon.data.augment import add_augmentation_arguments
-from supcon.data.labelling import is_multilabel
-from supcon.evaluation import class_accuracy, classify, multilabel
+from supcon.evaluation import multilabel
+from supcon.evaluation.classify import EpochEvaluation
 from supcon.system import runtime
 from supcon.system.checkpoint import bare_state_dict, load_checkpoint
-from supcon.training import loop
 from supcon.training.bookkeeping import Bookkeeper
+from supcon.training.loop import EpochLoop, train_classifier
 from supcon.training.optim import build_optimizer
 from util import AverageMeter, UserError, adjust_learning_rate
 
@@ -47,26 +48,11 @@ def parse_option(argv=None):
     )
 
     # model
-    parser.add_argument(
-        '--model',
-        type=str,
-        default=None,
-        help='the encoder in --ckpt: ' + ', '.join(MODEL_NAMES) + ' or a timm'
-        ' name; default: what the checkpoint records (resnet50 for one that'
-        ' does not say); when given it must agree',
-    )
-    parser.add_argument(
-        '--key_encoder',
-        action='store_true',
-        help='evaluate the momentum (key) encoder of a --moco checkpoint instead'
-        ' of the trained (query) encoder',
-    )
+    from_checkpoint.add_checkpoint_arguments(parser, 'linear', ckpt=False)
 
     # other setting
     options.add_schedule_arguments(parser, sync_bn=False, trial=False)
-    parser.add_argument(
-        '--ckpt', type=str, default='', help='(required) the pretraining checkpoint to evaluate'
-    )
+    from_checkpoint.add_ckpt_argument(parser, 'linear')
 
     labelling.add_arguments(parser, linear=True)
     datasets.add_arguments(parser, test_folder=True, imbalance='checkpoint')
@@ -78,11 +64,7 @@ def parse_option(argv=None):
     options.check_common_options(opt)
     if opt.num_workers_val < 0:
         raise UserError(f'--num_workers_val must be 0 or more, got {opt.num_workers_val}')
-    if not opt.ckpt:
-        raise UserError(
-            '--ckpt is required: pass the pretraining checkpoint to evaluate,'
-            ' e.g. ./save/SupCon/cifar10_models/<run>/last.pth'
-        )
+    from_checkpoint.check_checkpoint_arguments(opt, 'linear')
     if opt.dataset == 'path' and opt.data_folder is None:
         raise UserError(
             '--dataset path needs --data_folder and --test_folder (one sub-folder per class'
@@ -90,29 +72,22 @@ def parse_option(argv=None):
         )
     datasets.resolve_defaults(opt)
     datasets.check_test_folder(opt)
-    balanced.resolve_options(opt)
+    capabilities.check_options(opt, 'linear')
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
     # the checkpoint's options say which encoder it holds (read lazily: set_model loads
     # the weights); --model, when given, must agree
     saved = load_checkpoint(opt.ckpt, mmap=True)
     opt.model, opt.stem = checkpoint_model(saved, opt.ckpt, opt.model)
-    # the labelled images of a --labelled_fraction checkpoint: its fraction, chosen by its seed
-    opt.labelled_fraction, opt.labelled_seed, opt.linear_labels = labelling.resolve_linear_options(
-        opt, saved.get('opt') or {}
-    )
-    # the classifier trains on the images the encoder was pretrained on: the checkpoint's long
-    # tail (its ratio unless --imbalance_ratio says otherwise, drawn with its run's seed)
-    if opt.imbalance_ratio is None:
-        opt.imbalance_ratio = float(saved['opt'].get('imbalance_ratio') or 1.0)
-    opt.imbalance_seed = saved['opt'].get('seed')
+    # what the encoder was pretrained on: its labelled images, its long tail
+    capabilities.take_from_checkpoint(opt, saved.get('opt') or {})
     del saved
 
     opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.format(
         opt.dataset, opt.model, opt.learning_rate, opt.weight_decay, opt.batch_size
     )
     # _cosine; warm-up stays opt-in here, as in the reference's linear script; our parts
-    options.finish_run_name(opt, large_batch=None, stem=False)
+    options.finish_run_name(opt, 'linear', large_batch=None)
 
     # one folder per evaluated checkpoint, so evaluating several never mixes them
     ckpt_path = os.path.abspath(opt.ckpt)
@@ -168,14 +143,12 @@ def set_model(opt, rt, num_classes):
     return encoder, classifier, criterion
 
 
-def train(train_loader, encoder, classifier, criterion, optimizer, scaler, epoch, opt, rt, run):
-    """One epoch of the classifier on frozen features; returns (loss, acc, stopped_at)."""
+def train(train_loader, encoder, classifier, criterion, optimizer, epoch, loop):
+    """One epoch of the classifier on frozen features; returns (loss, acc)."""
     encoder.eval()
     classifier.train()
     model = FrozenEncoderClassifier(encoder, classifier)
-    return loop.train_classifier(
-        train_loader, model, criterion, optimizer, scaler, epoch, opt, rt, run
-    )
+    return train_classifier(train_loader, model, criterion, optimizer, epoch, loop)
 
 
 def check_encoder_unchanged(encoder, snapshot):
@@ -186,23 +159,18 @@ def check_encoder_unchanged(encoder, snapshot):
 
 
 def main():
-    best_acc = 0
     opt = parse_option()
     rt = runtime.setup_runtime(opt)
-    run = Bookkeeper(opt, rt, meters={'loss': AverageMeter(), 'acc': AverageMeter()})
-    options.print_options(run.options())
+    book = Bookkeeper(
+        opt, rt, meters={'loss': AverageMeter(), 'acc': AverageMeter()}, fixed=capabilities.FIXED
+    )
+    options.print_options(book.options())
 
     # build data loader
     train_loader, train_sampler, val_loader, num_classes = set_loader(opt, rt)
 
-    # build model and criterion
+    # build model and criterion (multi-label data: a sigmoid per label, multilabel.py)
     encoder, classifier, criterion = set_model(opt, rt, num_classes)
-    # multi-label data: a sigmoid per label, measured by mean average precision (multilabel.py)
-    multi_label = is_multilabel(train_loader.dataset)
-    # images per class of the training split (for the many / medium / few-shot groups)
-    train_counts = (
-        None if multi_label else class_accuracy.training_counts(train_loader.dataset, num_classes)
-    )
     criterion = multilabel.classifier_criterion(train_loader.dataset, criterion)
     encoder_snapshot = {k: v.detach().cpu().clone() for k, v in bare_state_dict(encoder).items()}
 
@@ -213,28 +181,23 @@ def main():
     assert optimised == {id(p) for p in classifier.parameters()}
     scaler = runtime.make_scaler(rt)
 
-    start_epoch = run.restore(classifier, optimizer, scaler)
-    best_acc = run.extra.get('best_acc', best_acc)
-    val_acc = run.extra.get('val_acc')
-    val_f1 = run.extra.get('val_f1')
-    class_counts = run.extra.get('class_counts')  # the last epoch's (correct, total) per class
-    logger = run.logger
-
+    start_epoch = book.restore(classifier, optimizer, scaler)
+    book.extra['encoder_ckpt'] = os.path.abspath(opt.ckpt)
+    loop = EpochLoop(opt, rt, book, optimizer, scaler)
     # evaluate without the DDP wrapper: ranks hold unequal shares of the test set
     eval_model = FrozenEncoderClassifier(encoder, runtime.unwrap(classifier))
+    evaluation = EpochEvaluation(
+        val_loader, criterion, opt, rt, num_classes, train_loader.dataset, book
+    )
 
     # training routine
     for epoch in range(start_epoch, opt.epochs + 1):
-        run.begin_epoch(epoch, train_sampler)
+        book.begin_epoch(epoch, train_sampler)
         adjust_learning_rate(opt, optimizer, epoch)
 
         # train for one epoch
         time1 = time.time()
-        loss, acc, stopped_at = train(
-            train_loader, encoder, classifier, criterion, optimizer, scaler, epoch, opt, rt, run
-        )
-        if stopped_at is not None:
-            run.interrupted(epoch, stopped_at)
+        loss, acc = train(train_loader, encoder, classifier, criterion, optimizer, epoch, loop)
         time2 = time.time()
         if runtime.is_main_process():
             print(
@@ -244,48 +207,16 @@ def main():
                 flush=True,
             )
 
-        # eval for one epoch
-        eval_model.eval()
-        # multi-label: the mean average precision and F1@0.5 instead of top-1 and top-5
-        val_loss, val_acc, top5_or_f1, class_counts = classify.validate(
-            val_loader, eval_model, criterion, opt, rt, num_classes, per_class=True
-        )
-        val_f1 = top5_or_f1 if multi_label else None
-        if val_acc > best_acc:
-            best_acc = val_acc
-
-        logger.log_value('train_loss', loss, epoch)
-        logger.log_value('train_acc', acc, epoch)
-        logger.log_value('val_loss', val_loss, epoch)
-        logger.log_value('val_map' if multi_label else 'val_acc', val_acc, epoch)
-        if multi_label:
-            logger.log_value('val_f1', val_f1, epoch)
-        logger.log_value('learning_rate', optimizer.param_groups[0]['lr'], epoch)
-        if class_counts is not None:
-            summary = class_accuracy.summarize(*class_counts, train_counts)
-            class_accuracy.log_summary(logger, summary, epoch)
-        logger.flush()
-
-        run.extra = {
-            'best_acc': best_acc,
-            'val_acc': val_acc,
-            'encoder_ckpt': os.path.abspath(opt.ckpt),
-        }
-        if class_counts is not None:
-            run.extra['class_counts'] = list(class_counts)
-        if multi_label:
-            run.extra['val_f1'] = val_f1
-        run.end_epoch(epoch)
+        # eval for one epoch, tensorboard logger
+        evaluation(eval_model, epoch, loss, acc, optimizer.param_groups[0]['lr'])
+        book.end_epoch(epoch)
 
     # the options and final metrics for TensorBoard's HPARAMS tab, once per run
-    run.log_hparams(['train_loss', 'train_acc', 'val_loss', 'val_acc'])
-    run.save('last.pth', opt.epochs)
-    run.close()
+    book.log_hparams(evaluation.tags())
+    book.save('last.pth', opt.epochs)
+    book.close()
     check_encoder_unchanged(encoder, encoder_snapshot)
-    classify.print_results(best_acc, val_acc, val_f1, multi_label)
-    if runtime.is_main_process() and class_counts is not None:  # the last epoch's, as final
-        classes = train_loader.dataset.classes
-        class_accuracy.report(opt.save_folder, classes, train_counts, class_counts, opt.epochs)
+    evaluation.finish()
 
 
 if __name__ == '__main__':

@@ -57,16 +57,14 @@ def main():
     argv += ['--batch_size', str(args.batch_size), '--num_workers', '1', '--device', args.device]
     argv += ['--epochs', '1', '--print_freq', '1000000', '--seed', '0', '--trial', 'bench_probe']
     argv += ['--online_probe'] + ([] if args.fp32 else ['--amp'])
-    opt, rt, run, loader, sampler, model, criterion, optimizer, scaler, extra = (
-        bench_train.build_run(argv)
-    )
-    heads = extra['heads']
+    opt, rt, book, loader, sampler, model, step, optimizer, loop = bench_train.build_run(argv)
+    heads = step.heads
     forward_s, step_s = [], []
     heads.forward = timed(heads.forward, forward_s)
     heads.step = timed(heads.step, step_s)
-    run.begin_epoch(1, sampler)
+    book.begin_epoch(1, sampler)
     batches = bench_train.TimedBatches(loader, sampler, args.warmup + args.steps, args.batch_size)
-    main_supcon.train(batches, model, criterion, optimizer, scaler, 1, opt, rt, run, **extra)
+    main_supcon.train(batches, model, step, optimizer, 1, loop)
     steps = [b - a for a, b in zip(batches.asked, batches.asked[1:])][args.warmup :]
     probe = [f + s for f, s in zip(forward_s, step_s)][args.warmup :]
     shares = [p / s for p, s in zip(probe, steps)]

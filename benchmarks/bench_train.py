@@ -106,30 +106,29 @@ class TimedBatches:
 
 
 def build_run(argv):
-    """Everything main_supcon.main() builds before its epoch loop, in the same order."""
+    """Everything main_supcon.main() builds before its epoch loop, in the same order; returns
+    (opt, rt, book, train_loader, train_sampler, model, step, optimizer, loop)."""
     import main_supcon
     import util
-    from supcon.objectives import probe
+    from supcon import capabilities
+    from supcon.objectives.positives import TAGS
     from supcon.system import runtime
-    from supcon.training import bookkeeping
+    from supcon.training import bookkeeping, loop, optim
 
     opt = main_supcon.parse_option(argv)
     rt = runtime.setup_runtime(opt)
-    from supcon.objectives.positives import TAGS
-
     # the meters main_supcon.main() gives its Bookkeeper: the loss and the positives per anchor
     meters = {name: util.AverageMeter() for name in ('loss',) + TAGS}
-    run = bookkeeping.Bookkeeper(opt, rt, meters=meters)
+    book = bookkeeping.Bookkeeper(opt, rt, meters=meters, fixed=capabilities.FIXED)
     train_loader, train_sampler, device_augment = main_supcon.set_loader(opt, rt)
-    model, criterion, moco = main_supcon.set_model(opt, rt)
-    heads = probe.build_heads(opt, rt, runtime.unwrap(model), train_loader.dataset)
-    optimizer = util.set_optimizer(opt, model)
-    for module in heads.trained_by_the_run_optimizer() if heads is not None else ():
-        optimizer.add_param_group({'params': list(module.parameters())})
-    scaler = runtime.make_scaler(rt)
-    run.restore(model, optimizer, scaler)
-    extra = dict(moco=moco, device_augment=device_augment, heads=heads)
-    return opt, rt, run, train_loader, train_sampler, model, criterion, optimizer, scaler, extra
+    model, criterion = main_supcon.set_model(opt, rt)
+    step = main_supcon.set_step(
+        opt, rt, model, criterion, train_loader.dataset, meters, device_augment
+    )
+    optimizer = optim.build_optimizer(opt, model, extra=step.trained_by_the_run_optimizer())
+    book.restore(model, optimizer, step.scaler, **step.state_modules())
+    epochs = loop.EpochLoop(opt, rt, book, optimizer, step.scaler)
+    return opt, rt, book, train_loader, train_sampler, model, step, optimizer, epochs
 
 
 def script_argv(args, config):
@@ -182,14 +181,12 @@ def measure_steps(args, config):
     """Warm-up + timed steps of main_supcon.train(); per-step times in seconds."""
     import main_supcon
 
-    opt, rt, run, loader, sampler, model, criterion, optimizer, scaler, extra = build_run(
+    opt, rt, book, loader, sampler, model, step, optimizer, loop = build_run(
         script_argv(args, config)
     )
-    run.begin_epoch(1, sampler)
+    book.begin_epoch(1, sampler)
     batches = TimedBatches(loader, sampler, args.warmup + args.steps, rt.local_batch_size)
-    loss, _ = main_supcon.train(
-        batches, model, criterion, optimizer, scaler, 1, opt, rt, run, **extra
-    )
+    loss = main_supcon.train(batches, model, step, optimizer, 1, loop)
     steps = [b - a for a, b in zip(batches.asked, batches.asked[1:])]
     data = [g - a for a, g in zip(batches.asked, batches.got)]
     timed, timed_data = steps[args.warmup :], data[args.warmup :]
@@ -211,17 +208,15 @@ def measure_epoch(args, config):
     warm-up."""
     import main_supcon
 
-    opt, rt, run, loader, sampler, model, criterion, optimizer, scaler, extra = build_run(
+    opt, rt, book, loader, sampler, model, step, optimizer, loop = build_run(
         script_argv(args, config)
     )
-    run.begin_epoch(1, sampler)
+    book.begin_epoch(1, sampler)
     warm = TimedBatches(loader, sampler, args.warmup, rt.local_batch_size)
-    main_supcon.train(warm, model, criterion, optimizer, scaler, 1, opt, rt, run, **extra)
-    run.begin_epoch(2, sampler)
+    main_supcon.train(warm, model, step, optimizer, 1, loop)
+    book.begin_epoch(2, sampler)
     start = time.perf_counter()
-    loss, _ = main_supcon.train(
-        loader, model, criterion, optimizer, scaler, 2, opt, rt, run, **extra
-    )
+    loss = main_supcon.train(loader, model, step, optimizer, 2, loop)
     epoch_s = time.perf_counter() - start
     return dict(
         describe(opt, rt),

@@ -5,7 +5,13 @@ state-dict keys (``--stem imagenet`` for torchvision's stem); every other name i
 timm without its classifier (``networks.timm_backbone``). Either way the result is a module
 that maps images to pooled features, and its feature width, which sizes the projection head
 and the linear classifier.
+
+As a capability (``supcon/capabilities.py``) it declares the backbone flags of the training
+scripts: ``--model``, ``--stem``, ``--patch_size``, ``--pretrained``.
 """
+
+import os
+import re
 
 from networks.resnet_big import MODEL_NAMES, STEMS, model_dict
 from networks.timm_backbone import create_encoder, is_timm_model, unknown_model_error
@@ -45,3 +51,66 @@ def check_model_name(name):
     """Refuse an unknown ``--model`` at parse time, with close matches from timm's registry."""
     if not is_known_model(name):
         raise unknown_model_error(name)
+
+
+#: Options a resume may not change (--model and --stem are fixed for every script).
+FIXED = ('patch_size', 'pretrained')
+
+
+def add_arguments(parser):
+    """--model and the backbone flags the reference does not have (main_supcon.py, main_ce.py)."""
+    parser.add_argument(
+        '--model',
+        type=str,
+        default='resnet50',
+        help=', '.join(MODEL_NAMES) + ' (CIFAR-stem ResNets), or any timm model'
+        ' name, e.g. vit_small_patch16_224, convnext_tiny',
+    )
+    parser.add_argument(
+        '--stem',
+        type=str,
+        default=None,
+        help=', '.join(STEMS) + ' for our ResNets: imagenet (7x7 stride-2 conv +'
+        ' max-pool) makes large images far cheaper; default: imagenet for'
+        ' --dataset imagenet, else cifar',
+    )
+    parser.add_argument(
+        '--patch_size',
+        type=int,
+        default=None,
+        help='timm ViT-style models: patch size (e.g. 4 for 32x32 images)',
+    )
+    parser.add_argument(
+        '--pretrained',
+        type=str,
+        default=None,
+        help='timm models: a local timm checkpoint to start from (never downloaded)',
+    )
+
+
+def check_options(opt, script):
+    """An unknown --model is refused at parse time; --stem defaults to the data set's."""
+    if script == 'linear':  # the checkpoint's encoder (networks/from_checkpoint.py)
+        return
+    check_model_name(opt.model)
+    if opt.stem is None:
+        opt.stem = 'imagenet' if opt.dataset == 'imagenet' else 'cifar'
+
+
+def run_name(opt, script):
+    """``stem_{stem}`` (not in main_linear.py: there the stem is the checkpoint's, not a
+    choice), ``patch_{P}``, ``pretrained_{file}``."""
+    parts = []
+    if script != 'linear' and getattr(opt, 'stem', 'cifar') != 'cifar':
+        parts.append(f'stem_{opt.stem}')
+    if getattr(opt, 'patch_size', None) is not None:
+        parts.append(f'patch_{opt.patch_size}')
+    if getattr(opt, 'pretrained', None):
+        parts.append(f'pretrained_{file_tag(opt.pretrained)}')
+    return parts
+
+
+def file_tag(path):
+    """A run-name part for a file: its name without the extension, in safe characters."""
+    name = os.path.splitext(os.path.basename(os.path.normpath(str(path))))[0]
+    return re.sub(r'[^A-Za-z0-9_.+-]+', '-', name).strip('-.') or 'file'

@@ -11,6 +11,9 @@ In Python, the encoder of such a file is::
     from networks.from_checkpoint import encoder_from_checkpoint
     encoder, model = encoder_from_checkpoint(load_checkpoint('supcon.pth'), 'supcon.pth')
     features = encoder(images)   # [N, 2048] pooled features
+
+The scripts that read a checkpoint (main_linear.py, main_tsne.py, main_retrieval.py) take its
+flags from ``add_checkpoint_arguments``.
 """
 
 import re
@@ -209,3 +212,80 @@ def load_encoder(encoder, state_dict, path, model_name):
             f' checkpoint of these scripts'
         )
     encoder.load_state_dict(enc_state, strict=True)
+
+
+#: Per script that reads a checkpoint: what it does with it, in its flags' help and errors.
+_READERS = {
+    'linear': dict(
+        ckpt='the pretraining checkpoint to evaluate',
+        model_default='what the checkpoint records (resnet50 for one that does not say); when'
+        ' given it must agree',
+        key_encoder='evaluate the momentum (key) encoder of a --moco checkpoint instead of the'
+        ' trained (query) encoder',
+        features=None,
+    ),
+    'tsne': dict(
+        ckpt='the checkpoint whose encoder to draw',
+        model_default='what the checkpoint records (resnet50 for one that does not say); when'
+        ' given it must agree',
+        key_encoder='draw the momentum (key) encoder of a --moco checkpoint (default figure:'
+        ' <ckpt name>_tsne_key_<features>.png)',
+        features='the L2-normalised projections the contrastive loss saw (SupCon/SimCLR'
+        ' checkpoints only)',
+    ),
+    'retrieval': dict(
+        ckpt='the checkpoint whose encoder to measure',
+        model_default='the checkpoint\'s',
+        key_encoder='measure the momentum (key) encoder of a --moco checkpoint',
+        features='the projections the contrastive loss saw (SupCon/SimCLR checkpoints only);'
+        ' both L2-normalised',
+    ),
+}
+_CKPT_EXAMPLE = './save/SupCon/cifar10_models/<run>/last.pth'
+
+
+def add_ckpt_argument(parser, script):
+    """--ckpt, the checkpoint ``script`` ('linear', 'tsne', 'retrieval') reads."""
+    parser.add_argument(
+        '--ckpt', type=str, default='', help=f'(required) {_READERS[script]["ckpt"]}'
+    )
+
+
+def add_checkpoint_arguments(parser, script, ckpt=True):
+    """The flags of the scripts that read a checkpoint: --ckpt (unless ``ckpt=False``: the
+    caller adds it where its help lists it, ``add_ckpt_argument``), --model, --key_encoder and,
+    for main_tsne.py and main_retrieval.py, --features."""
+    texts = _READERS[script]
+    if ckpt:
+        add_ckpt_argument(parser, script)
+    named = 'the encoder in --ckpt: ' if script != 'retrieval' else ''
+    parser.add_argument(
+        '--model',
+        type=str,
+        default=None,
+        help=f'{named}{", ".join(MODEL_NAMES)} or a timm name; default: {texts["model_default"]}',
+    )
+    parser.add_argument('--key_encoder', action='store_true', help=texts['key_encoder'])
+    if texts['features'] is not None:
+        parser.add_argument(
+            '--features',
+            type=str,
+            default='encoder',
+            choices=['encoder', 'head'],
+            help=f'encoder: the pooled features linear evaluation uses; head: {texts["features"]}',
+        )
+
+
+def check_checkpoint_arguments(opt, script):
+    """--ckpt is required (one line naming what to pass)."""
+    if not opt.ckpt:
+        what = _READERS[script]['ckpt'].replace(
+            'the checkpoint whose encoder to', 'the checkpoint to'
+        )
+        sep = ',' if script == 'linear' else ''
+        raise UserError(f'--ckpt is required: pass {what}{sep} e.g. {_CKPT_EXAMPLE}')
+
+
+def run_name(opt, script):
+    """main_linear.py evaluates the key encoder of a --moco checkpoint into its own folder."""
+    return ['key_encoder'] if getattr(opt, 'key_encoder', False) else []

@@ -11,16 +11,17 @@ atomic write), ``checkpoint`` (checkpoint files), ``run_lock`` (one live run per
 ``data`` -- what the networks read: ``datasets`` (the registry and the loaders), ``cifar``,
 ``image_folder``, ``csv_dataset``, ``sampling`` (seeded, resumable, sharded order), ``augment``
 and ``gpu_augment`` (the transforms), ``normalization`` (--mean/--std), and the capabilities that
-shape the training data: ``val_split``, ``long_tail`` (--imbalance_ratio), ``balanced``
+shape the training data: ``val_split``, ``long_tail`` (long-tailed training splits), ``balanced``
 (--sampler balanced), ``labelling`` (partial and multiple labels).
 
 ``evaluation`` -- measuring an encoder: ``extract`` (frozen features), ``knn``, ``retrieval``,
 ``classify`` (the classifier's test-split evaluation), ``multilabel`` (mean average precision,
 F1), ``class_accuracy`` (per-class and many/medium/few-shot accuracy).
 
-``objectives`` -- what a training step computes: ``contrastive`` (the loss's lean autograd
+``objectives`` -- what a training step computes: ``step`` (main_supcon.py's step: views, forward,
+loss, backward, optimizer step), ``contrastive`` (the loss's lean autograd
 function behind ``losses.SupConLoss``), ``moco`` (the key encoder and queue), ``probe`` (the
-online probe and --ce_weight's joint classifier), ``positives`` (positives per anchor).
+online probe and the joint classifier), ``positives`` (positives per anchor).
 
 ``training`` -- the loop around the step: ``loop`` (the epoch loop of every training script),
 ``bookkeeping`` (resume, checkpoints, signals, TensorBoard), ``optim``, ``tb_logger``.

@@ -6,17 +6,15 @@ one-line ``UserError`` that names the flag and the fix.
 """
 
 import math
-import os
-import re
 import sys
 
-from networks.resnet_big import MODEL_NAMES, STEMS
 from networks.timm_backbone import is_timm_model
+from supcon import capabilities
 from supcon.data.datasets import DATASET_NAMES
 from supcon.errors import UserError
 from supcon.system.checkpoint import plain_options
 from supcon.system.runtime import is_main_process
-from supcon.training.optim import OPTIMIZER_NAMES
+from supcon.training import optim
 
 
 def parse_decay_epochs(text):
@@ -51,14 +49,15 @@ def configure_warmup(opt, large_batch=256):
             opt.warmup_to = opt.learning_rate
 
 
-def finish_run_name(opt, large_batch=256, stem=True):
+def finish_run_name(opt, script, large_batch=256):
     """The tail of every run name after the reference's head: ``_cosine``, then the warm-up
     (``configure_warmup``, forced above ``large_batch`` as the reference does, ``_warm``), then
-    what the reference does not have (``extend_run_name``)."""
+    the parts of the capabilities the reference does not have, only those in use, so that the
+    reference's run names stay exactly as they were (``capabilities.run_name_parts``)."""
     if opt.cosine:
         opt.model_name = '{}_cosine'.format(opt.model_name)
     configure_warmup(opt, large_batch=large_batch)
-    extend_run_name(opt, stem=stem)
+    opt.model_name = '_'.join([opt.model_name] + capabilities.run_name_parts(opt, script))
 
 
 def check_choice(value, choices, flag):
@@ -120,48 +119,6 @@ def print_options(options):
     sys.stdout.flush()
 
 
-def add_model_arguments(parser):
-    """--model and the backbone flags the reference does not have (main_supcon.py, main_ce.py)."""
-    parser.add_argument(
-        '--model',
-        type=str,
-        default='resnet50',
-        help=', '.join(MODEL_NAMES) + ' (CIFAR-stem ResNets), or any timm model'
-        ' name, e.g. vit_small_patch16_224, convnext_tiny',
-    )
-    parser.add_argument(
-        '--stem',
-        type=str,
-        default=None,
-        help=', '.join(STEMS) + ' for our ResNets: imagenet (7x7 stride-2 conv +'
-        ' max-pool) makes large images far cheaper; default: imagenet for'
-        ' --dataset imagenet, else cifar',
-    )
-    parser.add_argument(
-        '--patch_size',
-        type=int,
-        default=None,
-        help='timm ViT-style models: patch size (e.g. 4 for 32x32 images)',
-    )
-    parser.add_argument(
-        '--pretrained',
-        type=str,
-        default=None,
-        help='timm models: a local timm checkpoint to start from (never downloaded)',
-    )
-
-
-def add_optimizer_argument(parser):
-    """--optimizer sgd|lars (``optim.py``)."""
-    parser.add_argument(
-        '--optimizer',
-        type=str,
-        default='sgd',
-        choices=OPTIMIZER_NAMES,
-        help='lars: timm\'s LARS for large batches, biases and norms excluded (optim.py)',
-    )
-
-
 def add_training_arguments(
     parser, epochs, learning_rate, lr_decay_epochs, lr_decay_rate=0.1, weight_decay=1e-4,
     num_workers_val=True,
@@ -206,7 +163,7 @@ def add_training_arguments(
     )
     parser.add_argument('--weight_decay', type=float, default=weight_decay, help='weight decay')
     parser.add_argument('--momentum', type=float, default=0.9, help='momentum')
-    add_optimizer_argument(parser)
+    optim.add_argument(parser)
 
 
 def add_schedule_arguments(parser, sync_bn=True, trial=True):
@@ -221,50 +178,6 @@ def add_schedule_arguments(parser, sync_bn=True, trial=True):
     parser.add_argument('--warm', action='store_true', help='warm-up for large batch training')
     if trial:
         parser.add_argument('--trial', type=str, default='0', help='id for recording multiple runs')
-
-
-def extend_run_name(opt, stem=True):
-    """Append what the reference does not have to ``opt.model_name``, only when it is used,
-    so that the reference's run names stay exactly as they were. ``stem=False``: the stem
-    is the checkpoint's, not a choice of this run (main_linear.py)."""
-    suffixes = []
-    if stem and getattr(opt, 'stem', 'cifar') != 'cifar':
-        suffixes.append(f'stem_{opt.stem}')
-    if getattr(opt, 'patch_size', None) is not None:
-        suffixes.append(f'patch_{opt.patch_size}')
-    if getattr(opt, 'pretrained', None):
-        suffixes.append(f'pretrained_{file_tag(opt.pretrained)}')
-    if getattr(opt, 'moco', False):
-        suffixes.append(f'moco_k{opt.moco_k}_m{opt.moco_m}')
-    if getattr(opt, 'optimizer', 'sgd') != 'sgd':
-        suffixes.append(opt.optimizer)
-    if getattr(opt, 'aug', 'simclr') != 'simclr':
-        suffixes.append(f'aug_{opt.aug}')
-    if getattr(opt, 'key_encoder', False):
-        suffixes.append('key_encoder')
-    if getattr(opt, 'val_split', 0):
-        suffixes.append(f'val_{opt.val_split}')
-    fraction = getattr(opt, 'labelled_fraction', None) or 1.0
-    # in main_linear.py only when its classifier trains on the labelled images alone
-    if fraction < 1 and getattr(opt, 'linear_labels', 'labelled') == 'labelled':
-        suffixes.append(f'lab{fraction}')
-    if getattr(opt, 'labelled_only', False):
-        suffixes.append('labonly')
-    if getattr(opt, 'multilabel', 'jaccard') != 'jaccard':
-        suffixes.append(f'ml_{opt.multilabel}')
-    if getattr(opt, 'sampler', 'random') == 'balanced':
-        suffixes.append(f'balanced_m{opt.m_per_class}')
-    if getattr(opt, 'imbalance_ratio', None) not in (None, 1):
-        suffixes.append(f'imb{opt.imbalance_ratio:g}')
-    if getattr(opt, 'ce_weight', 0):
-        suffixes.append(f'ce{opt.ce_weight}')
-    opt.model_name = '_'.join([opt.model_name] + suffixes)
-
-
-def file_tag(path):
-    """A run-name part for a file: its name without the extension, in safe characters."""
-    name = os.path.splitext(os.path.basename(os.path.normpath(str(path))))[0]
-    return re.sub(r'[^A-Za-z0-9_.+-]+', '-', name).strip('-.') or 'file'
 
 
 #: Options a checkpoint's ``opt`` gives main_tsne.py when not given: (name, type).

@@ -127,7 +127,7 @@ def run_epoch(rank, world_size):
     counter, meters = PositiveCounter(9, supervised=True), {tag: AverageMeter() for tag in TAGS}
     batches = []
     for indices, labels in loader:
-        counts = counter.step_counts(labels, QUEUE, rank)
+        counts = counter.counts_of(labels, QUEUE, rank)
         n, *summed, _ = runtime.step_statistics(rt, len(labels), counts, False)
         counter.update(summed, n, meters)
         if world_size > 1:

@@ -19,6 +19,7 @@ from test_distributed import torchrun  # 2 gloo processes, as the README starts 
 
 import main_supcon
 from supcon.data import datasets
+from supcon.objectives import moco
 from supcon.system.checkpoint import load_checkpoint
 
 SCRIPTS = ('main_supcon', 'main_ce', 'main_linear')
@@ -362,7 +363,7 @@ def test_moco_k_against_digits(moco_k, noted, capsys):
     opt = main_supcon.parse_option(
         ['--dataset', 'digits', '--moco'] + (['--moco_k', moco_k] if moco_k else [])
     )
-    main_supcon.note_queue_length(opt, len(datasets.build_dataset('digits', 'train', None)))
+    moco.check_data(opt, datasets.build_dataset('digits', 'train', None))
     out = capsys.readouterr().out
     k = moco_k or '4096'
     want = f'note: --moco_k {k} is longer than the {DIGITS_TRAIN} training images'

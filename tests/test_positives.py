@@ -48,7 +48,7 @@ def test_one_step_against_a_plain_count(queue_size):
         queue_buffer = queue[:filled] + [-1] * (queue_size - filled)
         counter = PositiveCounter(classes, supervised=True)
         queue_tensor = torch.tensor(queue_buffer) if queue_size else None
-        counts = counter.step_counts(torch.tensor(labels), queue_tensor).tolist()
+        counts = counter.counts_of(torch.tensor(labels), queue_tensor).tolist()
         meters = fresh_meters()
         counter.update(counts, len(labels), meters)
         want = plain_positives(labels, queue[:filled])
@@ -63,7 +63,7 @@ def test_an_epoch_is_the_mean_over_all_its_anchors():
     meters = fresh_meters()
     for size in (7, 7, 7, 2):  # the last batch smaller
         labels = rng.integers(0, 6, size).tolist()
-        counter.update(counter.step_counts(torch.tensor(labels)).tolist(), size, meters)
+        counter.update(counter.counts_of(torch.tensor(labels)).tolist(), size, meters)
         every_anchor += plain_positives(labels, n_views=3)
     assert meters[TAGS[0]].avg == pytest.approx(statistics.mean(every_anchor), rel=1e-12)
     assert meters[TAGS[1]].avg == pytest.approx(np.mean([n == 0 for n in every_anchor]))
@@ -71,7 +71,7 @@ def test_an_epoch_is_the_mean_over_all_its_anchors():
 
 def test_simclr_and_hybrid_have_no_positives_besides_their_own_views():
     counter = PositiveCounter(4, supervised=False)
-    counts = counter.step_counts(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1]))
+    counts = counter.counts_of(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1]))
     assert counts.numel() == 0  # nothing to sum over ranks
     meters = fresh_meters()
     counter.update([], 4, meters)
@@ -83,8 +83,8 @@ def test_the_queue_counts_come_from_rank_0_only():
     counter = PositiveCounter(3, supervised=True)
     labels, queue = torch.tensor([0, 1]), torch.tensor([2, 2, -1])
     # bin 0 counts the unlabelled images (label -1), then one bin per class, then the queue's
-    assert counter.step_counts(labels, queue, rank=0).tolist() == [0, 1, 1, 0, 0, 0, 2]
-    assert counter.step_counts(labels, queue, rank=1).tolist() == [0, 1, 1, 0, 0, 0, 0]
+    assert counter.counts_of(labels, queue, rank=0).tolist() == [0, 1, 1, 0, 0, 0, 2]
+    assert counter.counts_of(labels, queue, rank=1).tolist() == [0, 1, 1, 0, 0, 0, 0]
 
 
 def test_unlabelled_anchors_have_only_their_own_views():
@@ -92,7 +92,7 @@ def test_unlabelled_anchors_have_only_their_own_views():
     counter = PositiveCounter(3, supervised=True)
     labels = [0, 0, -1, 1, -1, 0, 2, 2]
     meters = fresh_meters()
-    counter.update(counter.step_counts(torch.tensor(labels)).tolist(), len(labels), meters)
+    counter.update(counter.counts_of(torch.tensor(labels)).tolist(), len(labels), meters)
     expected = plain_positives(labels)
     assert meters[TAGS[0]].avg == pytest.approx(statistics.mean(expected), rel=1e-12)
     assert meters[TAGS[1]].avg == pytest.approx(np.mean([n == 0 for n in expected]))

@@ -150,6 +150,22 @@ def test_transform(size, mean, std):
     return transforms.Compose([transforms.Resize((size, size))] + _finish(mean, std))
 
 
+#: Options a resume may not change.
+FIXED = ('aug',)
+
+
+def check_options(opt, script):
+    if getattr(opt, 'gpu_aug', False) and opt.aug != 'simclr':
+        raise UserError(
+            f'--gpu_aug implements the simclr augmentation only; drop --gpu_aug or'
+            f' use --aug simclr (not {opt.aug})'
+        )
+
+
+def run_name(opt, script):
+    return [f'aug_{opt.aug}'] if getattr(opt, 'aug', 'simclr') != 'simclr' else []
+
+
 def add_augmentation_arguments(parser, classifier=False, gpu_aug=True):
     """``--aug`` (and ``--gpu_aug``). ``classifier=True`` (main_ce.py, main_linear.py) also
     offers ``--aug none``, training on the test transform."""

@@ -47,7 +47,17 @@ def add_arguments(parser):
     return group
 
 
-def resolve_options(opt):
+#: Options a resume may not change.
+FIXED = ('sampler', 'm_per_class')
+
+
+def run_name(opt, script):
+    return (
+        [f'balanced_m{opt.m_per_class}'] if getattr(opt, 'sampler', 'random') == 'balanced' else []
+    )
+
+
+def check_options(opt, script):
     """Fill --m_per_class and refuse values that cannot give balanced batches (one line each)."""
     if opt.sampler != 'balanced':
         if opt.m_per_class is not None:

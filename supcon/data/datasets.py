@@ -10,7 +10,6 @@ choosing settings. Transforms live in ``augment.py``, seeded samplers in ``sampl
 (``csv_dataset.py``); which training images keep their labels is ``partial_labels.py``'s job.
 """
 
-import math
 import os
 from functools import lru_cache
 
@@ -18,7 +17,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from supcon.data import balanced
+from supcon.data import balanced, long_tail, val_split
 from supcon.data.augment import test_transform, train_transform
 from supcon.data.cifar import CIFAR_NAMES, load_cifar
 from supcon.data.csv_dataset import build_csv_dataset, resolve_options
@@ -116,25 +115,9 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
     group.add_argument(
         '--batch_size_val', type=int, default=256, help='evaluation batch size' + knn
     )
-    group.add_argument(
-        '--val_split',
-        type=float,
-        default=0.0,
-        help='hold out this fraction of the training images (stratified, the same'
-        ' for every seed) and evaluate on it instead of the test split;'
-        ' 0 = off (the reference\'s behaviour)',
-    )
+    val_split.add_argument(group)
     if imbalance:
-        from_ckpt = imbalance == 'checkpoint'
-        group.add_argument(
-            '--imbalance_ratio',
-            type=float,
-            default=None if from_ckpt else 1.0,
-            help='long-tailed training split: class i keeps n_max * R ** (-i / (C - 1)) of its'
-            ' images (CIFAR-10-LT\'s profile), chosen by the seed; the evaluation split is'
-            ' untouched; 1 = off'
-            + (' (default: the ratio and seed --ckpt was pretrained with)' if from_ckpt else ''),
-        )
+        long_tail.add_argument(group, from_checkpoint=imbalance == 'checkpoint')
     return group
 
 
@@ -142,15 +125,8 @@ def resolve_defaults(opt):
     """Fill the data defaults that depend on --dataset and refuse flags that cannot work."""
     if opt.size is None:
         opt.size = 224 if opt.dataset == 'imagenet' else 32
-    if not 0.0 <= opt.val_split < 1.0 or not math.isfinite(opt.val_split):
-        raise UserError(f'--val_split must be a fraction in [0, 1), got {opt.val_split}')
+    val_split.check_fraction(opt)
     resolve_options(opt)  # --dataset csv: its files travel as data_folder/test_folder
-    ratio = getattr(opt, 'imbalance_ratio', None)
-    if ratio is not None and not (math.isfinite(ratio) and ratio >= 1):
-        raise UserError(
-            f'--imbalance_ratio must be a finite number >= 1 (the most frequent class over the'
-            f' rarest; 1 keeps every image), got {ratio}'
-        )
     if opt.dataset == 'imagenet' and opt.data_folder is None:
         raise UserError(
             '--dataset imagenet needs --data_folder (the folder holding train/ and'
@@ -158,11 +134,6 @@ def resolve_defaults(opt):
         )
     if opt.data_folder is None:
         opt.data_folder = './datasets/'
-    if getattr(opt, 'gpu_aug', False) and getattr(opt, 'aug', 'simclr') != 'simclr':
-        raise UserError(
-            f'--gpu_aug implements the simclr augmentation only; drop --gpu_aug or'
-            f' use --aug simclr (not {opt.aug})'
-        )
     if opt.dataset in ('cifar10', 'cifar100') and (opt.mean or opt.std):
         note(
             f'using the given --mean/--std for {opt.dataset}; the reference ignores them'
@@ -351,6 +322,23 @@ def build_dataset(
     raise UserError(f'unknown --dataset {name!r}; choose one of {", ".join(DATASET_NAMES)}')
 
 
+def build_split(opt, split, transform, seed=0):
+    """The run's ``split`` ('train' or 'test') as its options define it: the data set and its
+    folders, --val_split, and the training split's long tail (--imbalance_ratio, drawn with
+    ``seed``; main_linear.py draws it with its checkpoint's, ``opt.imbalance_seed``)."""
+    tail_seed = getattr(opt, 'imbalance_seed', None)
+    return build_dataset(
+        opt.dataset,
+        split,
+        transform,
+        data_folder=opt.data_folder,
+        test_folder=getattr(opt, 'test_folder', None),
+        val_split=opt.val_split,
+        imbalance_ratio=getattr(opt, 'imbalance_ratio', None) or 1.0,
+        imbalance_seed=seed if tail_seed is None else tail_seed,
+    )
+
+
 def check_images(dataset, workers=1):
     """Decode every image of a folder-backed ``dataset`` once; raise the first broken one.
 
@@ -389,22 +377,14 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
         train_tf = to_uint8_tensor(fixed_size(opt.dataset, opt.size))
     else:
         train_tf = train_transform(opt.size, mean, std, aug=opt.aug)
-    splits = dict(data_folder=opt.data_folder, test_folder=opt.test_folder, val_split=opt.val_split)
-    # main_linear.py draws the long tail with the pretraining run's seed (its checkpoint's)
-    seed = getattr(opt, 'imbalance_seed', None)
-    tail = dict(
-        imbalance_ratio=opt.imbalance_ratio, imbalance_seed=rt.seed if seed is None else seed
-    )
     with main_process_first():  # rank 0 downloads CIFAR while the others wait
-        train_dataset = build_dataset(opt.dataset, 'train', train_tf, **splits, **tail)
-        val_dataset = build_dataset(
-            opt.dataset, 'test', test_transform(opt.size, mean, std), **splits
-        )
+        train_dataset = build_split(opt, 'train', train_tf, rt.seed)
+        val_dataset = build_split(opt, 'test', test_transform(opt.size, mean, std))
     num_classes = check_num_classes(train_dataset, val_dataset, opt.num_classes)
     val_options = rt.loader_options()
     val_options['num_workers'] = min(opt.num_workers_val, os.cpu_count() or 1)
     check_images(val_dataset, max(1, val_options['num_workers']))
-    # images without a label (CSV rows, those a --labelled_fraction checkpoint left unlabelled)
+    # images without a label (CSV rows, those a partly labelled checkpoint left unlabelled)
     train_dataset = classifier_training_set(train_dataset, opt)
 
     train_loader, train_sampler = training_loader(train_dataset, opt, rt)

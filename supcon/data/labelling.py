@@ -1,5 +1,6 @@
-"""Which training images keep their labels: ``--labelled_fraction``, ``--labelled_only``, and
-the unlabelled rows of a ``--dataset csv``.
+"""Partial and multiple labels: which training images keep their labels (``--labelled_fraction``,
+``--labelled_only``, the unlabelled rows of a ``--dataset csv``), and how SupCon weighs images with
+several labels (``--multilabel``). A capability of ``supcon/capabilities.py``.
 
 main_supcon.py keeps the labels of a stratified fraction F of the training images, chosen by
 the run's seed, and marks the others -1: SupConLoss gives those SimCLR's positives (their own
@@ -21,10 +22,14 @@ from supcon.system.distributed import is_main_process
 
 UNLABELLED = -1  # SupConLoss's unlabelled sample
 
+#: Options a resume may not change.
+FIXED = ('labelled_fraction', 'labelled_only', 'multilabel', 'linear_labels')
+
 
 def add_arguments(parser, linear=False):
-    """--labelled_fraction and --labelled_only (main_supcon.py), or --labelled_fraction and
-    --linear_labels (main_linear.py, where the checkpoint's fraction is the default)."""
+    """--multilabel, --labelled_fraction and --labelled_only (main_supcon.py), or
+    --labelled_fraction and --linear_labels (main_linear.py, where the checkpoint's fraction is
+    the default)."""
     if linear:
         parser.add_argument(
             '--labelled_fraction',
@@ -42,6 +47,14 @@ def add_arguments(parser, linear=False):
             ' image with its label; default: labelled when the fraction is below 1',
         )
         return
+    parser.add_argument(
+        '--multilabel',
+        type=str,
+        default='jaccard',
+        choices=('jaccard', 'any'),
+        help='multi-label data (--dataset csv): a pair\'s positive weight is the Jaccard'
+        ' overlap of its label sets, or 1 when they share any label (docs/labels.md)',
+    )
     parser.add_argument(
         '--labelled_fraction',
         type=float,
@@ -62,8 +75,11 @@ def check_fraction(fraction, flag='--labelled_fraction'):
         raise UserError(f'{flag} must be a fraction in (0, 1], got {fraction}')
 
 
-def check_pretraining_options(opt):
-    """main_supcon.py's checks: SimCLR reads no labels, so both flags are refused with it."""
+def check_options(opt, script):
+    """main_supcon.py's checks: SimCLR reads no labels, so both flags are refused with it.
+    (main_linear.py's come with the checkpoint: ``from_checkpoint``.)"""
+    if script != 'supcon':
+        return
     check_fraction(opt.labelled_fraction)
     if opt.method == 'SimCLR' and (opt.labelled_fraction < 1 or opt.labelled_only):
         raise UserError(
@@ -71,6 +87,26 @@ def check_pretraining_options(opt):
             ' nothing; drop them (main_linear.py --labelled_fraction F evaluates a SimCLR'
             ' encoder on the labelled images a SupCon run of the same --seed keeps)'
         )
+
+
+def run_name(opt, script):
+    """``lab{F}`` (in main_linear.py only when its classifier trains on the labelled images
+    alone), ``labonly``, ``ml_{rule}``."""
+    parts = []
+    fraction = getattr(opt, 'labelled_fraction', None) or 1.0
+    if fraction < 1 and getattr(opt, 'linear_labels', 'labelled') == 'labelled':
+        parts.append(f'lab{fraction}')
+    if getattr(opt, 'labelled_only', False):
+        parts.append('labonly')
+    if getattr(opt, 'multilabel', 'jaccard') != 'jaccard':
+        parts.append(f'ml_{opt.multilabel}')
+    return parts
+
+
+def take_from_checkpoint(opt, saved):
+    """main_linear.py: the labelled images of a --labelled_fraction checkpoint, its fraction
+    chosen by its seed (``resolve_linear_options``)."""
+    opt.labelled_fraction, opt.labelled_seed, opt.linear_labels = resolve_linear_options(opt, saved)
 
 
 def resolve_linear_options(opt, saved):
@@ -169,13 +205,6 @@ class PartialLabels(Dataset):
 def pretraining_set(dataset, opt, seed: int):
     """main_supcon.py's training images: every image with the labels of a --labelled_fraction
     kept, or (--labelled_only) the labelled images alone. Prints how many keep their labels."""
-    if opt.knn_every and not has_label(dataset.targets).all():
-        # the monitor's memory bank votes with the training labels (a --labelled_fraction's
-        # hidden ones included: it measures the features, training never sees them)
-        raise UserError(
-            f'--knn_every votes with the labels of every training image, but some rows of'
-            f' {opt.data_folder} have none; drop --knn_every or label those rows'
-        )
     if opt.labelled_fraction >= 1 and not opt.labelled_only:
         return dataset
     labelled = labelled_mask(dataset, opt.labelled_fraction, seed) & has_label(dataset.targets)
@@ -234,26 +263,25 @@ def is_multilabel(dataset) -> bool:
     return targets is not None and len(targets) > 0 and getattr(targets[0], 'ndim', 0) == 1
 
 
-def check_pretraining(opt, dataset):
-    """Refuse the main_supcon.py options that cannot use multi-hot labels (one line each)."""
-    multi = is_multilabel(dataset)
-    if not multi:
-        if getattr(opt, 'multilabel', 'jaccard') != 'jaccard':
+def multilabel_refusal(opt, problem, fix):
+    """The one-line error of a flag that needs one label per image on multi-label data."""
+    return UserError(f'{problem}, but {opt.data_folder} has rows with several labels; {fix}')
+
+
+def check_data(opt, dataset):
+    """--multilabel needs multi-hot rows; the hybrid loss needs one label per image."""
+    if not hasattr(opt, 'multilabel'):  # main_ce.py, main_linear.py
+        return
+    if not is_multilabel(dataset):
+        if opt.multilabel != 'jaccard':
             raise UserError(
                 f'--multilabel {opt.multilabel} weighs pairs of images with several labels, but'
                 f' every training image has at most one; drop --multilabel'
             )
         return
-    problem, fix = None, 'drop the flag or use --method SupCon / SimCLR with the CSV'
     if opt.method == 'SupCon_hybrid':
-        problem = '--method SupCon_hybrid leaves "the anchor\'s class" out, which needs one label'
-    elif opt.moco:
-        problem = '--moco\'s label queue holds one label per key'
-    elif opt.knn_every:
-        problem = '--knn_every\'s kNN vote counts one class per image'
-    elif getattr(opt, 'online_probe', False) or getattr(opt, 'ce_weight', 0):
-        flag = '--online_probe' if opt.online_probe else '--ce_weight'
-        problem = f'{flag} trains a softmax classifier, one class per image'
-        fix = f'drop {flag}: main_linear.py evaluates the checkpoint by mean average precision'
-    if problem:
-        raise UserError(f'{problem}, but {opt.data_folder} has rows with several labels; {fix}')
+        raise multilabel_refusal(
+            opt,
+            '--method SupCon_hybrid leaves "the anchor\'s class" out, which needs one label',
+            'use --method SupCon or SimCLR with the CSV',
+        )

@@ -13,6 +13,31 @@ from torch.utils.data import Dataset
 
 from supcon.errors import UserError
 
+#: Options a resume may not change.
+FIXED = ('val_split',)
+
+
+def add_argument(group):
+    """--val_split, in the data flags' group."""
+    group.add_argument(
+        '--val_split',
+        type=float,
+        default=0.0,
+        help='hold out this fraction of the training images (stratified, the same'
+        ' for every seed) and evaluate on it instead of the test split;'
+        ' 0 = off (the reference\'s behaviour)',
+    )
+
+
+def check_fraction(opt):
+    """Every script that reads data takes --val_split (``datasets.resolve_defaults``)."""
+    if not 0.0 <= opt.val_split < 1.0 or not math.isfinite(opt.val_split):
+        raise UserError(f'--val_split must be a fraction in [0, 1), got {opt.val_split}')
+
+
+def run_name(opt, script):
+    return [f'val_{opt.val_split}'] if getattr(opt, 'val_split', 0) else []
+
 
 class SplitSubset(Dataset):
     """Part of a data set (``indices``), keeping its ``classes`` and matching ``targets``.

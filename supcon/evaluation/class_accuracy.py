@@ -115,7 +115,7 @@ def write_json(path, classes, train_counts, correct, total, epoch):
 
 
 def training_counts(dataset, num_classes):
-    """Images per class of the training split (the long-tailed one with --imbalance_ratio)."""
+    """Images per class of the training split (the long-tailed one of a long-tail run)."""
     counts = [0] * num_classes
     for label in dataset.targets:
         counts[int(label)] += 1

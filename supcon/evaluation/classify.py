@@ -1,6 +1,7 @@
-"""The classification loop shared by ``main_ce.py`` and ``main_linear.py``: one training
-epoch and the evaluation of the test split, as plain functions (MAE's ``engine_*.py`` style).
-Multi-label data (multi-hot targets) is measured by ``multilabel.py``.
+"""The test-split evaluation of a classifier (``main_ce.py``, ``main_linear.py``): ``validate``
+over the whole split, and ``EpochEvaluation``, the block that ends each of their epochs (evaluate,
+keep the best, log, remember for a resume) and their last lines. Multi-label data (multi-hot
+targets) is measured by ``multilabel.py``; the training epoch is ``training/loop.py``'s.
 """
 
 import time
@@ -9,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from supcon.data.labelling import is_multilabel
-from supcon.evaluation import multilabel
+from supcon.evaluation import class_accuracy, multilabel
 from supcon.system.runtime import (
     Runtime,
     all_reduce_sum,
@@ -108,3 +109,73 @@ def print_results(best, final, final_f1, multilabel):
         print('final {}: {:.2f}'.format(name, final))
         if multilabel and final_f1 is not None:
             print('final F1@0.5: {:.2f}'.format(final_f1))
+
+
+class EpochEvaluation:
+    """The end of every epoch of main_ce.py and main_linear.py, and of their runs.
+
+    Each call evaluates ``model`` on the test split, keeps the best top-1 (multi-label: mean
+    average precision), logs the epoch to TensorBoard (train and test loss and accuracy, the
+    learning rate, per-class and many/medium/few-shot accuracy) and stores what a resumed run
+    needs in ``book.extra``; ``finish`` prints the reference's last lines and writes the
+    per-class report. ``train_set`` gives the classes and their training counts.
+    """
+
+    def __init__(self, val_loader, criterion, opt, rt, num_classes, train_set, book):
+        self.val_loader, self.criterion, self.opt, self.rt = val_loader, criterion, opt, rt
+        self.num_classes, self.classes, self.book = num_classes, train_set.classes, book
+        # multi-label data: the mean average precision and F1@0.5 instead of top-1 and top-5
+        self.multi_label = is_multilabel(train_set)
+        # images per class of the training split (for the many / medium / few-shot groups)
+        self.train_counts = (
+            None if self.multi_label else class_accuracy.training_counts(train_set, num_classes)
+        )
+        extra = book.extra  # a resumed run's
+        self.best_acc = extra.get('best_acc', 0)
+        self.val_acc, self.val_f1 = extra.get('val_acc'), extra.get('val_f1')
+        self.class_counts = extra.get('class_counts')  # the last epoch's (correct, total)
+
+    def __call__(self, model, epoch, train_loss, train_acc, lr):
+        model.eval()
+        val_loss, self.val_acc, top5_or_f1, self.class_counts = validate(
+            self.val_loader, model, self.criterion, self.opt, self.rt, self.num_classes, True
+        )
+        self.val_f1 = top5_or_f1 if self.multi_label else None
+        self.best_acc = max(self.best_acc, self.val_acc)
+
+        logger = self.book.logger
+        logger.log_value('train_loss', train_loss, epoch)
+        logger.log_value('train_acc', train_acc, epoch)
+        logger.log_value('val_loss', val_loss, epoch)
+        logger.log_value('val_map' if self.multi_label else 'val_acc', self.val_acc, epoch)
+        if self.multi_label:
+            logger.log_value('val_f1', self.val_f1, epoch)
+        logger.log_value('learning_rate', lr, epoch)
+        if self.class_counts is not None:
+            summary = class_accuracy.summarize(*self.class_counts, self.train_counts)
+            class_accuracy.log_summary(logger, summary, epoch)
+        logger.flush()
+
+        self.book.extra.update(best_acc=self.best_acc, val_acc=self.val_acc)
+        if self.multi_label:
+            self.book.extra['val_f1'] = self.val_f1
+        else:
+            self.book.extra['class_counts'] = list(self.class_counts)
+
+    def tags(self):
+        """The TensorBoard tags of the final metrics, for the HPARAMS tab."""
+        tested = ['val_map', 'val_f1'] if self.multi_label else ['val_acc']
+        return ['train_loss', 'train_acc', 'val_loss'] + tested
+
+    def finish(self):
+        """The reference's ``best accuracy`` / ``final accuracy`` lines (or their multi-label
+        twins) and the last epoch's per-class report next to the checkpoints."""
+        print_results(self.best_acc, self.val_acc, self.val_f1, self.multi_label)
+        if is_main_process() and self.class_counts is not None:
+            class_accuracy.report(
+                self.opt.save_folder,
+                self.classes,
+                self.train_counts,
+                self.class_counts,
+                self.opt.epochs,
+            )

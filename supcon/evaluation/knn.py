@@ -1,7 +1,8 @@
 """A weighted kNN classifier on frozen features and the kNN monitor of pretraining (--knn_every).
 
 The kNN accuracy is the cheap label-free-training probe of InstDisc and MoCo:
-no classifier is trained, so it can run every few epochs of pretraining.
+no classifier is trained, so it can run every few epochs of pretraining. As a capability
+(``supcon/capabilities.py``) it declares main_supcon.py's ``--knn_every``.
 """
 
 import time
@@ -11,9 +12,11 @@ import torch.nn.functional as F
 
 from supcon.data import datasets
 from supcon.data.augment import test_transform
+from supcon.data.labelling import has_label, is_multilabel, multilabel_refusal
 from supcon.data.sampling import build_loader
 from supcon.errors import UserError
 from supcon.evaluation.extract import eval_mode, extract_features
+from supcon.system.distributed import note
 from supcon.system.runtime import is_main_process, main_process_first
 
 
@@ -80,18 +83,11 @@ class KNNMonitor:
         self.rt, self.k, self.temperature = rt, k, temperature
         mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
         transform = test_transform(opt.size, mean, std)
-        splits = dict(
-            data_folder=opt.data_folder,
-            test_folder=opt.test_folder,
-            val_split=opt.val_split,
-            # the memory bank is the run's own (long-tailed) training split; 'test' ignores these
-            imbalance_ratio=getattr(opt, 'imbalance_ratio', 1.0),
-            imbalance_seed=rt.seed,
-        )
-        self.held_out = 'held-out' if splits['val_split'] else 'test'
+        self.held_out = 'held-out' if opt.val_split else 'test'
         with main_process_first():
-            train_set = datasets.build_dataset(opt.dataset, 'train', transform, **splits)
-            test_set = datasets.build_dataset(opt.dataset, 'test', transform, **splits)
+            # the memory bank is the run's own (long-tailed) training split
+            train_set = datasets.build_split(opt, 'train', transform, rt.seed)
+            test_set = datasets.build_split(opt, 'test', transform)
         # the labels are class indices: they mean the same only if both splits have the
         # same classes (main_ce.py and main_linear.py check the same)
         datasets.check_same_classes(train_set, test_set)
@@ -140,3 +136,47 @@ class KNNMonitor:
                 flush=True,
             )
         return acc
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        '--knn_every',
+        type=int,
+        default=0,
+        help='every N epochs, print and log a kNN top-1 accuracy of the test'
+        ' split (of the held-out images with --val_split; 0 = off)',
+    )
+
+
+def check_options(opt, script):
+    if script != 'supcon':
+        return
+    if opt.knn_every < 0:
+        raise UserError(f'--knn_every must be 0 (off) or more, got {opt.knn_every}')
+    if opt.knn_every > opt.epochs:
+        note(
+            f'--knn_every {opt.knn_every} is more than --epochs {opt.epochs}, so the kNN'
+            f' accuracy is never measured; use --knn_every {opt.epochs} or less'
+        )
+
+
+def check_data(opt, dataset):
+    """The vote counts one class per image, and needs every training image's label."""
+    if not getattr(opt, 'knn_every', 0):
+        return
+    if is_multilabel(dataset):
+        raise multilabel_refusal(
+            opt, '--knn_every\'s kNN vote counts one class per image', 'drop --knn_every'
+        )
+    if not has_label(dataset.targets).all():
+        # the monitor's memory bank votes with the training labels (partial labels'
+        # hidden ones included: it measures the features, training never sees them)
+        raise UserError(
+            f'--knn_every votes with the labels of every training image, but some rows of'
+            f' {opt.data_folder} have none; drop --knn_every or label those rows'
+        )
+
+
+def build(opt, rt):
+    """The run's ``KNNMonitor``, or None without --knn_every."""
+    return KNNMonitor(opt, rt) if getattr(opt, 'knn_every', 0) else None

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from supcon.data.labelling import is_multilabel, multilabel_refusal
 from supcon.errors import UserError
 from supcon.system.distributed import all_gather_rows, get_rank, get_world_size, note
 
@@ -207,6 +208,15 @@ class MomentumContrast(nn.Module):
         moco.step_done(bare_query_model)   # EMA update, then this step's keys enter the queue
     """
 
+    @classmethod
+    def build(cls, opt, rt, model):
+        """The run's ``MomentumContrast`` on the device, or None without --moco. ``model`` is
+        the bare query model after ``runtime.prepare_model`` (the key encoder copies it as it
+        runs: device, SyncBatchNorm)."""
+        if not getattr(opt, 'moco', False):
+            return None
+        return cls(model, opt.moco_k, opt.moco_m).to(rt.device)
+
     def __init__(self, query_model, queue_size, momentum):
         super().__init__()
         self.key_encoder = KeyEncoder(query_model)
@@ -250,8 +260,33 @@ class MomentumContrast(nn.Module):
         self._step_keys = None
 
 
-def moco_options(opt):
+#: Options a resume may not change.
+FIXED = ('moco', 'moco_k', 'moco_m')
+
+
+def add_arguments(parser):
+    """--moco, --moco_k, --moco_m (main_supcon.py, in its method section)."""
+    parser.add_argument(
+        '--moco',
+        action='store_true',
+        help='momentum key encoder and a labelled queue of past keys (for small'
+        ' batches; docs/small-batches.md)',
+    )
+    parser.add_argument(
+        '--moco_k', type=int, default=None, help='--moco: queue length (4096 when not given)'
+    )
+    parser.add_argument(
+        '--moco_m',
+        type=float,
+        default=None,
+        help='--moco: momentum of the key encoder\'s moving average (0.999 when not given)',
+    )
+
+
+def check_options(opt, script):
     """Check --moco / --moco_k / --moco_m at parse time and fill in the defaults (4096, 0.999)."""
+    if script != 'supcon':
+        return
     if not opt.moco and (opt.moco_k is not None or opt.moco_m is not None):
         raise UserError('--moco_k/--moco_m only act with --moco; add --moco or drop them')
     if opt.moco:
@@ -271,9 +306,21 @@ def moco_options(opt):
             )
 
 
-def note_queue_length(opt, n_images):
-    """Note a --moco queue longer than the training images (docs/small-batches.md)."""
-    if opt.moco and opt.moco_k > n_images:
+def run_name(opt, script):
+    return [f'moco_k{opt.moco_k}_m{opt.moco_m}'] if getattr(opt, 'moco', False) else []
+
+
+def check_data(opt, dataset):
+    """One label per key in the queue: multi-hot rows are refused; a queue longer than the
+    training images is noted (docs/small-batches.md)."""
+    if not getattr(opt, 'moco', False):
+        return
+    if is_multilabel(dataset):
+        raise multilabel_refusal(
+            opt, '--moco\'s label queue holds one label per key', 'drop --moco'
+        )
+    n_images = len(dataset)
+    if opt.moco_k > n_images:
         below = 2 ** int(math.log2(n_images))
         note(
             f'--moco_k {opt.moco_k} is longer than the {n_images} training images: the queue'

@@ -49,20 +49,33 @@ class PositiveCounter:
     """Per-step class counts for ``runtime.step_statistics`` and the epoch's two means.
 
     ``supervised=False`` (SimCLR, the hybrid loss): nothing is counted and every anchor has 0
-    positives besides its own views. ``step_counts`` returns the counts to sum over ranks: this
-    rank's batch counts, then the queue's counts on rank 0 only (the queue is the same on every
-    rank, so the sum over ranks is the queue's own count). ``update`` adds the summed counts to
-    ``meters[TAGS[0]]`` and ``meters[TAGS[1]]``, weighted by the step's anchors.
+    positives besides its own views. A step: ``count`` the batch (and the queue the loss saw),
+    ``step_counts`` hands the counts to sum over ranks (this rank's batch counts, then the
+    queue's counts on rank 0 only: the queue is the same on every rank, so the sum over ranks is
+    the queue's own count), ``record`` folds the sums into ``meters[TAGS[0]]`` and
+    ``meters[TAGS[1]]``, weighted by the step's anchors.
     """
 
-    def __init__(self, num_classes, supervised, n_views=2):
+    def __init__(self, num_classes, supervised, n_views=2, meters=None):
         self.num_classes, self.supervised, self.n_views = num_classes, supervised, n_views
+        self.meters = meters
+        self._counts = None
 
-    def step_counts(self, labels, queue_labels=None, rank=0):
+    def count(self, labels, queue_labels=None, rank=0):
+        """This step's counts, for ``step_counts``."""
+        self._counts = self.counts_of(labels, queue_labels, rank)
+
+    def step_counts(self):
+        return self._counts
+
+    def record(self, summed_counts, images):
+        self.update(summed_counts, images, self.meters)
+
+    def counts_of(self, labels, queue_labels=None, rank=0):
         """A float64 vector for step_statistics: [] unsupervised, else batch (+ queue) counts."""
         if not self.supervised:
             return torch.zeros(0, dtype=torch.float64, device=labels.device)
-        # unlabelled images (label -1, --labelled_fraction) are shifted into bin 0 of their own
+        # unlabelled images (label -1, partial labels) are shifted into bin 0 of their own
         counts = [class_counts(labels + 1, self.num_classes + 1)]
         if queue_labels is not None:
             # unfilled queue rows hold label -1: shifted into a bin of their own, then dropped
@@ -71,7 +84,7 @@ class PositiveCounter:
         return torch.cat(counts)
 
     def update(self, summed_counts, images, meters):
-        """Fold one step in: ``summed_counts`` as step_counts gave them, summed over ranks;
+        """Fold one step in: ``summed_counts`` as ``counts_of`` gave them, summed over ranks;
         ``images`` the global batch's number of images."""
         if not self.supervised:
             mean, lonely, anchors = 0.0, 1.0, self.n_views * int(images)

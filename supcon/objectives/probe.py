@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from supcon.data import datasets
 from supcon.data.augment import test_transform
-from supcon.data.labelling import has_label
+from supcon.data.labelling import has_label, is_multilabel, multilabel_refusal
 from supcon.data.sampling import build_loader
 from supcon.errors import UserError
 from supcon.evaluation.extract import extract_features
@@ -80,8 +80,31 @@ def add_arguments(parser):
     return group
 
 
-def check_options(opt):
+#: Options a resume may not change.
+FIXED = ('online_probe', 'probe_lr', 'ce_weight')
+
+
+def run_name(opt, script):
+    return [f'ce{opt.ce_weight}'] if getattr(opt, 'ce_weight', 0) else []
+
+
+def check_data(opt, dataset):
+    """Both classifiers are softmax classifiers: one class per image."""
+    if not (getattr(opt, 'online_probe', False) or getattr(opt, 'ce_weight', 0)):
+        return
+    if is_multilabel(dataset):
+        flag = '--online_probe' if opt.online_probe else '--ce_weight'
+        raise multilabel_refusal(
+            opt,
+            f'{flag} trains a softmax classifier, one class per image',
+            f'drop {flag}: main_linear.py evaluates the checkpoint by mean average precision',
+        )
+
+
+def check_options(opt, script):
     """Refuse values that cannot work and flags that would do nothing; fill the defaults."""
+    if script != 'supcon':
+        return
     if not math.isfinite(opt.ce_weight) or opt.ce_weight < 0:
         raise UserError(f'--ce_weight must be a finite number >= 0 (0 = off), got {opt.ce_weight}')
     if not opt.online_probe and opt.probe_lr is not None:
@@ -245,7 +268,7 @@ class ClassifierHeads(nn.Module):
         """The term to add to the step's loss: W * cross-entropy of the joint classifier on
         ``encoded`` [2 * bsz, dim] (both views, view-major), or a zero without --ce_weight.
         Also computes the probe's loss for ``step``. ``labels`` are the batch's [bsz]."""
-        labels = torch.cat([labels, labels])  # both views of every image
+        labels = labels.repeat(len(encoded) // len(labels))  # every view of every image
         share = labelled_share(labels) if self.partial else None
         if self.probe is not None:
             self._probe_loss = self.probe.loss(encoded, labels, share)
@@ -326,14 +349,7 @@ class EvaluationSplit:
         self.name = 'held-out' if opt.val_split else 'test'
         mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
         with main_process_first():
-            dataset = datasets.build_dataset(
-                opt.dataset,
-                'test',
-                test_transform(opt.size, mean, std),
-                data_folder=opt.data_folder,
-                test_folder=opt.test_folder,
-                val_split=opt.val_split,
-            )
+            dataset = datasets.build_split(opt, 'test', test_transform(opt.size, mean, std))
         datasets.check_same_classes(train_set, dataset)  # the labels must mean the same
         # not padded: under torchrun every image is evaluated exactly once
         self.loader, _ = build_loader(

@@ -74,23 +74,16 @@ class Bookkeeper:
     ``last.pth`` are written as the reference does.
     """
 
-    #: Options that define the run: resuming with another value is refused.
-    FIXED = (
-        'model', 'dataset', 'method', 'batch_size', 'size', 'stem', 'head', 'feat_dim', 'temp',
-        'ckpt', 'seed', 'learning_rate', 'cosine', 'num_classes', 'weight_decay', 'momentum',
-        'lr_decay_rate', 'lr_decay_epochs', 'warm', 'moco', 'moco_k', 'moco_m', 'optimizer',
-        'aug', 'patch_size', 'pretrained', 'val_split', 'labelled_fraction', 'labelled_only',
-        'multilabel', 'linear_labels', 'sampler', 'm_per_class', 'imbalance_ratio',
-        'online_probe', 'probe_lr', 'ce_weight',
-    )  # fmt: skip
-
-    def __init__(self, opt, rt, meters=None):
+    def __init__(self, opt, rt, meters=None, fixed=()):
         """Find and read the ``--resume`` checkpoint; call before building loaders.
 
-        The checkpoint's seed is adopted here into ``rt.seed`` (when --seed is not given),
-        so data order and augmentation continue exactly where the run stopped.
+        ``fixed`` names the options that define the run (``supcon.capabilities.FIXED``): a
+        resume with another value is refused in one line. The checkpoint's seed is adopted
+        here into ``rt.seed`` (when --seed is not given), so data order and augmentation
+        continue exactly where the run stopped.
         """
         self.opt, self.rt = opt, rt
+        self.fixed = tuple(fixed)
         self.meters = meters or {}
         self.model = self.optimizer = self.scaler = None
         self.modules = {}  # more state saved next to the model, e.g. {'moco': ...}
@@ -223,7 +216,7 @@ class Bookkeeper:
             rt.seed = int(saved['seed'])
             seed_everything(rt.seed + rt.rank)
         current = self.options()
-        for key in self.FIXED:
+        for key in self.fixed:
             if key in saved and key in current and saved[key] != current[key]:
                 now, then = current[key], saved[key]
                 if isinstance(then, bool):  # a switch such as --cosine

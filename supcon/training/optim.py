@@ -81,12 +81,31 @@ def lars_param_groups(model, weight_decay):
     return groups
 
 
+#: Options a resume may not change.
+FIXED = ('optimizer',)
+
+
+def add_argument(parser):
+    """--optimizer sgd|lars."""
+    parser.add_argument(
+        '--optimizer',
+        type=str,
+        default='sgd',
+        choices=OPTIMIZER_NAMES,
+        help='lars: timm\'s LARS for large batches, biases and norms excluded (optim.py)',
+    )
+
+
+def run_name(opt, script):
+    return [opt.optimizer] if getattr(opt, 'optimizer', 'sgd') != 'sgd' else []
+
+
 def build_optimizer(opt, model, extra=()):
     """The optimiser ``opt.optimizer`` names (``sgd`` when the attribute is missing).
 
-    The parameters of the ``extra`` modules (e.g. --ce_weight's joint classifier) join it as
-    groups of their own with the optimiser's settings: one more group, or two for LARS (weights
-    adapted, biases not).
+    The parameters of the ``extra`` modules (e.g. the joint classifier of
+    supcon/objectives/probe.py) join it as groups of their own with the optimiser's settings:
+    one more group, or two for LARS (weights adapted, biases not).
     """
     name = getattr(opt, 'optimizer', None) or 'sgd'
     if name == 'sgd':
