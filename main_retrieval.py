@@ -20,12 +20,12 @@ import time
 import numpy as np
 import torch.nn.functional as F
 
+from networks import from_checkpoint
 from networks.from_checkpoint import (
     checkpoint_method,
     encoder_from_checkpoint,
     head_from_checkpoint,
 )
-from networks.resnet_big import MODEL_NAMES
 from networks.timm_backbone import is_timm_model
 from supcon.data import datasets
 from supcon.data.augment import test_transform
@@ -55,28 +55,7 @@ def parse_option(argv=None):
         ' checkpoint\'s frozen features: the evaluation split queried against the training'
         ' split.',
     )
-    parser.add_argument(
-        '--ckpt', type=str, default='', help='(required) the checkpoint whose encoder to measure'
-    )
-    parser.add_argument(
-        '--model',
-        type=str,
-        default=None,
-        help=', '.join(MODEL_NAMES) + ' or a timm name; default: the checkpoint\'s',
-    )
-    parser.add_argument(
-        '--key_encoder',
-        action='store_true',
-        help='measure the momentum (key) encoder of a --moco checkpoint',
-    )
-    parser.add_argument(
-        '--features',
-        type=str,
-        default='encoder',
-        choices=['encoder', 'head'],
-        help='encoder: the pooled features linear evaluation uses; head: the projections the'
-        ' contrastive loss saw (SupCon/SimCLR checkpoints only); both L2-normalised',
-    )
+    from_checkpoint.add_checkpoint_arguments(parser, 'retrieval')
     parser.add_argument(
         '--gallery',
         type=str,
@@ -128,11 +107,7 @@ def parse_option(argv=None):
             f'--gallery must be train (search the training split) or test (search the'
             f' queries themselves, leaving each out), got {opt.gallery!r}'
         )
-    if not opt.ckpt:
-        raise UserError(
-            '--ckpt is required: pass the checkpoint to measure, e.g.'
-            ' ./save/SupCon/cifar10_models/<run>/last.pth'
-        )
+    from_checkpoint.check_checkpoint_arguments(opt, 'retrieval')
     for name in ('batch_size_val', 'block_size'):
         value = getattr(opt, name)
         if value is not None and value < 1:

@@ -23,13 +23,13 @@ import torch  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
+from networks import from_checkpoint  # noqa: E402
 from networks.from_checkpoint import (  # noqa: E402
     checkpoint_method,
     checkpoint_model,
     encoder_from_checkpoint,
     head_from_checkpoint,
 )
-from networks.resnet_big import MODEL_NAMES  # noqa: E402
 from supcon import options  # noqa: E402
 from supcon.data import datasets
 from supcon.data.augment import test_transform  # noqa: E402
@@ -51,32 +51,7 @@ def parse_option(argv=None):
         ' --val_split, on the held-out training images).',
     )
 
-    parser.add_argument(
-        '--ckpt', type=str, default='', help='(required) the checkpoint whose encoder to draw'
-    )
-    parser.add_argument(
-        '--model',
-        type=str,
-        default=None,
-        help='the encoder in --ckpt: ' + ', '.join(MODEL_NAMES) + ' or a timm name;'
-        ' default: what the checkpoint records (resnet50 for one that does not say);'
-        ' when given it must agree',
-    )
-    parser.add_argument(
-        '--key_encoder',
-        action='store_true',
-        help='draw the momentum (key) encoder of a --moco checkpoint (default figure:'
-        ' <ckpt name>_tsne_key_<features>.png)',
-    )
-    parser.add_argument(
-        '--features',
-        type=str,
-        default='encoder',
-        choices=['encoder', 'head'],
-        help='encoder: the pooled features linear evaluation uses; head: the'
-        ' L2-normalised projections the contrastive loss saw'
-        ' (SupCon/SimCLR checkpoints only)',
-    )
+    from_checkpoint.add_checkpoint_arguments(parser, 'tsne')
     parser.add_argument(
         '--max_samples',
         type=int,
@@ -126,11 +101,7 @@ def parse_option(argv=None):
             raise UserError(f'--{name} must be a positive integer, got {getattr(opt, name)}')
     if opt.num_workers < 0:
         raise UserError(f'--num_workers must be 0 or more, got {opt.num_workers}')
-    if not opt.ckpt:
-        raise UserError(
-            '--ckpt is required: pass the checkpoint to draw, e.g.'
-            ' ./save/SupCon/cifar10_models/<run>/last.pth'
-        )
+    from_checkpoint.check_checkpoint_arguments(opt, 'tsne')
     if opt.out is None:
         stem = os.path.splitext(os.path.basename(opt.ckpt))[0]
         key = 'key_' if opt.key_encoder else ''

@@ -282,8 +282,7 @@ def check_checkpoint_arguments(opt, script):
         what = _READERS[script]['ckpt'].replace(
             'the checkpoint whose encoder to', 'the checkpoint to'
         )
-        sep = ',' if script == 'linear' else ''
-        raise UserError(f'--ckpt is required: pass {what}{sep} e.g. {_CKPT_EXAMPLE}')
+        raise UserError(f'--ckpt is required: pass {what}, e.g. {_CKPT_EXAMPLE}')
 
 
 def run_name(opt, script):
