@@ -12,6 +12,7 @@ main_supcon.py --grad_cache against torchrun; kill and --resume auto.
 
 import argparse
 import datetime
+import shutil
 import types
 
 import pytest
@@ -20,7 +21,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import free_port
+from helpers import folder_args, free_port, write_image_folder
+from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from test_distributed import torchrun
+from test_resume import Runs, images, max_abs_diff  # noqa: F401  (images: a fixture)
 
 from losses import SupConLoss
 from networks.resnet_big import SupConResNet
@@ -30,7 +34,7 @@ from supcon.objectives import grad_cache, probe
 from supcon.objectives.moco import MomentumContrast
 from supcon.objectives.positives import TAGS as POSITIVES_TAGS
 from supcon.objectives.step import TrainingStep
-from supcon.system import runtime
+from supcon.system import checkpoint, runtime
 from util import AverageMeter
 
 BATCH = 8  # the global batch of every step
@@ -275,8 +279,6 @@ def test_refusals_and_run_name():
 
 
 def test_the_script_refuses_in_one_line_and_names_the_run(tmp_path):
-    from inprocess import assert_one_line_error, call
-
     import main_supcon
 
     args = ['--dataset', 'digits', '--batch_size', '8', '--device', 'cpu']
@@ -391,3 +393,86 @@ def test_chunks_train_as_batch_over_m_processes(trained, name, where):
         for head in ('probe', 'joint'):
             for key in want[head]:
                 torch.testing.assert_close(got[head][key], want[head][key], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the script
+
+
+@pytest.fixture(scope='module')
+def twenty_images(tmp_path_factory):
+    """Two classes of 10 training images (batches of 8, 8 and 4) and 2 test images each."""
+    root = tmp_path_factory.mktemp('twenty')
+    write_image_folder(root / 'train', {'a': 10, 'b': 10}, size=8, seed=0)
+    write_image_folder(root / 'test', {'a': 2, 'b': 2}, size=8, seed=1)
+    return root
+
+
+def last_weights(script_args, cwd):
+    path = save_folder('main_supcon', script_args, cwd) / 'last.pth'
+    return checkpoint.load_checkpoint(str(path))['model']
+
+
+@pytest.mark.slow
+def test_the_script_with_grad_cache_equals_torchrun_on_batch_over_m_processes(
+    twenty_images, tmp_path
+):
+    """main_supcon.py --batch_size 8 --grad_cache 4 against torchrun with 2 processes of 4
+    images, on the real sampler, the last, shorter batch (4 images) included; the error is
+    measured against the difference from one process without --grad_cache (BatchNorm over 8)."""
+    args = folder_args(
+        twenty_images, model='resnet18', batch_size=8, learning_rate=0.5, test_folder=None
+    )
+    runs = {}
+    for name, extra in (('chunks', ['--grad_cache', '4']), ('plain', [])):
+        (tmp_path / name).mkdir()
+        result = call('main_supcon', args + extra, tmp_path / name)
+        assert result.code == 0, result.err
+        assert 'epoch 1, total time' in result.out
+        runs[name] = last_weights(args + extra, tmp_path / name)
+    (tmp_path / 'torchrun').mkdir()
+    proc = torchrun('main_supcon.py', args, tmp_path / 'torchrun')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    processes = last_weights(args, tmp_path / 'torchrun')
+    weights = [k for k, v in processes.items() if v.is_floating_point() and 'running' not in k]
+    processes = {k: processes[k] for k in weights}  # BatchNorm's statistics: rank 0's alone
+    chunks, plain = ({k: runs[name][k] for k in weights} for name in ('chunks', 'plain'))
+    error, without = relative_error(chunks, processes), relative_error(plain, processes)
+    print(f'relative to torchrun: --grad_cache {error:.3g}, without it {without:.3g}')
+    assert error < 1e-2 * without, (error, without)
+
+
+class GradCacheRuns(Runs):
+    """test_resume's runs of main_supcon.py, with --grad_cache 2 (2 chunks of the batch of 4)
+    and --moco (the queue of 12 wraps every epoch)."""
+
+    def args(self, script, **changes):
+        options = dict(grad_cache=2, moco=True, moco_k=12, moco_m=0.9)
+        return super().args(script, **dict(options, **changes))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, images):
+    root = tmp_path_factory.mktemp('runs')
+    yield GradCacheRuns(root, images)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_kill_after_epoch_1_and_resume_auto_equals_uninterrupted_run(runs):
+    _, reference = runs.reference('main_supcon')
+    cwd, result = runs.killed_and_resumed('main_supcon')
+    assert 'resumed from ' in result.out and 'continuing at epoch ' in result.out
+    resumed = save_folder('main_supcon', runs.args('main_supcon'), cwd) / 'last.pth'
+    assert resumed.parent.name.endswith('_moco_k12_m0.9_gc2')
+    assert max_abs_diff(reference, resumed) <= 1e-6
+    a, b = (checkpoint.load_checkpoint(str(path))['moco'] for path in (reference, resumed))
+    assert a.keys() == b.keys() and int(a['queue.count']) == 12
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.slow
+def test_resuming_with_another_chunk_size_is_refused(runs, tmp_path):
+    _, reference = runs.reference('main_supcon')
+    args = runs.args('main_supcon', grad_cache=4) + ['--resume', str(reference)]
+    result = call('main_supcon', args, tmp_path)
+    assert_one_line_error(result, '--grad_cache 4 differs from the run\'s 2')
