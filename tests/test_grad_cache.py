@@ -130,9 +130,10 @@ def mine(tensor, rank, world):
 def relative_error(got, want, start=None):
     """|got - want| / |want - start| over all floating tensors (start: zero), e.g. the error of
     the weights relative to the training's change of them."""
+    got, want = ({k: v.detach().double() for k, v in d.items()} for d in (got, want))
     keys = [k for k in want if want[k].is_floating_point()]
-    diff = torch.cat([(got[k].double() - want[k].double()).reshape(-1) for k in keys]).norm()
-    base = [want[k].double() - (start[k].double() if start else 0) for k in keys]
+    diff = torch.cat([(got[k] - want[k]).reshape(-1) for k in keys]).norm()
+    base = [want[k] - (start[k].detach().double() if start else 0) for k in keys]
     scale = torch.cat([b.reshape(-1) for b in base]).norm()
     assert scale > 0
     return float(diff / scale)
@@ -192,6 +193,25 @@ def test_the_chunked_gradient_is_that_of_the_chunks_as_processes(how):
         plain = tiny_model()
         as_processes(plain, views, labels, 4, step.criterion).backward()
         assert not torch.allclose(plain.encoder.conv.weight.grad, grads['encoder.conv.weight'])
+
+
+def test_the_gradient_scaler_scales_both_passes_once_and_unscales_once():
+    """float16 --amp's scaler (on CPU here): the chunks' gradients carry the scale once, and the
+    optimizer step, unscaled once, is plain SGD on the batch's gradient."""
+    model = tiny_model()
+    step = make_step(model, chunk=2)
+    step.scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    views, labels = views_of(0), LABELS['supcon']
+    _, grads = chunked_gradients(step, model, views, labels)
+    reference = tiny_model()
+    as_processes(reference, views, labels, 4, step.criterion).backward()
+    want = {n: p.grad for n, p in reference.named_parameters()}
+    assert relative_error({n: g / 1024 for n, g in grads.items()}, want) < 1e-10
+
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step.optimizer_step(torch.optim.SGD(model.parameters(), lr=0.1), batch=None)
+    stepped = {n: start[n] - 0.1 * g for n, g in want.items()}
+    assert relative_error(dict(model.named_parameters()), stepped, start) < 1e-10
 
 
 def test_dropout_draws_the_same_in_both_passes():

@@ -24,6 +24,7 @@ those processes' order: the step is that of batch / M processes of M images (tes
 """
 
 import contextlib
+import itertools
 
 import torch
 import torch.nn as nn
@@ -240,12 +241,11 @@ class GradCache:
         """Index into the rows gathered from all ranks (rank-major, then chunk by chunk) that
         puts them in the order of world * W processes: process r + world * j is rank r's
         chunk j. ``sizes_per_chunk``: each chunk's rows (the same on every rank)."""
-        world = get_world_size()
-        per_rank = sum(sizes_per_chunk)
-        starts = torch.tensor([0] + list(sizes_per_chunk[:-1]), device=device).cumsum(0)
+        world, per_rank = get_world_size(), sum(sizes_per_chunk)
+        starts = itertools.accumulate(sizes_per_chunk[:-1], initial=0)
         pieces = [
             torch.arange(n, device=device) + rank * per_rank + start
-            for start, n in zip(starts.tolist(), sizes_per_chunk)
+            for start, n in zip(starts, sizes_per_chunk)
             for rank in range(world)
         ]
         return torch.cat(pieces)
