@@ -13,9 +13,10 @@ turn within a round, in an order that rotates from round to round, so a shared m
 reaches all of them alike. A subprocess builds the run as main_supcon.main() does
 (bench_train.build_run: --dataset digits resized to --size, no loader workers) and runs
 main_supcon.train() over warm-up + timed steps; a step's time runs from receiving its batch to
-asking for the next, so loading is left out. The table gives the median over rounds of each
-configuration's median step and of its peak, and both relative to the run without
---grad_cache.
+asking for the next, so loading is left out, in wall-clock seconds and in the process's CPU
+seconds (which other jobs on a shared machine disturb far less). The table gives the median
+over rounds of each configuration's median step and of its peak, and each relative to the run
+without --grad_cache.
 
 ``--largest`` (a GPU): for each --chunks value, the largest --batch_size whose step fits in the
 device's memory (doubling from --start_batch, then halving the gap three times; at most
@@ -44,6 +45,22 @@ def rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_timed(batches):
+    """``batches`` (a ``bench_train.TimedBatches``) also noting the process's CPU time of each
+    step (``cpu``): on a shared machine it counts this process's work alone."""
+
+    class CpuTimed(type(batches)):
+        def __iter__(self):
+            self.cpu = []
+            for batch in super().__iter__():
+                start = time.process_time()
+                yield batch
+                self.cpu.append(time.process_time() - start)
+
+    batches.__class__ = CpuTimed
+    return batches
+
+
 def child(args):
     """One configuration in this process; prints its numbers as one JSON line."""
     import bench_train
@@ -60,6 +77,7 @@ def child(args):
     opt, rt, book, loader, sampler, model, step, optimizer, loop = bench_train.build_run(argv)
     book.begin_epoch(1, sampler)
     batches = bench_train.TimedBatches(loader, sampler, args.warmup + args.steps, args.batch_size)
+    batches = cpu_timed(batches)
     start_mib = rss_mib()
     main_supcon.train(batches, model, step, optimizer, 1, loop)
     steps = [asked - got for got, asked in zip(batches.got, batches.asked[1:])][args.warmup :]
@@ -69,6 +87,7 @@ def child(args):
                 'grad_cache': args.child,
                 'step_s': statistics.median(steps),
                 'steps_s': steps,
+                'cpu_s': statistics.median(batches.cpu[args.warmup :]),
                 'peak_mib': rss_mib(),
                 'start_mib': start_mib,
             }
@@ -191,16 +210,20 @@ def run_child(args, chunk):
 def table(results, chunks):
     plain = results.get(0)
     lines = [
-        '| --grad_cache | peak RSS MiB | x off | above the built run MiB | s / step | x off |',
-        '|---|---|---|---|---|---|',
+        '| --grad_cache | peak RSS MiB | x off | above the built run MiB | s / step | x off'
+        ' | CPU s / step | x off |',
+        '|---|---|---|---|---|---|---|---|',
     ]
+
+    def times(r, key):
+        return f'{r[key] / plain[key]:.2f}' if plain else '-'
+
     for chunk in chunks:
         r = results[chunk]
-        peak_x = f'{r["peak_mib"] / plain["peak_mib"]:.2f}' if plain else '-'
-        step_x = f'{r["step_s"] / plain["step_s"]:.2f}' if plain else '-'
         lines.append(
-            f'| {chunk or "off"} | {r["peak_mib"]:.0f} | {peak_x} |'
-            f' {r["peak_mib"] - r["start_mib"]:.0f} | {r["step_s"]:.2f} | {step_x} |'
+            f'| {chunk or "off"} | {r["peak_mib"]:.0f} | {times(r, "peak_mib")} |'
+            f' {r["peak_mib"] - r["start_mib"]:.0f} | {r["step_s"]:.2f} | {times(r, "step_s")} |'
+            f' {r["cpu_s"]:.2f} | {times(r, "cpu_s")} |'
         )
     return '\n'.join(lines)
 
@@ -250,7 +273,7 @@ def main():
         results = {
             chunk: {
                 key: statistics.median(run[key] for run in runs)
-                for key in ('step_s', 'peak_mib', 'start_mib')
+                for key in ('step_s', 'cpu_s', 'peak_mib', 'start_mib')
             }
             for chunk, runs in rounds.items()
         }
