@@ -440,7 +440,7 @@ def test_the_script_with_grad_cache_equals_torchrun_on_batch_over_m_processes(
     images, on the real sampler, the last, shorter batch (4 images) included; the error is
     measured against the difference from one process without --grad_cache (BatchNorm over 8)."""
     args = folder_args(
-        twenty_images, model='resnet18', batch_size=8, learning_rate=0.5, test_folder=None
+        twenty_images, model='resnet18', batch_size=8, learning_rate=0.05, test_folder=None
     )
     runs = {}
     for name, extra in (('chunks', ['--grad_cache', '4']), ('plain', [])):
