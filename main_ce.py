@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupCEResNet
-from supcon import balanced, class_accuracy, data, engine, multilabel, options, runtime
+from supcon import balanced, class_accuracy, cli, data, engine, multilabel, options, runtime
 from supcon.augment import add_augmentation_arguments
 from supcon.optim import build_optimizer
 from supcon.training_run import Run
@@ -20,7 +20,7 @@ from util import AverageMeter, UserError, adjust_learning_rate
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_ce.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Train the whole network with cross-entropy (the baseline); checkpoints go'

@@ -19,6 +19,7 @@ from networks.timm_backbone import is_timm_model
 from supcon import (
     balanced,
     class_accuracy,
+    cli,
     data,
     engine,
     multilabel,
@@ -34,7 +35,7 @@ from util import AverageMeter, UserError, adjust_learning_rate
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_linear.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Train a linear classifier on the frozen encoder of --ckpt (linear'

@@ -26,7 +26,7 @@ from networks.from_checkpoint import (
 )
 from networks.resnet_big import MODEL_NAMES
 from networks.timm_backbone import is_timm_model
-from supcon import data, runtime
+from supcon import cli, data, runtime
 from supcon.atomic import atomic_write
 from supcon.augment import test_transform
 from supcon.checkpoint import folder_write_problem, load_checkpoint
@@ -45,7 +45,7 @@ METRICS = ['precision_at_1', 'r_precision', 'mean_average_precision_at_r'] + [
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_retrieval.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Retrieval metrics (Precision@1, R-Precision, MAP@R, Recall@K) of a'

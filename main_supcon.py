@@ -13,7 +13,7 @@ import torch
 from losses import SupConLoss
 from networks.encoders import build_encoder, check_model_name
 from networks.resnet_big import SupConResNet
-from supcon import balanced, data, multilabel, options, partial_labels, probe, runtime
+from supcon import balanced, cli, data, multilabel, options, partial_labels, probe, runtime
 from supcon.augment import add_augmentation_arguments, supcon_transform
 from supcon.distributed import note
 from supcon.moco import MomentumContrast, moco_options, note_queue_length
@@ -28,7 +28,7 @@ METHODS = ('SupCon', 'SimCLR', 'SupCon_hybrid')
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_supcon.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Pretrain an encoder with SupCon, SimCLR or the hybrid loss; checkpoints go'

@@ -30,7 +30,7 @@ from networks.from_checkpoint import (  # noqa: E402
     head_from_checkpoint,
 )
 from networks.resnet_big import MODEL_NAMES  # noqa: E402
-from supcon import data, multilabel, options, runtime  # noqa: E402
+from supcon import cli, data, multilabel, options, runtime  # noqa: E402
 from supcon.augment import test_transform  # noqa: E402
 from supcon.checkpoint import folder_write_problem, load_checkpoint  # noqa: E402
 from supcon.errors import UserError  # noqa: E402
@@ -41,7 +41,7 @@ FIGSIZE, DPI = (5, 5), 100  # 500x500 px: small enough to commit next to the cod
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_tsne.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Draw a t-SNE map of a checkpoint\'s features on the test split (or, with'
