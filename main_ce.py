@@ -206,7 +206,7 @@ def main():
         run.end_epoch(epoch)
 
     # the options and final metrics for TensorBoard's HPARAMS tab, once per run
-    run.log_hparams(['train_loss', 'train_acc', 'val_loss', 'val_acc'])
+    run.log_hparams(multilabel.hparam_metrics(multi_label))
     # save the last model
     run.save('last.pth', opt.epochs)
     run.close()

@@ -35,13 +35,9 @@ from supcon.checkpoint import folder_write_problem, load_checkpoint
 from supcon.errors import UserError
 from supcon.features import extract_features, knn_accuracy
 from supcon.multilabel import is_multilabel
+from supcon.partial_labels import labelled_part
 from supcon.retrieval import RECALL_KS, check_scorable, retrieval_metrics
-from supcon.retrieval_data import (
-    WholeBatchSampler,
-    labelled_part,
-    left_out_note,
-    measurement_name,
-)
+from supcon.retrieval_data import WholeBatchSampler, left_out_note, measurement_name
 from supcon.sampling import build_loader
 from supcon.tb_logger import TBLogger
 

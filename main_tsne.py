@@ -35,6 +35,7 @@ from supcon.augment import test_transform  # noqa: E402
 from supcon.checkpoint import folder_write_problem, load_checkpoint  # noqa: E402
 from supcon.errors import UserError  # noqa: E402
 from supcon.features import extract_features  # noqa: E402
+from supcon.partial_labels import labelled_part  # noqa: E402
 from supcon.sampling import build_loader  # noqa: E402
 
 FIGSIZE, DPI = (5, 5), 100  # 500x500 px: small enough to commit next to the code
@@ -244,6 +245,12 @@ def set_loader(opt, rt):
         raise UserError(
             f'main_tsne.py colours each image by its one class, but {opt.test_folder} has rows'
             f' with several labels; pass a --test_csv with one label per row'
+        )
+    # --val_split's held-out part of a partly labelled CSV: images without a class to colour
+    test_dataset, unlabelled = labelled_part(test_dataset)
+    if unlabelled and runtime.is_main_process():
+        print(
+            f'note: left out {unlabelled} images without a label (no class to colour)', flush=True
         )
     class_names = list(test_dataset.classes)
     if opt.num_classes is not None and opt.num_classes != len(class_names):

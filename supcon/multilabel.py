@@ -172,6 +172,14 @@ def print_results(best, final, final_f1, multilabel):
             print('final F1@0.5: {:.2f}'.format(final_f1))
 
 
+def hparam_metrics(multilabel: bool) -> list:
+    """The final-metric tags of main_ce.py's and main_linear.py's HPARAMS record: the ones
+    they log (val_map and val_f1 in place of val_acc on multi-label data)."""
+    return ['train_loss', 'train_acc', 'val_loss'] + (
+        ['val_map', 'val_f1'] if multilabel else ['val_acc']
+    )
+
+
 def check_pretraining(opt, dataset):
     """Refuse the main_supcon.py options that cannot use multi-hot labels (one line each)."""
     multi = is_multilabel(dataset)
@@ -182,13 +190,19 @@ def check_pretraining(opt, dataset):
                 f' every training image has at most one; drop --multilabel'
             )
         return
-    problem, fix = None, 'drop the flag or use --method SupCon / SimCLR with the CSV'
+    problem = fix = None
     if opt.method == 'SupCon_hybrid':
         problem = '--method SupCon_hybrid leaves "the anchor\'s class" out, which needs one label'
+        fix = 'use --method SupCon (which weighs shared labels) or SimCLR'
     elif opt.moco:
         problem = '--moco\'s label queue holds one label per key'
+        fix = 'drop --moco'
     elif opt.knn_every:
         problem = '--knn_every\'s kNN vote counts one class per image'
+        fix = (
+            'drop --knn_every: main_linear.py (mean average precision) or main_retrieval.py'
+            ' (a shared label counts as relevant) evaluates the checkpoint'
+        )
     elif getattr(opt, 'online_probe', False) or getattr(opt, 'ce_weight', 0):
         flag = '--online_probe' if opt.online_probe else '--ce_weight'
         problem = f'{flag} trains a softmax classifier, one class per image'

@@ -19,6 +19,7 @@ from supcon.distributed import is_main_process
 from supcon.errors import UserError
 from supcon.multilabel import is_multilabel
 from supcon.sampling import mix_seed
+from supcon.val_split import SplitSubset
 
 UNLABELLED = -1  # SupConLoss's unlabelled sample
 
@@ -143,6 +144,25 @@ def labelled_mask(dataset, fraction: float, seed: int) -> np.ndarray:
             ' as unlabelled empty in the CSV'
         )
     return stratified_fraction(base.targets, fraction, seed)[positions]
+
+
+def labelled_part(dataset):
+    """(the items of ``dataset`` that have a label, as a ``SplitSubset`` unless all have one;
+    how many were left out). For what is evaluated: an image without a label cannot be scored."""
+    keep = has_label(dataset.targets) if len(dataset.targets) else np.zeros(0, bool)
+    if keep.all():
+        return dataset, 0
+    return SplitSubset(dataset, np.flatnonzero(keep)), int((~keep).sum())
+
+
+def note_left_out(count: int, what: str) -> None:
+    """One note that ``count`` images without a label were left out of ``what``."""
+    if count and is_main_process():
+        print(
+            f'note: {count} held-out image{"s" if count > 1 else ""} without a label left out of'
+            f' {what} (--val_split of a partly labelled CSV)',
+            flush=True,
+        )
 
 
 class PartialLabels(Dataset):

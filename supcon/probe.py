@@ -33,7 +33,7 @@ from supcon.augment import test_transform
 from supcon.distributed import all_reduce_sum, get_world_size, is_main_process
 from supcon.errors import UserError
 from supcon.features import extract_features
-from supcon.partial_labels import has_label
+from supcon.partial_labels import has_label, labelled_part, note_left_out
 from supcon.runtime import main_process_first
 from supcon.sampling import build_loader
 
@@ -343,6 +343,8 @@ class EvaluationSplit:
                 val_split=opt.val_split,
             )
         data.check_same_classes(train_set, dataset)  # the labels must mean the same
+        dataset, unlabelled = labelled_part(dataset)  # nothing to score them against
+        note_left_out(unlabelled, 'the classifiers\' evaluation')
         # not padded: under torchrun every image is evaluated exactly once
         self.loader, _ = build_loader(
             dataset, rt.local_batch_size_val, shuffle=False, pad=False, **rt.loader_options()

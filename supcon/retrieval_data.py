@@ -1,8 +1,8 @@
 """What main_retrieval.py embeds and what it names its results after.
 
-- ``labelled_part``: images without a label (an empty CSV cell: -1, or a multi-hot row of zeros)
-  are left out of the queries and the gallery: nothing is relevant to an unlabelled query, and an
-  unlabelled gallery image is relevant to no query.
+- ``left_out_note``: images without a label (an empty CSV cell: -1, or a multi-hot row of zeros)
+  are left out of the queries and the gallery (``partial_labels.labelled_part``): nothing is
+  relevant to an unlabelled query, and an unlabelled gallery image is relevant to no query.
 - ``WholeBatchSampler``: under torchrun each rank embeds whole batches of ``--batch_size_val``
   consecutive images (rank r the batches r, r + W, ...), so every batch is one that a single
   process embeds, and the features are the single process's bit for bit (a network's arithmetic
@@ -15,22 +15,10 @@
 import math
 import os
 
-import numpy as np
 from torch.utils.data import Sampler
 
 from supcon.options import file_tag
-from supcon.partial_labels import has_label
 from supcon.sampling import mix_seed
-from supcon.val_split import SplitSubset
-
-
-def labelled_part(dataset):
-    """(the items of ``dataset`` that have a label, how many were left out)."""
-    labelled = has_label(dataset.targets) if len(dataset.targets) else np.zeros(0, bool)
-    left_out = int((~labelled).sum())
-    if not left_out:
-        return dataset, 0
-    return SplitSubset(dataset, np.flatnonzero(labelled)), left_out
 
 
 def left_out_note(queries: int, gallery: int | None) -> str | None:
