@@ -113,12 +113,12 @@ def parse_option(argv=None):
             f'--knn_every {opt.knn_every} is more than --epochs {opt.epochs}, so the kNN'
             f' accuracy is never measured; use --knn_every {opt.epochs} or less'
         )
+    moco_options(opt)
+    probe.check_options(opt)
     # the kNN monitor, the online probe and the joint classifier score the test split
     data.check_test_folder(
         opt, reads_test=opt.knn_every > 0 or opt.online_probe or opt.ce_weight > 0
     )
-    moco_options(opt)
-    probe.check_options(opt)
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
