@@ -22,7 +22,7 @@ from supcon.data import balanced, datasets, labelling
 from supcon.data.augment import add_augmentation_arguments
 from supcon.evaluation import multilabel
 from supcon.evaluation.classify import EpochEvaluation
-from supcon.system import runtime
+from supcon.system import cli, runtime
 from supcon.system.checkpoint import bare_state_dict, load_checkpoint
 from supcon.training.bookkeeping import Bookkeeper
 from supcon.training.loop import EpochLoop, train_classifier
@@ -31,7 +31,7 @@ from util import AverageMeter, UserError, adjust_learning_rate
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_linear.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Train a linear classifier on the frozen encoder of --ckpt (linear'

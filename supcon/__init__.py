@@ -6,15 +6,18 @@ every module).
 
 ``system`` -- devices, processes and files: ``runtime`` (devices, torchrun / DDP, mixed
 precision, seeding, ``launch``), ``distributed`` (rank, gathering), ``slurm``, ``atomic`` (the one
-atomic write), ``checkpoint`` (checkpoint files), ``run_lock`` (one live run per save folder).
+atomic write), ``checkpoint`` (checkpoint files), ``run_lock`` (one live run per save folder),
+``cli`` (argparse's errors in one line).
 
 ``data`` -- what the networks read: ``datasets`` (the registry and the loaders), ``cifar``,
 ``image_folder``, ``csv_dataset``, ``sampling`` (seeded, resumable, sharded order), ``augment``
 and ``gpu_augment`` (the transforms), ``normalization`` (--mean/--std), and the capabilities that
 shape the training data: ``val_split``, ``long_tail`` (long-tailed training splits), ``balanced``
-(--sampler balanced), ``labelling`` (partial and multiple labels).
+(--sampler balanced), ``labelling`` (partial and multiple labels), and ``identity`` (the
+training data's fingerprint, checked on resume).
 
-``evaluation`` -- measuring an encoder: ``extract`` (frozen features), ``knn``, ``retrieval``,
+``evaluation`` -- measuring an encoder: ``extract`` (frozen features), ``knn``, ``retrieval`` and
+``retrieval_data`` (what main_retrieval.py embeds and names its results after),
 ``classify`` (the classifier's test-split evaluation), ``multilabel`` (mean average precision,
 F1), ``class_accuracy`` (per-class and many/medium/few-shot accuracy).
 

@@ -12,6 +12,7 @@ optional; ``script`` is ``'supcon'``, ``'ce'`` or ``'linear'``):
 - ``run_name(opt, script)``: its parts of the run name, empty while it is off, so that the
   reference's run names stay as they were.
 - ``FIXED``: the options a ``--resume`` may not change.
+- ``reads_test_split(opt)``: main_supcon.py: whether it scores the test split while pretraining.
 
 ``CAPABILITIES`` lists them in the order their parts join a run name. Adding a capability is a
 new module with these names and one entry here.
@@ -67,6 +68,11 @@ def check_data(opt, train_set):
     """Every capability's refusals of the training data (before partial labels are applied)."""
     for check in _each('check_data'):
         check(opt, train_set)
+
+
+def reads_test_split(opt):
+    """Whether a capability in use scores the test split during pretraining."""
+    return any(reads(opt) for reads in _each('reads_test_split'))
 
 
 def run_name_parts(opt, script):

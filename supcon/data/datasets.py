@@ -7,7 +7,7 @@ the same images with the same normalisation. Data sets: ``cifar10``/``cifar100``
 usual ImageNet layout). ``--val_split`` carves a validation split out of the training images for
 choosing settings. Transforms live in ``augment.py``, seeded samplers in ``sampling.py``.
 ``csv`` lists images and their labels, one or several, in ``--data_csv``/``--test_csv`` files
-(``csv_dataset.py``); which training images keep their labels is ``partial_labels.py``'s job.
+(``csv_dataset.py``); which training images keep their labels is ``labelling.py``'s job.
 """
 
 import os
@@ -26,7 +26,7 @@ from supcon.data.image_folder import (  # noqa: F401 (DataError re-exported)
     build_image_folder,
     first_unreadable,
 )
-from supcon.data.labelling import classifier_training_set
+from supcon.data.labelling import classifier_training_set, labelled_part, note_left_out
 from supcon.data.long_tail import long_tail_indices
 from supcon.data.normalization import MEAN_STD, parse_triple, resolve_mean_std  # noqa: F401
 from supcon.data.sampling import build_loader
@@ -49,7 +49,7 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
     checkpoint's (main_linear.py).
     """
     group = parser.add_argument_group('data')
-    knn = ' (pretraining: only for --knn_every)' if knn_only else ''
+    knn = ' (pretraining: only for --knn_every, --online_probe, --ce_weight)' if knn_only else ''
     group.add_argument(
         '--dataset',
         type=str,
@@ -144,11 +144,12 @@ def resolve_defaults(opt):
 def check_test_folder(opt, reads_test=True):
     """Demand --test_folder only where a test folder is read; note a given one that is not.
 
-    --dataset path reads it for the test split, imagenet instead of --data_folder/val;
-    --val_split evaluates held-out training images instead, and pretraining
-    (``reads_test=False``: main_supcon.py without --knn_every) evaluates nothing.
+    --dataset path reads it for the test split, imagenet instead of --data_folder/val, csv
+    reads --test_csv (handed over as test_folder: csv_dataset.resolve_options); --val_split
+    evaluates held-out training images instead, and pretraining (``reads_test=False``:
+    main_supcon.py without --knn_every, --online_probe and --ce_weight) evaluates nothing.
     """
-    read = reads_test and not opt.val_split and opt.dataset in ('path', 'imagenet')
+    read = reads_test and not opt.val_split and opt.dataset in ('path', 'imagenet', 'csv')
     if read and opt.dataset == 'path' and opt.test_folder is None:
         raise UserError(
             '--dataset path needs --test_folder (a folder with the same class sub-folders as'
@@ -158,12 +159,13 @@ def check_test_folder(opt, reads_test=True):
     if opt.test_folder is None or read:
         return
     if not reads_test:
-        why = 'pretraining reads the test split only for --knn_every'
+        why = 'pretraining reads the test split only for --knn_every, --online_probe, --ce_weight'
     elif opt.val_split:
         why = f'--val_split {opt.val_split} evaluates on held-out training images instead'
     else:
         why = f'--dataset {opt.dataset} has its own test split'
-    note(f'--test_folder {opt.test_folder} is not read: {why}')
+    flag = '--test_csv' if opt.dataset == 'csv' else '--test_folder'
+    note(f'{flag} {opt.test_folder} is not read: {why}')
 
 
 def fixed_size(dataset, size):
@@ -381,6 +383,8 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
         train_dataset = build_split(opt, 'train', train_tf, rt.seed)
         val_dataset = build_split(opt, 'test', test_transform(opt.size, mean, std))
     num_classes = check_num_classes(train_dataset, val_dataset, opt.num_classes)
+    val_dataset, unlabelled = labelled_part(val_dataset)  # nothing to score them against
+    note_left_out(unlabelled, 'the evaluation')
     val_options = rt.loader_options()
     val_options['num_workers'] = min(opt.num_workers_val, os.cpu_count() or 1)
     check_images(val_dataset, max(1, val_options['num_workers']))

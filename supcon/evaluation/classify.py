@@ -164,8 +164,7 @@ class EpochEvaluation:
 
     def tags(self):
         """The TensorBoard tags of the final metrics, for the HPARAMS tab."""
-        tested = ['val_map', 'val_f1'] if self.multi_label else ['val_acc']
-        return ['train_loss', 'train_acc', 'val_loss'] + tested
+        return multilabel.hparam_metrics(self.multi_label)
 
     def finish(self):
         """The reference's ``best accuracy`` / ``final accuracy`` lines (or their multi-label

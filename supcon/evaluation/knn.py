@@ -160,13 +160,20 @@ def check_options(opt, script):
         )
 
 
+def reads_test_split(opt):
+    return getattr(opt, 'knn_every', 0) > 0
+
+
 def check_data(opt, dataset):
     """The vote counts one class per image, and needs every training image's label."""
     if not getattr(opt, 'knn_every', 0):
         return
     if is_multilabel(dataset):
         raise multilabel_refusal(
-            opt, '--knn_every\'s kNN vote counts one class per image', 'drop --knn_every'
+            opt,
+            '--knn_every\'s kNN vote counts one class per image',
+            'drop --knn_every: main_linear.py (mean average precision) or main_retrieval.py'
+            ' (a shared label counts as relevant) evaluates the checkpoint',
         )
     if not has_label(dataset.targets).all():
         # the monitor's memory bank votes with the training labels (partial labels'
