@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import describe, run_script, run_scripts_forked, saved_files
+from helpers import describe, run_scripts_forked, saved_files
+from inprocess import call, one_thread  # noqa: F401
 
 from supcon import data, fashion_mnist
 from supcon.checkpoint import load_checkpoint
@@ -349,10 +350,10 @@ def test_supcon_then_linear_tsne_and_retrieval_on_a_written_set(tmp_path):
     )
     data_args = ['--dataset', 'fashion_mnist', '--data_folder', folder]
     common = ['--batch_size', '16', '--epochs', '1', '--num_workers', '0', '--seed', '0']
-    pretrain = run_script(
+    pretrain = call(
         'main_supcon', data_args + common + ['--size', '8', '--model', 'resnet18'], tmp_path
     )
-    assert pretrain.returncode == 0, describe(pretrain)
+    assert pretrain.code == 0, pretrain.out + pretrain.err
     run = 'SupCon_fashion_mnist_resnet18_lr_0.05_decay_0.0001_bsz_16_temp_0.07_trial_0'
     ckpt = tmp_path / 'save' / 'SupCon' / 'fashion_mnist_models' / run / 'last.pth'
     saved = load_checkpoint(str(ckpt))['opt']
@@ -362,10 +363,8 @@ def test_supcon_then_linear_tsne_and_retrieval_on_a_written_set(tmp_path):
         8,
     )
 
-    linear = run_script(
-        'main_linear', data_args + common + ['--ckpt', ckpt, '--size', '8'], tmp_path
-    )
-    assert linear.returncode == 0, describe(linear)
+    linear = call('main_linear', data_args + common + ['--ckpt', ckpt, '--size', '8'], tmp_path)
+    assert linear.code == 0, linear.out + linear.err
     reports = list((tmp_path / 'save').rglob('per_class_accuracy.json'))
     assert len(reports) == 1
     classes = json.loads(reports[0].read_text())['classes']
@@ -373,19 +372,19 @@ def test_supcon_then_linear_tsne_and_retrieval_on_a_written_set(tmp_path):
     assert [c['train_count'] for c in classes] == np.bincount(arrays['train'][1]).tolist()
     assert [c['test_count'] for c in classes] == np.bincount(arrays['test'][1]).tolist()
 
-    tsne = run_script('main_tsne', ['--ckpt', ckpt, '--num_workers', '0'], tmp_path)
-    assert tsne.returncode == 0, describe(tsne)
+    tsne = call('main_tsne', ['--ckpt', ckpt, '--num_workers', '0'], tmp_path)
+    assert tsne.code == 0, tsne.out + tsne.err
     taken = f'--dataset fashion_mnist --size 8 --data_folder {folder}'
-    assert f'from the checkpoint: {taken}' in tsne.stdout, describe(tsne)
+    assert f'from the checkpoint: {taken}' in tsne.out, tsne.out
     assert (ckpt.parent / 'last_tsne_encoder.png').stat().st_size > 0
 
     out = tmp_path / 'retrieval.json'
-    retrieval = run_script(
+    retrieval = call(
         'main_retrieval',
         data_args + ['--ckpt', ckpt, '--size', '8', '--num_workers', '0', '--out', out],
         tmp_path,
     )
-    assert retrieval.returncode == 0, describe(retrieval)
+    assert retrieval.code == 0, retrieval.out + retrieval.err
     result = json.loads(out.read_text())
     assert (result['num_queries'], result['num_gallery']) == (20, 40)
     assert result['precision_at_1'] == 1.0
