@@ -73,8 +73,11 @@ def _locate(folder, split):
             f' `{INSTALL}`, or pass --data_folder with the four IDX files'
         )
     if not holds:
+        what = 'is not a folder'
+        if os.path.isdir(folder):
+            what = f'holds no Fashion-MNIST IDX file (nor does its {RAW_LAYOUT})'
         raise UserError(
-            f'--data_folder {folder} holds no Fashion-MNIST IDX file (nor does its {RAW_LAYOUT});'
+            f'--data_folder {folder} {what};'
             f' put {", ".join(n + "[.gz]" for n in FILES[split])} there, or drop --data_folder to'
             f' read {DEBIAN_FOLDER} (`{INSTALL}`)'
         )

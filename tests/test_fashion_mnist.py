@@ -296,6 +296,11 @@ DAMAGED = {
     ),
     'missing_file': ('main_supcon', _missing, ['[.gz] is missing', 'add the original file']),
     'empty_folder': ('main_supcon', _empty, ['holds no Fashion-MNIST IDX file', '--data_folder']),
+    'no_folder': (
+        'main_supcon',
+        lambda folder: folder,
+        ['no_folder is not a folder; put train-images-idx3-ubyte[.gz]'],
+    ),
     'test_labels_outside': (
         'main_ce',
         _rewrite(NAMES['test'][1], _labels([11] + [0] * 19)),
