@@ -10,6 +10,7 @@ atomic write), ``checkpoint`` (checkpoint files), ``run_lock`` (one live run per
 ``cli`` (argparse's errors in one line).
 
 ``data`` -- what the networks read: ``datasets`` (the registry and the loaders), ``cifar``,
+``fashion_mnist`` (its IDX files),
 ``image_folder``, ``csv_dataset``, ``sampling`` (seeded, resumable, sharded order), ``augment``
 and ``gpu_augment`` (the transforms), ``normalization`` (--mean/--std), and the capabilities that
 shape the training data: ``val_split``, ``long_tail`` (long-tailed training splits), ``balanced``

@@ -4,8 +4,9 @@ One module owns the data so that main_supcon.py, main_ce.py, main_linear.py and 
 the same images with the same normalisation. Data sets: ``cifar10``/``cifar100`` (``cifar.py``),
 ``path`` (a folder of class sub-folders, the fork's; read by ``image_folder.py``), ``digits``
 (scikit-learn's, offline), ``imagenet`` (``train/`` and ``val/`` folders of class sub-folders, the
-usual ImageNet layout). ``--val_split`` carves a validation split out of the training images for
-choosing settings. Transforms live in ``augment.py``, seeded samplers in ``sampling.py``.
+usual ImageNet layout), ``fashion_mnist`` (its IDX files, ``fashion_mnist.py``).
+``--val_split`` carves a validation split out of the training images for choosing settings.
+Transforms live in ``augment.py``, seeded samplers in ``sampling.py``.
 ``csv`` lists images and their labels, one or several, in ``--data_csv``/``--test_csv`` files
 (``csv_dataset.py``); which training images keep their labels is ``labelling.py``'s job.
 """
@@ -21,6 +22,7 @@ from supcon.data import balanced, long_tail, val_split
 from supcon.data.augment import test_transform, train_transform
 from supcon.data.cifar import CIFAR_NAMES, load_cifar
 from supcon.data.csv_dataset import build_csv_dataset, resolve_options
+from supcon.data.fashion_mnist import DEBIAN_FOLDER, load_fashion_mnist
 from supcon.data.image_folder import (  # noqa: F401 (DataError re-exported)
     DataError,
     build_image_folder,
@@ -35,9 +37,10 @@ from supcon.errors import UserError
 from supcon.system.distributed import all_gather_objects, get_rank, get_world_size, note
 from supcon.system.runtime import Runtime, main_process_first
 
-DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet', 'csv')
-# data sets held in memory as 32x32 arrays: their batches stack without resizing
-ARRAY_DATASETS = ('cifar10', 'cifar100', 'digits')
+DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet', 'csv', 'fashion_mnist')
+# data sets held in memory as arrays of one image size (32x32; fashion_mnist 28x28): their
+# batches stack without resizing
+ARRAY_DATASETS = ('cifar10', 'cifar100', 'digits', 'fashion_mnist')
 
 
 def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
@@ -57,7 +60,8 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
         choices=DATASET_NAMES,
         help='digits is scikit-learn\'s 8x8 digits, shipped offline for demos;'
         ' imagenet reads --data_folder/train and --data_folder/val; csv reads --data_csv'
-        ' and --test_csv (docs/labels.md)',
+        ' and --test_csv (docs/labels.md); fashion_mnist reads its IDX files, by default'
+        f' the Debian package\'s in {DEBIAN_FOLDER} (docs/fashion-mnist.md)',
     )
     group.add_argument(
         '--data_csv',
@@ -72,7 +76,8 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
         default=None,
         help='CIFAR root; for --dataset path the training image folder (one'
         ' sub-folder per class); for imagenet the folder holding train/ and'
-        ' val/ (default ./datasets/)',
+        ' val/; for fashion_mnist the folder of its IDX files (or of FashionMNIST/raw/)'
+        ' (default ./datasets/; fashion_mnist: the Debian package\'s)',
     )
     if test_folder:
         group.add_argument(
@@ -104,7 +109,8 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
         '--size',
         type=int,
         default=None,
-        help='crop size fed to the network (default 224 for imagenet, else 32)',
+        help='crop size fed to the network (default 224 for imagenet, 28 for fashion_mnist,'
+        ' else 32)',
     )
     group.add_argument(
         '--num_classes',
@@ -124,7 +130,7 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
 def resolve_defaults(opt):
     """Fill the data defaults that depend on --dataset and refuse flags that cannot work."""
     if opt.size is None:
-        opt.size = 224 if opt.dataset == 'imagenet' else 32
+        opt.size = {'imagenet': 224, 'fashion_mnist': 28}.get(opt.dataset, 32)
     val_split.check_fraction(opt)
     resolve_options(opt)  # --dataset csv: its files travel as data_folder/test_folder
     if opt.dataset == 'imagenet' and opt.data_folder is None:
@@ -133,7 +139,7 @@ def resolve_defaults(opt):
             ' val/, one sub-folder per class in each)'
         )
     if opt.data_folder is None:
-        opt.data_folder = './datasets/'
+        opt.data_folder = DEBIAN_FOLDER if opt.dataset == 'fashion_mnist' else './datasets/'
     if opt.dataset in ('cifar10', 'cifar100') and (opt.mean or opt.std):
         note(
             f'using the given --mean/--std for {opt.dataset}; the reference ignores them'
@@ -170,7 +176,7 @@ def check_test_folder(opt, reads_test=True):
 
 def fixed_size(dataset, size):
     """The side images are resized to in the loader when batches must stack (--gpu_aug):
-    None for the in-memory 32x32 data sets, else ``size``."""
+    None for the in-memory data sets (all their images share one size), else ``size``."""
     return None if dataset in ARRAY_DATASETS else size
 
 
@@ -261,7 +267,7 @@ def build_dataset(
     name,
     split,
     transform,
-    data_folder='./datasets/',
+    data_folder=None,
     test_folder=None,
     download=True,
     val_split=0.0,
@@ -281,6 +287,8 @@ def build_dataset(
     """
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if data_folder is None and name != 'fashion_mnist':  # whose default is the Debian package's
+        data_folder = './datasets/'
     if split == 'train' and imbalance_ratio != 1:
         full = build_dataset(name, split, transform, data_folder, test_folder, download, val_split)
         kept = long_tail_indices(full.targets, len(full.classes), imbalance_ratio, imbalance_seed)
@@ -319,6 +327,9 @@ def build_dataset(
         return build_image_folder(split, transform, train, test_folder or val)
     if name == 'digits':
         return _build_digits(split, transform)
+    if name == 'fashion_mnist':
+        images, targets, classes = load_fashion_mnist(split, data_folder)
+        return ArrayImageDataset(images, targets, classes, transform)
     if name == 'csv':
         return build_csv_dataset(split, transform, data_folder, test_folder)
     raise UserError(f'unknown --dataset {name!r}; choose one of {", ".join(DATASET_NAMES)}')
