@@ -19,7 +19,7 @@ new module with these names and one entry here.
 """
 
 from networks import encoders, from_checkpoint
-from supcon.data import augment, balanced, labelling, long_tail, val_split
+from supcon.data import augment, balanced, labelling, long_tail, subset, val_split
 from supcon.evaluation import knn
 from supcon.objectives import moco, probe
 from supcon.training import optim
@@ -36,6 +36,7 @@ CAPABILITIES = (
     balanced,  # --sampler balanced
     long_tail,  # --imbalance_ratio
     probe,  # --online_probe, --ce_weight
+    subset,  # --train_subset
 )
 
 #: Options of every training run that a resume may not change; the capabilities add theirs.

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from supcon.data import balanced, long_tail, val_split
+from supcon.data import balanced, long_tail, subset, val_split
 from supcon.data.augment import test_transform, train_transform
 from supcon.data.cifar import CIFAR_NAMES, load_cifar
 from supcon.data.csv_dataset import build_csv_dataset, resolve_options
@@ -124,6 +124,7 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
     val_split.add_argument(group)
     if imbalance:
         long_tail.add_argument(group, from_checkpoint=imbalance == 'checkpoint')
+        subset.add_argument(group, from_checkpoint=imbalance == 'checkpoint')
     return group
 
 
@@ -273,6 +274,7 @@ def build_dataset(
     val_split=0.0,
     imbalance_ratio=1.0,
     imbalance_seed=0,
+    train_subset=0,
 ):
     """The `split` ('train' or 'test') of data set `name`; items are (transform(image), label).
 
@@ -283,16 +285,25 @@ def build_dataset(
     -1 or a zero row: unlabelled). With
     `val_split` > 0 'train' is the training images less a held-out fraction and 'test'
     is that held-out fraction (of the training images, with `transform`). With
-    `imbalance_ratio` > 1 'train' is then cut to a long tail (``long_tail_indices``).
+    `train_subset` N > 0 'train' is then a fixed class-balanced N of those images
+    (``subset.py``), and with `imbalance_ratio` > 1 cut to a long tail (``long_tail_indices``).
     """
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if data_folder is None and name != 'fashion_mnist':  # whose default is the Debian package's
         data_folder = './datasets/'
     if split == 'train' and imbalance_ratio != 1:
-        full = build_dataset(name, split, transform, data_folder, test_folder, download, val_split)
+        full = build_dataset(
+            name, split, transform, data_folder, test_folder, download, val_split,
+            train_subset=train_subset,
+        )  # fmt: skip
         kept = long_tail_indices(full.targets, len(full.classes), imbalance_ratio, imbalance_seed)
         return SplitSubset(full, kept)
+    if split == 'train' and train_subset:
+        full = build_dataset(name, split, transform, data_folder, test_folder, download, val_split)
+        targets = getattr(full, 'stratify_targets', full.targets)  # a CSV's: one label a row
+        kept = subset.subset_indices(targets, train_subset, full.classes)
+        return SplitSubset(full, kept, f' of --train_subset {train_subset}')
     if val_split:
         full = build_dataset(name, 'train', transform, data_folder, test_folder, download)
         targets = getattr(full, 'stratify_targets', full.targets)  # a CSV's: one label a row
@@ -349,6 +360,7 @@ def build_split(opt, split, transform, seed=0):
         val_split=opt.val_split,
         imbalance_ratio=getattr(opt, 'imbalance_ratio', None) or 1.0,
         imbalance_seed=seed if tail_seed is None else tail_seed,
+        train_subset=getattr(opt, 'train_subset', None) or 0,
     )
 
 
