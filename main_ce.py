@@ -198,7 +198,11 @@ def main():
             class_accuracy.log_summary(logger, summary, epoch)
         logger.flush()
 
-        run.extra = {'best_acc': best_acc, 'val_acc': val_acc}
+        run.extra = {
+            'best_acc': best_acc,
+            'val_acc': val_acc,
+            'classes': list(train_loader.dataset.classes),  # for main_predict.py, main_export.py
+        }
         if multi_label:
             run.extra['val_f1'] = val_f1
         else:

@@ -274,6 +274,7 @@ def main():
             'best_acc': best_acc,
             'val_acc': val_acc,
             'encoder_ckpt': os.path.abspath(opt.ckpt),
+            'classes': list(train_loader.dataset.classes),  # for main_predict.py, main_export.py
         }
         if class_counts is not None:
             run.extra['class_counts'] = list(class_counts)
