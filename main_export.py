@@ -123,7 +123,6 @@ def export_file(opt, tm):
 def main():
     opt = parse_option()
     start = time.time()
-    torch.set_grad_enabled(False)
 
     # build model
     tm = set_model(opt)
@@ -136,7 +135,8 @@ def main():
     )
 
     # export, check, write
-    content, meta, difference = export_file(opt, tm)
+    with torch.no_grad():
+        content, meta, difference = export_file(opt, tm)
     os.makedirs(os.path.dirname(os.path.abspath(opt.out)), exist_ok=True)
     try:
         side = export.write(opt.out, content, meta)
