@@ -3,7 +3,8 @@
 Same flags and defaults as the reference ``main_linear.py``; the encoder comes
 from ``--ckpt`` (ours or the reference's), stays in eval mode and is checked to
 be unchanged at the end. The classifier and its TensorBoard logs are saved under
-``save/SupCon/{dataset}_linear_models/`` and ``..._linear_tensorboard/``.
+``save/SupCon/{dataset}_linear_models/`` and ``..._linear_tensorboard/``. With
+``--finetune`` the encoder trains with the classifier (supcon/finetune.py).
 """
 
 import argparse
@@ -21,6 +22,7 @@ from supcon import (
     class_accuracy,
     data,
     engine,
+    finetune,
     multilabel,
     options,
     partial_labels,
@@ -28,7 +30,6 @@ from supcon import (
 )
 from supcon.augment import add_augmentation_arguments
 from supcon.checkpoint import bare_state_dict, load_checkpoint
-from supcon.optim import build_optimizer
 from supcon.training_run import Run
 from util import AverageMeter, UserError, adjust_learning_rate
 
@@ -76,6 +77,7 @@ def parse_option(argv=None):
     data.add_arguments(parser, test_folder=True, imbalance='checkpoint')
     balanced.add_arguments(parser)
     add_augmentation_arguments(parser, classifier=True, gpu_aug=False)
+    finetune.add_arguments(parser)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 
@@ -110,6 +112,7 @@ def parse_option(argv=None):
     if opt.imbalance_ratio is None:
         opt.imbalance_ratio = float(saved['opt'].get('imbalance_ratio') or 1.0)
     opt.imbalance_seed = saved['opt'].get('seed')
+    encoder_options = saved['opt']
     del saved
 
     opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.format(
@@ -117,6 +120,7 @@ def parse_option(argv=None):
     )
     # _cosine; warm-up stays opt-in here, as in the reference's linear script; our parts
     options.finish_run_name(opt, large_batch=None, stem=False)
+    finetune.resolve_options(opt, encoder_options)  # --finetune: _finetune, --encoder_lr
 
     # one folder per evaluated checkpoint, so evaluating several never mixes them
     ckpt_path = os.path.abspath(opt.ckpt)
@@ -166,14 +170,17 @@ def set_model(opt, rt, num_classes):
         name=opt.model, num_classes=num_classes, dim_in=encoder.feature_dim
     )
     criterion = nn.CrossEntropyLoss()
+    if opt.finetune:  # the encoder trains with the classifier, as one network (finetune.py)
+        encoder, classifier = finetune.trainable(encoder, classifier, opt)
 
     encoder = runtime.prepare_model(encoder, rt, parallel='')
-    classifier = runtime.prepare_model(classifier, rt, parallel=None)
+    classifier = runtime.prepare_model(classifier, rt, parallel='encoder' if opt.finetune else None)
     return encoder, classifier, criterion
 
 
 def train(train_loader, encoder, classifier, criterion, optimizer, scaler, epoch, opt, rt, run):
-    """One epoch of the classifier on frozen features; returns (loss, acc, stopped_at)."""
+    """One epoch of the classifier on frozen features (--finetune: of the whole network, the
+    frozen encoder being the identity); returns (loss, acc, stopped_at)."""
     encoder.eval()
     classifier.train()
     model = FrozenEncoderClassifier(encoder, classifier)
@@ -211,8 +218,9 @@ def main():
     encoder_snapshot = {k: v.detach().cpu().clone() for k, v in bare_state_dict(encoder).items()}
 
     # build optimizer: the classifier's weight and bias, nothing else (one group for sgd;
-    # two for lars, which adapts the weight and leaves the bias plain)
-    optimizer = build_optimizer(opt, classifier)
+    # two for lars, which adapts the weight and leaves the bias plain); --finetune adds the
+    # encoder's at --encoder_lr
+    optimizer = finetune.build_optimizer(opt, classifier)
     optimised = {id(p) for group in optimizer.param_groups for p in group['params']}
     assert optimised == {id(p) for p in classifier.parameters()}
     scaler = runtime.make_scaler(rt)

@@ -81,7 +81,7 @@ class Run:
         'lr_decay_rate', 'lr_decay_epochs', 'warm', 'moco', 'moco_k', 'moco_m', 'optimizer',
         'aug', 'patch_size', 'pretrained', 'val_split', 'labelled_fraction', 'labelled_only',
         'multilabel', 'linear_labels', 'sampler', 'm_per_class', 'imbalance_ratio',
-        'online_probe', 'probe_lr', 'ce_weight',
+        'online_probe', 'probe_lr', 'ce_weight', 'finetune', 'encoder_lr',
     )  # fmt: skip
 
     def __init__(self, opt, rt, meters=None):
