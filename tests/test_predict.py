@@ -255,3 +255,31 @@ def test_bad_input_is_one_line_and_writes_nothing(ckpts, folder, tmp_path):
         result = call('main_predict', args + ['--num_workers', '0'], tmp_path)
         assert_one_line_error(result, *fragments)
     assert not (tmp_path / 'predictions.csv').exists() and not list(tmp_path.glob('.*.tmp'))
+
+
+def test_the_progress_is_shown_on_a_terminal_only(ckpts, folder, tmp_path):
+    import os
+    import pty
+
+    args = ['--ckpt', ckpts['ce'], '--images', folder, '--batch_size_val', '2']
+    captured = call('main_predict', args + ['--out', 'a.csv'], tmp_path)
+    assert captured.code == 0 and 'predicting:' not in captured.out + captured.err
+    leader, follower = pty.openpty()
+    done = subprocess.run(
+        [sys.executable, str(REPO / 'main_predict.py'), *map(str, args), '--out', 'b.csv'],
+        cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE, stderr=follower, timeout=300,
+    )  # fmt: skip
+    os.close(follower)
+    shown = b''
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal's other end is closed: all read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert done.returncode == 0, shown
+    assert b'\r  predicting: 3/3 batches' in shown
+    assert (tmp_path / 'a.csv').read_bytes() == (tmp_path / 'b.csv').read_bytes()
