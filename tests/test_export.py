@@ -229,3 +229,12 @@ def test_an_untrained_encoder_without_recorded_options_exports_with_the_referenc
     assert meta['input_size'] == 32 and meta['mean'] == pytest.approx(MEAN_STD['cifar10'][0])
     module = torch.jit.load(io.BytesIO((tmp_path / 'm.pt').read_bytes()))
     assert module(torch.rand(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_an_export_that_differs_from_pytorch_is_not_written(ckpts, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, 'parity', lambda content, fmt, tm: 0.5)
+    out = tmp_path / 'm.pt'
+    args = ['--ckpt', ckpts['ce'], '--format', 'torchscript', '--out', out]
+    assert_one_line_error(call('main_export', args, tmp_path), 'differs from PyTorch by 0.5')
+    assert not out.exists() and not (tmp_path / 'm.pt.json').exists()
+    assert not list(tmp_path.glob('.*.tmp'))
