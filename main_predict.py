@@ -207,8 +207,7 @@ def set_loader(opt, rt, tm):
 
 
 def predict(loader, tm, rt, opt, num_classes, multi_label, gallery=None):
-    """This rank's results, one per image: (index, error, top classes, their probabilities,
-    classes at or above the threshold, the label, scores for the mean average precision)."""
+    """This rank's ``predictions.Prediction`` of each of its images."""
     results = []
     topk = min(opt.topk, num_classes)
     show = runtime.is_main_process() and sys.stderr.isatty()
@@ -217,35 +216,30 @@ def predict(loader, tm, rt, opt, num_classes, multi_label, gallery=None):
             images = runtime.to_device(images, rt)
             with runtime.autocast(rt):
                 features = tm.encoder(images)
-                logits = None if gallery is not None else tm.classifier(features)
+                logits = None if gallery is not None else tm.classifier(features).float()
             if gallery is not None:
                 votes = knn_votes(*gallery, features.float(), num_classes, KNN_K, KNN_TEMPERATURE)
                 probs = votes / votes.sum(dim=1, keepdim=True)
             elif multi_label:
-                probs = torch.sigmoid(logits.float())
+                probs = torch.sigmoid(logits)
             else:
-                probs = torch.softmax(logits.float(), dim=1)
+                probs = torch.softmax(logits, dim=1)
             probs = probs.cpu()
             top_p, top_i = probs.topk(topk, dim=1)
             for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
                 target = targets[row].tolist()
                 if error:
-                    results.append((index, error, [], [], [], target, None))
+                    results.append(predictions.Prediction(index, error, [], [], target))
                     continue
-                above = (probs[row] >= opt.threshold).nonzero().flatten().tolist()
-                above.sort(key=lambda c: -probs[row, c].item())
-                scores = probs[row].tolist() if multi_label and opt.split else None
-                results.append(
-                    (
-                        index,
-                        '',
-                        top_i[row].tolist(),
-                        top_p[row].tolist(),
-                        [(c, probs[row, c].item()) for c in above],
-                        target,
-                        scores,
-                    )
-                )
+                top = list(zip(top_i[row].tolist(), top_p[row].tolist()))
+                chosen, scores = [], None
+                if multi_label:
+                    chosen = [
+                        (c, p) for c, p in enumerate(probs[row].tolist()) if p >= opt.threshold
+                    ]
+                    chosen.sort(key=lambda cp: -cp[1])
+                    scores = logits[row].tolist() if opt.split else None
+                results.append(predictions.Prediction(index, '', top, chosen, target, scores))
             if show:
                 print(f'\r  predicting: {step + 1}/{len(loader)} batches', end='', file=sys.stderr)
     if show:
@@ -254,46 +248,42 @@ def predict(loader, tm, rt, opt, num_classes, multi_label, gallery=None):
 
 
 def csv_rows(results, names, classes, multi_label, labelled):
+    def names_and_probabilities(pairs):
+        return [
+            predictions.joined(classes[c] for c, _ in pairs),
+            predictions.joined(predictions.probability(p) for _, p in pairs),
+        ]
+
     rows = []
-    for index, error, top_i, top_p, above, target, _ in results:
-        row = [names[index]]
-        if labelled:
-            if multi_label:
-                row.append(predictions.joined(classes[c] for c, t in enumerate(target) if t > 0))
-            else:
-                row.append(classes[target] if target >= 0 else '')
-        if error:
-            row += ['', '', '', '', error]
-        elif multi_label:
-            row += [
-                predictions.joined(classes[c] for c, _ in above),
-                predictions.joined(predictions.probability(p) for _, p in above),
-            ]
-        else:
-            row += [classes[top_i[0]], predictions.probability(top_p[0])]
-        if not error:
-            row += [
-                predictions.joined(classes[c] for c in top_i),
-                predictions.joined(predictions.probability(p) for p in top_p),
-                '',
-            ]
-        rows.append(row)
+    for r in results:
+        row = [names[r.index]]
+        if labelled and multi_label:
+            row.append(predictions.joined(classes[c] for c, t in enumerate(r.target) if t > 0))
+        elif labelled:
+            row.append(classes[r.target] if r.target >= 0 else '')
+        if r.error:
+            rows.append(row + ['', '', '', '', r.error])
+            continue
+        first = (
+            names_and_probabilities(r.chosen) if multi_label else names_and_probabilities(r.top[:1])
+        )
+        rows.append(row + first + names_and_probabilities(r.top) + [''])
     return rows
 
 
 def report(results, classes, multi_label, labelled, opt):
-    """The printed lines after the CSV: the accuracy (or mean average precision) of a split."""
-    readable = [r for r in results if not r[1]]
+    """The printed line after the CSV: the accuracy (or mean average precision) of a split."""
+    readable = [r for r in results if not r.error]
     if not labelled or not readable:
         return
     if multi_label:
-        scores = torch.tensor([r[6] for r in readable])
-        targets = torch.tensor([r[5] for r in readable])
-        mean_ap, f1, _ = multilabel.summary(scores, targets)
+        scores = torch.tensor([r.logits for r in readable])
+        targets = torch.tensor([r.target for r in readable])
+        mean_ap, _, _ = multilabel.summary(scores, targets)
         print(f'mean average precision: {mean_ap:.2f} ({len(readable)} images)')
         return
-    scored = [r for r in readable if r[5] >= 0]
-    correct = sum(r[2][0] == r[5] for r in scored)
+    scored = [r for r in readable if r.target >= 0]
+    correct = sum(r.top[0][0] == r.target for r in scored)
     print(
         'accuracy: {:.2f} ({} of {} {} images)'.format(
             100.0 * correct / max(1, len(scored)), correct, len(scored), opt.split
@@ -322,7 +312,7 @@ def main():
     results = sorted(r for share in all_gather_objects(results) for r in share)
     if not runtime.is_main_process():
         return
-    assert [r[0] for r in results] == list(range(len(names)))
+    assert [r.index for r in results] == list(range(len(names)))
 
     header = predictions.columns(multi_label, labelled)
     text = predictions.csv_text(header, csv_rows(results, names, classes, multi_label, labelled))
@@ -334,11 +324,11 @@ def main():
             f'--out {opt.out}: cannot write it ({exc.strerror or exc}); pass a writable path'
         ) from None
 
-    unreadable = sum(1 for r in results if r[1])
+    unreadable = sum(1 for r in results if r.error)
     if multi_label:
-        predicted = {c for r in results for c, _ in r[4]}
+        predicted = {c for r in results for c, _ in r.chosen}
     else:
-        predicted = {r[2][0] for r in results if not r[1]}
+        predicted = {r.top[0][0] for r in results if not r.error}
     print(
         f'predicted {len(results) - unreadable} of {len(results)} images'
         f' ({unreadable} unreadable), {len(predicted)} of {len(classes)} classes predicted,'

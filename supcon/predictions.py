@@ -11,6 +11,7 @@ import csv
 import io
 import os
 import re
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -21,6 +22,17 @@ from supcon.errors import UserError
 from supcon.image_folder import DataError, _load_rgb_image
 
 NO_TARGET = -1  # an image without a known label
+
+
+class Prediction(NamedTuple):
+    """What main_predict.py found for one image (picklable, to gather from the ranks)."""
+
+    index: int  # in the list of images (sorting by it restores their order)
+    error: str  # why the image could not be read; '' when it was
+    top: list  # [(class, probability)], the most probable first
+    chosen: list  # multi-label: [(class, probability)] at or above --threshold, best first
+    target: object  # the label (class index or multi-hot list); NO_TARGET when unknown
+    logits: list | None = None  # multi-label splits: for the mean average precision
 
 
 def is_image(name: str) -> bool:
