@@ -4,6 +4,7 @@ resume: tests/test_resume.py's ``main_linear+finetune`` variant."""
 
 import argparse
 import copy
+import json
 import re
 
 import pytest
@@ -143,6 +144,7 @@ def test_every_reader_takes_a_finetuned_checkpoint(finetuned, tmp_path):
     )
     assert result.code == 0, result.err
     assert 'precision_at_1:' in result.out
+    assert json.loads((tmp_path / 'r.json').read_text())['method'] == 'finetune'
     result = call('main_tsne', ['--ckpt', last, '--num_workers', '0', '--out', 't.png'], tmp_path)
     assert result.code == 0, result.err
     assert (tmp_path / 't.png').stat().st_size > 0
