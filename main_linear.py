@@ -97,6 +97,7 @@ def parse_option(argv=None):
     data.resolve_defaults(opt)
     data.check_test_folder(opt)
     balanced.resolve_options(opt)
+    finetune.check_options(opt)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
 
     # the checkpoint's options say which encoder it holds (read lazily: set_model loads
@@ -112,7 +113,7 @@ def parse_option(argv=None):
     if opt.imbalance_ratio is None:
         opt.imbalance_ratio = float(saved['opt'].get('imbalance_ratio') or 1.0)
     opt.imbalance_seed = saved['opt'].get('seed')
-    encoder_options = saved['opt']
+    finetune.take_from_checkpoint(opt, saved['opt'])  # --finetune: the encoder's patch size
     del saved
 
     opt.model_name = '{}_{}_lr_{}_decay_{}_bsz_{}'.format(
@@ -120,7 +121,7 @@ def parse_option(argv=None):
     )
     # _cosine; warm-up stays opt-in here, as in the reference's linear script; our parts
     options.finish_run_name(opt, large_batch=None, stem=False)
-    finetune.resolve_options(opt, encoder_options)  # --finetune: _finetune, --encoder_lr
+    opt.model_name = '_'.join([opt.model_name] + finetune.run_name(opt))  # _finetune
 
     # one folder per evaluated checkpoint, so evaluating several never mixes them
     ckpt_path = os.path.abspath(opt.ckpt)

@@ -15,6 +15,9 @@ classifier the pretrained network becomes when all of it trains on the labels (s
   ``util.set_lr``), so the encoder's rate stays ``encoder_lr / learning_rate`` of the
   classifier's all along;
 - the run name ends in ``_finetune`` (``_finetune_elr{X}`` with another ``--encoder_lr``).
+
+Its options are declared as the training scripts' capabilities declare theirs: ``add_arguments``,
+``check_options``, ``take_from_checkpoint``, ``run_name`` and ``FIXED``.
 """
 
 import math
@@ -47,21 +50,36 @@ def add_arguments(parser):
     return group
 
 
-def resolve_options(opt, encoder_options):
-    """Check the flags and end the run name in ``_finetune`` (``_elr{X}`` after it for an
-    --encoder_lr other than the default). The encoder's ViT patch size (``encoder_options``:
-    the pretraining checkpoint's) is recorded, so that the checkpoint rebuilds the encoder it
-    holds (``networks.from_checkpoint``)."""
-    other = opt.encoder_lr != DEFAULT_ENCODER_LR
+def check_options(opt, script='linear'):
+    """--encoder_lr only with --finetune, finite and positive."""
+    if script != 'linear':
+        return
     if not opt.finetune:
-        if other:
+        if opt.encoder_lr != DEFAULT_ENCODER_LR:
             raise UserError('--encoder_lr is the learning rate of --finetune; add --finetune')
         return
     if not (math.isfinite(opt.encoder_lr) and opt.encoder_lr > 0):
         raise UserError(f'--encoder_lr must be a finite number > 0, got {opt.encoder_lr}')
-    opt.model_name += '_finetune' + (f'_elr{opt.encoder_lr}' if other else '')
-    if encoder_options.get('patch_size') is not None:
-        opt.patch_size = encoder_options['patch_size']
+
+
+def take_from_checkpoint(opt, saved):
+    """The encoder's ViT patch size (``saved``: the pretraining checkpoint's options) becomes
+    the run's, so that its checkpoint rebuilds the encoder it holds (networks/from_checkpoint.py)
+    and its name says it (``_patch_{P}``), as main_supcon.py's does."""
+    if getattr(opt, 'finetune', False) and saved.get('patch_size') is not None:
+        opt.patch_size = saved['patch_size']
+
+
+def run_name(opt, script='linear'):
+    """``finetune``, then ``elr{X}`` for an --encoder_lr other than the default."""
+    if script != 'linear' or not getattr(opt, 'finetune', False):
+        return []
+    other = opt.encoder_lr != DEFAULT_ENCODER_LR
+    return ['finetune'] + ([f'elr{opt.encoder_lr}'] if other else [])
+
+
+#: what a --resume may not change
+FIXED = ('finetune', 'encoder_lr')
 
 
 def trainable(encoder: nn.Module, classifier: nn.Module, opt):

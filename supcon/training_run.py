@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from supcon import run_lock, slurm
+from supcon import finetune, run_lock, slurm
 from supcon.checkpoint import (
     bare_state_dict,
     checkpoint_position,
@@ -81,8 +81,8 @@ class Run:
         'lr_decay_rate', 'lr_decay_epochs', 'warm', 'moco', 'moco_k', 'moco_m', 'optimizer',
         'aug', 'patch_size', 'pretrained', 'val_split', 'labelled_fraction', 'labelled_only',
         'multilabel', 'linear_labels', 'sampler', 'm_per_class', 'imbalance_ratio',
-        'online_probe', 'probe_lr', 'ce_weight', 'finetune', 'encoder_lr',
-    )  # fmt: skip
+        'online_probe', 'probe_lr', 'ce_weight',
+    ) + finetune.FIXED  # fmt: skip
 
     def __init__(self, opt, rt, meters=None):
         """Find and read the ``--resume`` checkpoint; call before building loaders.

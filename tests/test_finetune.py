@@ -166,3 +166,28 @@ def test_refusals_are_one_line(finetuned, tmp_path):
     without = folder_args(root, ckpt=encoder, learning_rate=0.05) + ['--resume', last]
     assert_one_line_error(call('main_linear', without, tmp_path), 'trained with --finetune')
     assert not list(tmp_path.rglob('*.pth'))
+
+
+def test_a_vit_with_its_own_patch_size_is_fine_tuned_and_read_back(finetuned, tmp_path):
+    """The encoder's --patch_size is the run's (its name says so), so the fine-tuned
+    checkpoint rebuilds the same ViT wherever it is read."""
+    from networks.encoders import build_encoder
+    from networks.resnet_big import SupConResNet
+
+    root = finetuned[0]
+    torch.manual_seed(0)
+    name = 'vit_tiny_patch16_224'
+    net = SupConResNet(name, encoder=build_encoder(name, size=8, patch_size=4))
+    encoder = tmp_path / 'vit' / 'last.pth'
+    encoder.parent.mkdir()
+    opt = {'model': name, 'size': 8, 'patch_size': 4, 'dataset': 'path', 'method': 'SupCon'}
+    torch.save({'model': net.state_dict(), 'opt': opt, 'epoch': 1}, encoder)
+    args = folder_args(root, ckpt=encoder, finetune=True)
+    result = call('main_linear', args, tmp_path)
+    assert result.code == 0, result.err
+    last = save_folder('main_linear', args, tmp_path) / 'last.pth'
+    assert last.parent.name.endswith('_bsz_4_patch_4_finetune')
+    final = re.findall(r'^final accuracy: ([\d.]+)$', result.out, re.M)[0]
+    result = call('main_predict', ['--ckpt', last, '--split', 'test', '--out', 'v.csv'], tmp_path)
+    assert result.code == 0, result.err
+    assert f'accuracy: {final} (' in result.out
