@@ -22,7 +22,7 @@ from networks import encoders, from_checkpoint
 from supcon.data import augment, balanced, labelling, long_tail, subset, val_split
 from supcon.evaluation import knn
 from supcon.objectives import moco, probe
-from supcon.training import optim
+from supcon.training import finetune, optim
 
 CAPABILITIES = (
     encoders,  # --model's backbone: stem, patch size, timm checkpoint
@@ -37,6 +37,7 @@ CAPABILITIES = (
     long_tail,  # --imbalance_ratio
     probe,  # --online_probe, --ce_weight
     subset,  # --train_subset
+    finetune,  # main_linear.py --finetune (its part ends the run name, as it always has)
 )
 
 #: Options of every training run that a resume may not change; the capabilities add theirs.

@@ -156,7 +156,10 @@ class EpochEvaluation:
             class_accuracy.log_summary(logger, summary, epoch)
         logger.flush()
 
-        self.book.extra.update(best_acc=self.best_acc, val_acc=self.val_acc)
+        # the class names too, for main_predict.py and main_export.py
+        self.book.extra.update(
+            best_acc=self.best_acc, val_acc=self.val_acc, classes=list(self.classes)
+        )
         if self.multi_label:
             self.book.extra['val_f1'] = self.val_f1
         else:

@@ -3,7 +3,7 @@
 argparse answers an unknown flag, a missing value or a value outside ``choices`` with its whole
 usage block (40 lines for main_supcon.py) and then the error; every other bad input here is one
 line naming the problem and the fix. This parser raises the error as a ``UserError`` instead,
-which ``runtime.run_main`` prints once (on rank 0 under torchrun) and turns into exit code 2.
+which ``runtime.launch`` prints once (on rank 0 under torchrun) and turns into exit code 2.
 ``--help`` prints exactly what argparse prints.
 """
 
