@@ -1,0 +1,422 @@
+"""The one sweep harness of the multi-seed benchmarks: runs, resume, logs, rate choice, tables.
+
+A benchmark script only says which command lines to run and what table to make of their output:
+
+    sweep = harness.Sweep(args)                       # args from harness.add_arguments(parser)
+    pre = sweep.run('supcon_s0', 'main_supcon.py', [...])
+    lin = sweep.run('supcon_s0_linear', 'main_linear.py', [..., '--ckpt', pre.checkpoint])
+    lin['final accuracy'], pre.epoch_times
+
+A run is one command line (``python <script> args``) with its own working folder
+``<out>/runs/<name>/``: the scripts write ``./save/...`` there, and the harness writes the run's
+output to ``output.log`` in it, between lines of its own that start with ``#`` (the command, the
+code's commit, the start, the exit code and seconds). A run whose log ends in ``# exit 0`` is
+finished: it is read, never run again. A run whose log has no such end was interrupted (or
+failed) and runs again, with ``--resume auto`` added for the training scripts (they continue from
+their last saved position), or from an empty folder where a script cannot resume. So a sweep
+killed at any point continues where it stopped when called again, in this session or a later one.
+A log that holds another command than the one asked for is an error, never silently reused.
+
+``Sweep.map`` runs jobs (a job may chain runs: pretraining -> linear -> retrieval) in threads;
+``--jobs`` runs execute at once, each with ``--threads`` intra-op threads, under ``nice -n
+--nice``. After a failure no new run starts, the running ones finish, then the failure is raised.
+``--stop_after`` starts no run after that many minutes; ``--dry_run`` starts none and lists the
+runs to do: both still print the tables of what is finished.
+
+The harness drives the scripts by their command lines and reads only their printed lines
+(``name: value``, ``epoch N, total time T, ...``, ``saved PATH``); it imports nothing of supcon.
+"""
+
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# scripts that continue an interrupted run with --resume auto
+RESUMABLE = ('main_supcon.py', 'main_ce.py', 'main_linear.py')
+TORCHRUN_VARIABLES = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR')
+
+NUMBER = r'-?(?:[0-9]+\.?[0-9]*(?:e[-+]?[0-9]+)?|nan|inf)|-'
+VALUE_LINE = re.compile(rf'^([A-Za-z][\w@ ./-]*?): ((?:{NUMBER})(?: / (?:{NUMBER}))*)\s*$')
+EPOCH_LINE = re.compile(r'^(?:Train )?epoch (\d+), total time ([0-9.]+)(.*)$')
+EPOCH_PAIR = re.compile(r'([A-Za-z_@]+)[: ]\s*(-?[0-9.]+)')
+SAVED_LINE = re.compile(r'^saved (\S+last\.pth)\s*$', re.M)
+EXIT_LINE = re.compile(r'^# exit (-?\d+) after ([0-9.]+) s$', re.M)
+
+
+class RunFailed(RuntimeError):
+    """A run exited with an error; its log says why."""
+
+
+class NotRun(Exception):
+    """A run was not started: --dry_run, --stop_after, or the sweep stopped after a failure."""
+
+
+def _number(text):
+    return None if text == '-' else float(text)
+
+
+def parse_log(text):
+    """The printed values of a run's output: ``({name: value}, {epoch: {'time': T, ...}})``.
+
+    Every ``name: value`` line gives a float (the last line of a name wins, as after a resume);
+    ``a / b: x / y`` lines give a tuple (``-`` is None). ``epoch N, total time T, key value, ...``
+    lines (main_linear's ``Train epoch`` too) give the epoch's time and its other numbers; a
+    resumed run's later line for an epoch wins. Lines of the harness (``#``) are skipped.
+    """
+    values, epochs = {}, {}
+    for line in text.splitlines():
+        if line.startswith('#'):
+            continue
+        found = EPOCH_LINE.match(line)
+        if found:
+            epoch = {'time': float(found.group(2))}
+            epoch.update((k, float(v)) for k, v in EPOCH_PAIR.findall(found.group(3)))
+            epochs[int(found.group(1))] = epoch
+            continue
+        found = VALUE_LINE.match(line)
+        if found:
+            parts = [_number(p) for p in found.group(2).split(' / ')]
+            values[found.group(1)] = parts[0] if len(parts) == 1 else tuple(parts)
+    return values, epochs
+
+
+class Result:
+    """What one finished run printed: ``result['final accuracy']``, ``.epoch_times``, ...."""
+
+    def __init__(self, name, command, folder, text):
+        self.name, self.command, self.folder, self.text = name, command, folder, text
+        self.values, self.epochs = parse_log(text)
+        self.seconds = sum(float(s) for _, s in EXIT_LINE.findall(text))  # every attempt
+        self.commits = re.findall(r'^# commit (\S+)$', text, re.M)
+
+    def __getitem__(self, name):
+        if name not in self.values:
+            raise KeyError(f'run {self.name} printed no "{name}: ..." line ({self.log})')
+        return self.values[name]
+
+    def get(self, name, default=None):
+        return self.values.get(name, default)
+
+    @property
+    def log(self):
+        return self.folder / 'output.log'
+
+    @property
+    def epoch_times(self):
+        return [self.epochs[e]['time'] for e in sorted(self.epochs)]
+
+    @property
+    def checkpoint(self):
+        """The run's last.pth: its ``saved`` line, else the one last.pth in its folder."""
+        saved = SAVED_LINE.findall(self.text)
+        if saved:
+            return (self.folder / saved[-1]).resolve()
+        found = sorted(self.folder.glob('save/**/last.pth'))
+        if len(found) != 1:
+            raise RunFailed(f'run {self.name}: {len(found)} last.pth files under {self.folder}')
+        return found[0]
+
+
+def add_arguments(parser, out, jobs=1):
+    """The harness's options, the same in every benchmark script."""
+    group = parser.add_argument_group('sweep harness (benchmarks/harness.py)')
+    group.add_argument(
+        '--out', default=out, help='runs, logs and tables (relative: to the repository root)'
+    )
+    group.add_argument('--jobs', type=int, default=jobs, help='runs at once')
+    group.add_argument('--threads', type=int, default=1, help='intra-op threads of each run')
+    group.add_argument('--nice', type=int, default=0, help='run every command under nice -n N')
+    group.add_argument(
+        '--stop_after', type=float, default=None, help='start no run after this many minutes'
+    )
+    group.add_argument(
+        '--dry_run', action='store_true', help='run nothing: list the runs to do, print the tables'
+    )
+    return parser
+
+
+def code_version():
+    """The commit of the working tree, ``+dirty`` when tracked files differ from it."""
+
+    def git(*args):
+        done = subprocess.run(['git', *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ''
+
+    commit = git('rev-parse', '--short=12', 'HEAD') or 'unknown'
+    return commit + ('+dirty' if git('status', '--porcelain', '--untracked-files=no') else '')
+
+
+def mean_std(values, digits=2):
+    """``mean ± std`` (sample standard deviation, n - 1) of the values that are not None."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return '-'
+    if len(values) == 1:
+        return f'{values[0]:.{digits}f} (1 seed)'
+    return f'{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}'
+
+
+def each(values, digits=2):
+    """The per-seed values, ``a / b / c`` (``-`` for a missing one)."""
+    return ' / '.join('-' if v is None else f'{v:.{digits}f}' for v in values)
+
+
+def table(header, rows):
+    """A markdown table of a header row and rows of cells."""
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+class Sweep:
+    def __init__(self, args):
+        if args.jobs < 1 or args.threads < 1:
+            raise SystemExit('error: --jobs and --threads must be 1 or more')
+        self.out = Path(args.out) if os.path.isabs(args.out) else REPO / args.out
+        self.dry_run, self.nice, self.threads = args.dry_run, args.nice, args.threads
+        self.deadline = None if args.stop_after is None else time.time() + 60 * args.stop_after
+        self.slots = threading.BoundedSemaphore(args.jobs)
+        self.failed = threading.Event()
+        self.stopping = None  # the signal that stops the sweep
+        self.children = set()
+        self.lock = threading.RLock()  # RLock: the signal handler may interrupt its holder
+        self.results, self.todo, self.names = [], [], set()
+        self.commit = code_version()
+        self.started = time.time()
+
+    def say(self, *words):
+        with self.lock:
+            print(time.strftime('[%H:%M:%S]'), *words, flush=True)
+
+    def env(self):
+        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+        threads = str(self.threads)
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED='1')
+        return env
+
+    # ------------------------------------------------------------------ one run
+
+    def run(self, name, script, args, resume=None):
+        """``python <script> args`` in ``<out>/runs/<name>/`` unless it finished before.
+
+        ``script`` is relative to the repository root. ``resume``: continue an interrupted run
+        with ``--resume auto`` (default: for main_supcon / main_ce / main_linear); otherwise it
+        starts again in an emptied folder. Returns the Result; raises RunFailed, or NotRun when
+        the run is not started (see the module's docstring).
+        """
+        if not re.fullmatch(r'[\w.=+-]+', name):
+            raise ValueError(f'run name {name!r}: letters, digits and ._=+- only')
+        with self.lock:
+            if name in self.names:
+                raise ValueError(f'run name {name!r} used twice in one sweep')
+            self.names.add(name)
+        command = ['python', script] + [str(a) for a in args]
+        folder = self.out / 'runs' / name
+        log = folder / 'output.log'
+        text = log.read_text() if log.exists() else ''
+        first = re.search(r'^# command (.*)$', text, re.M)
+        if first and first.group(1) != ' '.join(command):
+            raise RunFailed(
+                f'run {name}: {log} holds another command ({first.group(1)}); give this sweep'
+                f' another --out, or delete {folder} to run it anew'
+            )
+        exits = EXIT_LINE.findall(text)
+        if exits and exits[-1][0] == '0':
+            return self._finished(name, command, folder, log.read_text())
+        state = 'interrupted' if text else 'to run'
+        if self.dry_run:
+            with self.lock:
+                self.todo.append(f'{name} ({state}): {" ".join(command)}')
+            raise NotRun(name)
+        with self.slots:
+            if self.failed.is_set() or self.stopping:
+                raise NotRun(f'{name}: the sweep is stopping')
+            if self.deadline is not None and time.time() > self.deadline:
+                with self.lock:
+                    self.todo.append(f'{name} ({state}, after --stop_after)')
+                raise NotRun(f'{name}: --stop_after')
+            try:
+                self._execute(name, script, command, folder, log, text, resume)
+            except RunFailed:
+                self.failed.set()
+                raise
+        return self._finished(name, command, folder, log.read_text())
+
+    def _execute(self, name, script, command, folder, log, text, resume):
+        if resume is None:
+            resume = Path(script).name in RESUMABLE
+        argv = command[1:]
+        resumed = bool(text and resume)
+        if resumed:
+            argv = argv + ['--resume', 'auto']
+        elif text:  # a script that cannot continue starts again from nothing
+            for path in folder.iterdir():
+                if path != log:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        prefix = ['nice', '-n', str(self.nice)] if self.nice else []
+        argv[0] = str(REPO / argv[0])
+        attempt = 1 + len(re.findall(r'^# started ', text, re.M))
+        how = ', with --resume auto' if resumed else ''
+        self.say(f'[start] {name}{how}')
+        start = time.time()
+        with open(log, 'a') as handle:
+            if not text:
+                handle.write(f'# command {" ".join(command)}\n')
+            handle.write(f'# commit {self.commit}\n')
+            when = time.strftime('%Y-%m-%d %H:%M:%S %z')
+            handle.write(f'# started {when}, attempt {attempt}{how}\n')
+            handle.flush()
+            with self.lock:
+                if self.stopping:
+                    raise NotRun(f'{name}: stopped by signal {self.stopping}')
+                child = subprocess.Popen(
+                    prefix + [sys.executable] + argv,
+                    cwd=folder,
+                    env=self.env(),
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                )
+                self.children.add(child)
+            code = child.wait()
+            with self.lock:
+                self.children.discard(child)
+            seconds = time.time() - start
+            handle.write(f'# exit {code} after {seconds:.1f} s\n')
+        if code != 0 and self.stopping:
+            raise NotRun(f'{name}: stopped by signal {self.stopping}')
+        if code != 0:
+            tail = ''.join(log.read_text().splitlines(True)[-12:])
+            raise RunFailed(f'run {name} exited {code} after {seconds:.0f} s ({log}):\n{tail}')
+        self.say(f'[done ] {name} in {seconds:.0f} s')
+
+    def _finished(self, name, command, folder, text):
+        result = Result(name, command, folder, text)
+        with self.lock:
+            self.results.append(result)
+        return result
+
+    def stop(self, signum, frame=None):
+        """A signal handler: pass the signal on to the running scripts (they save their position
+        and exit) and start no new run; the next call resumes them."""
+        os.write(2, f'signal {signum}: stopping the runs; call again to continue\n'.encode())
+        with self.lock:
+            self.stopping = signum
+            for child in self.children:
+                child.send_signal(signum)
+
+    # ------------------------------------------------------------------ many runs
+
+    def map(self, job, items):
+        """``[job(*item) for item in items]`` in threads (``--jobs`` runs at a time overall).
+
+        A job that raised NotRun gives None. After a failure the jobs still running finish;
+        then the first failure is raised.
+        """
+        items = [item if isinstance(item, tuple) else (item,) for item in items]
+        if not items:
+            return []
+        with ThreadPoolExecutor(max_workers=len(items)) as pool:
+            futures = [pool.submit(job, *item) for item in items]
+        results, errors = [], []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except NotRun:
+                results.append(None)
+            except Exception as exc:  # raised below, once the others have finished
+                results.append(None)
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return results
+
+    def choose_rate(self, score, rates, ladder=(), max_extensions=0):
+        """The rate of the highest ``score(rate)``, and ``{rate: score}``.
+
+        ``score`` runs the validation runs of one rate and returns a number or a tuple (compared
+        in order; ties go to the smaller rate). While the best rate is the smallest or the
+        largest tried, the next rate of ``ladder`` beyond it is tried too, at most
+        ``max_extensions`` times, so that a winner at the edge of the grid is not taken for the
+        optimum. Raises NotRun while a score is missing.
+        """
+        scores = dict(zip(rates, self.map(score, rates)))
+        for _ in range(max_extensions):
+            tried = sorted(scores)
+            if any(scores[r] is None for r in tried):
+                break
+            best = max(tried, key=lambda r: (scores[r], -r))
+            step = -1 if best == tried[0] else 1 if best == tried[-1] else 0
+            index = ladder.index(best) + step if best in ladder else -1
+            if not step or not 0 <= index < len(ladder) or ladder[index] in scores:
+                break
+            self.say(f'best rate so far {best}, at the edge of {tried}: trying {ladder[index]}')
+            scores[ladder[index]] = score(ladder[index])
+        if any(v is None for v in scores.values()):
+            raise NotRun('a validation run is missing')
+        return max(sorted(scores), key=lambda r: (scores[r], -r)), scores
+
+    # ------------------------------------------------------------------ the record
+
+    def report(self, title, sections, argv=None):
+        """Print the tables and write them to ``<out>/<slug of title>.md`` with the benchmark's
+        command, the commits its runs were measured on, and every run's command line."""
+        argv = sys.argv if argv is None else argv
+        script = os.path.relpath(os.path.abspath(argv[0]), REPO)
+        results = sorted(self.results, key=lambda r: r.name)
+        commits = {}
+        for result in results:
+            for commit in dict.fromkeys(result.commits):
+                commits[commit] = commits.get(commit, 0) + 1
+        lines = [
+            f'# {title}',
+            '',
+            f'Command: `python {" ".join([script] + argv[1:])}`',
+            '',
+            'Measured on: '
+            + (', '.join(f'{c} ({n} runs)' for c, n in commits.items()) or 'no run finished')
+            + f'; {len(results)} runs finished, {sum(r.seconds for r in results):.0f} s of runs.',
+        ]
+        if self.todo:
+            lines += ['', f'Not finished ({len(self.todo)} runs): ' + '; '.join(self.todo)]
+        for heading, body in sections:
+            lines += ['', f'## {heading}', '', body]
+        lines += ['', '## Runs', '', '```']
+        lines += [f'{r.name}: {" ".join(r.command)}' for r in results] + ['```']
+        text = '\n'.join(lines) + '\n'
+        slug = re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')
+        path = self.out / f'{slug}.md'
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        for heading, body in sections:
+            print(f'\n{heading}\n\n{body}')
+        print(f'\n{len(results)} runs finished, {len(self.todo)} not; written to {path}')
+        return path
+
+
+def main(build, run_sweep, argv=None):
+    """A benchmark script's ``__main__``: parse with ``build()``, then ``run_sweep(args, sweep)``;
+    a failed run ends the script with its error (exit 1)."""
+    args = build().parse_args(argv)
+    sweep = Sweep(args)
+    signal.signal(signal.SIGTERM, sweep.stop)
+    try:
+        run_sweep(args, sweep)
+    except RunFailed as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        sys.exit(1)
+    except NotRun:
+        if sweep.stopping:
+            sys.exit(128 + sweep.stopping)
+        print(f'stopped: {len(sweep.todo)} runs to do before the next step', file=sys.stderr)
+        for line in sweep.todo:
+            print(f'  {line}', file=sys.stderr)
