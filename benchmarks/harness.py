@@ -27,6 +27,8 @@ The harness drives the scripts by their command lines and reads only their print
 (``name: value``, ``epoch N, total time T, ...``, ``saved PATH``); it imports nothing of supcon.
 """
 
+import heapq
+import itertools
 import os
 import re
 import shutil
@@ -177,6 +179,41 @@ def table(header, rows):
     return '\n'.join(lines)
 
 
+class _Slots:
+    """``--jobs`` slots, given to the waiting run of the lowest priority (the job's place in its
+    map) first. A finished run's slot is kept for its job's next run for up to a second, so that
+    a chain (pretraining -> linear) runs to its end before the next job starts."""
+
+    def __init__(self, count):
+        self.free, self.waiting, self.kept, self.until = count, [], None, 0.0
+        self.condition, self.tickets = threading.Condition(), itertools.count()
+
+    def acquire(self, priority):
+        with self.condition:
+            entry = (priority, next(self.tickets))
+            heapq.heappush(self.waiting, entry)
+            while not (
+                self.free
+                and self.waiting[0] == entry
+                and (self.kept in (None, priority) or time.monotonic() > self.until)
+            ):
+                self.condition.wait(0.1)
+            heapq.heappop(self.waiting)
+            self.free, self.kept = self.free - 1, None
+            self.condition.notify_all()
+
+    def release(self, priority):
+        with self.condition:
+            self.free, self.kept, self.until = self.free + 1, priority, time.monotonic() + 1
+            self.condition.notify_all()
+
+    def job_done(self, priority):
+        with self.condition:
+            if self.kept == priority:
+                self.kept = None
+                self.condition.notify_all()
+
+
 class Sweep:
     def __init__(self, args):
         if args.jobs < 1 or args.threads < 1:
@@ -184,7 +221,8 @@ class Sweep:
         self.out = Path(args.out) if os.path.isabs(args.out) else REPO / args.out
         self.dry_run, self.nice, self.threads = args.dry_run, args.nice, args.threads
         self.deadline = None if args.stop_after is None else time.time() + 60 * args.stop_after
-        self.slots = threading.BoundedSemaphore(args.jobs)
+        self.slots = _Slots(args.jobs)
+        self.local = threading.local()  # the priority of the job this thread runs
         self.failed = threading.Event()
         self.stopping = None  # the signal that stops the sweep
         self.children = set()
@@ -237,18 +275,21 @@ class Sweep:
             with self.lock:
                 self.todo.append(f'{name} ({state}): {" ".join(command)}')
             raise NotRun(name)
-        with self.slots:
+        priority = getattr(self.local, 'priority', ())
+        self.slots.acquire(priority)
+        try:
             if self.failed.is_set() or self.stopping:
                 raise NotRun(f'{name}: the sweep is stopping')
             if self.deadline is not None and time.time() > self.deadline:
                 with self.lock:
                     self.todo.append(f'{name} ({state}, after --stop_after)')
                 raise NotRun(f'{name}: --stop_after')
-            try:
-                self._execute(name, script, command, folder, log, text, resume)
-            except RunFailed:
-                self.failed.set()
-                raise
+            self._execute(name, script, command, folder, log, text, resume)
+        except RunFailed:
+            self.failed.set()
+            raise
+        finally:
+            self.slots.release(priority)
         return self._finished(name, command, folder, log.read_text())
 
     def _execute(self, name, script, command, folder, log, text, resume):
@@ -293,6 +334,8 @@ class Sweep:
             seconds = time.time() - start
             handle.write(f'# exit {code} after {seconds:.1f} s\n')
         if code != 0 and self.stopping:
+            with self.lock:
+                self.todo.append(f'{name} (stopped by signal {self.stopping})')
             raise NotRun(f'{name}: stopped by signal {self.stopping}')
         if code != 0:
             tail = ''.join(log.read_text().splitlines(True)[-12:])
@@ -319,14 +362,24 @@ class Sweep:
     def map(self, job, items):
         """``[job(*item) for item in items]`` in threads (``--jobs`` runs at a time overall).
 
+        Runs start in the order of the items, each job's chain of runs before the next job's.
         A job that raised NotRun gives None. After a failure the jobs still running finish;
-        then the first failure is raised.
+        then the first failure is raised; after a signal (``stop``), NotRun.
         """
         items = [item if isinstance(item, tuple) else (item,) for item in items]
         if not items:
             return []
+        parent = getattr(self.local, 'priority', ())
+
+        def call(index, item):
+            self.local.priority = parent + (index,)
+            try:
+                return job(*item)
+            finally:
+                self.slots.job_done(self.local.priority)
+
         with ThreadPoolExecutor(max_workers=len(items)) as pool:
-            futures = [pool.submit(job, *item) for item in items]
+            futures = [pool.submit(call, i, item) for i, item in enumerate(items)]
         results, errors = [], []
         for future in futures:
             try:
@@ -338,6 +391,8 @@ class Sweep:
                 errors.append(exc)
         if errors:
             raise errors[0]
+        if self.stopping:
+            raise NotRun(f'stopped by signal {self.stopping}')
         return results
 
     def choose_rate(self, score, rates, ladder=(), max_extensions=0):
