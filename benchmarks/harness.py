@@ -1,30 +1,24 @@
 """The one sweep harness of the multi-seed benchmarks: runs, resume, logs, rate choice, tables.
 
-A benchmark script only says which command lines to run and what table to make of their output:
-
     sweep = harness.Sweep(args)                       # args from harness.add_arguments(parser)
     pre = sweep.run('supcon_s0', 'main_supcon.py', [...])
     lin = sweep.run('supcon_s0_linear', 'main_linear.py', [..., '--ckpt', pre.checkpoint])
     lin['final accuracy'], pre.epoch_times
 
-A run is one command line (``python <script> args``) with its own working folder
-``<out>/runs/<name>/``: the scripts write ``./save/...`` there, and the harness writes the run's
-output to ``output.log`` in it, between lines of its own that start with ``#`` (the command, the
-code's commit, the start, the exit code and seconds). A run whose log ends in ``# exit 0`` is
-finished: it is read, never run again. A run whose log has no such end was interrupted (or
-failed) and runs again, with ``--resume auto`` added for the training scripts (they continue from
-their last saved position), or from an empty folder where a script cannot resume. So a sweep
-killed at any point continues where it stopped when called again, in this session or a later one.
-A log that holds another command than the one asked for is an error, never silently reused.
+A run is one command line with its own working folder ``<out>/runs/<name>/`` (the scripts write
+``./save/`` there) and log ``output.log``, where the harness adds lines of its own that start with
+``#`` (command, commit, start, exit code and seconds). A run whose log ends in ``# exit 0`` is
+finished: it is read, not run again. Any other run starts again: the training scripts with
+``--resume auto`` (they continue from their last saved position), others in an emptied folder.
+So a sweep stopped at any point continues where it stopped when called again, in this session or
+a later one. A log that holds another command than the one asked for is an error.
 
-``Sweep.map`` runs jobs (a job may chain runs: pretraining -> linear -> retrieval) in threads;
-``--jobs`` runs execute at once, each with ``--threads`` intra-op threads, under ``nice -n
---nice``. After a failure no new run starts, the running ones finish, then the failure is raised.
-``--stop_after`` starts no run after that many minutes; ``--dry_run`` starts none and lists the
-runs to do: both still print the tables of what is finished.
-
-The harness drives the scripts by their command lines and reads only their printed lines
-(``name: value``, ``epoch N, total time T, ...``, ``saved PATH``); it imports nothing of supcon.
+``Sweep.map`` runs jobs (a job may chain runs: pretraining -> linear -> retrieval) in threads,
+``--jobs`` runs at once, each with ``--threads`` intra-op threads. After a failure no new run
+starts, the running ones finish, then the failure is raised; SIGTERM is passed on to the running
+scripts (which save and stop). ``--stop_after`` starts no run after that many minutes,
+``--dry_run`` none at all: both still print the tables of what is finished. The harness drives
+the scripts by their command lines and reads their printed lines; it imports nothing of supcon.
 """
 
 import heapq
@@ -38,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,10 +57,6 @@ class NotRun(Exception):
     """A run was not started: --dry_run, --stop_after, or the sweep stopped after a failure."""
 
 
-def _number(text):
-    return None if text == '-' else float(text)
-
-
 def parse_log(text):
     """The printed values of a run's output: ``({name: value}, {epoch: {'time': T, ...}})``.
 
@@ -76,17 +67,15 @@ def parse_log(text):
     """
     values, epochs = {}, {}
     for line in text.splitlines():
-        if line.startswith('#'):
-            continue
-        found = EPOCH_LINE.match(line)
+        found = None if line.startswith('#') else EPOCH_LINE.match(line)
         if found:
             epoch = {'time': float(found.group(2))}
             epoch.update((k, float(v)) for k, v in EPOCH_PAIR.findall(found.group(3)))
             epochs[int(found.group(1))] = epoch
             continue
-        found = VALUE_LINE.match(line)
+        found = None if line.startswith('#') else VALUE_LINE.match(line)
         if found:
-            parts = [_number(p) for p in found.group(2).split(' / ')]
+            parts = [None if p == '-' else float(p) for p in found.group(2).split(' / ')]
             values[found.group(1)] = parts[0] if len(parts) == 1 else tuple(parts)
     return values, epochs
 
@@ -96,7 +85,7 @@ class Result:
 
     def __init__(self, name, command, folder, text):
         self.name, self.command, self.folder, self.text = name, command, folder, text
-        self.values, self.epochs = parse_log(text)
+        self.log, (self.values, self.epochs) = folder / 'output.log', parse_log(text)
         self.seconds = sum(float(s) for _, s in EXIT_LINE.findall(text))  # every attempt
         self.commits = re.findall(r'^# commit (\S+)$', text, re.M)
 
@@ -107,10 +96,6 @@ class Result:
 
     def get(self, name, default=None):
         return self.values.get(name, default)
-
-    @property
-    def log(self):
-        return self.folder / 'output.log'
 
     @property
     def epoch_times(self):
@@ -130,19 +115,13 @@ class Result:
 
 def add_arguments(parser, out, jobs=1):
     """The harness's options, the same in every benchmark script."""
-    group = parser.add_argument_group('sweep harness (benchmarks/harness.py)')
-    group.add_argument(
-        '--out', default=out, help='runs, logs and tables (relative: to the repository root)'
-    )
-    group.add_argument('--jobs', type=int, default=jobs, help='runs at once')
-    group.add_argument('--threads', type=int, default=1, help='intra-op threads of each run')
-    group.add_argument('--nice', type=int, default=0, help='run every command under nice -n N')
-    group.add_argument(
-        '--stop_after', type=float, default=None, help='start no run after this many minutes'
-    )
-    group.add_argument(
-        '--dry_run', action='store_true', help='run nothing: list the runs to do, print the tables'
-    )
+    add = parser.add_argument_group('sweep harness (benchmarks/harness.py)').add_argument
+    add('--out', default=out, help='runs, logs, tables (relative: to the repository root)')
+    add('--jobs', type=int, default=jobs, help='runs at once')
+    add('--threads', type=int, default=1, help='intra-op threads of each run')
+    add('--nice', type=int, default=0, help='run every command under nice -n N')
+    add('--stop_after', type=float, help='start no run after this many minutes')
+    add('--dry_run', action='store_true', help='run nothing: list the runs to do, print tables')
     return parser
 
 
@@ -227,9 +206,8 @@ class Sweep:
         self.stopping = None  # the signal that stops the sweep
         self.children = set()
         self.lock = threading.RLock()  # RLock: the signal handler may interrupt its holder
-        self.results, self.todo, self.names = [], [], set()
+        self.results, self.todo, self.runs = [], [], {}
         self.commit = code_version()
-        self.started = time.time()
 
     def say(self, *words):
         with self.lock:
@@ -248,16 +226,32 @@ class Sweep:
 
         ``script`` is relative to the repository root. ``resume``: continue an interrupted run
         with ``--resume auto`` (default: for main_supcon / main_ce / main_linear); otherwise it
-        starts again in an emptied folder. Returns the Result; raises RunFailed, or NotRun when
-        the run is not started (see the module's docstring).
+        starts again in an emptied folder. Jobs that ask for one run (same name and command)
+        share it. Returns the Result; raises RunFailed, or NotRun when the run is not started.
         """
         if not re.fullmatch(r'[\w.=+-]+', name):
             raise ValueError(f'run name {name!r}: letters, digits and ._=+- only')
-        with self.lock:
-            if name in self.names:
-                raise ValueError(f'run name {name!r} used twice in one sweep')
-            self.names.add(name)
         command = ['python', script] + [str(a) for a in args]
+        with self.lock:
+            first = name not in self.runs
+            shared = self.runs.setdefault(name, {'command': command, 'done': threading.Event()})
+        if shared['command'] != command:
+            raise ValueError(f'run name {name!r} asked for with two commands in one sweep')
+        if not first:
+            shared['done'].wait()
+            if 'error' in shared:
+                raise shared['error']
+            return shared['result']
+        try:
+            shared['result'] = self._run(name, script, command, resume)
+            return shared['result']
+        except Exception as exc:
+            shared['error'] = exc
+            raise
+        finally:
+            shared['done'].set()
+
+    def _run(self, name, script, command, resume):
         folder = self.out / 'runs' / name
         log = folder / 'output.log'
         text = log.read_text() if log.exists() else ''
@@ -272,8 +266,7 @@ class Sweep:
             return self._finished(name, command, folder, log.read_text())
         state = 'interrupted' if text else 'to run'
         if self.dry_run:
-            with self.lock:
-                self.todo.append(f'{name} ({state}): {" ".join(command)}')
+            self.todo.append(f'{name} ({state}): {" ".join(command)}')
             raise NotRun(name)
         priority = getattr(self.local, 'priority', ())
         self.slots.acquire(priority)
@@ -281,8 +274,7 @@ class Sweep:
             if self.failed.is_set() or self.stopping:
                 raise NotRun(f'{name}: the sweep is stopping')
             if self.deadline is not None and time.time() > self.deadline:
-                with self.lock:
-                    self.todo.append(f'{name} ({state}, after --stop_after)')
+                self.todo.append(f'{name} ({state}, after --stop_after)')
                 raise NotRun(f'{name}: --stop_after')
             self._execute(name, script, command, folder, log, text, resume)
         except RunFailed:
@@ -293,19 +285,14 @@ class Sweep:
         return self._finished(name, command, folder, log.read_text())
 
     def _execute(self, name, script, command, folder, log, text, resume):
-        if resume is None:
-            resume = Path(script).name in RESUMABLE
-        argv = command[1:]
-        resumed = bool(text and resume)
-        if resumed:
-            argv = argv + ['--resume', 'auto']
-        elif text:  # a script that cannot continue starts again from nothing
+        resumed = bool(text and (Path(script).name in RESUMABLE if resume is None else resume))
+        argv = [str(REPO / script)] + command[2:] + (['--resume', 'auto'] if resumed else [])
+        if text and not resumed:  # a script that cannot continue starts again from nothing
             for path in folder.iterdir():
                 if path != log:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
         folder.mkdir(parents=True, exist_ok=True)
         prefix = ['nice', '-n', str(self.nice)] if self.nice else []
-        argv[0] = str(REPO / argv[0])
         attempt = 1 + len(re.findall(r'^# started ', text, re.M))
         how = ', with --resume auto' if resumed else ''
         self.say(f'[start] {name}{how}')
@@ -313,20 +300,15 @@ class Sweep:
         with open(log, 'a') as handle:
             if not text:
                 handle.write(f'# command {" ".join(command)}\n')
-            handle.write(f'# commit {self.commit}\n')
             when = time.strftime('%Y-%m-%d %H:%M:%S %z')
-            handle.write(f'# started {when}, attempt {attempt}{how}\n')
+            handle.write(f'# commit {self.commit}\n# started {when}, attempt {attempt}{how}\n')
             handle.flush()
             with self.lock:
                 if self.stopping:
                     raise NotRun(f'{name}: stopped by signal {self.stopping}')
-                child = subprocess.Popen(
-                    prefix + [sys.executable] + argv,
-                    cwd=folder,
-                    env=self.env(),
-                    stdout=handle,
-                    stderr=subprocess.STDOUT,
-                )
+                command = prefix + [sys.executable] + argv
+                child = subprocess.Popen(command, cwd=folder, env=self.env(), stdout=handle,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
                 self.children.add(child)
             code = child.wait()
             with self.lock:
@@ -334,8 +316,7 @@ class Sweep:
             seconds = time.time() - start
             handle.write(f'# exit {code} after {seconds:.1f} s\n')
         if code != 0 and self.stopping:
-            with self.lock:
-                self.todo.append(f'{name} (stopped by signal {self.stopping})')
+            self.todo.append(f'{name} (stopped by signal {self.stopping})')
             raise NotRun(f'{name}: stopped by signal {self.stopping}')
         if code != 0:
             tail = ''.join(log.read_text().splitlines(True)[-12:])
@@ -343,10 +324,9 @@ class Sweep:
         self.say(f'[done ] {name} in {seconds:.0f} s')
 
     def _finished(self, name, command, folder, text):
-        result = Result(name, command, folder, text)
         with self.lock:
-            self.results.append(result)
-        return result
+            self.results.append(Result(name, command, folder, text))
+            return self.results[-1]
 
     def stop(self, signum, frame=None):
         """A signal handler: pass the signal on to the running scripts (they save their position
@@ -428,19 +408,11 @@ class Sweep:
         argv = sys.argv if argv is None else argv
         script = os.path.relpath(os.path.abspath(argv[0]), REPO)
         results = sorted(self.results, key=lambda r: r.name)
-        commits = {}
-        for result in results:
-            for commit in dict.fromkeys(result.commits):
-                commits[commit] = commits.get(commit, 0) + 1
-        lines = [
-            f'# {title}',
-            '',
-            f'Command: `python {" ".join([script] + argv[1:])}`',
-            '',
-            'Measured on: '
-            + (', '.join(f'{c} ({n} runs)' for c, n in commits.items()) or 'no run finished')
-            + f'; {len(results)} runs finished, {sum(r.seconds for r in results):.0f} s of runs.',
-        ]
+        commits = Counter(c for r in results for c in dict.fromkeys(r.commits))
+        measured = ', '.join(f'{c} ({n} runs)' for c, n in commits.items()) or 'no run finished'
+        seconds = sum(r.seconds for r in results)
+        lines = [f'# {title}', '', f'Command: `python {" ".join([script] + argv[1:])}`', '']
+        lines += [f'Measured on: {measured}; {len(results)} runs finished, {seconds:.0f} s of runs']
         if self.todo:
             lines += ['', f'Not finished ({len(self.todo)} runs): ' + '; '.join(self.todo)]
         for heading, body in sections:
@@ -455,6 +427,7 @@ class Sweep:
         for heading, body in sections:
             print(f'\n{heading}\n\n{body}')
         print(f'\n{len(results)} runs finished, {len(self.todo)} not; written to {path}')
+        print(''.join(f'  not finished: {line}\n' for line in self.todo), end='')
         return path
 
 
@@ -472,6 +445,5 @@ def main(build, run_sweep, argv=None):
     except NotRun:
         if sweep.stopping:
             sys.exit(128 + sweep.stopping)
-        print(f'stopped: {len(sweep.todo)} runs to do before the next step', file=sys.stderr)
-        for line in sweep.todo:
-            print(f'  {line}', file=sys.stderr)
+        todo = ''.join(f'\n  {line}' for line in sweep.todo)
+        print(f'stopped: {len(sweep.todo)} runs to do before the next step:{todo}', file=sys.stderr)
