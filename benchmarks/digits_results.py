@@ -81,15 +81,21 @@ def choose(sweep, args, method):
     return sweep.choose_rate(score, START, LADDER, max_extensions=3)
 
 
+def method_job(sweep, args, method):
+    """(rate, validation scores, the seeds' runs) of one method: its search, then its seeds, which
+    start as soon as its own rate is chosen."""
+    lr, scores = choose(sweep, args, method)
+    runs = sweep.map(lambda s: method_run(sweep, args, method, lr, s, False), args.seeds)
+    return lr, scores, runs
+
+
 def run_sweep(args, sweep):
-    choices = dict(zip(args.methods, sweep.map(lambda m: choose(sweep, args, m), args.methods)))
-    methods = [m for m in args.methods if choices[m] is not None]
-    tests = [(m, s) for m in methods for s in args.seeds]
-    runs = sweep.map(lambda m, s: method_run(sweep, args, m, choices[m][0], s, False), tests)
-    runs = dict(zip(tests, runs))
+    done = dict(zip(args.methods, sweep.map(lambda m: method_job(sweep, args, m), args.methods)))
+    methods = [m for m in args.methods if done[m] is not None]
+    runs = {(m, s): r for m in methods for s, r in zip(args.seeds, done[m][2])}
     rows = []
     for m in methods:
-        lr, scores = choices[m]
+        lr, scores, _ = done[m]
         search = ', '.join(
             ('**{}: {:.2f}**' if r == lr else '{}: {:.2f}').format(r, scores[r][0])
             for r in sorted(scores)

@@ -445,5 +445,5 @@ def main(build, run_sweep, argv=None):
     except NotRun:
         if sweep.stopping:
             sys.exit(128 + sweep.stopping)
-        todo = ''.join(f'\n  {line}' for line in sweep.todo)
-        print(f'stopped: {len(sweep.todo)} runs to do before the next step:{todo}', file=sys.stderr)
+        todo = ''.join(f'\n  not finished: {line}' for line in sweep.todo)
+        print(f'stopped: {len(sweep.todo)} runs to do before the next step{todo}', file=sys.stderr)

@@ -66,15 +66,21 @@ def choose(sweep, args, config):
     return sweep.choose_rate(score, LRS)
 
 
+def config_job(sweep, args, config):
+    """(rate, validation scores, the seeds' runs): the search, then the seeds at its rate."""
+    lr, scores = choose(sweep, args, config)
+    runs = sweep.map(lambda s: config_run(sweep, args, config, lr, s, False), args.seeds)
+    return lr, scores, runs
+
+
 def run_sweep(args, sweep):
     if args.positives_only:
         print(positives_table())
         return
-    choices = dict(zip(args.configs, sweep.map(lambda c: choose(sweep, args, c), args.configs)))
-    configs = [c for c in args.configs if choices[c] is not None]
-    tests = [(c, s) for c in configs for s in args.seeds]
-    runs = dict(zip(tests, sweep.map(
-        lambda c, s: config_run(sweep, args, c, choices[c][0], s, False), tests)))  # fmt: skip
+    done = dict(zip(args.configs, sweep.map(lambda c: config_job(sweep, args, c), args.configs)))
+    configs = [c for c in args.configs if done[c] is not None]
+    choices = {c: done[c][:2] for c in configs}
+    runs = {(c, s): r for c in configs for s, r in zip(args.seeds, done[c][2])}
     rows = []
     for c in configs:
         lr, scores = choices[c]
@@ -82,11 +88,11 @@ def run_sweep(args, sweep):
             ('**{}: {:.2f}**' if r == lr else '{}: {:.2f}').format(r, scores[r][0])
             for r in sorted(scores)
         )
-        done = [runs[c, s] for s in args.seeds]
-        overall = [r and r[1]['final accuracy'] for r in done]
-        per_class = [r and r[1]['mean per-class accuracy'] for r in done]
-        few = [r and r[1][FEW][2] for r in done]
-        last = [r and r[0].epochs[max(r[0].epochs)] for r in done]
+        tested = [runs[c, s] for s in args.seeds]
+        overall = [r and r[1]['final accuracy'] for r in tested]
+        per_class = [r and r[1]['mean per-class accuracy'] for r in tested]
+        few = [r and r[1][FEW][2] for r in tested]
+        last = [r and r[0].epochs[max(r[0].epochs)] for r in tested]
         positives = harness.mean_std([e and e['positives_per_anchor'] for e in last], 1)
         lonely = harness.mean_std([e and e['anchors_without_positive'] for e in last], 3)
         each = ', '.join(harness.each(v) for v in zip(overall, per_class, few))

@@ -8,9 +8,9 @@ chosen by the seed; the SimCLR encoders get them with ``main_linear.py --labelle
 
 - ``partial``: SupCon on every image, the labels of F kept, the rest unlabelled (-1);
 - ``simclr``: SimCLR on every image (no labels; one pretraining a seed serves every F);
-- ``labonly``: SupCon on the labelled images alone (``--labelled_only``), for EPOCHS / F epochs so
-  that it sees as many images as the others, in batches of BATCH_LABONLY (F = 0.1 of the search's
-  training part is fewer images than BATCH).
+- ``labonly``: SupCon on the labelled images alone (``--labelled_only``), for ``--epochs`` / F
+  epochs so that it sees as many images as the others, in batches of BATCH_LABONLY (F = 0.1 of the
+  search's training part is fewer images than BATCH).
 
 Stage ``search`` chooses each method's rate from SEARCH: seed 0, the smallest F, both stages on the
 training images less a stratified 20% (``--val_split 0.2``), scored by the linear ``final
@@ -55,9 +55,9 @@ def pretrain_and_probe(sweep, name, data, pretrain, linear, seed, val, batch=BAT
     return sweep.run(f'{name}_linear', 'main_linear.py', linear)
 
 
-def partial_run(sweep, method, fraction, lr, seed, val=False):
+def partial_run(sweep, epochs, method, fraction, lr, seed, val=False):
     data = ['--dataset', 'digits', '--size', SIZE]
-    epochs = round(EPOCHS / fraction) if method == 'labonly' else EPOCHS
+    epochs = round(epochs / fraction) if method == 'labonly' else epochs
     pretrain, linear = ['--learning_rate', lr, '--epochs', epochs], []
     if method == 'simclr':
         pretrain += ['--method', 'SimCLR']
@@ -74,14 +74,14 @@ def partial_run(sweep, method, fraction, lr, seed, val=False):
     return result['final accuracy']
 
 
-def multi_run(sweep, rule, lr, seed):
+def multi_run(sweep, epochs, rule, lr, seed):
     folder = sweep.out / 'two_digits'
     build = ['--out', folder]
     sweep.run('two_digits', 'benchmarks/two_digits_csv.py', build, resume=False)
     mean, std = (folder / 'mean_std.txt').read_text().split('\n')[:2]
     data = ['--dataset', 'csv', '--data_csv', folder / 'train.csv', '--test_csv']
     data += [folder / 'test.csv', '--mean', mean, '--std', std, '--size', MULTI_SIZE]
-    pretrain = ['--learning_rate', lr, '--epochs', EPOCHS]
+    pretrain = ['--learning_rate', lr, '--epochs', epochs]
     pretrain += ['--method', 'SimCLR'] if rule == 'simclr' else ['--multilabel', rule]
     name = f'multi_{rule}_lr{lr}_s{seed}'
     result = pretrain_and_probe(sweep, name, data, pretrain, [], seed, False)
@@ -90,15 +90,24 @@ def multi_run(sweep, rule, lr, seed):
 
 def run_sweep(args, sweep):
     chosen, sections = dict(RATES), []
+
+    def grid(method, fraction, seed):
+        return partial_run(sweep, args.epochs, method, fraction, chosen[method], seed)
+
+    def multi(rule, seed):
+        return multi_run(sweep, args.epochs, rule, chosen[MULTI[rule]], seed)
+
     if 'search' in args.stages:
 
         def choose(method):
-            score = lambda lr: partial_run(sweep, method, FRACTIONS[0], lr, 0, True)  # noqa: E731
+            score = lambda lr: partial_run(sweep, args.epochs, method, FRACTIONS[0], lr, 0, True)  # noqa: E731
             return sweep.choose_rate(score, SEARCH[method])
 
         found = dict(zip(SEARCH, sweep.map(choose, list(SEARCH))))
+        if None in found.values():  # no grid at rates the search has not chosen
+            raise harness.NotRun('the rate search is not finished')
         rows = []
-        for m, (lr, scores) in ((m, c) for m, c in found.items() if c is not None):
+        for m, (lr, scores) in found.items():
             chosen[m] = lr
             rows.append([m, ', '.join(f'{r}: {v:.2f}' for r, v in sorted(scores.items())), lr])
         title = f'Rates (validation, F = {FRACTIONS[0]}, seed 0)'
@@ -107,11 +116,10 @@ def run_sweep(args, sweep):
     for s in args.seeds:  # seed by seed: a call stopped early has every comparison
         if 'grid' in args.stages:
             for f in FRACTIONS:
-                jobs += [(lambda m, f, s: partial_run(sweep, m, f, chosen[m], s), m, f, s)
-                         for m in RATES]  # fmt: skip
+                jobs += [(grid, m, f, s) for m in RATES]
                 keys += [('grid', m, f, s) for m in RATES]
         if 'multi' in args.stages:
-            jobs += [(lambda r, s: multi_run(sweep, r, chosen[MULTI[r]], s), r, s) for r in MULTI]
+            jobs += [(multi, r, s) for r in MULTI]
             keys += [('multi', r, None, s) for r in MULTI]
     scores = dict(zip(keys, sweep.map(lambda job, *item: job(*item), jobs)))
 
@@ -137,6 +145,7 @@ def run_sweep(args, sweep):
 def build():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--epochs', type=int, default=EPOCHS, help='pretraining epochs')
     parser.add_argument(
         '--stages', nargs='+', default=['grid', 'multi'], choices=('search', 'grid', 'multi')
     )

@@ -31,13 +31,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from digits_demo import linear_args, pretrain_args  # noqa: E402
+from digits_demo import EPOCHS, LINEAR_EPOCHS, linear_args, pretrain_args  # noqa: E402
 
 
 def pretrain(sweep, args, name, seed, extra):
     """main_supcon.py --online_probe with the sweep's extra probes (through this file)."""
     lrs = ','.join(str(lr) for lr in args.sweep_lrs)
-    argv = ['--with_probes', lrs, '--'] + pretrain_args(seed) + ['--online_probe'] + extra
+    argv = ['--with_probes', lrs, '--'] + pretrain_args(seed, epochs=args.epochs)
+    argv += ['--online_probe'] + extra
     return sweep.run(name, 'benchmarks/probe_digits.py', argv, resume=False)
 
 
@@ -136,7 +137,8 @@ def build():
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--sweep_lrs', type=float, nargs='+', default=[0.01, 0.03, 0.1, 0.3, 1.0])
     parser.add_argument('--ce_weights', type=float, nargs='+', default=[0.0, 0.5, 1.0])
-    parser.add_argument('--linear_epochs', type=int, default=20)
+    parser.add_argument('--epochs', type=int, default=EPOCHS, help='pretraining epochs')
+    parser.add_argument('--linear_epochs', type=int, default=LINEAR_EPOCHS)
     return harness.add_arguments(parser, out='save/bench/probe_digits', jobs=2)
 
 
