@@ -167,18 +167,20 @@ class _Slots:
         self.free, self.waiting, self.kept, self.until = count, [], None, 0.0
         self.condition, self.tickets = threading.Condition(), itertools.count()
 
+    def _may_take(self, entry):
+        if not self.free or self.waiting[0] != entry:
+            return False
+        unkept = self.kept in (None, entry[0]) or time.monotonic() > self.until
+        return unkept or self.free > 1  # a kept slot leaves the others free
+
     def acquire(self, priority):
         with self.condition:
             entry = (priority, next(self.tickets))
             heapq.heappush(self.waiting, entry)
-            while not (
-                self.free
-                and self.waiting[0] == entry
-                and (self.kept in (None, priority) or time.monotonic() > self.until)
-            ):
+            while not self._may_take(entry):
                 self.condition.wait(0.1)
             heapq.heappop(self.waiting)
-            self.free, self.kept = self.free - 1, None
+            self.free, self.kept = self.free - 1, None if self.kept == priority else self.kept
             self.condition.notify_all()
 
     def release(self, priority):
@@ -188,9 +190,8 @@ class _Slots:
 
     def job_done(self, priority):
         with self.condition:
-            if self.kept == priority:
-                self.kept = None
-                self.condition.notify_all()
+            self.kept = None if self.kept == priority else self.kept
+            self.condition.notify_all()
 
 
 class Sweep:
@@ -292,7 +293,6 @@ class Sweep:
                 if path != log:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
         folder.mkdir(parents=True, exist_ok=True)
-        prefix = ['nice', '-n', str(self.nice)] if self.nice else []
         attempt = 1 + len(re.findall(r'^# started ', text, re.M))
         how = ', with --resume auto' if resumed else ''
         self.say(f'[start] {name}{how}')
@@ -306,13 +306,13 @@ class Sweep:
             with self.lock:
                 if self.stopping:
                     raise NotRun(f'{name}: stopped by signal {self.stopping}')
-                command = prefix + [sys.executable] + argv
+                command = (['nice', '-n', str(self.nice)] if self.nice else []) + [sys.executable]
+                command += argv
                 child = subprocess.Popen(command, cwd=folder, env=self.env(), stdout=handle,
                                          stderr=subprocess.STDOUT)  # fmt: skip
                 self.children.add(child)
             code = child.wait()
-            with self.lock:
-                self.children.discard(child)
+            self.children.discard(child)
             seconds = time.time() - start
             handle.write(f'# exit {code} after {seconds:.1f} s\n')
         if code != 0 and self.stopping:
@@ -334,7 +334,7 @@ class Sweep:
         os.write(2, f'signal {signum}: stopping the runs; call again to continue\n'.encode())
         with self.lock:
             self.stopping = signum
-            for child in self.children:
+            for child in list(self.children):  # a run may end meanwhile
                 child.send_signal(signum)
 
     # ------------------------------------------------------------------ many runs
