@@ -8,10 +8,11 @@
 A run is one command line with its own working folder ``<out>/runs/<name>/`` (the scripts write
 ``./save/`` there) and log ``output.log``, where the harness adds lines of its own that start with
 ``#`` (command, commit, start, exit code and seconds). A run whose log ends in ``# exit 0`` is
-finished: it is read, not run again. Any other run starts again: the training scripts with
-``--resume auto`` (they continue from their last saved position), others in an emptied folder.
-So a sweep stopped at any point continues where it stopped when called again, in this session or
-a later one. A log that holds another command than the one asked for is an error.
+finished: it is read, not run again, and of its checkpoints only last.pth is kept (unless
+``--keep_checkpoints``). Any other run starts again: the training scripts with ``--resume auto``
+(they continue from their last saved position), others in an emptied folder. So a sweep stopped
+at any point continues where it stopped when called again, in this session or a later one. A log
+that holds another command than the one asked for is an error.
 
 ``Sweep.map`` runs jobs (a job may chain runs: pretraining -> linear -> retrieval) in threads,
 ``--jobs`` runs at once, each with ``--threads`` intra-op threads. After a failure no new run
@@ -94,9 +95,6 @@ class Result:
             raise KeyError(f'run {self.name} printed no "{name}: ..." line ({self.log})')
         return self.values[name]
 
-    def get(self, name, default=None):
-        return self.values.get(name, default)
-
     @property
     def epoch_times(self):
         return [self.epochs[e]['time'] for e in sorted(self.epochs)]
@@ -122,6 +120,7 @@ def add_arguments(parser, out, jobs=1):
     add('--nice', type=int, default=0, help='run every command under nice -n N')
     add('--stop_after', type=float, help='start no run after this many minutes')
     add('--dry_run', action='store_true', help='run nothing: list the runs to do, print tables')
+    add('--keep_checkpoints', action='store_true', help="keep a finished run's every .pth")
     return parser
 
 
@@ -199,7 +198,10 @@ class Sweep:
         if args.jobs < 1 or args.threads < 1:
             raise SystemExit('error: --jobs and --threads must be 1 or more')
         self.out = Path(args.out) if os.path.isabs(args.out) else REPO / args.out
-        self.dry_run, self.nice, self.threads = args.dry_run, args.nice, args.threads
+        self.dry_run, self.nice, self.keep = args.dry_run, args.nice, args.keep_checkpoints
+        self.env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+        threads = str(args.threads)
+        self.env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED='1')
         self.deadline = None if args.stop_after is None else time.time() + 60 * args.stop_after
         self.slots = _Slots(args.jobs)
         self.local = threading.local()  # the priority of the job this thread runs
@@ -213,12 +215,6 @@ class Sweep:
     def say(self, *words):
         with self.lock:
             print(time.strftime('[%H:%M:%S]'), *words, flush=True)
-
-    def env(self):
-        env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
-        threads = str(self.threads)
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED='1')
-        return env
 
     # ------------------------------------------------------------------ one run
 
@@ -308,7 +304,7 @@ class Sweep:
                     raise NotRun(f'{name}: stopped by signal {self.stopping}')
                 command = (['nice', '-n', str(self.nice)] if self.nice else []) + [sys.executable]
                 command += argv
-                child = subprocess.Popen(command, cwd=folder, env=self.env(), stdout=handle,
+                child = subprocess.Popen(command, cwd=folder, env=self.env, stdout=handle,
                                          stderr=subprocess.STDOUT)  # fmt: skip
                 self.children.add(child)
             code = child.wait()
@@ -322,6 +318,9 @@ class Sweep:
             tail = ''.join(log.read_text().splitlines(True)[-12:])
             raise RunFailed(f'run {name} exited {code} after {seconds:.0f} s ({log}):\n{tail}')
         self.say(f'[done ] {name} in {seconds:.0f} s')
+        for path in [] if self.keep else folder.glob('save/**/*.pth'):
+            if path.name != 'last.pth':  # a finished run is never resumed; chains read last.pth
+                path.unlink()
 
     def _finished(self, name, command, folder, text):
         with self.lock:

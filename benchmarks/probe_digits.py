@@ -77,7 +77,7 @@ def run_sweep(args, sweep):
             run, linear = r
             finals.append(linear['final accuracy'])
             probes = ' / '.join(f'{run[f"probe_lr{lr} accuracy"]:.2f}' for lr in lrs)
-            ce = run.get('ce accuracy')
+            ce = run.values.get('ce accuracy')
             rows.append([
                 weight, seed, probes, '' if ce is None else f'{ce:.2f}',
                 f'{finals[-1]:.2f} / {linear["best accuracy"]:.2f}', f'{run.seconds:.0f}',

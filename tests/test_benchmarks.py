@@ -48,6 +48,7 @@ for epoch in range(done + 1, epochs + 1):
     time.sleep(float(value('--sleep', 0)))
     os.makedirs('save/run', exist_ok=True)
     open('save/position', 'w').write(str(epoch))
+    open('save/run/checkpoint.pth', 'w').write(str(epoch))
     open('trained', 'a').write(f'{epoch}\\n')
     print(f'epoch {epoch}, total time {epoch / 10:.2f}, positives_per_anchor {epoch}.00')
 open('save/run/last.pth', 'w').close()
@@ -170,6 +171,11 @@ def test_a_finished_run_is_read_not_run_again(tmp_path, fakes):
     assert first['final accuracy'] == again['final accuracy'] == 97.5
     assert again.epoch_times == [0.1, 0.2] and again.seconds > 0
     assert again.checkpoint == folder / 'save' / 'run' / 'last.pth'
+    # of a finished run's checkpoints only last.pth is kept, unless asked otherwise
+    assert sorted(p.name for p in folder.glob('save/**/*.pth')) == ['last.pth']
+    sweep_of(tmp_path / 'keep', '--keep_checkpoints').run('a', fakes['train'], ['--epochs', 2])
+    kept = sorted(p.name for p in (tmp_path / 'keep').glob('runs/a/save/**/*.pth'))
+    assert kept == ['checkpoint.pth', 'last.pth']
     # another command under the same name is refused, not mixed with this one
     with pytest.raises(harness.RunFailed, match='holds another command'):
         sweep_of(tmp_path).run('a', fakes['train'], ['--epochs', 3])
