@@ -383,6 +383,22 @@ def test_the_demo_sweep_runs_the_commands_of_demo_digits_sh(tmp_path):
         assert linear == ' '.join(expected)
 
 
+def test_the_positives_table_agrees_with_the_exact_fraction():
+    """long_tail_digits.py --positives_only: no positive for an anchor of uniform labels happens
+    with probability (1 - 1/C) ** (batch - 1); balanced batches never leave an anchor alone."""
+    import long_tail_digits
+
+    rows = [line.split(' | ') for line in long_tail_digits.positives_table(draws=100).splitlines()]
+    assert [row[0] for row in rows[2:]] == ['| 16', '| 64', '| 256']
+    for row in rows[2:]:
+        batch = int(row[0][2:])
+        for cell, classes in ((row[1], 10), (row[2], 100)):
+            measured, exact = (float(x) for x in cell.replace('(', '').replace(')', '').split())
+            assert exact == pytest.approx((1 - 1 / classes) ** (batch - 1), abs=1e-4)
+            assert measured == pytest.approx(exact, abs=0.05)
+        assert row[4].startswith('0.0000 (m=')
+
+
 def test_bench_train_runs_each_configuration_as_asked(tmp_path):
     out = tmp_path / 'bench.json'
     done = subprocess.run(
