@@ -22,8 +22,6 @@ scripts (which save and stop). ``--stop_after`` starts no run after that many mi
 the scripts by their command lines and reads their printed lines; it imports nothing of supcon.
 """
 
-import heapq
-import itertools
 import os
 import re
 import shutil
@@ -59,13 +57,10 @@ class NotRun(Exception):
 
 
 def parse_log(text):
-    """The printed values of a run's output: ``({name: value}, {epoch: {'time': T, ...}})``.
-
-    Every ``name: value`` line gives a float (the last line of a name wins, as after a resume);
-    ``a / b: x / y`` lines give a tuple (``-`` is None). ``epoch N, total time T, key value, ...``
-    lines (main_linear's ``Train epoch`` too) give the epoch's time and its other numbers; a
-    resumed run's later line for an epoch wins. Lines of the harness (``#``) are skipped.
-    """
+    """``({name: value}, {epoch: {'time': T, ...}})`` of a run's output: every ``name: value``
+    line gives a float, ``a / b: x / y`` a tuple (``-``: None); ``epoch N, total time T, key value``
+    lines (main_linear's ``Train epoch`` too) the epoch's numbers. A later line wins (a resumed
+    run prints an epoch twice). The harness's own lines (``#``) are skipped."""
     values, epochs = {}, {}
     for line in text.splitlines():
         found = None if line.startswith('#') else EPOCH_LINE.match(line)
@@ -158,27 +153,35 @@ def table(header, rows):
 
 
 class _Slots:
-    """``--jobs`` slots, given to the waiting run of the lowest priority (the job's place in its
-    map) first. A finished run's slot is kept for its job's next run for up to a second, so that
-    a chain (pretraining -> linear) runs to its end before the next job starts."""
+    """``--jobs`` slots, taken in the order of the jobs' priorities (their places in their maps):
+    a run starts only when no job of a lower priority waits for a slot or is yet to ask for one.
+    A finished run's slot is kept for its job's next run for up to a second, so that a chain
+    (pretraining -> linear) runs to its end before the next job starts."""
 
     def __init__(self, count):
-        self.free, self.waiting, self.kept, self.until = count, [], None, 0.0
-        self.condition, self.tickets = threading.Condition(), itertools.count()
+        self.free, self.waiting, self.expected, self.kept = count, set(), set(), None
+        self.condition, self.until = threading.Condition(), 0.0
 
-    def _may_take(self, entry):
-        if not self.free or self.waiting[0] != entry:
+    def expect(self, priorities=(), arrived=None):
+        """Jobs that will ask for slots; ``arrived`` asks no more before its end (waits)."""
+        with self.condition:
+            self.expected.discard(arrived)
+            self.expected.update(priorities)
+            self.condition.notify_all()
+
+    def _may_take(self, priority):
+        if not self.free or min(self.waiting | self.expected) != priority:
             return False
-        unkept = self.kept in (None, entry[0]) or time.monotonic() > self.until
+        unkept = self.kept in (None, priority) or time.monotonic() > self.until
         return unkept or self.free > 1  # a kept slot leaves the others free
 
     def acquire(self, priority):
         with self.condition:
-            entry = (priority, next(self.tickets))
-            heapq.heappush(self.waiting, entry)
-            while not self._may_take(entry):
+            self.expected.discard(priority)
+            self.waiting.add(priority)
+            while not self._may_take(priority):
                 self.condition.wait(0.1)
-            heapq.heappop(self.waiting)
+            self.waiting.discard(priority)
             self.free, self.kept = self.free - 1, None if self.kept == priority else self.kept
             self.condition.notify_all()
 
@@ -189,6 +192,7 @@ class _Slots:
 
     def job_done(self, priority):
         with self.condition:
+            self.expected.discard(priority)
             self.kept = None if self.kept == priority else self.kept
             self.condition.notify_all()
 
@@ -216,8 +220,6 @@ class Sweep:
         with self.lock:
             print(time.strftime('[%H:%M:%S]'), *words, flush=True)
 
-    # ------------------------------------------------------------------ one run
-
     def run(self, name, script, args, resume=None):
         """``python <script> args`` in ``<out>/runs/<name>/`` unless it finished before.
 
@@ -234,7 +236,8 @@ class Sweep:
             shared = self.runs.setdefault(name, {'command': command, 'done': threading.Event()})
         if shared['command'] != command:
             raise ValueError(f'run name {name!r} asked for with two commands in one sweep')
-        if not first:
+        if not first:  # the run of another job: wait for it, holding no place in the queue
+            self.slots.expect(arrived=getattr(self.local, 'priority', ()))
             shared['done'].wait()
             if 'error' in shared:
                 raise shared['error']
@@ -336,8 +339,6 @@ class Sweep:
             for child in list(self.children):  # a run may end meanwhile
                 child.send_signal(signum)
 
-    # ------------------------------------------------------------------ many runs
-
     def map(self, job, items):
         """``[job(*item) for item in items]`` in threads (``--jobs`` runs at a time overall).
 
@@ -349,6 +350,7 @@ class Sweep:
         if not items:
             return []
         parent = getattr(self.local, 'priority', ())
+        self.slots.expect([parent + (i,) for i in range(len(items))], arrived=parent)
 
         def call(index, item):
             self.local.priority = parent + (index,)
@@ -384,10 +386,10 @@ class Sweep:
         optimum. Raises NotRun while a score is missing.
         """
         scores = dict(zip(rates, self.map(score, rates)))
-        for _ in range(max_extensions):
+        if None in scores.values():
+            raise NotRun('a validation run is missing')
+        for _ in range(max_extensions):  # score() raises NotRun itself
             tried = sorted(scores)
-            if any(scores[r] is None for r in tried):
-                break
             best = max(tried, key=lambda r: (scores[r], -r))
             step = -1 if best == tried[0] else 1 if best == tried[-1] else 0
             index = ladder.index(best) + step if best in ladder else -1
@@ -395,22 +397,18 @@ class Sweep:
                 break
             self.say(f'best rate so far {best}, at the edge of {tried}: trying {ladder[index]}')
             scores[ladder[index]] = score(ladder[index])
-        if any(v is None for v in scores.values()):
-            raise NotRun('a validation run is missing')
         return max(sorted(scores), key=lambda r: (scores[r], -r)), scores
-
-    # ------------------------------------------------------------------ the record
 
     def report(self, title, sections, argv=None):
         """Print the tables and write them to ``<out>/<slug of title>.md`` with the benchmark's
         command, the commits its runs were measured on, and every run's command line."""
         argv = sys.argv if argv is None else argv
-        script = os.path.relpath(os.path.abspath(argv[0]), REPO)
+        argv = [os.path.relpath(os.path.abspath(argv[0]), REPO)] + argv[1:]
         results = sorted(self.results, key=lambda r: r.name)
         commits = Counter(c for r in results for c in dict.fromkeys(r.commits))
         measured = ', '.join(f'{c} ({n} runs)' for c, n in commits.items()) or 'no run finished'
         seconds = sum(r.seconds for r in results)
-        lines = [f'# {title}', '', f'Command: `python {" ".join([script] + argv[1:])}`', '']
+        lines = [f'# {title}', '', f'Command: `python {" ".join(argv)}`', '']
         lines += [f'Measured on: {measured}; {len(results)} runs finished, {seconds:.0f} s of runs']
         if self.todo:
             lines += ['', f'Not finished ({len(self.todo)} runs): ' + '; '.join(self.todo)]
@@ -418,11 +416,9 @@ class Sweep:
             lines += ['', f'## {heading}', '', body]
         lines += ['', '## Runs', '', '```']
         lines += [f'{r.name}: {" ".join(r.command)}' for r in results] + ['```']
-        text = '\n'.join(lines) + '\n'
-        slug = re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_')
-        path = self.out / f'{slug}.md'
+        path = self.out / (re.sub(r'[^a-z0-9]+', '_', title.lower()).strip('_') + '.md')
         self.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text('\n'.join(lines) + '\n')
         for heading, body in sections:
             print(f'\n{heading}\n\n{body}')
         print(f'\n{len(results)} runs finished, {len(self.todo)} not; written to {path}')

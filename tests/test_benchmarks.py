@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ SWEEPS = [s for s in SCRIPTS if 'harness.main(' in (REPO / 'benchmarks' / s).rea
 # ./save/ after every epoch; --resume auto continues from there. --die_at K kills it (SIGKILL)
 # at epoch K unless the file --marker exists (then makes it); SIGTERM exits 143 as the real
 # scripts do. Every call appends its arguments to ./calls, every epoch it trains to ./trained;
-# ./started and ./ended are made at its start and end.
+# ./started and ./ended are made at its start and end; --wait_for FILE waits for that file.
 FAKE = '''
 import os, signal, sys, time
 args = sys.argv[1:]
@@ -38,6 +39,11 @@ with open('calls', 'a') as f:
     f.write(' '.join(args) + '\\n')
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 open('started', 'w').close()
+if '--wait_for' in args:  # another run's start, for at most 60 s
+    deadline = time.time() + 60
+    while not os.path.exists(value('--wait_for', '')) and time.time() < deadline:
+        time.sleep(0.02)
+    print(f"met: {int(os.path.exists(value('--wait_for', '')))}")
 done = 0
 if value('--resume', None) == 'auto' and os.path.exists('save/position'):
     done = int(open('save/position').read())
@@ -297,10 +303,14 @@ def test_jobs_run_at_once_in_their_order_each_chain_first(tmp_path, fakes):
     order = sorted(started, key=started.get)
     assert order == ['pre0', 'lin0', 'pre1', 'lin1', 'pre2', 'lin2']
     assert all(ended[a] <= started[b] for a, b in zip(order, order[1:]))  # one at a time
+    # two at a time: each of two runs waits for the other to start
     two = sweep_of(tmp_path / 'two', '--jobs', '2')
-    two.map(lambda s: chain(two, s), [0, 1, 2])
-    started, ended = times(tmp_path / 'two', 'started'), times(tmp_path / 'two', 'ended')
-    assert started['pre1'] < ended['pre0']  # two at a time
+    runs = tmp_path / 'two' / 'runs'
+    both = two.map(
+        lambda i: two.run(f'r{i}', fakes['other'], ['--wait_for', runs / f'r{1 - i}' / 'started']),
+        [0, 1],
+    )
+    assert [r['met'] for r in both] == [1, 1]
 
 
 def test_a_failed_run_stops_the_sweep_and_runs_again_next_time(tmp_path, fakes):
@@ -315,9 +325,21 @@ def test_a_failed_run_stops_the_sweep_and_runs_again_next_time(tmp_path, fakes):
     with pytest.raises(harness.RunFailed):
         again.map(lambda i: job(again, i), [0, 1, 2])
     assert lines(tmp_path / 'runs' / 'j0' / 'calls') == ['--exit 3']  # started anew, cleared
-    # a shared run: two jobs asking for one run get one result of one call
-    sweep = sweep_of(tmp_path)
-    shared = sweep.map(lambda _: sweep.run('s', fakes['other'], ['--sleep', 0.2]), [0, 1])
+    # a shared run: two jobs asking for one run get one result of one call, also when the later
+    # job asked first (the earlier one then waits for it and must not hold it back)
+    sweep, shared = sweep_of(tmp_path), []
+
+    def job(i):
+        time.sleep(0.5 if i == 0 else 0)
+        return sweep.run('s', fakes['other'], ['--sleep', 0.2])
+
+    worker = threading.Thread(target=lambda: shared.extend(sweep.map(job, [0, 1])), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    stuck = worker.is_alive()
+    if stuck:  # let the threads end (the interpreter waits for them) before failing
+        sweep.slots.expect(arrived=(0,))
+    assert not stuck, 'the two jobs waited for each other'
     assert shared[0] is shared[1] and lines(tmp_path / 'runs' / 's' / 'calls') == ['--sleep 0.2']
 
 
