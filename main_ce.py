@@ -18,7 +18,7 @@ from supcon.data import balanced, datasets
 from supcon.data.augment import add_augmentation_arguments
 from supcon.evaluation import multilabel
 from supcon.evaluation.classify import EpochEvaluation
-from supcon.system import runtime
+from supcon.system import cli, runtime
 from supcon.training.bookkeeping import Bookkeeper
 from supcon.training.loop import EpochLoop, train_classifier
 from supcon.training.optim import build_optimizer
@@ -26,7 +26,7 @@ from util import AverageMeter, UserError, adjust_learning_rate
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_ce.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Train the whole network with cross-entropy (the baseline); checkpoints go'

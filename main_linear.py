@@ -3,7 +3,8 @@
 Same flags and defaults as the reference ``main_linear.py``; the encoder comes
 from ``--ckpt`` (ours or the reference's), stays in eval mode and is checked to
 be unchanged at the end. The classifier and its TensorBoard logs are saved under
-``save/SupCon/{dataset}_linear_models/`` and ``..._linear_tensorboard/``.
+``save/SupCon/{dataset}_linear_models/`` and ``..._linear_tensorboard/``. With
+``--finetune`` the encoder trains with the classifier (supcon/training/finetune.py).
 """
 
 import argparse
@@ -22,16 +23,16 @@ from supcon.data import balanced, datasets, labelling
 from supcon.data.augment import add_augmentation_arguments
 from supcon.evaluation import multilabel
 from supcon.evaluation.classify import EpochEvaluation
-from supcon.system import runtime
+from supcon.system import cli, runtime
 from supcon.system.checkpoint import bare_state_dict, load_checkpoint
+from supcon.training import finetune
 from supcon.training.bookkeeping import Bookkeeper
 from supcon.training.loop import EpochLoop, train_classifier
-from supcon.training.optim import build_optimizer
 from util import AverageMeter, UserError, adjust_learning_rate
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_linear.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Train a linear classifier on the frozen encoder of --ckpt (linear'
@@ -58,6 +59,7 @@ def parse_option(argv=None):
     datasets.add_arguments(parser, test_folder=True, imbalance='checkpoint')
     balanced.add_arguments(parser)
     add_augmentation_arguments(parser, classifier=True, gpu_aug=False)
+    finetune.add_arguments(parser)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 
@@ -137,14 +139,17 @@ def set_model(opt, rt, num_classes):
         name=opt.model, num_classes=num_classes, dim_in=encoder.feature_dim
     )
     criterion = nn.CrossEntropyLoss()
+    if opt.finetune:  # the encoder trains with the classifier, as one network (finetune.py)
+        encoder, classifier = finetune.trainable(encoder, classifier, opt)
 
     encoder = runtime.prepare_model(encoder, rt, parallel='')
-    classifier = runtime.prepare_model(classifier, rt, parallel=None)
+    classifier = runtime.prepare_model(classifier, rt, parallel='encoder' if opt.finetune else None)
     return encoder, classifier, criterion
 
 
 def train(train_loader, encoder, classifier, criterion, optimizer, epoch, loop):
-    """One epoch of the classifier on frozen features; returns (loss, acc)."""
+    """One epoch of the classifier on frozen features (--finetune: of the whole network, the
+    frozen encoder being the identity); returns (loss, acc)."""
     encoder.eval()
     classifier.train()
     model = FrozenEncoderClassifier(encoder, classifier)
@@ -175,8 +180,9 @@ def main():
     encoder_snapshot = {k: v.detach().cpu().clone() for k, v in bare_state_dict(encoder).items()}
 
     # build optimizer: the classifier's weight and bias, nothing else (one group for sgd;
-    # two for lars, which adapts the weight and leaves the bias plain)
-    optimizer = build_optimizer(opt, classifier)
+    # two for lars, which adapts the weight and leaves the bias plain); --finetune adds the
+    # encoder's at --encoder_lr
+    optimizer = finetune.build_optimizer(opt, classifier)
     optimised = {id(p) for group in optimizer.param_groups for p in group['params']}
     assert optimised == {id(p) for p in classifier.parameters()}
     scaler = runtime.make_scaler(rt)

@@ -5,11 +5,13 @@ reference's, the released ImageNet ResNet-50, timm encoders), embeds the evaluat
 (the queries: the test split, or with --val_split the held-out training images) and the
 training split (the gallery; ``--gallery test`` searches the queries among themselves, each
 leaving itself out) with the frozen encoder, and prints Precision@1, R-Precision, MAP@R,
-Recall@1/5/10 (cosine similarity, exact nearest neighbours: supcon/evaluation/retrieval.py) and
-the kNN
-monitor's top-1 accuracy. The results go to TensorBoard and, as JSON, next to the checkpoint
-(``retrieval_<ckpt name>.json``); ``--save_embeddings`` writes the features for other tools.
-The definitions are in docs/retrieval.md.
+Recall@1/5/10 (cosine similarity, exact nearest neighbours:
+supcon/evaluation/retrieval.py) and the kNN
+monitor's top-1 accuracy. Images without a label are left out (and counted); on multi-label
+data a gallery image is relevant to a query that shares one of its labels. The results go to
+TensorBoard and, as JSON, next to the checkpoint (``retrieval_<ckpt name>_<what was
+measured>.json``); ``--save_embeddings`` writes the features for other tools. The definitions
+are in docs/retrieval.md.
 """
 
 import argparse
@@ -29,12 +31,14 @@ from networks.from_checkpoint import (
 from networks.timm_backbone import is_timm_model
 from supcon.data import datasets
 from supcon.data.augment import test_transform
+from supcon.data.labelling import is_multilabel, labelled_part
 from supcon.data.sampling import build_loader
 from supcon.errors import UserError
 from supcon.evaluation.extract import extract_features
 from supcon.evaluation.knn import knn_accuracy
 from supcon.evaluation.retrieval import RECALL_KS, check_scorable, retrieval_metrics
-from supcon.system import runtime
+from supcon.evaluation.retrieval_data import WholeBatchSampler, left_out_note, measurement_name
+from supcon.system import cli, runtime
 from supcon.system.atomic import atomic_write
 from supcon.system.checkpoint import folder_write_problem, load_checkpoint
 from supcon.training.tb_logger import TBLogger
@@ -48,7 +52,7 @@ METRICS = ['precision_at_1', 'r_precision', 'mean_average_precision_at_r'] + [
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_retrieval.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Retrieval metrics (Precision@1, R-Precision, MAP@R, Recall@K) of a'
@@ -74,15 +78,15 @@ def parse_option(argv=None):
         '--out',
         type=str,
         default=None,
-        help='JSON file of the results; default: <ckpt dir>/retrieval_<ckpt name>.json'
-        ' (with the non-default settings appended to the name)',
+        help='JSON file of the results; default: <ckpt dir>/retrieval_<ckpt name>_<what was'
+        ' measured>.json, e.g. retrieval_last_digits_test_size12_encoder.json',
     )
     parser.add_argument(
         '--tb_folder',
         type=str,
         default=None,
         help='TensorBoard folder (step: the checkpoint\'s epoch); default:'
-        ' <ckpt dir>/retrieval_tensorboard/<dataset>_<features>_<gallery>...',
+        ' <ckpt dir>/retrieval_tensorboard/<what was measured>',
     )
     parser.add_argument(
         '--block_size',
@@ -131,26 +135,12 @@ def parse_option(argv=None):
 
     ckpt_path = os.path.abspath(opt.ckpt)
     folder, stem = os.path.dirname(ckpt_path), os.path.splitext(os.path.basename(ckpt_path))[0]
-    variant = ''.join(
-        part
-        for part, on in (
-            ('_head', opt.features == 'head'),
-            ('_gallery_test', opt.gallery == 'test'),
-            ('_key_encoder', opt.key_encoder),
-            (f'_val_{opt.val_split}', opt.val_split),
-        )
-        if on
-    )
+    # named for what is measured, so another data set or size never overwrites a result
+    measured = measurement_name(opt)
     if opt.out is None:
-        opt.out = os.path.join(folder, f'retrieval_{stem}{variant}.json')
+        opt.out = os.path.join(folder, f'retrieval_{stem}_{measured}.json')
     if opt.tb_folder is None:
-        opt.tb_folder = os.path.join(
-            folder,
-            'retrieval_tensorboard',
-            f'{opt.dataset}_{opt.features}_{opt.gallery}'
-            + ('_key_encoder' if opt.key_encoder else '')
-            + (f'_val_{opt.val_split}' if opt.val_split else ''),
-        )
+        opt.tb_folder = os.path.join(folder, 'retrieval_tensorboard', measured)
     check_writable('--out', opt.out, '.json')
     problem = folder_write_problem(opt.tb_folder)
     if problem:
@@ -189,10 +179,14 @@ def image_paths(dataset):
     return None if samples is None else [path for path, _ in samples]
 
 
-def make_loader(dataset, rt):
-    """An unshuffled, unpadded loader: under torchrun each rank embeds its share, once."""
+def make_loader(dataset, opt, rt):
+    """An unshuffled loader of --batch_size_val; under torchrun each rank embeds whole batches
+    (``WholeBatchSampler``), each image once, so the features equal one process's."""
+    sampler = WholeBatchSampler(
+        len(dataset), opt.batch_size_val, seed=rt.seed, rank=rt.rank, world_size=rt.world_size
+    )
     loader, _ = build_loader(
-        dataset, rt.local_batch_size_val, shuffle=False, pad=False, **rt.loader_options()
+        dataset, opt.batch_size_val, shuffle=False, sampler=sampler, **rt.loader_options()
     )
     return loader
 
@@ -218,6 +212,11 @@ def set_loader(opt, rt):
         ) from None
     if gallery_set is not None:
         datasets.check_same_classes(gallery_set, query_set)
+    # images without a label can neither be scored nor be relevant: left out, and counted
+    query_set, queries_left_out = labelled_part(query_set)
+    gallery_left_out = None
+    if gallery_set is not None:
+        gallery_set, gallery_left_out = labelled_part(gallery_set)
     class_names = list(query_set.classes)
     if opt.num_classes is not None and opt.num_classes != len(class_names):
         raise UserError(
@@ -236,9 +235,13 @@ def set_loader(opt, rt):
         queries=queries,
         query_paths=image_paths(query_set),
         gallery_paths=image_paths(query_set if gallery_set is None else gallery_set),
+        multilabel=is_multilabel(query_set),
+        unlabelled_queries_left_out=queries_left_out,
+        unlabelled_gallery_left_out=gallery_left_out or 0,
+        note=left_out_note(queries_left_out, gallery_left_out),
     )
-    gallery_loader = None if gallery_set is None else make_loader(gallery_set, rt)
-    return make_loader(query_set, rt), gallery_loader, about
+    gallery_loader = None if gallery_set is None else make_loader(gallery_set, opt, rt)
+    return make_loader(query_set, opt, rt), gallery_loader, about
 
 
 def set_model(opt, rt):
@@ -267,12 +270,14 @@ def set_model(opt, rt):
 
 
 def save_embeddings(path, queries, gallery, about):
-    """The .npz of --save_embeddings: plain arrays only (strings fixed-width unicode)."""
+    """The .npz of --save_embeddings: plain arrays only (strings fixed-width unicode); labels
+    are int64 class indices, or uint8 multi-hot rows [N, C] on multi-label data."""
+    label_type = np.uint8 if about['multilabel'] else np.int64
     arrays = dict(
         query_features=queries[0].numpy().astype(np.float32),
-        query_labels=queries[1].numpy().astype(np.int64),
+        query_labels=queries[1].numpy().astype(label_type),
         gallery_features=gallery[0].numpy().astype(np.float32),
-        gallery_labels=gallery[1].numpy().astype(np.int64),
+        gallery_labels=gallery[1].numpy().astype(label_type),
         class_names=np.array(about['class_names'], dtype=str),
     )
     for side in ('query', 'gallery'):
@@ -303,6 +308,8 @@ def main():
     query_loader, gallery_loader, splits = set_loader(opt, rt)
     gallery_name = 'themselves, each left out' if gallery_loader is None else 'the train split'
     if runtime.is_main_process():
+        if splits['note']:
+            print(f'note: {splits["note"]}', flush=True)
         print(
             f'embedding {len(query_loader.dataset)} {opt.dataset} {splits["queries"]} images'
             f' (queries) against {gallery_name} with the {opt.features} features of {opt.ckpt}',
@@ -329,13 +336,15 @@ def main():
     search_s = time.time() - start
     for name in METRICS:
         print(f'{name}: {result[name]:.4f}')
-    if gallery is not None:
+    if gallery is not None and not splits['multilabel']:
         num_classes = len(splits['class_names'])
         result['knn_acc'] = knn_accuracy(
             gallery[0].to(rt.device), gallery[1], queries[0].to(rt.device), queries[1],
             num_classes, KNN_K, KNN_TEMPERATURE,
         )  # fmt: skip
         print(f'knn_acc: {result["knn_acc"]:.2f}')
+    elif gallery is not None:
+        print('note: no knn_acc on multi-label data (the kNN monitor votes for one class an image)')
     else:
         print('note: no knn_acc with --gallery test (the kNN monitor votes with the train split)')
     print(
@@ -349,6 +358,9 @@ def main():
         ckpt=os.path.abspath(opt.ckpt), **about, features=opt.features,
         key_encoder=opt.key_encoder, dataset=opt.dataset, queries=splits['queries'],
         gallery=opt.gallery, val_split=opt.val_split, size=opt.size, **result,
+        relevant='shares a label' if splits['multilabel'] else 'same class',
+        unlabelled_queries_left_out=splits['unlabelled_queries_left_out'],
+        unlabelled_gallery_left_out=splits['unlabelled_gallery_left_out'],
         knn_k=KNN_K, knn_temperature=KNN_TEMPERATURE, embed_s=embed_s, search_s=search_s,
     )  # fmt: skip
     text = json.dumps(record, indent=2) + '\n'

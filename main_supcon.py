@@ -20,7 +20,7 @@ from supcon.objectives import grad_cache, moco, probe
 from supcon.objectives.moco import MomentumContrast
 from supcon.objectives.positives import TAGS as POSITIVES_TAGS
 from supcon.objectives.step import TrainingStep
-from supcon.system import runtime
+from supcon.system import cli, runtime
 from supcon.training.bookkeeping import Bookkeeper
 from supcon.training.loop import EpochLoop
 from supcon.training.optim import build_optimizer
@@ -30,7 +30,7 @@ METHODS = ('SupCon', 'SimCLR', 'SupCon_hybrid')
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_supcon.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Pretrain an encoder with SupCon, SimCLR or the hybrid loss; checkpoints go'
@@ -77,7 +77,8 @@ def parse_option(argv=None):
         )
     datasets.resolve_defaults(opt)
     capabilities.check_options(opt, 'supcon')
-    datasets.check_test_folder(opt, reads_test=opt.knn_every > 0)
+    # the kNN monitor, the online probe and the joint classifier score the test split
+    datasets.check_test_folder(opt, reads_test=capabilities.reads_test_split(opt))
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)

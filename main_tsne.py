@@ -33,18 +33,18 @@ from networks.from_checkpoint import (  # noqa: E402
 from supcon import options  # noqa: E402
 from supcon.data import datasets
 from supcon.data.augment import test_transform  # noqa: E402
-from supcon.data.labelling import is_multilabel
+from supcon.data.labelling import is_multilabel, labelled_part  # noqa: E402
 from supcon.data.sampling import build_loader  # noqa: E402
 from supcon.errors import UserError  # noqa: E402
 from supcon.evaluation.extract import extract_features  # noqa: E402
-from supcon.system import runtime
+from supcon.system import cli, runtime  # noqa: E402
 from supcon.system.checkpoint import folder_write_problem, load_checkpoint  # noqa: E402
 
 FIGSIZE, DPI = (5, 5), 100  # 500x500 px: small enough to commit next to the code
 
 
 def parse_option(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog='main_tsne.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='Draw a t-SNE map of a checkpoint\'s features on the test split (or, with'
@@ -218,6 +218,12 @@ def set_loader(opt, rt):
         raise UserError(
             f'main_tsne.py colours each image by its one class, but {opt.test_folder} has rows'
             f' with several labels; pass a --test_csv with one label per row'
+        )
+    # --val_split's held-out part of a partly labelled CSV: images without a class to colour
+    test_dataset, unlabelled = labelled_part(test_dataset)
+    if unlabelled and runtime.is_main_process():
+        print(
+            f'note: left out {unlabelled} images without a label (no class to colour)', flush=True
         )
     class_names = list(test_dataset.classes)
     if opt.num_classes is not None and opt.num_classes != len(class_names):

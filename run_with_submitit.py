@@ -26,7 +26,11 @@ SIGNAL_DELAY_S = 120
 
 def parse_option(argv=None):
     """(launcher options, the script's own arguments)."""
-    parser = argparse.ArgumentParser(
+    from supcon.system.cli import (
+        ArgumentParser,  # here: the job's pickle loads before supcon is found
+    )
+
+    parser = ArgumentParser(
         prog='run_with_submitit.py',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,  # an abbreviation of a script flag must reach the script

@@ -97,8 +97,10 @@ def warmup_learning_rate(args, epoch, batch_id, total_batches, optimizer):
 
 
 def set_lr(optimizer, lr):
+    # a group's lr_scale (MAE's name) keeps its rate a fixed multiple of the schedule's:
+    # main_linear.py --finetune's encoder, at --encoder_lr (supcon/training/finetune.py)
     for param_group in optimizer.param_groups:
-        param_group['lr'] = lr
+        param_group['lr'] = lr * param_group.get('lr_scale', 1.0)
 
 
 def set_optimizer(opt, model):

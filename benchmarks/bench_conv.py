@@ -5,8 +5,8 @@ product of networks/cpu_bf16_conv.py.
 
 For each ResNet-18 layer shape (channels in = out, square maps, stride 1, padding 1, channels-last
 bfloat16 tensors) it times ``aten.convolution_backward`` asked for the weight gradient only, and
-``networks.conv.weight_grad_by_matmul``, and says which one ``networks.conv.Conv2d`` uses for that
-shape. Times are the minimum over the repeats, in ms.
+``networks.cpu_bf16_conv.weight_grad_by_matmul``, and says which one ``--cpu_bf16_wgrad matmul``
+(``MatmulWeightGradConv2d``) uses for that shape. Times are the minimum over the repeats, in ms.
 """
 
 import argparse
@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from networks.conv import wants_matmul_weight_grad, weight_grad_by_matmul  # noqa: E402
+from networks.cpu_bf16_conv import wants_matmul_weight_grad, weight_grad_by_matmul  # noqa: E402
 
 SHAPES = [
     (64, 32),
@@ -62,7 +62,7 @@ def main():
         f' bfloat16, '
         f'channels_last, 3x3 stride 1 padding 1\n'
     )
-    print('| channels | map | oneDNN ms | matmul ms | oneDNN / matmul | Conv2d uses |')
+    print('| channels | map | oneDNN ms | matmul ms | oneDNN / matmul | matmul swap uses |')
     print('|---|---|---|---|---|---|', flush=True)
     for channels, size in SHAPES:
 

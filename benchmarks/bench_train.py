@@ -3,9 +3,10 @@ setting.
 
     python benchmarks/bench_train.py [--configs fp32 amp ...] [--device cpu] [--model resnet18]
                                      [--size 32] [--batch_size 128] [--steps 8] [--warmup 2]
-    [--num_workers N] python benchmarks/bench_train.py --epoch_time            # one full epoch,
-    fp32 vs --amp python benchmarks/bench_train.py --rounds 3              # each configuration 3
-    times, interleaved; medians python benchmarks/bench_train.py --device cuda --model resnet50
+                                     [--num_workers N]
+    python benchmarks/bench_train.py --epoch_time    # one full epoch, fp32 vs --amp
+    python benchmarks/bench_train.py --rounds 3      # each configuration 3 times, interleaved
+    python benchmarks/bench_train.py --device cuda --model resnet50
 
 Every configuration runs in a fresh subprocess that builds its run exactly as main_supcon.main()
 does (parse_option, setup_runtime, Bookkeeper, set_loader, set_model, set_optimizer, make_scaler,

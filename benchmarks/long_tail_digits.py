@@ -1,21 +1,19 @@
 """Long-tailed digits (``--imbalance_ratio 10``): SupCon with random batches, balanced batches and
 ``--moco``; overall, mean per-class and few-shot linear accuracy (docs/long-tail.md).
 
-    python benchmarks/long_tail_digits.py [--jobs 2] [--seeds 0 1 2] [--out save/long_tail_digits]
+    python benchmarks/long_tail_digits.py [--jobs 2] [--seeds 0 1 2]
     python benchmarks/long_tail_digits.py --positives_only   # the anchors_without_positive table
 
-The harness is benchmarks/digits_results.py's (its ``Bench.run``: one log per command, a run whose
-log exists is not run again, a killed run continues with ``--resume auto``; one intra-op thread per
-run). Every configuration is pretrained with main_supcon.py at the demo's settings (ResNet-18,
-``--dataset digits --size 12 --amp``, cosine, 20 epochs, ``--temp 0.1``) but at ``--batch_size
-32`` on the long-tailed training split, then evaluated with main_linear.py ``--aug none`` (20
-epochs, lr 0.1, batch 64; it trains on the checkpoint's long-tailed split, the same images):
+Every configuration is pretrained with main_supcon.py at the demo's settings (benchmarks/
+digits_demo.py: ResNet-18, ``--size 12 --amp``, cosine, 20 epochs, ``--temp 0.1``) but at
+``--batch_size 32`` on the long-tailed training split, then evaluated by the demo's linear stage
+(it trains on the checkpoint's long-tailed split, the same images):
 
 1. the pretraining rate (LRS, seed 0) is chosen on ``--val_split 0.2`` (the held-out 20% is cut
    from the balanced training images before the long tail, so it is balanced as the test split
    is) by the validation ``final accuracy``, ties broken by the mean per-class accuracy, then by
    the smaller rate;
-2. seeds 0, 1, 2 at the chosen rate on the whole long-tailed training split, test split.
+2. ``--seeds`` at the chosen rate on the whole long-tailed training split, test split.
 
 The long tail's images are drawn from each run's seed, so the seeds' spread includes the choice of
 images. Reported: mean +- std (n - 1) of the final epoch's overall, mean per-class and few-shot
@@ -23,25 +21,21 @@ accuracy, and the last epoch's ``anchors_without_positive`` of pretraining.
 """
 
 import argparse
-import json
 import os
-import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / 'benchmarks')]
-
-from digits_results import Bench, fmt, say  # noqa: E402
+sys.path[:0] = [str(REPO), os.path.dirname(os.path.abspath(__file__))]
+import harness  # noqa: E402
+from digits_demo import linear_args, pretrain_args  # noqa: E402
 
 CONFIGS = {
     'random': [],
-    'balanced': ['--sampler', 'balanced', '--m_per_class', '4'],
-    'moco': ['--moco', '--moco_k', '512', '--moco_m', '0.99'],
+    'balanced': ['--sampler', 'balanced', '--m_per_class', 4],
+    'moco': ['--moco', '--moco_k', 512, '--moco_m', 0.99],
 }
 LABELS = {
     'random': 'SupCon, random batches',
@@ -50,137 +44,66 @@ LABELS = {
 }
 LRS = (0.03, 0.1)
 RATIO = 10.0
-MEAN_CLASS = re.compile(r'^mean per-class accuracy: ([0-9.]+)\s*$', re.M)
-GROUPS = re.compile(r'^many / medium / few-shot accuracy: (\S+) / (\S+) / (\S+)\s*$', re.M)
-EPOCH_LINE = re.compile(
-    r'^epoch \d+, total time [0-9.]+, positives_per_anchor ([0-9.]+),'
-    r' anchors_without_positive ([0-9.]+)\s*$',
-    re.M,
-)
+FEW = 'many / medium / few-shot accuracy'
 
 
-class LongTailBench(Bench):
-    def __init__(self, args):  # Bench's attributes, with a tag of this benchmark's own
-        self.args = args
-        self.out = Path(args.out)
-        self.tag = (
-            f'lt{fmt(args.imbalance_ratio)}_s{args.size}_e{args.epochs}_b{args.batch_size}'
-            f'_t{fmt(args.temp)}_l{args.linear_epochs}_{fmt(args.linear_lr)}_{args.linear_aug}'
+def config_run(sweep, args, config, lr, seed, val):
+    """(pretraining Result, linear Result) of one configuration, rate and seed."""
+    split = ['--val_split', 0.2] if val else []
+    name = f'{config}_lr{lr}_s{seed}' + ('_val' if val else '')
+    pretrain = pretrain_args(seed, 'SupCon', lr, args.epochs, args.batch_size)
+    pretrain += ['--imbalance_ratio', args.imbalance_ratio] + CONFIGS[config] + split
+    pretrain = sweep.run(name, 'main_supcon.py', pretrain)
+    linear = linear_args(seed, pretrain.checkpoint, args.linear_epochs) + split
+    return pretrain, sweep.run(name + '_linear', 'main_linear.py', linear)
+
+
+def choose(sweep, args, config):
+    def score(lr):
+        linear = config_run(sweep, args, config, lr, 0, True)[1]
+        return linear['final accuracy'], linear['mean per-class accuracy']
+
+    return sweep.choose_rate(score, LRS)
+
+
+def config_job(sweep, args, config):
+    """(rate, validation scores, the seeds' runs): the search, then the seeds at its rate."""
+    lr, scores = choose(sweep, args, config)
+    runs = sweep.map(lambda s: config_run(sweep, args, config, lr, s, False), args.seeds)
+    return lr, scores, runs
+
+
+def run_sweep(args, sweep):
+    if args.positives_only:
+        print(positives_table())
+        return
+    done = dict(zip(args.configs, sweep.map(lambda c: config_job(sweep, args, c), args.configs)))
+    configs = [c for c in args.configs if done[c] is not None]
+    choices = {c: done[c][:2] for c in configs}
+    runs = {(c, s): r for c in configs for s, r in zip(args.seeds, done[c][2])}
+    rows = []
+    for c in configs:
+        lr, scores = choices[c]
+        search = ', '.join(
+            ('**{}: {:.2f}**' if r == lr else '{}: {:.2f}').format(r, scores[r][0])
+            for r in sorted(scores)
         )
-        self.logs = self.out / 'logs' / self.tag
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.common = ['--dataset', 'digits', '--size', str(args.size), '--amp']
-        self.common += ['--num_workers', str(args.num_workers)]
-        self.env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-        for key in ('WORLD_SIZE', 'LOCAL_RANK', 'RANK', 'LOCAL_WORLD_SIZE'):
-            self.env.pop(key, None)
-        self.ran_seconds = 0.0
-
-    def config_run(self, config, lr, seed, val):
-        """Pretrain ``config`` at ``lr``, then the linear stage; its accuracies and statistics."""
-        a = self.args
-        trial = f'lt{seed}{"v" if val else ""}_{config}_{self.tag}'
-        split = ['--val_split', '0.2'] if val else []
-        name = f'{config}_lr{fmt(lr)}_seed{seed}' + ('_val' if val else '_test')
-        pretrain = self.run(
-            name + '_pretrain',
-            'main_supcon.py',
-            self.common
-            + ['--model', 'resnet18', '--method', 'SupCon', '--batch_size', a.batch_size]
-            + ['--learning_rate', fmt(lr), '--temp', fmt(a.temp), '--cosine']
-            + ['--epochs', a.epochs, '--save_freq', 100000, '--print_freq', 1000]
-            + ['--imbalance_ratio', fmt(a.imbalance_ratio), '--seed', seed, '--trial', trial]
-            + ['--resume', 'auto']
-            + CONFIGS[config]
-            + split,
-        )
-        folder = self.one_folder(
-            f'save/SupCon/digits_models/SupCon_digits_resnet18_lr_{fmt(lr)}_*_trial_{trial}_cosine*'
-        )
-        text = self.linear(name + '_linear', folder / 'last.pth', seed, split)
-        result = self.accuracies(text, name)
-        groups = GROUPS.findall(text)[-1]
-        result.update(
-            mean_class=float(MEAN_CLASS.findall(text)[-1]),
-            many=groups[0],
-            medium=groups[1],
-            few=groups[2],
-        )
-        positives, lonely = EPOCH_LINE.findall(pretrain)[-1]
-        result.update(positives_per_anchor=float(positives), anchors_without_positive=float(lonely))
-        return result
-
-    def main(self):
-        a = self.args
-        wall = time.time()
-        todo = [(c, lr) for c in a.configs for lr in LRS]
-        scores = self.pool_map([(self.config_run, c, lr, 0, True) for c, lr in todo])
-        validation = {c: {} for c in a.configs}
-        for (c, lr), score in zip(todo, scores):
-            validation[c][lr] = score
-        chosen = {
-            c: max(LRS, key=lambda lr: (v[lr]['final'], v[lr]['mean_class'], -lr))
-            for c, v in validation.items()
-        }
-        for c in a.configs:
-            say(
-                f'{c}: validation final / mean per-class by rate: '
-                + ', '.join(
-                    f'{lr}: {v["final"]:.2f} / {v["mean_class"]:.2f}'
-                    for lr, v in sorted(validation[c].items())
-                )
-                + f' -> lr {chosen[c]}'
-            )
-        tests = [(c, seed) for c in a.configs for seed in a.seeds]
-        results = self.pool_map([(self.config_run, c, chosen[c], s, False) for c, s in tests])
-        per_seed = {c: {} for c in a.configs}
-        for (c, seed), result in zip(tests, results):
-            per_seed[c][seed] = result
-        table = self.lt_table(validation, chosen, per_seed)
-        summary = {
-            'validation': {c: {str(lr): v for lr, v in vs.items()} for c, vs in validation.items()},
-            'chosen_lr': chosen,
-            'test': {c: {str(s): r for s, r in rs.items()} for c, rs in per_seed.items()},
-            'wall_seconds_this_call': round(time.time() - wall, 1),
-            'run_seconds_this_call': round(self.ran_seconds, 1),
-        }
-        (self.out / 'results.json').write_text(json.dumps(summary, indent=1) + '\n')
-        (self.out / 'table.md').write_text(table + '\n')
-        print('\n' + table)
-        print(
-            f'\nthis call: {summary["wall_seconds_this_call"]:.0f} s wall clock,'
-            f' {self.ran_seconds:.0f} s of runs; {self.out / "results.json"} has every number'
-        )
-
-    def lt_table(self, validation, chosen, per_seed):
-        def mean_std(values, digits=2):
-            values = [float(v) for v in values]
-            std = statistics.stdev(values) if len(values) > 1 else float('nan')
-            return f'{statistics.mean(values):.{digits}f} ± {std:.{digits}f}'
-
-        seeds = self.args.seeds
-        lines = [
-            '| configuration | lr (validation final % per lr) | overall top-1 % |'
-            ' mean per-class % | few-shot % | positives_per_anchor / anchors_without_positive'
-            ' (last epoch) | per seed overall / per-class / few |',
-            '|---|---|---|---|---|---|---|',
-        ]
-        for c in per_seed:
-            rs = [per_seed[c][s] for s in seeds]
-            search = ', '.join(
-                ('**{}**' if lr == chosen[c] else '{}').format(
-                    f'{lr}: {validation[c][lr]["final"]:.2f}'
-                )
-                for lr in LRS
-            )
-            each = ', '.join(f'{r["final"]:.2f} / {r["mean_class"]:.2f} / {r["few"]}' for r in rs)
-            lines.append(
-                f'| {LABELS[c]} | {search} | {mean_std(r["final"] for r in rs)} |'
-                f' {mean_std(r["mean_class"] for r in rs)} | {mean_std(r["few"] for r in rs)} |'
-                f' {mean_std((r["positives_per_anchor"] for r in rs), 1)} /'
-                f' {mean_std((r["anchors_without_positive"] for r in rs), 3)} | {each} |'
-            )
-        return '\n'.join(lines)
+        tested = [runs[c, s] for s in args.seeds]
+        overall = [r and r[1]['final accuracy'] for r in tested]
+        per_class = [r and r[1]['mean per-class accuracy'] for r in tested]
+        few = [r and r[1][FEW][2] for r in tested]
+        last = [r and r[0].epochs[max(r[0].epochs)] for r in tested]
+        positives = harness.mean_std([e and e['positives_per_anchor'] for e in last], 1)
+        lonely = harness.mean_std([e and e['anchors_without_positive'] for e in last], 3)
+        each = ', '.join(harness.each(v) for v in zip(overall, per_class, few))
+        rows.append([
+            LABELS[c], search, harness.mean_std(overall), harness.mean_std(per_class),
+            harness.mean_std(few), f'{positives} / {lonely}', each,
+        ])  # fmt: skip
+    header = ['configuration', 'lr (validation final % per rate)', 'overall top-1 %']
+    header += ['mean per-class %', 'few-shot %', 'positives_per_anchor / anchors_without_positive']
+    header += ['per seed overall / per-class / few']
+    sweep.report('Long-tailed digits', [('Test split', harness.table(header, rows))])
 
 
 def positives_table(draws=2000, seed=0):
@@ -227,31 +150,17 @@ def positives_table(draws=2000, seed=0):
     return '\n'.join(lines)
 
 
-def parse_args(argv=None):
+def build():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--out', default='save/long_tail_digits')
-    parser.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument('--imbalance_ratio', type=float, default=RATIO)
-    parser.add_argument('--size', type=int, default=12)
     parser.add_argument('--epochs', type=int, default=20)
     parser.add_argument('--batch_size', type=int, default=32)
-    parser.add_argument('--temp', type=float, default=0.1)
     parser.add_argument('--linear_epochs', type=int, default=20)
-    parser.add_argument('--linear_lr', type=float, default=0.1)
-    parser.add_argument('--linear_aug', default='none', choices=('none', 'simclr'))
-    parser.add_argument('--num_workers', type=int, default=1)
     parser.add_argument('--positives_only', action='store_true', help='only the statistics table')
-    args = parser.parse_args(argv)
-    if not os.path.isabs(args.out):
-        args.out = str(REPO / args.out)
-    return args
+    return harness.add_arguments(parser, out='save/bench/long_tail_digits', jobs=2)
 
 
 if __name__ == '__main__':
-    options = parse_args()
-    if options.positives_only:
-        print(positives_table())
-    else:
-        LongTailBench(options).main()
+    harness.main(build, run_sweep)

@@ -1,295 +1,106 @@
-"""SupCon with and without --moco at a small batch on digits: linear top-1 and time per epoch.
+"""SupCon with and without --moco at a small batch on digits: linear top-1 and time per epoch
+(docs/small-batches.md).
 
-Called by benchmarks/moco_digits.sh (see there and benchmarks/README.md, "MoCo on small batches
-(digits)"). Every configuration gets the same pretraining and linear-evaluation settings and the
-same learning-rate search:
+    python benchmarks/moco_digits.py [--jobs 2] [--seeds 0 1 2] [--epochs 6] [--lrs 0.025 0.05 0.1]
 
-1. search: for each configuration and pretraining rate, seed 0, pretraining on the training images
-   less a stratified --val_split, linear evaluation on that held-out part; the rate with the best
-   linear ``final accuracy`` is chosen (ties: higher ``best accuracy``, then the smaller rate);
-2. test: for each configuration at its chosen rate, the seeds on the whole training set, linear
-   evaluation on the test split.
+Every configuration (CONFIGS) gets the same pretraining (ResNet-18, ``--dataset digits --size 8
+--amp``, ``--batch_size`` 16, cosine, ``--temp 0.1``) and linear stage (batch 64, lr 0.5, cosine):
 
-Runs go round-robin over the configurations (and ``--jobs`` at a time), so the epoch times of the
-configurations are measured under the same load. Each run writes its logs under ``--out`` (and its
-checkpoints below ``--out``/save/, since the scripts save under ./save/ of their working folder);
-a run whose linear log already holds ``final accuracy`` is skipped, so the script can be rerun.
+1. the pretraining rate, from ``--lrs``: seed 0, trained on the training images less a stratified
+   ``--val_split``, the linear stage scored on that held-out part by its last epoch's top-1 (ties:
+   the best epoch's, then the smaller rate);
+2. ``--seeds`` at the chosen rate on the whole training set, scored on the test split.
+
+Runs go round-robin over the configurations, so their epoch times are measured under the same
+load; the table gives the median and range of the test runs' ``epoch N, total time T`` lines.
 """
 
 import argparse
-import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 
 CONFIGS = {
-    'SupCon': [],
-    'SupCon + moco m=0.99': ['--moco', '--moco_k', '1024', '--moco_m', '0.99'],
-    'SupCon + moco m=0.999': ['--moco', '--moco_k', '1024', '--moco_m', '0.999'],
-}
-SLUG = {
-    'SupCon': 'supcon',
-    'SupCon + moco m=0.99': 'moco_m0.99',
-    'SupCon + moco m=0.999': 'moco_m0.999',
+    'supcon': ('SupCon', []),
+    'moco_m0.99': ('SupCon + moco m=0.99', ['--moco', '--moco_k', 1024, '--moco_m', 0.99]),
+    'moco_m0.999': ('SupCon + moco m=0.999', ['--moco', '--moco_k', 1024, '--moco_m', 0.999]),
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--out', default=os.path.join(REPO, 'save', 'moco_digits'))
-    p.add_argument('--epochs', type=int, default=6, help='pretraining epochs (all runs)')
-    p.add_argument('--linear_epochs', type=int, default=10, help='linear epochs (all runs)')
-    p.add_argument(
-        '--lrs',
-        type=float,
-        nargs='+',
-        default=[0.025, 0.05, 0.1],
-        help='pretraining learning rates searched for every configuration',
+def config_run(sweep, args, config, lr, seed, val):
+    """(pretraining Result, linear Result) of one configuration, rate and seed."""
+    split = ['--val_split', args.val_split] if val else []
+    name = f'{config}_lr{lr}_s{seed}' + ('_val' if val else '')
+    data = ['--dataset', 'digits', '--size', 8]
+    pretrain = sweep.run(
+        name,
+        'main_supcon.py',
+        data
+        + ['--model', 'resnet18', '--method', 'SupCon', '--batch_size', args.batch_size]
+        + ['--learning_rate', lr, '--cosine', '--temp', 0.1, '--amp', '--epochs', args.epochs]
+        + ['--save_freq', args.epochs, '--print_freq', 100000, '--num_workers', 0, '--seed', seed]
+        + CONFIGS[config][1]
+        + split,
     )
-    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--val_split', type=float, default=0.2)
-    p.add_argument('--batch_size', type=int, default=16, help='pretraining batch size')
-    p.add_argument('--jobs', type=int, default=2, help='runs at a time (1 thread each)')
-    p.add_argument('--configs', nargs='+', default=list(SLUG.values()), choices=list(SLUG.values()))
-    return p.parse_args(argv)
+    linear = sweep.run(
+        name + '_linear',
+        'main_linear.py',
+        data
+        + ['--batch_size', 64, '--learning_rate', 0.5, '--cosine', '--amp']
+        + ['--epochs', args.linear_epochs, '--save_freq', args.linear_epochs]
+        + ['--print_freq', 100000, '--num_workers', 0, '--num_workers_val', 0, '--seed', seed]
+        + ['--ckpt', pretrain.checkpoint]
+        + split,
+    )
+    return pretrain, linear
 
 
-def pretrain_args(opt, extra, lr, seed, val):
-    args = [
-        '--dataset',
-        'digits',
-        '--model',
-        'resnet18',
-        '--size',
-        '8',
-        '--method',
-        'SupCon',
-        '--batch_size',
-        str(opt.batch_size),
-        '--learning_rate',
-        str(lr),
-        '--cosine',
-        '--temp',
-        '0.1',
-        '--amp',
-        '--epochs',
-        str(opt.epochs),
-        '--save_freq',
-        str(opt.epochs),
-        '--print_freq',
-        '100000',
-        '--num_workers',
-        '0',
-        '--seed',
-        str(seed),
-        '--trial',
-        f's{seed}',
-        '--resume',
-        'auto',
-    ] + extra
-    if val:
-        args += ['--val_split', str(opt.val_split)]
-    return args
-
-
-def linear_args(opt, ckpt, seed, val):
-    args = [
-        '--dataset',
-        'digits',
-        '--size',
-        '8',
-        '--batch_size',
-        '64',
-        '--learning_rate',
-        '0.5',
-        '--cosine',
-        '--amp',
-        '--epochs',
-        str(opt.linear_epochs),
-        '--save_freq',
-        str(opt.linear_epochs),
-        '--print_freq',
-        '100000',
-        '--num_workers',
-        '0',
-        '--num_workers_val',
-        '0',
-        '--seed',
-        str(seed),
-        '--resume',
-        'auto',
-        '--ckpt',
-        ckpt,
-    ]
-    if val:
-        args += ['--val_split', str(opt.val_split)]
-    return args
-
-
-class Failed(Exception):
-    pass
-
-
-def run_logged(script, args, log, cwd, env):
-    """Run ``python script args`` in ``cwd``, appending stdout+stderr to ``log``."""
-    cmd = [sys.executable, os.path.join(REPO, script)] + args
-    with open(log, 'a') as f:
-        f.write('$ ' + ' '.join(cmd) + '\n')
-        f.flush()
-        done = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        with open(log) as f:
-            tail = ''.join(f.readlines()[-30:])
-        raise Failed(f'exit {done.returncode}: {" ".join(cmd)}\n(cwd {cwd}, log {log})\n{tail}')
-
-
-def say(line):
-    sys.stdout.write(line + '\n')  # one write: lines of parallel jobs do not mix
-    sys.stdout.flush()
-
-
-def read(path):
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ''
-
-
-def job(opt, name, lr, seed, val, env, stop):
-    """Pretrain + linear-evaluate one run; returns its result dict (skips what is done)."""
-    tag = f'{"search" if val else "test"}_{SLUG[name]}_lr{lr}_seed{seed}'
-    logs = os.path.join(opt.out, 'logs')
-    pre_log, lin_log = (os.path.join(logs, f'{tag}.{kind}.log') for kind in ('pretrain', 'linear'))
-    if 'final accuracy' not in read(lin_log):
-        if stop.is_set():
-            return None
-        found = re.findall(r'^saved (\S+last\.pth)$', read(pre_log), re.M)
-        if not (found and os.path.isfile(os.path.join(opt.out, found[-1]))):
-            say(f'[{time.strftime("%H:%M:%S")}] pretrain {tag}')
-            run_logged(
-                'main_supcon.py',
-                pretrain_args(opt, CONFIGS[name], lr, seed, val),
-                pre_log,
-                opt.out,
-                env,
-            )
-            found = re.findall(r'^saved (\S+last\.pth)$', read(pre_log), re.M)
-        say(f'[{time.strftime("%H:%M:%S")}] linear   {tag}')
-        run_logged('main_linear.py', linear_args(opt, found[-1], seed, val), lin_log, opt.out, env)
-    text = read(lin_log)
-    epoch_times = {}
-    for n, t in re.findall(r'^epoch (\d+), total time ([\d.]+)', read(pre_log), re.M):
-        epoch_times[int(n)] = float(t)  # a resumed run's later line for an epoch wins
-    return {
-        'config': name,
-        'lr': lr,
-        'seed': seed,
-        'val': val,
-        'best': float(re.findall(r'^best accuracy: ([\d.]+)$', text, re.M)[-1]),
-        'final': float(re.findall(r'^final accuracy: ([\d.]+)$', text, re.M)[-1]),
-        'epoch_times': [epoch_times[k] for k in sorted(epoch_times)],
+def run_sweep(args, sweep):
+    # the search, round-robin over the configurations at each rate
+    search = [(c, lr) for lr in args.lrs for c in args.configs]
+    found = sweep.map(lambda c, lr: config_run(sweep, args, c, lr, 0, True), search)
+    validation = {c: {} for c in args.configs}
+    for (c, lr), runs in zip(search, found):
+        if runs is not None:
+            validation[c][lr] = (runs[1]['final accuracy'], runs[1]['best accuracy'])
+    chosen = {
+        c: max(sorted(v), key=lambda lr, v=v: (v[lr], -lr))
+        for c, v in validation.items()
+        if len(v) == len(args.lrs)
     }
+    tests = [(c, s) for s in args.seeds for c in args.configs if c in chosen]
+    found = sweep.map(lambda c, s: config_run(sweep, args, c, chosen[c], s, False), tests)
+    tested = dict(zip(tests, found))
+    rows = []
+    for c in args.configs:
+        runs = [tested.get((c, s)) for s in args.seeds]
+        finals = [r and r[1]['final accuracy'] for r in runs]
+        times = [t for r in runs if r for t in r[0].epoch_times]
+        search_cell = ' / '.join(f'{validation[c][lr][0]:.2f}' for lr in sorted(validation[c]))
+        rows.append([
+            CONFIGS[c][0], chosen.get(c, '-'), search_cell, harness.mean_std(finals),
+            harness.mean_std([r and r[1]['best accuracy'] for r in runs]), harness.each(finals),
+            f'{statistics.median(times):.2f} ({min(times):.2f}-{max(times):.2f})' if times else '-',
+        ])  # fmt: skip
+    header = ['config', 'lr chosen', f'val final at {" / ".join(map(str, sorted(args.lrs)))}']
+    header += ['test final', 'test best-over-epochs', 'final per seed', 'sec/epoch median (range)']
+    sweep.report('MoCo on small batches (digits)', [('Test split', harness.table(header, rows))])
 
 
-def run_all(opt, specs, env):
-    """Run the (config, lr, seed, val) specs in their order, ``opt.jobs`` at a time."""
-    stop = threading.Event()
-    results, errors = [], []
-    with ThreadPoolExecutor(max_workers=opt.jobs) as pool:
-        futures = [pool.submit(job, opt, *spec, env, stop) for spec in specs]
-        for future in futures:
-            try:
-                result = future.result()
-            except Failed as exc:
-                stop.set()  # let the running ones finish, start no more
-                errors.append(str(exc))
-                continue
-            if result is not None:
-                results.append(result)
-    if errors:
-        print('FAILED:\n' + '\n'.join(errors), file=sys.stderr)
-        sys.exit(1)
-    return results
-
-
-def fmt_mean_std(values):
-    mean = statistics.mean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f'{mean:.2f} ± {std:.2f}'
-
-
-def main():
-    opt = parse_args()
-    opt.out = os.path.abspath(opt.out)
-    os.makedirs(os.path.join(opt.out, 'logs'), exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    names = [n for n in CONFIGS if SLUG[n] in opt.configs]
-    started = time.time()
-
-    # 1. learning-rate search on the held-out part of the training images, seed 0
-    search = run_all(opt, [(n, lr, 0, True) for lr in opt.lrs for n in names], env)
-    chosen = {}
-    for n in names:
-        rows = [r for r in search if r['config'] == n]
-        best = max(rows, key=lambda r: (r['final'], r['best'], -r['lr']))
-        chosen[n] = best
-        print(
-            f'{n}: search '
-            + ', '.join(
-                f'lr {r["lr"]}: final {r["final"]:.2f} (best {r["best"]:.2f})' for r in rows
-            )
-            + f' -> lr {best["lr"]}',
-            flush=True,
-        )
-
-    # 2. the seeds at the chosen rates, on the whole training set, evaluated on the test split
-    test = run_all(opt, [(n, chosen[n]['lr'], s, False) for s in opt.seeds for n in names], env)
-
-    with open(os.path.join(opt.out, 'results.json'), 'w') as f:
-        json.dump({'search': search, 'test': test, 'options': vars(opt)}, f, indent=1)
-
-    lines = [
-        f'pretraining: --dataset digits --model resnet18 --size 8 --batch_size {opt.batch_size}'
-        f' --cosine --temp 0.1 --amp, {opt.epochs} epochs; linear: --batch_size 64'
-        f' --learning_rate 0.5 --cosine --amp, {opt.linear_epochs} epochs',
-        '',
-        '| config | lr (search) | val final @ lr | test final (mean ± std) | test best-over-epochs'
-        ' (mean ± std) | test final per seed | sec/epoch median | sec/epoch min-max |',
-        '|---|---|---|---|---|---|---|---|',
-    ]
-    for n in names:
-        rows = sorted((r for r in test if r['config'] == n), key=lambda r: r['seed'])
-        times = [t for r in rows for t in r['epoch_times']]
-        search_rows = sorted((r for r in search if r['config'] == n), key=lambda r: r['lr'])
-        search_cell = ' / '.join(f'{r["final"]:.2f}' for r in search_rows)
-        lines.append(
-            f'| {n} | {chosen[n]["lr"]} ({"/".join(str(r["lr"]) for r in search_rows)}:'
-            f' {search_cell}) | {chosen[n]["final"]:.2f} |'
-            f' {fmt_mean_std([r["final"] for r in rows])} |'
-            f' {fmt_mean_std([r["best"] for r in rows])} |'
-            f' {", ".join("%.2f" % r["final"] for r in rows)} |'
-            f' {statistics.median(times):.2f} | {min(times):.2f}-{max(times):.2f} |'
-        )
-    lines += [
-        '',
-        'std: sample standard deviation over the seeds; sec/epoch: the "epoch N, total'
-        ' time T" lines of the test runs (all seeds and epochs); val final: linear final'
-        f' accuracy on the --val_split {opt.val_split} part, seed 0.',
-        f'wall time of this invocation: {time.time() - started:.0f} s',
-    ]
-    table = '\n'.join(lines)
-    with open(os.path.join(opt.out, 'results.md'), 'w') as f:
-        f.write(table + '\n')
-    print(table)
+def build():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument('--lrs', type=float, nargs='+', default=[0.025, 0.05, 0.1])
+    parser.add_argument('--epochs', type=int, default=6, help='pretraining epochs')
+    parser.add_argument('--linear_epochs', type=int, default=10)
+    parser.add_argument('--batch_size', type=int, default=16, help='pretraining batch size')
+    parser.add_argument('--val_split', type=float, default=0.2)
+    return harness.add_arguments(parser, out='save/bench/moco_digits', jobs=2)
 
 
 if __name__ == '__main__':
-    main()
+    harness.main(build, run_sweep)

@@ -126,9 +126,10 @@ def checkpoint_model(ckpt, path, model=None):
 
 
 def checkpoint_method(ckpt):
-    """'SupCE' for a cross-entropy checkpoint (it has a classifier ``fc``), else its --method."""
+    """'SupCE' for a cross-entropy checkpoint (it has a classifier ``fc``), 'finetune' for a
+    main_linear.py --finetune one (the same layout), else its --method."""
     if any(key.startswith('fc.') for key in ckpt['model']):
-        return 'SupCE'
+        return 'finetune' if ckpt.get('opt', {}).get('finetune') else 'SupCE'
     return ckpt.get('opt', {}).get('method', 'SupCon')
 
 

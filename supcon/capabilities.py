@@ -12,16 +12,17 @@ optional; ``script`` is ``'supcon'``, ``'ce'`` or ``'linear'``):
 - ``run_name(opt, script)``: its parts of the run name, empty while it is off, so that the
   reference's run names stay as they were.
 - ``FIXED``: the options a ``--resume`` may not change.
+- ``reads_test_split(opt)``: main_supcon.py: whether it scores the test split while pretraining.
 
 ``CAPABILITIES`` lists them in the order their parts join a run name. Adding a capability is a
 new module with these names and one entry here.
 """
 
 from networks import encoders, from_checkpoint
-from supcon.data import augment, balanced, labelling, long_tail, val_split
+from supcon.data import augment, balanced, labelling, long_tail, subset, val_split
 from supcon.evaluation import knn
 from supcon.objectives import grad_cache, moco, probe
-from supcon.training import optim
+from supcon.training import finetune, optim
 
 CAPABILITIES = (
     encoders,  # --model's backbone: stem, patch size, timm checkpoint
@@ -36,6 +37,8 @@ CAPABILITIES = (
     balanced,  # --sampler balanced
     long_tail,  # --imbalance_ratio
     probe,  # --online_probe, --ce_weight
+    subset,  # --train_subset
+    finetune,  # main_linear.py --finetune (its part ends the run name, as it always has)
 )
 
 #: Options of every training run that a resume may not change; the capabilities add theirs.
@@ -68,6 +71,11 @@ def check_data(opt, train_set):
     """Every capability's refusals of the training data (before partial labels are applied)."""
     for check in _each('check_data'):
         check(opt, train_set)
+
+
+def reads_test_split(opt):
+    """Whether a capability in use scores the test split during pretraining."""
+    return any(reads(opt) for reads in _each('reads_test_split'))
 
 
 def run_name_parts(opt, script):

@@ -186,6 +186,8 @@ CHECKPOINT_DEFAULTS = (
     ('size', int),
     ('data_folder', str),
     ('test_folder', str),
+    ('data_csv', str),
+    ('test_csv', str),
     ('mean', str),
     ('std', str),
 )
@@ -214,7 +216,11 @@ def take_checkpoint_defaults(opt, recorded):
         )
     for name, kind in CHECKPOINT_DEFAULTS:
         value = recorded.get(name)
-        if name == 'dataset' or getattr(opt, name) is not None or type(value) is not kind:
+        if name == 'dataset' or getattr(opt, name, None) is not None or type(value) is not kind:
+            continue
+        # a --dataset csv run records its CSVs as data_csv/test_csv and again as the folders
+        # (csv_dataset.resolve_options), which that data set refuses: take the CSVs alone
+        if opt.dataset == 'csv' and name in ('data_folder', 'test_folder'):
             continue
         if same_data or (name == 'size' and timm_size is not None):
             setattr(opt, name, value)

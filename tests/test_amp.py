@@ -126,11 +126,15 @@ def test_autocast_is_a_no_op_without_amp():
 
 
 @pytest.fixture
-def ieee_fp32(monkeypatch):
+def ieee_fp32():
     """Plain float32 on CUDA: with TF32 the two memory formats may pick kernels that round
-    differently."""
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    differently. Set and restored by hand, not with monkeypatch: pytest 9.2's monkeypatch
+    fails to undo a setattr on ``torch.backends.cuda.matmul`` (a property of torch's
+    cuBLASModule: AttributeError at teardown), where 9.0 did not."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def contiguous_and_channels_last_models(device='cpu', seed=0):

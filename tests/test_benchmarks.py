@@ -1,11 +1,424 @@
-"""benchmarks/bench_train.py: each configuration runs real main_supcon steps with its own
-settings."""
+"""benchmarks/: every script imports and answers --help, every sweep lists its runs, the sweep
+harness (skip, resume, parse, mean ± std, rate choice, jobs, signals) on fake scripts, the demo
+sweep's commands, and bench_train.py's configurations."""
 
+import argparse
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
 
+import numpy as np
+import pytest
 from helpers import REPO, script_env
+
+sys.path.insert(0, str(REPO / 'benchmarks'))
+import digits_demo  # noqa: E402
+import harness  # noqa: E402
+
+SCRIPTS = sorted(p.name for p in (REPO / 'benchmarks').glob('*.py'))
+SWEEPS = [s for s in SCRIPTS if 'harness.main(' in (REPO / 'benchmarks' / s).read_text()]
+
+# A training script stand-in: "trains" --epochs epochs, one line each, its position saved in
+# ./save/ after every epoch; --resume auto continues from there. --die_at K kills it (SIGKILL)
+# at epoch K unless the file --marker exists (then makes it); SIGTERM exits 143 as the real
+# scripts do. Every call appends its arguments to ./calls, every epoch it trains to ./trained;
+# ./started and ./ended are made at its start and end; --wait_for FILE waits for that file.
+FAKE = '''
+import os, signal, sys, time
+args = sys.argv[1:]
+value = lambda flag, default: args[args.index(flag) + 1] if flag in args else default
+epochs, die_at = int(value('--epochs', 3)), int(value('--die_at', 0))
+with open('calls', 'a') as f:
+    f.write(' '.join(args) + '\\n')
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+open('started', 'w').close()
+if '--wait_for' in args:  # another run's start, for at most 60 s
+    deadline = time.time() + 60
+    while not os.path.exists(value('--wait_for', '')) and time.time() < deadline:
+        time.sleep(0.02)
+    print(f"met: {int(os.path.exists(value('--wait_for', '')))}")
+done = 0
+if value('--resume', None) == 'auto' and os.path.exists('save/position'):
+    done = int(open('save/position').read())
+for epoch in range(done + 1, epochs + 1):
+    if epoch == die_at and not os.path.exists(value('--marker', 'died')):
+        open(value('--marker', 'died'), 'w').close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(float(value('--sleep', 0)))
+    os.makedirs('save/run', exist_ok=True)
+    open('save/position', 'w').write(str(epoch))
+    open('save/run/checkpoint.pth', 'w').write(str(epoch))
+    open('trained', 'a').write(f'{epoch}\\n')
+    print(f'epoch {epoch}, total time {epoch / 10:.2f}, positives_per_anchor {epoch}.00')
+open('save/run/last.pth', 'w').close()
+print('best accuracy: ' + value('--best', '50.00'))
+print('final accuracy: ' + value('--final', '40.00'))
+open('ended', 'w').close()
+sys.exit(int(value('--exit', 0)))
+'''
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    """{kind: absolute path}: a resumable fake (named as a training script) and another."""
+    folder = tmp_path / 'fake_scripts'
+    folder.mkdir()
+    (folder / 'main_supcon.py').write_text(FAKE)
+    (folder / 'evaluate.py').write_text(FAKE)
+    return {'train': str(folder / 'main_supcon.py'), 'other': str(folder / 'evaluate.py')}
+
+
+def sweep_of(out, *argv):
+    parser = harness.add_arguments(argparse.ArgumentParser(), out=str(out))
+    return harness.Sweep(parser.parse_args(list(argv)))
+
+
+def lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+# Runs many short script calls in one process that imports torch once, then forks a child per
+# call: the child is ``python SCRIPT ARGS`` as far as the script can tell (its argv, sys.path[0],
+# output file and exit code), for a tenth of a second instead of seconds of start-up each.
+DRIVER = textwrap.dedent(
+    """\
+    import importlib, json, os, runpy, sys, traceback
+    for name in ('numpy', 'torch', 'torchvision', 'PIL.Image', 'sklearn.datasets'):
+        importlib.import_module(name)
+    codes = {}
+    for key, (script, args, output) in json.loads(sys.argv[1]).items():
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            target = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, 1)
+            os.dup2(target, 2)
+            sys.argv, sys.path[0], code = [script] + args, os.path.dirname(script), 0
+            try:
+                runpy.run_path(script, run_name='__main__')
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        codes[key] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    print(json.dumps(codes))
+    """
+)
+
+
+def run_scripts(calls, tmp_path):
+    """{key: (exit code, output)} of ``python benchmarks/SCRIPT ARGS``, {key: (SCRIPT, ARGS)}."""
+    spec = {
+        key: (
+            str(REPO / 'benchmarks' / script),
+            [str(a) for a in args],
+            str(tmp_path / f'{key}.out'),
+        )
+        for key, (script, args) in calls.items()
+    }
+    if hasattr(os, 'fork'):
+        command = [sys.executable, '-c', DRIVER, json.dumps(spec)]
+        done = subprocess.run(command, cwd=REPO, env=script_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        codes = json.loads(done.stdout.splitlines()[-1])
+    else:  # one process per call, just slower
+        codes = {}
+        for key, (script, args, output) in spec.items():
+            with open(output, 'w') as out:
+                command = [sys.executable, script] + args
+                codes[key] = subprocess.call(command, cwd=REPO, stdout=out, stderr=out)
+    return {key: (codes[key], Path(spec[key][2]).read_text()) for key in spec}
+
+
+@pytest.fixture(scope='module')
+def script_calls(tmp_path_factory):
+    """Every script's ``--help`` and every sweep's ``--dry_run``, in one driver."""
+    tmp_path = tmp_path_factory.mktemp('benchmark_calls')
+    calls = {('help', s): (s, ['--help']) for s in SCRIPTS if s != 'harness.py'}  # a module
+    calls.update({('dry', s): (s, ['--dry_run', '--out', tmp_path / s]) for s in SWEEPS})
+    keys = {f'{kind}_{script}': (kind, script) for kind, script in calls}
+    done = run_scripts({name: calls[key] for name, key in keys.items()}, tmp_path)
+    return {keys[name]: result for name, result in done.items()}, tmp_path
+
+
+def test_every_benchmark_script_imports_and_answers_help(script_calls):
+    assert 'bench_conv.py' in SCRIPTS and 'harness.py' in SCRIPTS and len(SWEEPS) >= 6
+    helps = {script: result for (kind, script), result in script_calls[0].items() if kind == 'help'}
+    assert len(helps) == len(SCRIPTS) - 1
+    for script, (code, out) in helps.items():
+        assert code == 0 and out.startswith('usage: '), f'{script} exited {code}:\n{out}'
+
+
+def test_every_sweep_lists_its_runs_in_a_dry_run(script_calls):
+    results, tmp_path = script_calls
+    for script in SWEEPS:
+        code, out = results['dry', script]
+        assert code == 0, f'{script}:\n{out}'
+        assert 'not finished: ' in out and ' (to run): python ' in out, f'{script}:\n{out}'
+        assert not (tmp_path / script / 'runs').exists()  # nothing was started
+
+
+def test_a_finished_run_is_read_not_run_again(tmp_path, fakes):
+    first = sweep_of(tmp_path).run('a', fakes['train'], ['--epochs', 2, '--final', '97.50'])
+    again = sweep_of(tmp_path).run('a', fakes['train'], ['--epochs', 2, '--final', '97.50'])
+    folder = tmp_path / 'runs' / 'a'
+    assert lines(folder / 'calls') == ['--epochs 2 --final 97.50']  # one call only
+    assert first['final accuracy'] == again['final accuracy'] == 97.5
+    assert again.epoch_times == [0.1, 0.2] and again.seconds > 0
+    assert again.checkpoint == folder / 'save' / 'run' / 'last.pth'
+    # of a finished run's checkpoints only last.pth is kept, unless asked otherwise
+    assert sorted(p.name for p in folder.glob('save/**/*.pth')) == ['last.pth']
+    sweep_of(tmp_path / 'keep', '--keep_checkpoints').run('a', fakes['train'], ['--epochs', 2])
+    kept = sorted(p.name for p in (tmp_path / 'keep').glob('runs/a/save/**/*.pth'))
+    assert kept == ['checkpoint.pth', 'last.pth']
+    # another command under the same name is refused, not mixed with this one
+    with pytest.raises(harness.RunFailed, match='holds another command'):
+        sweep_of(tmp_path).run('a', fakes['train'], ['--epochs', 3])
+
+
+@pytest.mark.parametrize('kind', ['train', 'other'])
+def test_an_interrupted_run_is_resumed_or_started_again(tmp_path, fakes, kind):
+    argv = ['--epochs', 5, '--die_at', 3, '--marker', tmp_path / 'killed_once']
+    call = ' '.join(str(a) for a in argv)
+    with pytest.raises(harness.RunFailed, match='exited -9'):
+        sweep_of(tmp_path).run('r', fakes[kind], argv)
+    result = sweep_of(tmp_path).run('r', fakes[kind], argv)
+    folder = tmp_path / 'runs' / 'r'
+    log = result.log.read_text()
+    assert [line.split(' after')[0] for line in log.splitlines() if '# exit' in line] == [
+        '# exit -9',
+        '# exit 0',
+    ]
+    if kind == 'train':  # continued from its saved position: epochs 1 and 2 are not trained twice
+        assert lines(folder / 'calls') == [call, call + ' --resume auto']
+        assert lines(folder / 'trained') == ['1', '2', '3', '4', '5']
+        assert '# started ' in log and ', attempt 2, with --resume auto' in log
+    else:  # cannot continue: started again in an emptied folder (the first call's files gone)
+        assert lines(folder / 'calls') == [call]
+        assert lines(folder / 'trained') == ['1', '2', '3', '4', '5']
+        assert ', attempt 2\n' in log
+    # each epoch counted once (the last line of an epoch wins), as in an uninterrupted run
+    assert result.epoch_times == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert result['final accuracy'] == 40.0 and log.count('# command ') == 1
+
+
+def test_log_lines_are_parsed_as_the_scripts_print_them():
+    text = textwrap.dedent(
+        """\
+        # command python main_linear.py --epochs 3
+        Train: [1][5/12]\tBT 0.1 (0.2)\tloss 2.3 (2.3)
+        epoch 1, total time 9.50, positives_per_anchor 25.27, anchors_without_positive 0.070
+        epoch 2, total time 8.25, positives_per_anchor 24.00, anchors_without_positive 0.000
+        Train epoch 1, total time 1.44, accuracy:11.55
+        note: --resume auto: no checkpoint yet
+        epoch 2, total time 7.75, positives_per_anchor 23.00, anchors_without_positive 0.010
+        probe accuracy: 96.53
+        probe_lr0.01 accuracy: 97.22
+        ce accuracy: 95.00
+        best accuracy: 99.72
+        final accuracy: 98.61
+        final accuracy: 99.44
+        mean per-class accuracy: 99.43
+        many / medium / few-shot accuracy: 99.50 / - / 70.25
+        final mean average precision: 84.24
+        final F1@0.5: 70.30
+        precision_at_1: 0.9917
+        mean_average_precision_at_r: 0.9000
+        knn_acc: 98.61
+        saved ./save/SupCon/digits_models/run/last.pth
+        """
+    )
+    values, epochs = harness.parse_log(text)
+    assert values == {
+        'probe accuracy': 96.53,
+        'probe_lr0.01 accuracy': 97.22,
+        'ce accuracy': 95.0,
+        'best accuracy': 99.72,
+        'final accuracy': 99.44,  # a resumed run's later line wins
+        'mean per-class accuracy': 99.43,
+        'many / medium / few-shot accuracy': (99.5, None, 70.25),
+        'final mean average precision': 84.24,
+        'final F1@0.5': 70.3,
+        'precision_at_1': 0.9917,
+        'mean_average_precision_at_r': 0.9,
+        'knn_acc': 98.61,
+    }
+    assert epochs == {
+        1: {'time': 1.44, 'accuracy': 11.55},
+        2: {'time': 7.75, 'positives_per_anchor': 23.0, 'anchors_without_positive': 0.01},
+    }
+
+
+def test_mean_and_std_agree_with_numpy():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5):
+        values = list(rng.uniform(80, 100, n))
+        expected = f'{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}'
+        assert harness.mean_std(values, 3) == expected
+        assert harness.mean_std(values + [None], 3) == expected  # a missing seed is left out
+    assert harness.mean_std([99.44]) == '99.44 (1 seed)' and harness.mean_std([None]) == '-'
+    assert harness.each([99.444, None, 98.6]) == '99.44 / - / 98.60'
+
+
+def test_the_rate_with_the_best_validation_value_is_chosen(tmp_path, fakes):
+    accuracy = {0.003: 90.0, 0.01: 97.0, 0.03: 95.0, 0.1: 95.0, 0.3: 80.0, 1.0: 50.0}
+    sweep = sweep_of(tmp_path, '--jobs', '2')
+
+    def score(lr):
+        result = sweep.run(f'lr{lr}', fakes['other'], ['--final', accuracy[lr], '--best', 99])
+        return result['final accuracy'], result['best accuracy']
+
+    ladder = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    # the best of the start, 0.03, is at its edge: 0.01 is tried, then 0.003 (0.01 at the edge)
+    chosen, scores = sweep.choose_rate(score, (0.03, 0.1, 0.3), ladder, max_extensions=3)
+    assert chosen == 0.01 and sorted(scores) == [0.003, 0.01, 0.03, 0.1, 0.3]
+    assert scores[0.01] == (97.0, 99.0)
+    # a tie goes to the smaller rate; at most max_extensions more rates
+    chosen, scores = sweep.choose_rate(score, (0.1, 0.03), ladder, max_extensions=0)
+    assert chosen == 0.03 and sorted(scores) == [0.03, 0.1]
+
+
+def test_jobs_run_at_once_in_their_order_each_chain_first(tmp_path, fakes):
+    def chain(sweep, seed):
+        first = sweep.run(f'pre{seed}', fakes['other'], ['--epochs', 1, '--sleep', 0.2])
+        return sweep.run(f'lin{seed}', fakes['other'], ['--final', first['final accuracy'] + 1])
+
+    def times(out, what):
+        return {p.parent.name: p.stat().st_mtime for p in out.glob(f'runs/*/{what}')}
+
+    one = sweep_of(tmp_path / 'one')
+    assert one.map(lambda s: chain(one, s)['final accuracy'], [0, 1, 2]) == [41.0] * 3
+    started, ended = times(tmp_path / 'one', 'started'), times(tmp_path / 'one', 'ended')
+    order = sorted(started, key=started.get)
+    assert order == ['pre0', 'lin0', 'pre1', 'lin1', 'pre2', 'lin2']
+    assert all(ended[a] <= started[b] for a, b in zip(order, order[1:]))  # one at a time
+    # two at a time: each of two runs waits for the other to start
+    two = sweep_of(tmp_path / 'two', '--jobs', '2')
+    runs = tmp_path / 'two' / 'runs'
+    both = two.map(
+        lambda i: two.run(f'r{i}', fakes['other'], ['--wait_for', runs / f'r{1 - i}' / 'started']),
+        [0, 1],
+    )
+    assert [r['met'] for r in both] == [1, 1]
+
+
+def test_a_failed_run_stops_the_sweep_and_runs_again_next_time(tmp_path, fakes):
+    def job(sweep, i):
+        return sweep.run(f'j{i}', fakes['other'], ['--exit', 3 if i == 0 else 0])
+
+    sweep = sweep_of(tmp_path)
+    with pytest.raises(harness.RunFailed, match='j0 exited 3'):
+        sweep.map(lambda i: job(sweep, i), [0, 1, 2])
+    assert not (tmp_path / 'runs' / 'j1').exists()  # started no more runs after the failure
+    again = sweep_of(tmp_path)
+    with pytest.raises(harness.RunFailed):
+        again.map(lambda i: job(again, i), [0, 1, 2])
+    assert lines(tmp_path / 'runs' / 'j0' / 'calls') == ['--exit 3']  # started anew, cleared
+    # a shared run: two jobs asking for one run get one result of one call, also when the later
+    # job asked first (the earlier one then waits for it and must not hold it back)
+    sweep, shared = sweep_of(tmp_path), []
+
+    def job(i):
+        time.sleep(0.5 if i == 0 else 0)
+        return sweep.run('s', fakes['other'], ['--sleep', 0.2])
+
+    worker = threading.Thread(target=lambda: shared.extend(sweep.map(job, [0, 1])), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    stuck = worker.is_alive()
+    if stuck:  # let the threads end (the interpreter waits for them) before failing
+        sweep.slots.expect(arrived=(0,))
+    assert not stuck, 'the two jobs waited for each other'
+    assert shared[0] is shared[1] and lines(tmp_path / 'runs' / 's' / 'calls') == ['--sleep 0.2']
+
+
+def test_sigterm_stops_the_sweep_and_the_next_call_resumes(tmp_path, fakes):
+    script = tmp_path / 'sweep.py'
+    script.write_text(
+        textwrap.dedent(
+            f"""\
+            import argparse, sys
+            sys.path.insert(0, {str(REPO / 'benchmarks')!r})
+            import harness
+
+            def build():
+                return harness.add_arguments(argparse.ArgumentParser(), out={str(tmp_path)!r})
+
+            def run_sweep(args, sweep):
+                result = sweep.run('t', {fakes['train']!r}, ['--epochs', 3, '--sleep', 0.3])
+                table = harness.table(['final'], [[result['final accuracy']]])
+                sweep.report('Fake', [('table', table)])
+
+            harness.main(build, run_sweep)
+            """
+        )
+    )
+    first = subprocess.Popen([sys.executable, str(script)], env=script_env(), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    trained = tmp_path / 'runs' / 't' / 'trained'
+    deadline = time.monotonic() + 60
+    while not trained.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    out = first.communicate(timeout=60)[0]
+    assert first.returncode == 128 + signal.SIGTERM, out
+    assert '# exit 143' in (tmp_path / 'runs' / 't' / 'output.log').read_text()
+    assert not (tmp_path / 'fake.md').exists()  # no table of an unfinished sweep
+    second = subprocess.run([sys.executable, str(script)], env=script_env(), text=True,
+                            capture_output=True, timeout=60)  # fmt: skip
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert lines(tmp_path / 'runs' / 't' / 'calls')[-1].endswith('--resume auto')
+    assert sorted(lines(trained)) == ['1', '2', '3']  # no epoch trained twice
+    record = (tmp_path / 'fake.md').read_text()
+    assert f'Measured on: {harness.code_version()} (1 runs)' in record
+    assert '| 40.0 |' in record and f't: python {fakes["train"]} --epochs 3' in record
+
+
+def test_the_demo_sweep_runs_the_commands_of_demo_digits_sh(tmp_path):
+    """demo_digits.sh run with a stand-in python that records its arguments."""
+    fake_bin = tmp_path / 'bin'
+    fake_bin.mkdir()
+    (fake_bin / 'python').write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n')
+    os.chmod(fake_bin / 'python', 0o755)
+    shutil.copy(REPO / 'demo_digits.sh', tmp_path / 'demo_digits.sh')
+    for seed in (0, 2):
+        env = dict(script_env(), PATH=f'{fake_bin}:{os.environ["PATH"]}', SEED=str(seed))
+        env['CALLS'] = str(tmp_path / f'calls{seed}')
+        subprocess.run(['bash', str(tmp_path / 'demo_digits.sh')], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+        pretrain, linear = lines(tmp_path / f'calls{seed}')
+        ckpt = linear.split('--ckpt ')[1]
+        assert pretrain == ' '.join(['main_supcon.py'] + [str(a) for a in
+                                    digits_demo.pretrain_args(seed)])  # fmt: skip
+        expected = ['main_linear.py'] + [str(a) for a in digits_demo.linear_args(seed, ckpt)]
+        assert linear == ' '.join(expected)
+
+
+def test_the_positives_table_agrees_with_the_exact_fraction():
+    """long_tail_digits.py --positives_only: no positive for an anchor of uniform labels happens
+    with probability (1 - 1/C) ** (batch - 1); balanced batches never leave an anchor alone."""
+    import long_tail_digits
+
+    rows = [line.split(' | ') for line in long_tail_digits.positives_table(draws=100).splitlines()]
+    assert [row[0] for row in rows[2:]] == ['| 16', '| 64', '| 256']
+    for row in rows[2:]:
+        batch = int(row[0][2:])
+        for cell, classes in ((row[1], 10), (row[2], 100)):
+            measured, exact = (float(x) for x in cell.replace('(', '').replace(')', '').split())
+            assert exact == pytest.approx((1 - 1 / classes) ** (batch - 1), abs=1e-4)
+            assert measured == pytest.approx(exact, abs=0.05)
+        assert row[4].startswith('0.0000 (m=')
 
 
 def test_bench_train_runs_each_configuration_as_asked(tmp_path):

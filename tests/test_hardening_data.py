@@ -279,7 +279,7 @@ def test_pretraining_notes_a_test_folder_it_never_reads(folders, tmp_path):
     result = run_ok('main_supcon', path_args(folders / 'train', folders / 'test'), tmp_path)
     note = (
         f'note: --test_folder {folders / "test"} is not read: pretraining reads the test split'
-        f' only for --knn_every\n'
+        f' only for --knn_every, --online_probe, --ce_weight\n'
     )
     assert result.out.count(note) == 1
 

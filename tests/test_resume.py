@@ -37,6 +37,8 @@ VARIANTS = {
     'main_supcon+moco': {'moco': True, 'moco_k': 12, 'moco_m': 0.9},  # the queue wraps each epoch
     'main_supcon+gpu_aug': {'gpu_aug': True},
     'main_ce+gpu_aug': {'gpu_aug': True},
+    # the encoder trains too: its weights, BatchNorm statistics and momentum resume exactly
+    'main_linear+finetune': {'finetune': True, 'encoder_lr': 0.005},
 }
 EPOCHS = 3
 STEPS_PER_EPOCH = 4  # 16 training images, --batch_size 4

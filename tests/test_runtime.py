@@ -10,7 +10,7 @@ from util import UserError
 # --------------------------------------------------------------------------- launch
 
 
-def test_run_main_turns_user_error_into_one_line_and_exit_2(capsys):
+def test_launch_turns_user_error_into_one_line_and_exit_2(capsys):
     def main():
         print('working')
         raise UserError('--thing 3 is wrong; use 4')
@@ -23,7 +23,7 @@ def test_run_main_turns_user_error_into_one_line_and_exit_2(capsys):
     assert captured.out == 'working\n'
 
 
-def test_run_main_keeps_the_last_line_of_a_worker_traceback(capsys):
+def test_launch_keeps_the_last_line_of_a_worker_traceback(capsys):
     def main():
         raise UserError(
             'Caught DataError in DataLoader worker process 0.\nTraceback (most'
@@ -37,7 +37,7 @@ def test_run_main_keeps_the_last_line_of_a_worker_traceback(capsys):
     assert capsys.readouterr().err == 'error: cannot read image a.png\n'
 
 
-def test_run_main_lets_success_and_bugs_through(capsys):
+def test_launch_lets_success_and_bugs_through(capsys):
     calls = []
     runtime.launch(lambda: calls.append(1))
     assert calls == [1] and capsys.readouterr().err == ''
@@ -119,7 +119,7 @@ def test_torchrun_variables_without_torchrun_are_one_line_errors(no_torchrun, en
 # --------------------------------------------------------------------------- Ctrl-C, divergence
 
 
-def test_run_main_turns_ctrl_c_into_one_line_and_exit_130(capsys):
+def test_launch_turns_ctrl_c_into_one_line_and_exit_130(capsys):
     def main():
         raise KeyboardInterrupt
 

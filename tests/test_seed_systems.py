@@ -74,10 +74,13 @@ def test_help_names_the_script_and_shows_defaults_and_units(module):
         assert '--ckpt CKPT (required)' in text
     if module is main_supcon:
         assert 'test image folder for --dataset path' in text
-        assert '(pretraining: only for --knn_every)' in text
+        assert '(pretraining: only for --knn_every, --online_probe, --ce_weight)' in text
         # item 19 of the hostile test: --resume auto takes the furthest checkpoint, not the newest
         assert 'furthest in training' in text and 'newest' not in text
-        assert 'evaluation batch size (pretraining: only for --knn_every)' in text
+        assert (
+            'evaluation batch size (pretraining: only for --knn_every, --online_probe,'
+            ' --ce_weight)' in text
+        )
 
 
 def test_num_workers_val_sets_the_test_loaders_workers():

@@ -14,6 +14,7 @@ import main_linear
 import main_supcon
 from networks.from_checkpoint import encoder_from_checkpoint
 from supcon.data import datasets
+from supcon.errors import UserError
 from supcon.system import runtime
 from supcon.system.checkpoint import load_checkpoint
 
@@ -255,7 +256,7 @@ def test_linear_evaluation_without_augmentation(tmp_path):
     assert opt.save_folder.endswith('_aug_none')
     assert default.aug == 'simclr' and not default.save_folder.endswith('_aug_none')
     assert main_ce.parse_option(DIGITS + ['--aug', 'none']).aug == 'none'
-    with pytest.raises(SystemExit):  # argparse: --aug none is not a choice for SupCon/SimCLR
+    with pytest.raises(UserError, match="invalid choice: 'none'"):  # not for SupCon/SimCLR
         main_supcon.parse_option(DIGITS + ['--aug', 'none'])
 
 

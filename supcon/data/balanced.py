@@ -7,6 +7,11 @@ up equally often, a rare one as often as a common one); each class's images are 
 from seeded permutations of that class, so a class with fewer images than it is asked for repeats
 them rather than dropping out. The epoch has as many steps as ``--sampler random`` gives it.
 
+Images without a label (-1: a CSV row left empty, or outside a --labelled_fraction) belong to no
+class: they are spread evenly over the epoch's batches, each seen once an epoch (a few again, see
+``BalancedSampler``), and the rest of every batch is balanced over the labelled classes. Multi-hot
+labels are refused: a batch of M images "of a class" needs one class per image.
+
 Like ``sampling.SeededSampler`` it yields ``(sample_seed, index)`` pairs determined by (seed,
 epoch) only, resumes mid-epoch with ``set_start`` and shards over torchrun ranks: rank r takes
 the r-th equal part of each global batch, so the batch the ranks hold together is the balanced
@@ -89,6 +94,13 @@ class BalancedSampler(ResumablePosition, Sampler):
     world_size. An epoch has ceil(len(targets) / batch_size) batches, as the random sampler's.
     Every item gets its own sample seed (its epoch, step and place), so an image that comes up
     twice is augmented twice differently. ``set_start(k)`` skips this rank's first k items.
+
+    Unlabelled items (target -1) are dealt out evenly: batch s of S gets u_s = floor((s + 1) U / S)
+    - floor(s U / S) of the U, in a seeded order, so the epoch holds every one of them. The batch's
+    other places hold (batch_size - u_s) // m_per_class labelled classes of m_per_class images; the
+    few places left (fewer than m_per_class) take the next unlabelled images, from the next seeded
+    order once all U have come, so a few unlabelled images are seen twice in an epoch. Without
+    unlabelled items this is exactly the plain balanced batch.
     """
 
     def __init__(self, targets, batch_size, m_per_class, *, seed, rank=0, world_size=1):
@@ -99,24 +111,47 @@ class BalancedSampler(ResumablePosition, Sampler):
                 f'batch_size {batch_size} must be a multiple of m_per_class {m_per_class}'
                 f' and of world_size {world_size}'
             )
-        by_class = {}
+        by_class, self.unlabelled = {}, []
         for index, label in enumerate(targets):
-            by_class.setdefault(int(label), []).append(index)
+            if getattr(label, 'ndim', 0):
+                raise UserError(
+                    '--sampler balanced fills a batch with --m_per_class images of each of its'
+                    ' classes, which needs one label per image, but the training CSV has rows'
+                    ' with several labels; drop --sampler balanced'
+                )
+            if int(label) < 0:  # no label: no class to balance
+                self.unlabelled.append(index)
+            else:
+                by_class.setdefault(int(label), []).append(index)
         self.classes = sorted(by_class)
         self.members = [by_class[c] for c in self.classes]
         self.m_per_class = int(m_per_class)
-        self.classes_per_batch = batch_size // m_per_class
-        if self.classes_per_batch > len(self.classes):
-            raise UserError(
-                f'--sampler balanced: --batch_size {batch_size} / --m_per_class'
-                f' {m_per_class} = {self.classes_per_batch} classes per batch, but the training'
-                f' data has {len(self.classes)};'
-                f' {fewer_classes_advice(batch_size, len(self.classes))}'
-            )
         self.batch_size = int(batch_size)
+        self.steps = math.ceil(len(targets) / batch_size)  # what the random sampler gives
+        # unlabelled images in each batch (spread evenly), labelled classes in each batch
+        total = len(self.unlabelled)
+        self.unlabelled_per_batch = [
+            (s + 1) * total // self.steps - s * total // self.steps for s in range(self.steps)
+        ]
+        self.classes_per_batch = [
+            (batch_size - u) // m_per_class for u in self.unlabelled_per_batch
+        ]
+        most = max(self.classes_per_batch, default=0)
+        if most > len(self.classes):
+            labelled = batch_size - min(self.unlabelled_per_batch)
+            part = (
+                f'--batch_size {batch_size}'
+                if labelled == batch_size
+                else f'the {labelled} labelled images of a --batch_size {batch_size} batch (the'
+                f' rest: unlabelled images)'
+            )
+            raise UserError(
+                f'--sampler balanced: {part} / --m_per_class {m_per_class} = {most} classes per'
+                f' batch, but the training data has {len(self.classes)};'
+                f' {fewer_classes_advice(batch_size, len(self.classes), labelled)}'
+            )
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.local_batch_size = batch_size // world_size
-        self.steps = math.ceil(len(targets) / batch_size)  # what the random sampler gives
         self.epoch = 0
         self.start = 0
 
@@ -130,10 +165,11 @@ class BalancedSampler(ResumablePosition, Sampler):
         class_stream, class_round = deque(), 0
         image_streams = [deque() for _ in self.classes]
         image_rounds = [0] * len(self.classes)
+        unlabelled_stream, unlabelled_round = deque(), 0
         batches = []
         for step in range(self.steps):
             chosen, deferred = [], []
-            while len(chosen) < self.classes_per_batch:
+            while len(chosen) < self.classes_per_batch[step]:
                 if not class_stream:
                     class_stream.extend(
                         self._permutation(len(self.classes), 'classes', class_round)
@@ -153,6 +189,12 @@ class BalancedSampler(ResumablePosition, Sampler):
                         image_streams[c].extend(self.members[c][i] for i in order)
                         image_rounds[c] += 1
                     items.append(image_streams[c].popleft())
+            while len(items) < self.batch_size and self.unlabelled:
+                if not unlabelled_stream:
+                    order = self._permutation(len(self.unlabelled), 'unlabelled', unlabelled_round)
+                    unlabelled_stream.extend(self.unlabelled[i] for i in order)
+                    unlabelled_round += 1
+                items.append(unlabelled_stream.popleft())
             # mixed, so that under torchrun each rank's share holds a random part of the classes
             order = self._permutation(len(items), 'places', step)
             batches.append(
@@ -175,14 +217,20 @@ class BalancedSampler(ResumablePosition, Sampler):
         return max(0, self.steps * self.local_batch_size - self.start)
 
 
-def fewer_classes_advice(batch_size, num_classes):
-    """What to change when a batch would need more classes than the data has."""
+def fewer_classes_advice(batch_size, num_classes, labelled=None):
+    """What to change when a batch would need more classes than the data has (``labelled``:
+    the places of a batch that labelled images take, the whole batch when not given)."""
+    labelled = batch_size if labelled is None else labelled
     divisors = [m for m in range(1, batch_size + 1) if batch_size % m == 0]
-    enough = [m for m in divisors if batch_size // m <= num_classes]
-    return (
-        f'raise --m_per_class to {enough[0]} (the smallest that {batch_size} divides into at'
-        f' most {num_classes} classes) or lower --batch_size'
-    )
+    enough = [m for m in divisors if labelled // m <= num_classes]
+    if labelled == batch_size:
+        why = f'the smallest that {batch_size} divides into at most {num_classes} classes'
+    else:
+        why = (
+            f'the smallest divisor of {batch_size} that makes {labelled} images at most'
+            f' {num_classes} classes'
+        )
+    return f'raise --m_per_class to {enough[0]} ({why}) or lower --batch_size'
 
 
 def sampler_for(dataset, opt, rt):

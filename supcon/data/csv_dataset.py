@@ -25,6 +25,9 @@ from supcon.errors import UserError
 COLUMNS = ('path', 'labels')
 SEPARATOR = ';'
 UNLABELLED = -1  # the label SupConLoss reads as "no label" (docs/labels.md)
+# label cells looked at once when stratifying a multi-label CSV (8 MiB of int64): its memory
+# stays one block, not rows x labels (100k rows of 1500 labels: 1.2 GB)
+STRATIFY_ENTRIES = 1 << 20
 EXAMPLE = 'path,labels\\nimages/0001.png,cat;dog\\nimages/0002.png,'
 
 
@@ -62,10 +65,15 @@ class CSVImageDataset(Dataset):
         frequent label (so rare labels reach both splits), -1 for an unlabelled one."""
         if not self.multilabel:
             return self.targets
-        rows = np.asarray(self.targets, dtype=bool).reshape(len(self.targets), -1)
-        counts = rows.sum(axis=0)
-        rarest = np.where(rows, counts, np.iinfo(np.int64).max).argmin(axis=1)
-        return np.where(rows.any(axis=1), rarest, UNLABELLED).tolist()
+        chunk = max(1, STRATIFY_ENTRIES // max(1, len(self.classes)))
+        blocks = [self.targets[i : i + chunk] for i in range(0, len(self.targets), chunk)]
+        counts = sum(np.asarray(block, dtype=np.int64).sum(axis=0) for block in blocks)
+        stratify = []
+        for block in blocks:
+            rows = np.asarray(block, dtype=bool)
+            rarest = np.where(rows, counts, np.iinfo(np.int64).max).argmin(axis=1)
+            stratify += np.where(rows.any(axis=1), rarest, UNLABELLED).tolist()
+        return stratify
 
 
 def read_csv(csv_path, flag):

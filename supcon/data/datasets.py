@@ -4,10 +4,11 @@ One module owns the data so that main_supcon.py, main_ce.py, main_linear.py and 
 the same images with the same normalisation. Data sets: ``cifar10``/``cifar100`` (``cifar.py``),
 ``path`` (a folder of class sub-folders, the fork's; read by ``image_folder.py``), ``digits``
 (scikit-learn's, offline), ``imagenet`` (``train/`` and ``val/`` folders of class sub-folders, the
-usual ImageNet layout). ``--val_split`` carves a validation split out of the training images for
-choosing settings. Transforms live in ``augment.py``, seeded samplers in ``sampling.py``.
+usual ImageNet layout), ``fashion_mnist`` (its IDX files, ``fashion_mnist.py``).
+``--val_split`` carves a validation split out of the training images for choosing settings.
+Transforms live in ``augment.py``, seeded samplers in ``sampling.py``.
 ``csv`` lists images and their labels, one or several, in ``--data_csv``/``--test_csv`` files
-(``csv_dataset.py``); which training images keep their labels is ``partial_labels.py``'s job.
+(``csv_dataset.py``); which training images keep their labels is ``labelling.py``'s job.
 """
 
 import os
@@ -17,16 +18,17 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from supcon.data import balanced, long_tail, val_split
+from supcon.data import balanced, long_tail, subset, val_split
 from supcon.data.augment import test_transform, train_transform
 from supcon.data.cifar import CIFAR_NAMES, load_cifar
 from supcon.data.csv_dataset import build_csv_dataset, resolve_options
+from supcon.data.fashion_mnist import DEBIAN_FOLDER, load_fashion_mnist
 from supcon.data.image_folder import (  # noqa: F401 (DataError re-exported)
     DataError,
     build_image_folder,
     first_unreadable,
 )
-from supcon.data.labelling import classifier_training_set
+from supcon.data.labelling import classifier_training_set, labelled_part, note_left_out
 from supcon.data.long_tail import long_tail_indices
 from supcon.data.normalization import MEAN_STD, parse_triple, resolve_mean_std  # noqa: F401
 from supcon.data.sampling import build_loader
@@ -35,9 +37,10 @@ from supcon.errors import UserError
 from supcon.system.distributed import all_gather_objects, get_rank, get_world_size, note
 from supcon.system.runtime import Runtime, main_process_first
 
-DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet', 'csv')
-# data sets held in memory as 32x32 arrays: their batches stack without resizing
-ARRAY_DATASETS = ('cifar10', 'cifar100', 'digits')
+DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet', 'csv', 'fashion_mnist')
+# data sets held in memory as arrays of one image size (32x32; fashion_mnist 28x28): their
+# batches stack without resizing
+ARRAY_DATASETS = ('cifar10', 'cifar100', 'digits', 'fashion_mnist')
 
 
 def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
@@ -49,7 +52,7 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
     checkpoint's (main_linear.py).
     """
     group = parser.add_argument_group('data')
-    knn = ' (pretraining: only for --knn_every)' if knn_only else ''
+    knn = ' (pretraining: only for --knn_every, --online_probe, --ce_weight)' if knn_only else ''
     group.add_argument(
         '--dataset',
         type=str,
@@ -57,7 +60,8 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
         choices=DATASET_NAMES,
         help='digits is scikit-learn\'s 8x8 digits, shipped offline for demos;'
         ' imagenet reads --data_folder/train and --data_folder/val; csv reads --data_csv'
-        ' and --test_csv (docs/labels.md)',
+        ' and --test_csv (docs/labels.md); fashion_mnist reads its IDX files, by default'
+        f' the Debian package\'s in {DEBIAN_FOLDER} (docs/fashion-mnist.md)',
     )
     group.add_argument(
         '--data_csv',
@@ -72,7 +76,8 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
         default=None,
         help='CIFAR root; for --dataset path the training image folder (one'
         ' sub-folder per class); for imagenet the folder holding train/ and'
-        ' val/ (default ./datasets/)',
+        ' val/; for fashion_mnist the folder of its IDX files (or of FashionMNIST/raw/)'
+        ' (default ./datasets/; fashion_mnist: the Debian package\'s)',
     )
     if test_folder:
         group.add_argument(
@@ -104,7 +109,8 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
         '--size',
         type=int,
         default=None,
-        help='crop size fed to the network (default 224 for imagenet, else 32)',
+        help='crop size fed to the network (default 224 for imagenet, 28 for fashion_mnist,'
+        ' else 32)',
     )
     group.add_argument(
         '--num_classes',
@@ -118,13 +124,14 @@ def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
     val_split.add_argument(group)
     if imbalance:
         long_tail.add_argument(group, from_checkpoint=imbalance == 'checkpoint')
+        subset.add_argument(group, from_checkpoint=imbalance == 'checkpoint')
     return group
 
 
 def resolve_defaults(opt):
     """Fill the data defaults that depend on --dataset and refuse flags that cannot work."""
     if opt.size is None:
-        opt.size = 224 if opt.dataset == 'imagenet' else 32
+        opt.size = {'imagenet': 224, 'fashion_mnist': 28}.get(opt.dataset, 32)
     val_split.check_fraction(opt)
     resolve_options(opt)  # --dataset csv: its files travel as data_folder/test_folder
     if opt.dataset == 'imagenet' and opt.data_folder is None:
@@ -133,7 +140,7 @@ def resolve_defaults(opt):
             ' val/, one sub-folder per class in each)'
         )
     if opt.data_folder is None:
-        opt.data_folder = './datasets/'
+        opt.data_folder = DEBIAN_FOLDER if opt.dataset == 'fashion_mnist' else './datasets/'
     if opt.dataset in ('cifar10', 'cifar100') and (opt.mean or opt.std):
         note(
             f'using the given --mean/--std for {opt.dataset}; the reference ignores them'
@@ -144,11 +151,12 @@ def resolve_defaults(opt):
 def check_test_folder(opt, reads_test=True):
     """Demand --test_folder only where a test folder is read; note a given one that is not.
 
-    --dataset path reads it for the test split, imagenet instead of --data_folder/val;
-    --val_split evaluates held-out training images instead, and pretraining
-    (``reads_test=False``: main_supcon.py without --knn_every) evaluates nothing.
+    --dataset path reads it for the test split, imagenet instead of --data_folder/val, csv
+    reads --test_csv (handed over as test_folder: csv_dataset.resolve_options); --val_split
+    evaluates held-out training images instead, and pretraining (``reads_test=False``:
+    main_supcon.py without --knn_every, --online_probe and --ce_weight) evaluates nothing.
     """
-    read = reads_test and not opt.val_split and opt.dataset in ('path', 'imagenet')
+    read = reads_test and not opt.val_split and opt.dataset in ('path', 'imagenet', 'csv')
     if read and opt.dataset == 'path' and opt.test_folder is None:
         raise UserError(
             '--dataset path needs --test_folder (a folder with the same class sub-folders as'
@@ -158,17 +166,18 @@ def check_test_folder(opt, reads_test=True):
     if opt.test_folder is None or read:
         return
     if not reads_test:
-        why = 'pretraining reads the test split only for --knn_every'
+        why = 'pretraining reads the test split only for --knn_every, --online_probe, --ce_weight'
     elif opt.val_split:
         why = f'--val_split {opt.val_split} evaluates on held-out training images instead'
     else:
         why = f'--dataset {opt.dataset} has its own test split'
-    note(f'--test_folder {opt.test_folder} is not read: {why}')
+    flag = '--test_csv' if opt.dataset == 'csv' else '--test_folder'
+    note(f'{flag} {opt.test_folder} is not read: {why}')
 
 
 def fixed_size(dataset, size):
     """The side images are resized to in the loader when batches must stack (--gpu_aug):
-    None for the in-memory 32x32 data sets, else ``size``."""
+    None for the in-memory data sets (all their images share one size), else ``size``."""
     return None if dataset in ARRAY_DATASETS else size
 
 
@@ -259,12 +268,13 @@ def build_dataset(
     name,
     split,
     transform,
-    data_folder='./datasets/',
+    data_folder=None,
     test_folder=None,
     download=True,
     val_split=0.0,
     imbalance_ratio=1.0,
     imbalance_seed=0,
+    train_subset=0,
 ):
     """The `split` ('train' or 'test') of data set `name`; items are (transform(image), label).
 
@@ -275,14 +285,25 @@ def build_dataset(
     -1 or a zero row: unlabelled). With
     `val_split` > 0 'train' is the training images less a held-out fraction and 'test'
     is that held-out fraction (of the training images, with `transform`). With
-    `imbalance_ratio` > 1 'train' is then cut to a long tail (``long_tail_indices``).
+    `train_subset` N > 0 'train' is then a fixed class-balanced N of those images
+    (``subset.py``), and with `imbalance_ratio` > 1 cut to a long tail (``long_tail_indices``).
     """
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if data_folder is None and name != 'fashion_mnist':  # whose default is the Debian package's
+        data_folder = './datasets/'
     if split == 'train' and imbalance_ratio != 1:
-        full = build_dataset(name, split, transform, data_folder, test_folder, download, val_split)
+        full = build_dataset(
+            name, split, transform, data_folder, test_folder, download, val_split,
+            train_subset=train_subset,
+        )  # fmt: skip
         kept = long_tail_indices(full.targets, len(full.classes), imbalance_ratio, imbalance_seed)
         return SplitSubset(full, kept)
+    if split == 'train' and train_subset:
+        full = build_dataset(name, split, transform, data_folder, test_folder, download, val_split)
+        targets = getattr(full, 'stratify_targets', full.targets)  # a CSV's: one label a row
+        kept = subset.subset_indices(targets, train_subset, full.classes)
+        return SplitSubset(full, kept, f' of --train_subset {train_subset}')
     if val_split:
         full = build_dataset(name, 'train', transform, data_folder, test_folder, download)
         targets = getattr(full, 'stratify_targets', full.targets)  # a CSV's: one label a row
@@ -317,6 +338,9 @@ def build_dataset(
         return build_image_folder(split, transform, train, test_folder or val)
     if name == 'digits':
         return _build_digits(split, transform)
+    if name == 'fashion_mnist':
+        images, targets, classes = load_fashion_mnist(split, data_folder)
+        return ArrayImageDataset(images, targets, classes, transform)
     if name == 'csv':
         return build_csv_dataset(split, transform, data_folder, test_folder)
     raise UserError(f'unknown --dataset {name!r}; choose one of {", ".join(DATASET_NAMES)}')
@@ -336,6 +360,7 @@ def build_split(opt, split, transform, seed=0):
         val_split=opt.val_split,
         imbalance_ratio=getattr(opt, 'imbalance_ratio', None) or 1.0,
         imbalance_seed=seed if tail_seed is None else tail_seed,
+        train_subset=getattr(opt, 'train_subset', None) or 0,
     )
 
 
@@ -381,6 +406,8 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
         train_dataset = build_split(opt, 'train', train_tf, rt.seed)
         val_dataset = build_split(opt, 'test', test_transform(opt.size, mean, std))
     num_classes = check_num_classes(train_dataset, val_dataset, opt.num_classes)
+    val_dataset, unlabelled = labelled_part(val_dataset)  # nothing to score them against
+    note_left_out(unlabelled, 'the evaluation')
     val_options = rt.loader_options()
     val_options['num_workers'] = min(opt.num_workers_val, os.cpu_count() or 1)
     check_images(val_dataset, max(1, val_options['num_workers']))

@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from supcon.data.sampling import mix_seed
+from supcon.data.val_split import SplitSubset
 from supcon.errors import UserError
 from supcon.system.distributed import is_main_process
 
@@ -180,6 +181,25 @@ def labelled_mask(dataset, fraction: float, seed: int) -> np.ndarray:
     return stratified_fraction(base.targets, fraction, seed)[positions]
 
 
+def labelled_part(dataset):
+    """(the items of ``dataset`` that have a label, as a ``SplitSubset`` unless all have one;
+    how many were left out). For what is evaluated: an image without a label cannot be scored."""
+    keep = has_label(dataset.targets) if len(dataset.targets) else np.zeros(0, bool)
+    if keep.all():
+        return dataset, 0
+    return SplitSubset(dataset, np.flatnonzero(keep)), int((~keep).sum())
+
+
+def note_left_out(count: int, what: str) -> None:
+    """One note that ``count`` images without a label were left out of ``what``."""
+    if count and is_main_process():
+        print(
+            f'note: {count} held-out image{"s" if count > 1 else ""} without a label left out of'
+            f' {what} (--val_split of a partly labelled CSV)',
+            flush=True,
+        )
+
+
 class PartialLabels(Dataset):
     """The items ``indices`` of ``dataset``; those not marked in ``labelled`` (a mask over
     ``indices``) get the label -1. ``classes``, ``targets``, ``dataset`` and ``indices`` as a
@@ -283,5 +303,5 @@ def check_data(opt, dataset):
         raise multilabel_refusal(
             opt,
             '--method SupCon_hybrid leaves "the anchor\'s class" out, which needs one label',
-            'use --method SupCon or SimCLR with the CSV',
+            'use --method SupCon (which weighs shared labels) or SimCLR',
         )

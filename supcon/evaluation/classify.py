@@ -156,7 +156,10 @@ class EpochEvaluation:
             class_accuracy.log_summary(logger, summary, epoch)
         logger.flush()
 
-        self.book.extra.update(best_acc=self.best_acc, val_acc=self.val_acc)
+        # the class names too, for main_predict.py and main_export.py
+        self.book.extra.update(
+            best_acc=self.best_acc, val_acc=self.val_acc, classes=list(self.classes)
+        )
         if self.multi_label:
             self.book.extra['val_f1'] = self.val_f1
         else:
@@ -164,8 +167,7 @@ class EpochEvaluation:
 
     def tags(self):
         """The TensorBoard tags of the final metrics, for the HPARAMS tab."""
-        tested = ['val_map', 'val_f1'] if self.multi_label else ['val_acc']
-        return ['train_loss', 'train_acc', 'val_loss'] + tested
+        return multilabel.hparam_metrics(self.multi_label)
 
     def finish(self):
         """The reference's ``best accuracy`` / ``final accuracy`` lines (or their multi-label

@@ -46,7 +46,8 @@ def extract_features(
     Under torchrun each rank extracts its own share (a ``pad=False`` loader) and
     the shares are gathered, so each sample is counted exactly once. ``head``
     maps encoder features to L2-normalised projections (``--features head``).
-    Returns ``(features [N, D] float32, labels [N] int64)`` on the CPU.
+    Returns ``(features [N, D] float32, labels [N] int64)`` on the CPU (labels [N, C] uint8
+    for multi-hot targets).
     """
     feats, labels = [], []
     total = len(loader)
@@ -63,7 +64,9 @@ def extract_features(
             if head is not None:
                 out = F.normalize(out, dim=1)
             feats.append(out.cpu())
-            labels.append(torch.as_tensor(target, dtype=torch.int64))
+            target = torch.as_tensor(target)
+            # multi-hot rows (--dataset csv) stay 0/1 bytes; class indices are int64
+            labels.append(target.to(torch.uint8 if target.ndim == 2 else torch.int64))
             if show and ((i + 1) % tick == 0 or i + 1 == total):
                 print(f'  {desc}: {i + 1}/{total} batches', flush=True)
     feats = torch.cat(feats) if feats else torch.zeros(0, 0)
@@ -84,11 +87,15 @@ def extract_features(
         dist.all_reduce(usable, op=dist.ReduceOp.MIN)
         if not usable.item():
             index = None
-        # an empty share still has to send rows of the right width
-        width = torch.tensor([feats.shape[1] if feats.numel() else -1], device=device)
+        # an empty share still has to send rows of the right width (features, and labels:
+        # -1 for class indices, C for multi-hot rows)
+        label_width = labels.shape[1] if labels.ndim == 2 else -1
+        width = torch.tensor([feats.shape[1] if feats.numel() else -1, label_width], device=device)
         dist.all_reduce(width, op=dist.ReduceOp.MAX)
         if feats.shape[0] == 0:
-            feats = torch.zeros(0, int(width))
+            feats = torch.zeros(0, int(width[0]))
+            if width[1] >= 0:
+                labels = torch.zeros(0, int(width[1]), dtype=torch.uint8)
         feats = _gather_rows(feats, device)
         labels = _gather_rows(labels, device)
         if index is not None:

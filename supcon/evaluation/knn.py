@@ -20,6 +20,40 @@ from supcon.system.distributed import note
 from supcon.system.runtime import is_main_process, main_process_first
 
 
+def knn_votes(
+    train_features,
+    train_labels,
+    test_features,
+    num_classes,
+    k=200,
+    temperature=0.07,
+    chunk_size=None,
+):
+    """Each test row's summed vote per class [N, num_classes] of the weighted kNN (InstDisc,
+    Wu et al., 2018, as the MoCo monitor uses it).
+
+    Cosine similarity to the k nearest training features (k capped at their
+    number), each neighbour voting exp(similarity / temperature) for its class.
+    Test rows go in chunks so the similarity matrix never exceeds about 16M entries.
+    """
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float().to(train.device), dim=1)
+    train_labels = train_labels.to(train.device, torch.int64)
+    k = max(1, min(int(k), train.shape[0]))
+    if chunk_size is None:
+        chunk_size = max(1, min(1024, (1 << 24) // max(1, train.shape[0])))
+    votes = []
+    for start in range(0, test.shape[0], chunk_size):
+        sim = test[start : start + chunk_size] @ train.t()
+        weights, neighbours = sim.topk(k, dim=1)
+        chunk = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        chunk.scatter_add_(1, train_labels[neighbours], (weights / temperature).exp())
+        votes.append(chunk)
+    if not votes:
+        return torch.zeros(0, num_classes, device=train.device)
+    return torch.cat(votes)
+
+
 def knn_predict(
     train_features,
     train_labels,
@@ -29,29 +63,11 @@ def knn_predict(
     temperature=0.07,
     chunk_size=None,
 ):
-    """Weighted kNN of InstDisc (Wu et al., 2018), as the MoCo monitor uses it.
-
-    Cosine similarity to the k nearest training features (k capped at their
-    number), each neighbour voting exp(similarity / temperature) for its class;
-    the class with the largest summed vote wins. Test rows go in chunks so the
-    similarity matrix never exceeds about 16M entries.
-    """
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float().to(train.device), dim=1)
-    train_labels = train_labels.to(train.device, torch.int64)
-    k = max(1, min(int(k), train.shape[0]))
-    if chunk_size is None:
-        chunk_size = max(1, min(1024, (1 << 24) // max(1, train.shape[0])))
-    predictions = []
-    for start in range(0, test.shape[0], chunk_size):
-        sim = test[start : start + chunk_size] @ train.t()
-        weights, neighbours = sim.topk(k, dim=1)
-        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[neighbours], (weights / temperature).exp())
-        predictions.append(votes.argmax(dim=1))
-    if not predictions:
-        return torch.zeros(0, dtype=torch.int64)
-    return torch.cat(predictions).cpu()
+    """The class with the largest summed vote of ``knn_votes``, per test row (on the CPU)."""
+    votes = knn_votes(
+        train_features, train_labels, test_features, num_classes, k, temperature, chunk_size
+    )
+    return votes.argmax(dim=1).cpu()
 
 
 def knn_accuracy(
@@ -160,13 +176,20 @@ def check_options(opt, script):
         )
 
 
+def reads_test_split(opt):
+    return getattr(opt, 'knn_every', 0) > 0
+
+
 def check_data(opt, dataset):
     """The vote counts one class per image, and needs every training image's label."""
     if not getattr(opt, 'knn_every', 0):
         return
     if is_multilabel(dataset):
         raise multilabel_refusal(
-            opt, '--knn_every\'s kNN vote counts one class per image', 'drop --knn_every'
+            opt,
+            '--knn_every\'s kNN vote counts one class per image',
+            'drop --knn_every: main_linear.py (mean average precision) or main_retrieval.py'
+            ' (a shared label counts as relevant) evaluates the checkpoint',
         )
     if not has_label(dataset.targets).all():
         # the monitor's memory bank votes with the training labels (partial labels'

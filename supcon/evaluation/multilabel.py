@@ -157,3 +157,11 @@ def _width(model):
     """Outputs of the classifier (its last linear layer), for an empty share of the test set."""
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linear[-1].out_features if linear else 0
+
+
+def hparam_metrics(multilabel: bool) -> list:
+    """The final-metric tags of main_ce.py's and main_linear.py's HPARAMS record: the ones
+    they log (val_map and val_f1 in place of val_acc on multi-label data)."""
+    return ['train_loss', 'train_acc', 'val_loss'] + (
+        ['val_map', 'val_f1'] if multilabel else ['val_acc']
+    )

@@ -5,7 +5,9 @@ Precision@1, R-Precision and MAP@R are pytorch-metric-learning's ``AccuracyCalcu
 definitions with ``k='max_bin_count'`` (Musgrave et al., "A Metric Learning Reality Check",
 2020); Recall@K is the deep metric learning literature's (Song et al., 2016): a query counts
 when any of its K nearest neighbours shares its label. tests/test_retrieval.py checks them
-against AccuracyCalculator; docs/retrieval.md states them in full.
+against AccuracyCalculator; docs/retrieval.md states them in full. Labels are class indices
+(-1: no label) or multi-hot rows (all zeros: no label); with multi-hot rows a gallery item is
+relevant to a query when they share a label. An item without a label is relevant to no query.
 
 Similarity is the dot product of L2-normalised rows (cosine). Neighbours are ordered by
 similarity, highest first, and equal similarities by gallery index, lowest first, exactly for
@@ -17,6 +19,7 @@ of query rows is searched, scored and dropped.
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -143,17 +146,61 @@ def sorted_neighbours(
         yield start, indices, values
 
 
+def _as_labels(labels, device=None) -> torch.Tensor:
+    """Class indices as int64 [N], multi-hot rows as float32 [N, C] (exact 0/1 products)."""
+    if isinstance(labels, (list, tuple)):  # a data set's targets: ints or multi-hot arrays
+        labels = np.asarray(labels)
+    labels = torch.as_tensor(labels, device=device)
+    return labels.to(torch.float32) if labels.ndim == 2 else labels.to(torch.int64)
+
+
+def _labelled(labels: torch.Tensor) -> torch.Tensor:
+    return labels.gt(0).any(dim=1) if labels.ndim == 2 else labels.ge(0)
+
+
+def _overlap_blocks(
+    query_rows: torch.Tensor, gallery: torch.Tensor
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, [rows, G] "shares a label") for blocks of multi-hot query rows: label products
+    of about BLOCK_ENTRIES at a time, so memory stays at one block whatever the sizes."""
+    rows = max(1, BLOCK_ENTRIES // max(1, gallery.shape[0]))
+    gallery_t = gallery.T
+    for start in range(0, query_rows.shape[0], rows):
+        yield start, query_rows[start : start + rows] @ gallery_t > 0
+
+
+def shares_label(
+    query_rows: torch.Tensor, gallery: torch.Tensor, indices: torch.Tensor
+) -> torch.Tensor:
+    """Multi-hot rows: [B, k] of "query i shares a label with gallery item indices[i, j]"."""
+    parts = [
+        overlap.gather(1, indices[start : start + overlap.shape[0]])
+        for start, overlap in _overlap_blocks(query_rows, gallery)
+    ]
+    return torch.cat(parts) if parts else indices.new_zeros(indices.shape, dtype=torch.bool)
+
+
 def relevant_counts(
     query_labels: torch.Tensor, gallery_labels: torch.Tensor, leave_one_out: bool = False
 ) -> torch.Tensor:
-    """R of each query: the gallery items of its class, itself not counted under leave-one-out."""
-    query_labels = torch.as_tensor(query_labels, dtype=torch.int64)
-    gallery_labels = torch.as_tensor(gallery_labels, dtype=torch.int64, device=query_labels.device)
-    if gallery_labels.numel() == 0 or query_labels.numel() == 0:
-        return torch.zeros_like(query_labels)
-    size = int(max(query_labels.max(), gallery_labels.max())) + 1
-    per_class = torch.bincount(gallery_labels, minlength=size)
-    return per_class[query_labels] - int(leave_one_out)
+    """R of each query: the gallery items of its class (multi-hot rows: that share a label with
+    it), itself not counted under leave-one-out; 0 for a query without a label."""
+    query_labels = _as_labels(query_labels)
+    gallery_labels = _as_labels(gallery_labels, device=query_labels.device)
+    labelled = _labelled(query_labels)
+    if gallery_labels.shape[0] == 0 or query_labels.shape[0] == 0:
+        return torch.zeros(query_labels.shape[0], dtype=torch.int64, device=query_labels.device)
+    if query_labels.ndim == 2:
+        blocks = _overlap_blocks(query_labels, gallery_labels)
+        counts = torch.cat([overlap.sum(dim=1) for _, overlap in blocks])
+    else:
+        known = gallery_labels[gallery_labels >= 0]
+        size = int(max(query_labels.max(), known.max() if known.numel() else 0)) + 1
+        per_class = torch.bincount(known, minlength=size)
+        counts = per_class[query_labels.clamp(min=0)]
+    # a query shares its label with itself, so leave-one-out takes it away (when it has one)
+    counts = counts - (labelled.to(torch.int64) if leave_one_out else 0)
+    return torch.where(labelled, counts, torch.zeros_like(counts))
 
 
 def check_scorable(query_labels, gallery_labels, leave_one_out: bool, what: str = '') -> None:
@@ -163,8 +210,9 @@ def check_scorable(query_labels, gallery_labels, leave_one_out: bool, what: str 
         raise UserError(f'the {side}{what} hold no images; nothing can be retrieved')
     if not (relevant_counts(query_labels, gallery_labels, leave_one_out) > 0).any():
         raise UserError(
-            f'no query{what} has another image of its class in the gallery, so no retrieval'
-            f' metric is defined; use a gallery that shares classes with the queries'
+            f'no query{what} has another image of its class (or sharing a label) in the'
+            f' gallery, so no retrieval metric is defined; use a gallery that shares classes'
+            f' with the queries'
         )
 
 
@@ -190,21 +238,25 @@ def retrieval_metrics(
 
     Without a gallery the queries are searched among themselves, each leaving itself out
     (AccuracyCalculator's ``reference=None``). Features are L2-normalised here; labels are
-    class indices. As in AccuracyCalculator, a query whose class has no other item in the
-    gallery (R = 0) is left out of every average; ``num_scored_queries`` says how many
-    count. Returns floats (fractions in [0, 1]) and the counts behind them.
+    class indices (-1: none) or multi-hot rows [N, C], where a gallery item is relevant to a
+    query that shares one of its labels. As in AccuracyCalculator, a query with no relevant
+    item in the gallery (R = 0, and every query without a label) is left out of every average;
+    ``num_scored_queries`` says how many count. Returns floats (fractions in [0, 1]) and the
+    counts behind them.
     """
     leave_one_out = gallery_features is None
     if leave_one_out != (gallery_labels is None):
         raise ValueError('pass gallery_features and gallery_labels together')
     device = torch.device(device) if device is not None else query_features.device
     queries = F.normalize(query_features.to(device, torch.float32), dim=1)
-    q_labels = torch.as_tensor(query_labels, dtype=torch.int64).to(device)
+    q_labels = _as_labels(query_labels, device)
     if leave_one_out:
         gallery, g_labels = queries, q_labels
     else:
         gallery = F.normalize(gallery_features.to(device, torch.float32), dim=1)
-        g_labels = torch.as_tensor(gallery_labels, dtype=torch.int64).to(device)
+        g_labels = _as_labels(gallery_labels, device)
+    if q_labels.ndim != g_labels.ndim or q_labels.shape[1:] != g_labels.shape[1:]:
+        raise ValueError('query and gallery labels must be of one kind (indices or multi-hot)')
     if queries.shape[0] != q_labels.shape[0] or gallery.shape[0] != g_labels.shape[0]:
         raise ValueError('features and labels must have the same number of rows')
     check_scorable(q_labels, g_labels, leave_one_out)
@@ -225,7 +277,10 @@ def retrieval_metrics(
     def score(start: int, indices: torch.Tensor) -> None:
         rows = slice(start, start + indices.shape[0])
         keep = scored[rows]
-        same = (g_labels[indices] == q_labels[rows, None])[keep]  # [B', k]
+        if q_labels.ndim == 2:  # multi-hot: relevant when a label is shared
+            same = shares_label(q_labels[rows][keep], g_labels, indices[keep])  # [B', k]
+        else:
+            same = (g_labels[indices] == q_labels[rows, None])[keep]  # [B', k]
         r = relevant[rows][keep].to(torch.float64)
         # the first R neighbours are the ones R-Precision and MAP@R look at
         hits = same & (ranks[None, :] <= r[:, None])

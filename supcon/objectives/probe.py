@@ -30,7 +30,13 @@ import torch.nn.functional as F
 
 from supcon.data import datasets
 from supcon.data.augment import test_transform
-from supcon.data.labelling import has_label, is_multilabel, multilabel_refusal
+from supcon.data.labelling import (
+    has_label,
+    is_multilabel,
+    labelled_part,
+    multilabel_refusal,
+    note_left_out,
+)
 from supcon.data.sampling import build_loader
 from supcon.errors import UserError
 from supcon.evaluation.extract import extract_features
@@ -86,6 +92,10 @@ FIXED = ('online_probe', 'probe_lr', 'ce_weight')
 
 def run_name(opt, script):
     return [f'ce{opt.ce_weight}'] if getattr(opt, 'ce_weight', 0) else []
+
+
+def reads_test_split(opt):
+    return bool(getattr(opt, 'online_probe', False) or getattr(opt, 'ce_weight', 0))
 
 
 def check_data(opt, dataset):
@@ -351,6 +361,8 @@ class EvaluationSplit:
         with main_process_first():
             dataset = datasets.build_split(opt, 'test', test_transform(opt.size, mean, std))
         datasets.check_same_classes(train_set, dataset)  # the labels must mean the same
+        dataset, unlabelled = labelled_part(dataset)  # nothing to score them against
+        note_left_out(unlabelled, 'the classifiers\' evaluation')
         # not padded: under torchrun every image is evaluated exactly once
         self.loader, _ = build_loader(
             dataset, rt.local_batch_size_val, shuffle=False, pad=False, **rt.loader_options()

@@ -105,6 +105,16 @@ def folder_write_problem(folder: str) -> str | None:
     return None
 
 
+def file_write_problem(path: str) -> str | None:
+    """Why the file ``path`` could not be written (a folder, read-only, an unwritable
+    folder), or None; creates nothing."""
+    if os.path.isdir(path):
+        return 'it is a directory'
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return 'the file is read-only'
+    return folder_write_problem(os.path.dirname(os.path.abspath(path)))
+
+
 def named_tensors(obj, prefix=''):
     """(dotted name, tensor) of every tensor inside nested dicts, lists and tuples."""
     if torch.is_tensor(obj):

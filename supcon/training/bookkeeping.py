@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from supcon.data import identity
 from supcon.errors import NonFiniteLossError, UserError
 from supcon.system import run_lock, slurm
 from supcon.system.checkpoint import (
@@ -95,6 +96,8 @@ class Bookkeeper:
         self._notes = set()
         self._trained = self._views_logged = False
         self._ckpt, self._ckpt_path = None, None
+        # what the training data are, recorded in every checkpoint and checked on resume
+        self.data_fingerprint = identity.fingerprint(opt)
         self._claim_folder()  # before any work: an epoch trained but not saved is lost
         self._remove_stale_temporaries()  # left by a kill during a save; never loaded
         _LAST_GOOD.pop(os.path.abspath(opt.save_folder), None)
@@ -216,6 +219,7 @@ class Bookkeeper:
             rt.seed = int(saved['seed'])
             seed_everything(rt.seed + rt.rank)
         current = self.options()
+        identity.check_resume(saved, self.data_fingerprint, self.opt, path)
         for key in self.fixed:
             if key in saved and key in current and saved[key] != current[key]:
                 now, then = current[key], saved[key]
@@ -259,7 +263,11 @@ class Bookkeeper:
     # -- saving
     def options(self):
         """The run's options as checkpoints record them: the parsed flags and the runtime's."""
-        return {**plain_options(self.opt), **self.rt.recorded()}
+        return {
+            **plain_options(self.opt),
+            **self.rt.recorded(),
+            'data_fingerprint': self.data_fingerprint,
+        }
 
     def state(self, epoch, step=0):
         return {

@@ -174,6 +174,15 @@ def thumbnails(images, mean, std, side=32, count=None):
     return images
 
 
+def tsv_field(text):
+    """``text`` as one field of metadata.tsv, which TensorBoard splits at tabs and newlines: a
+    backslash, tab, newline or carriage return written as \\\\, \\t, \\n or \\r (a CSV label
+    may hold any of them)."""
+    for raw, escaped in (('\\', '\\\\'), ('\t', '\\t'), ('\n', '\\n'), ('\r', '\\r')):
+        text = text.replace(raw, escaped)
+    return text
+
+
 def write_projector(folder, features, labels, class_names, images, tag):
     """The embedding projector's files in ``folder`` (``tensorboard --logdir folder``): an
     event file, ``projector_config.pbtxt`` and, under ``00000/<tag>/``, the features
@@ -187,7 +196,7 @@ def write_projector(folder, features, labels, class_names, images, tag):
             os.remove(os.path.join(embedding, name))
     if os.path.isdir(embedding) and not os.listdir(embedding):
         os.rmdir(embedding)  # add_embedding warns about an existing folder
-    metadata = [[int(label), class_names[int(label)]] for label in labels]
+    metadata = [[int(label), tsv_field(class_names[int(label)])] for label in labels]
     writer = SummaryWriter(log_dir=folder)
     try:
         writer.add_embedding(
