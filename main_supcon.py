@@ -16,7 +16,7 @@ from supcon import capabilities, options
 from supcon.data import balanced, datasets, labelling
 from supcon.data.augment import add_augmentation_arguments, supcon_transform
 from supcon.evaluation import knn
-from supcon.objectives import moco, probe
+from supcon.objectives import grad_cache, moco, probe
 from supcon.objectives.moco import MomentumContrast
 from supcon.objectives.positives import TAGS as POSITIVES_TAGS
 from supcon.objectives.step import TrainingStep
@@ -53,6 +53,7 @@ def parse_option(argv=None):
     parser.add_argument('--temp', type=float, default=0.07, help='temperature for loss function')
     labelling.add_arguments(parser)
     moco.add_arguments(parser)
+    grad_cache.add_arguments(parser)
 
     # other setting
     options.add_schedule_arguments(parser)

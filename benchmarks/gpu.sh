@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared pass on a lent GPU machine, about 7 minutes: versions, a CUDA smoke test of every script,
-# the loss and training benchmarks (--gpu_aug included), a short correctness check, then torch.compile (last: its warm-up is long).
+# the loss and training benchmarks (--gpu_aug included), the largest batch with and without --grad_cache,
+# a short correctness check, then torch.compile (last: its warm-up is long).
 #
 #   bash benchmarks/gpu.sh                 # from the repository root; logs also go to ${OUT:-/tmp/gpu_out}
 #   GPU_BUDGET_S=300 bash benchmarks/gpu.sh
@@ -119,6 +120,15 @@ if ((DATA_OK)) && has kornia; then
         --json "$OUT/bench_gpu_aug.json"
 else
     skip bench_gpu_aug "missing modules: ${MISSING[*]}"
+fi
+
+# --grad_cache: the largest --batch_size whose step fits in the GPU's memory (ResNet-50, 32x32, --amp) without it
+# and with --grad_cache 128, and images/s at each (random images on the GPU; batches doubled, then bisected)
+if ((DATA_OK)); then
+    step grad_cache_largest 150 "$PY" benchmarks/bench_grad_cache.py --largest --device $DEVICE --model resnet50 \
+        --size 32 --amp --chunks 0 128 --max_batch 32768 --search_s 35 --steps 2 --warmup 1
+else
+    skip grad_cache_largest "missing modules: ${MISSING[*]}"
 fi
 
 # --------------------------------------------------------------------------- correctness

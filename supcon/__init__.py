@@ -30,7 +30,8 @@ its preprocessing), ``predictions`` (main_predict.py's images and rows), ``expor
 ``objectives`` -- what a training step computes: ``step`` (main_supcon.py's step: views, forward,
 loss, backward, optimizer step), ``contrastive`` (the loss's lean autograd
 function behind ``losses.SupConLoss``), ``moco`` (the key encoder and queue), ``probe`` (the
-online probe and the joint classifier), ``positives`` (positives per anchor).
+online probe and the joint classifier), ``positives`` (positives per anchor), ``grad_cache``
+(--grad_cache: the step's forward and backward passes in chunks).
 
 ``training`` -- the loop around the step: ``loop`` (the epoch loop of every training script),
 ``bookkeeping`` (resume, checkpoints, signals, TensorBoard), ``optim``, ``tb_logger``,

@@ -21,13 +21,14 @@ new module with these names and one entry here.
 from networks import encoders, from_checkpoint
 from supcon.data import augment, balanced, labelling, long_tail, subset, val_split
 from supcon.evaluation import knn
-from supcon.objectives import moco, probe
+from supcon.objectives import grad_cache, moco, probe
 from supcon.training import finetune, optim
 
 CAPABILITIES = (
     encoders,  # --model's backbone: stem, patch size, timm checkpoint
     knn,  # --knn_every (no run-name part; checked before --moco, as always)
     moco,  # the momentum key encoder and the labelled queue
+    grad_cache,  # --grad_cache: the batch in chunks
     optim,  # --optimizer lars
     augment,  # --aug policies, --gpu_aug
     from_checkpoint,  # main_linear.py --key_encoder

@@ -155,13 +155,14 @@ class LabelQueue(nn.Module):
         self.register_buffer('count', torch.zeros((), dtype=torch.int64))
 
     @torch.no_grad()
-    def enqueue(self, features, labels):
+    def enqueue(self, features, labels, order=None):
         """Append this rank's keys ``features`` [n, dim] (L2-normalised by the caller; stored as
         given, cast to float32) and ``labels`` [n], overwriting the oldest rows.
 
         Side effects: when a process group with world size > 1 is initialised, it first gathers the
         rows and labels of all ranks (a collective: every rank must call it, with the same n), so
-        every rank stores the same rows in rank order. Writes start at ``ptr`` and wrap around the
+        every rank stores the same rows in rank order (or in ``order``, an index into the gathered
+        rows: --grad_cache's processes). Writes start at ``ptr`` and wrap around the
         end; if more than ``size`` rows arrive only the last ``size`` are kept, placed where writing
         them one by one would leave them. ``ptr`` advances by the number of rows modulo ``size``.
         """
@@ -171,6 +172,8 @@ class LabelQueue(nn.Module):
             raise ValueError(f'labels must be [{len(features)}], got {tuple(labels.shape)}')
         features = gather_no_grad(features.to(self.features.device, torch.float32))
         labels = gather_no_grad(labels.to(self.labels.device, torch.int64))
+        if order is not None:
+            features, labels = features[order], labels[order]
         n = len(features)
         if n == 0:
             return
@@ -223,6 +226,8 @@ class MomentumContrast(nn.Module):
         self.queue = LabelQueue(queue_size, query_model.feat_dim)
         self.momentum = float(momentum)  # an option (checked on resume), not state
         self._step_keys = None
+        # --grad_cache's GradCache: keys per chunk, enqueued in its processes' order
+        self.chunks = None
 
     def forward(self, criterion, images, features, labels, loss_labels, rt, shuffle_seed=None):
         """The loss of ``features`` [bsz, 2, D] against the keys of ``images`` and the queue.
@@ -236,7 +241,10 @@ class MomentumContrast(nn.Module):
         bsz = features.shape[0]
         with autocast(rt):
             # shuffled across ranks for BatchNorm (shuffle-BN); one process shuffles nothing
-            keys = self.key_encoder.encode(images, shuffle_seed=shuffle_seed)
+            if self.chunks is not None:
+                keys = self.chunks.keys(self.key_encoder, images, bsz, shuffle_seed)
+            else:
+                keys = self.key_encoder.encode(images, shuffle_seed=shuffle_seed)
         k1, k2 = torch.split(keys.float(), [bsz, bsz], dim=0)  # keys: [bsz, D] per view
         self._step_keys = (k1, k2, labels)
         queue, queue_labels = self.queue.contents()
@@ -255,8 +263,12 @@ class MomentumContrast(nn.Module):
         batch's on any number of ranks."""
         self.key_encoder.update(query_model, self.momentum)
         k1, k2, labels = self._step_keys
+        order = None
+        if self.chunks is not None:
+            local, order = self.chunks.queue_order(len(labels), labels.device)
+            k1, k2, labels = k1[local], k2[local], labels[local]
         for view_keys in (k1, k2):
-            self.queue.enqueue(view_keys, labels)
+            self.queue.enqueue(view_keys, labels, order=order)
         self._step_keys = None
 
 

@@ -19,6 +19,7 @@ import torch
 
 from supcon.data.labelling import is_multilabel
 from supcon.data.sampling import mix_seed
+from supcon.objectives.grad_cache import GradCache
 from supcon.objectives.positives import PositiveCounter
 from supcon.system import runtime
 
@@ -47,10 +48,12 @@ class Batch:
 @dataclass
 class Output:
     """What ``forward`` computed: ``features`` [bsz, V, D] (the projections the loss reads) and
-    ``encoded`` [V * bsz, dim] (the encoder's features, view-major, for the heads)."""
+    ``encoded`` [V * bsz, dim] (the encoder's features, view-major, for the heads); ``cache``
+    what --grad_cache's second pass needs (``grad_cache.Pass``), None without it."""
 
     features: torch.Tensor
     encoded: torch.Tensor
+    cache: object = None
 
 
 class TrainingStep:
@@ -71,6 +74,10 @@ class TrainingStep:
         supervised = opt.method == 'SupCon' and not is_multilabel(train_set)
         self.positives = PositiveCounter(len(train_set.classes), supervised, meters=meters)
         self.scaler = runtime.make_scaler(rt)
+        # --grad_cache: the batch forwarded and backpropagated in chunks (grad_cache.py)
+        self.cache = GradCache.build(opt, rt)
+        if self.cache is not None and moco is not None:
+            moco.chunks = self.cache  # the keys per chunk too, in the same processes' order
 
     def views(self, images, labels, loop):
         """The loader's batch as views on the device. With --gpu_aug the views are made here,
@@ -89,17 +96,23 @@ class TrainingStep:
 
     def forward(self, model, batch):
         """The projections and the encoder's features of every view, in one forward pass per
-        view size (mixed precision under --amp; SupConLoss works in float32)."""
-        features, encoded = [], []
-        with runtime.autocast(self.rt):
-            for images in batch.images:
-                projected, enc = model(images, with_features=True)
-                features.append(projected)
-                encoded.append(enc)
-        features, encoded = torch.cat(features), torch.cat(encoded)
+        view size (mixed precision under --amp; SupConLoss works in float32); under
+        --grad_cache, one per view size and chunk, without autograd (``backward`` runs them
+        again with it)."""
+        cache = None
+        if self.cache is not None:
+            features, encoded, cache = self.cache.forward(model, batch.images, batch.size)
+        else:
+            features, encoded = [], []
+            with runtime.autocast(self.rt):
+                for images in batch.images:
+                    projected, enc = model(images, with_features=True)
+                    features.append(projected)
+                    encoded.append(enc)
+            features, encoded = torch.cat(features), torch.cat(encoded)
         # view-major rows -> [bsz, V, D]
         features = torch.stack(features.split(batch.size), dim=1)
-        return Output(features, encoded)
+        return Output(features, encoded, cache)
 
     def loss(self, out, batch):
         """The batch's loss: SupCon's (SimCLR's without labels) against the other views and,
@@ -129,7 +142,12 @@ class TrainingStep:
         return loss
 
     def backward(self, loss, out):
-        self.scaler.scale(loss).backward()
+        """The loss's gradient, scaled (float16 --amp); under --grad_cache through the chunks'
+        second pass."""
+        if out.cache is not None:
+            self.cache.backward(self.scaler.scale(loss), out.cache)
+        else:
+            self.scaler.scale(loss).backward()
 
     def optimizer_step(self, optimizer, batch):
         """The optimizer's step and what follows it: the probe's own SGD step (both classifiers'
