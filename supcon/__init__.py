@@ -12,7 +12,8 @@ atomic write), ``checkpoint`` (checkpoint files), ``run_lock`` (one live run per
 ``image_folder``, ``csv_dataset``, ``sampling`` (seeded, resumable, sharded order), ``augment``
 and ``gpu_augment`` (the transforms), ``normalization`` (--mean/--std), and the capabilities that
 shape the training data: ``val_split``, ``long_tail`` (long-tailed training splits), ``balanced``
-(--sampler balanced), ``labelling`` (partial and multiple labels).
+(--sampler balanced), ``labelling`` (partial and multiple labels), ``views`` (--n_views and
+multi-crop: the views per image).
 
 ``evaluation`` -- measuring an encoder: ``extract`` (frozen features), ``knn``, ``retrieval``,
 ``classify`` (the classifier's test-split evaluation), ``multilabel`` (mean average precision,

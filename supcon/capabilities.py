@@ -18,7 +18,7 @@ new module with these names and one entry here.
 """
 
 from networks import encoders, from_checkpoint
-from supcon.data import augment, balanced, labelling, long_tail, val_split
+from supcon.data import augment, balanced, labelling, long_tail, val_split, views
 from supcon.evaluation import knn
 from supcon.objectives import moco, probe
 from supcon.training import optim
@@ -29,6 +29,7 @@ CAPABILITIES = (
     moco,  # the momentum key encoder and the labelled queue
     optim,  # --optimizer lars
     augment,  # --aug policies, --gpu_aug
+    views,  # --n_views, --small_views (multi-crop)
     from_checkpoint,  # main_linear.py --key_encoder
     val_split,  # --val_split
     labelling,  # partial and multiple labels
