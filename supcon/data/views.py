@@ -95,10 +95,49 @@ def check_options(opt, script):
                 f' for --size (ViTs) may refuse; use one of {", ".join(MODEL_NAMES)} or drop'
                 f' --small_views'
             )
+        _check_cpu_bf16_side(opt)
     if getattr(opt, 'moco', False) and (opt.n_views != DEFAULT_VIEWS or opt.small_views):
         raise UserError(
             '--moco takes the two full-size views of each image (its keys, queue and shuffle);'
             ' drop --n_views/--small_views or --moco'
+        )
+
+
+def _stride2_inputs(side, stem):
+    """The map sides the stride-2 3x3 convolutions of our ResNets see for an input ``side``."""
+    sides = []
+    side = -(-side // 4) if stem == 'imagenet' else side  # 7x7 stride-2 conv, stride-2 max-pool
+    for _ in range(3):  # the first blocks of layer2, layer3, layer4
+        sides.append(side)
+        side = -(-side // 2)
+    return sides
+
+
+def _check_cpu_bf16_side(opt):
+    """Refuse small views that would meet PyTorch's broken CPU bfloat16 weight gradient.
+
+    On the CPU under bfloat16 autocast, oneDNN's weight gradient of a 3x3 stride-2 convolution
+    whose input map is 1x1 reads memory it never wrote (torch 2.14: a different, often NaN,
+    gradient on every call; docs/views.md); our ResNets reach that layer for sides up to 4
+    (CIFAR stem) or 16 (ImageNet stem). ``--cpu_bf16_wgrad matmul`` computes those gradients
+    itself and is not affected."""
+    import torch
+
+    device = str(getattr(opt, 'device', 'auto'))
+    on_cpu = device == 'cpu' or (device == 'auto' and not torch.cuda.is_available())
+    bf16 = getattr(opt, 'amp', False) and getattr(opt, 'amp_dtype', 'auto') in ('auto', 'bfloat16')
+    if not (on_cpu and bf16) or getattr(opt, 'cpu_bf16_wgrad', 'onednn') == 'matmul':
+        return
+    stem = getattr(opt, 'stem', 'cifar')
+    if 1 in _stride2_inputs(opt.small_size, stem):
+        smallest = next(
+            s for s in range(opt.small_size, 10**4) if 1 not in _stride2_inputs(s, stem)
+        )
+        raise UserError(
+            f'--small_size {opt.small_size} under CPU bfloat16 --amp: {opt.model} then meets'
+            f' a stride-2 convolution on a 1x1 map, whose bfloat16 weight gradient PyTorch'
+            f' computes wrongly on the CPU (docs/views.md); use --small_size {smallest} or more,'
+            f' or --cpu_bf16_wgrad matmul'
         )
 
 
