@@ -13,8 +13,9 @@ from networks import encoders
 from networks.encoders import build_encoder
 from networks.resnet_big import SupConResNet
 from supcon import capabilities, options
-from supcon.data import balanced, datasets, labelling
-from supcon.data.augment import add_augmentation_arguments, supcon_transform
+from supcon.data import balanced, datasets, labelling, views
+from supcon.data.augment import add_augmentation_arguments
+from supcon.data.views import ViewLayout
 from supcon.evaluation import knn
 from supcon.objectives import grad_cache, moco, probe
 from supcon.objectives.moco import MomentumContrast
@@ -63,6 +64,7 @@ def parse_option(argv=None):
     datasets.add_arguments(parser, test_folder=True, knn_only=True, imbalance=True)
     balanced.add_arguments(parser)
     add_augmentation_arguments(parser)
+    views.add_arguments(parser)
     runtime.add_runtime_arguments(parser)
     opt = parser.parse_args(argv)
 
@@ -97,19 +99,21 @@ def parse_option(argv=None):
 
 
 def set_loader(opt, rt):
-    """(train_loader, train_sampler, device_augment or None) of two-view training batches.
+    """(train_loader, train_sampler, device_augment or None) of multi-view training batches
+    (two views of each image by default; --n_views, --small_views: supcon/data/views.py).
 
-    With --gpu_aug the loader hands over uint8 images and ``device_augment`` makes the two
+    With --gpu_aug the loader hands over uint8 images and ``device_augment`` makes the
     views on the training device; otherwise the loader's workers make them (the reference).
     """
     mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
+    layout = ViewLayout.of(opt)
     if opt.gpu_aug:
-        from supcon.data.gpu_augment import DeviceAugment, to_uint8_tensor
+        from supcon.data.gpu_augment import to_uint8_tensor
 
         train_transform = to_uint8_tensor(datasets.fixed_size(opt.dataset, opt.size))
-        device_augment = DeviceAugment(opt.size, mean, std, kind='supcon').to(rt.device)
+        device_augment = layout.device_augment(opt.size, mean, std).to(rt.device)
     else:
-        train_transform = supcon_transform(opt.size, mean, std, aug=opt.aug)
+        train_transform = layout.loader_transform(opt.size, mean, std, aug=opt.aug)
         device_augment = None
     with runtime.main_process_first():
         train_dataset = datasets.build_split(opt, 'train', train_transform, rt.seed)
@@ -154,8 +158,8 @@ def train(train_loader, model, step, optimizer, epoch, loop):
     """One epoch of training; returns the mean loss."""
     model.train()
     for images, labels in loop.batches(train_loader, epoch):
-        batch = step.views(images, labels, loop)  # every view on the device, [2 * bsz, ...]
-        out = step.forward(model, batch)  # projections [bsz, 2, D], encoder features
+        batch = step.views(images, labels, loop)  # every view on the device, [V * bsz, ...]
+        out = step.forward(model, batch)  # projections [bsz, V, D], encoder features
         loss = step.loss(out, batch)  # SupCon / SimCLR (+ --moco's queue, + the heads)
 
         # SGD

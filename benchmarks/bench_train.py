@@ -54,6 +54,9 @@ CONFIGS = {
     'amp+gpu_aug': ['--amp', '--gpu_aug'],
     'amp+probe': ['--amp', '--online_probe'],  # the linear probe's step (bench_probe.py: its share)
     'amp+ce': ['--amp', '--ce_weight', '0.5'],
+    # more views per image (docs/views.md): compare their step times (img/s counts two views)
+    'amp+views4': ['--amp', '--n_views', '4'],
+    'amp+small4x6': ['--amp', '--small_views', '4', '--small_size', '6'],
 }
 DEFAULT_CONFIGS = {
     'cpu': ['fp32', 'amp', 'amp-matmul-wgrad', 'amp-no-cl', 'fp32+cl', 'compile', 'amp+compile'],

@@ -313,7 +313,7 @@ class Sweep:
             code = child.wait()
             self.children.discard(child)
             seconds = time.time() - start
-            handle.write(f'# exit {code} after {seconds:.1f} s\n')
+            handle.write(f'# exit {code} after {seconds:.3f} s\n')
         if code != 0 and self.stopping:
             self.todo.append(f'{name} (stopped by signal {self.stopping})')
             raise NotRun(f'{name}: stopped by signal {self.stopping}')

@@ -15,8 +15,9 @@ atomic write), ``checkpoint`` (checkpoint files), ``run_lock`` (one live run per
 and ``gpu_augment`` (the transforms), ``normalization`` (--mean/--std), and the capabilities that
 shape the training data: ``val_split``, ``long_tail`` (long-tailed training splits), ``subset``
 (a fixed class-balanced part of the training images), ``balanced``
-(--sampler balanced), ``labelling`` (partial and multiple labels), and ``identity`` (the
-training data's fingerprint, checked on resume).
+(--sampler balanced), ``labelling`` (partial and multiple labels), ``views`` (--n_views and
+multi-crop: the views per image), and ``identity`` (the training data's fingerprint, checked on
+resume).
 
 ``evaluation`` -- measuring an encoder: ``extract`` (frozen features), ``knn``, ``retrieval`` and
 ``retrieval_data`` (what main_retrieval.py embeds and names its results after),

@@ -19,7 +19,7 @@ new module with these names and one entry here.
 """
 
 from networks import encoders, from_checkpoint
-from supcon.data import augment, balanced, labelling, long_tail, subset, val_split
+from supcon.data import augment, balanced, labelling, long_tail, subset, val_split, views
 from supcon.evaluation import knn
 from supcon.objectives import grad_cache, moco, probe
 from supcon.training import finetune, optim
@@ -31,6 +31,7 @@ CAPABILITIES = (
     grad_cache,  # --grad_cache: the batch in chunks
     optim,  # --optimizer lars
     augment,  # --aug policies, --gpu_aug
+    views,  # --n_views, --small_views (multi-crop)
     from_checkpoint,  # main_linear.py --key_encoder
     val_split,  # --val_split
     labelling,  # partial and multiple labels

@@ -82,7 +82,9 @@ CASES = {  # name: (method, labels, --moco, the heads (online probe and --ce_wei
 }
 
 
-def make_step(model, name='supcon', chunk=0, rank=0, world=1, amp=None, channels_last=False):
+def make_step(
+    model, name='supcon', chunk=0, rank=0, world=1, amp=None, channels_last=False, views=(2, 0)
+):
     """main_supcon.set_step for ``model`` (wrapped or bare), case ``name`` of CASES."""
     method, labels, moco, heads = CASES[name]
     opt = argparse.Namespace(
@@ -93,6 +95,9 @@ def make_step(model, name='supcon', chunk=0, rank=0, world=1, amp=None, channels
         probe_lr=0.5,
         epochs=2,
         ce_weight=0.5 if heads else 0.0,
+        n_views=views[0],
+        small_views=views[1],
+        small_size=4 if views[1] else None,
     )
     rt = runtime.Runtime(
         device=torch.device('cpu'),
@@ -193,6 +198,35 @@ def test_the_chunked_gradient_is_that_of_the_chunks_as_processes(how):
         plain = tiny_model()
         as_processes(plain, views, labels, 4, step.criterion).backward()
         assert not torch.allclose(plain.encoder.conv.weight.grad, grads['encoder.conv.weight'])
+
+
+@pytest.mark.parametrize('full, small', [(4, 0), (2, 2), (1, 3)])
+def test_more_views_and_small_views_chunk_as_processes(full, small):
+    """--n_views / --small_views under --grad_cache 2: each size is its own forward pass of a
+    chunk, and the gradient is that of 4 processes forwarding their images' views size by size."""
+    model = tiny_model()
+    step = make_step(model, chunk=2, views=(full, small))
+    generator = torch.Generator().manual_seed(7)
+    sides = [6] * full + [4] * small
+    views = [torch.randn(BATCH, 3, s, s, generator=generator, dtype=torch.float64) for s in sides]
+    labels = LABELS['supcon']
+    loss, grads = chunked_gradients(step, model, views, labels)
+
+    reference = tiny_model()
+    features, order = [], []
+    for j in range(BATCH // 2):
+        images = torch.arange(j, BATCH, BATCH // 2)
+        projected = [reference(torch.cat([v[images] for v in views[:full]]))]
+        if small:
+            projected.append(reference(torch.cat([v[images] for v in views[full:]])))
+        per_view = torch.cat(projected).split(len(images))  # view-major, full ones first
+        features.append(torch.stack(per_view, dim=1))
+        order.append(images)
+    expected = step.criterion(torch.cat(features), labels[torch.cat(order)])
+    expected.backward()
+    assert len(views) == full + small and step.layout.total == full + small
+    assert float(loss) == pytest.approx(float(expected.detach()), rel=1e-10)
+    assert relative_error(grads, {n: p.grad for n, p in reference.named_parameters()}) < 1e-10
 
 
 def test_the_gradient_scaler_scales_both_passes_once_and_unscales_once():

@@ -3,8 +3,9 @@
 Every training pipeline starts with ``RandomResizedCrop(size, scale=(0.2, 1))``
 and ``RandomHorizontalFlip()`` and ends with ``ToTensor()`` and
 ``Normalize(mean, std)``; ``--aug`` picks what happens in between. SupCon and
-SimCLR (``supcon_transform``) apply it twice per image (``TwoCropTransform``);
-cross-entropy and the linear classifier (``train_transform``) once.
+SimCLR (``supcon_transform``) apply it twice per image (``TwoCropTransform``), or
+``--n_views`` times plus ``--small_views`` smaller crops (``MultiCropTransform``,
+``supcon/data/views.py``); cross-entropy and the linear classifier (``train_transform``) once.
 
 ======================  ==============================================  ============================
 ``--aug``               SupCon / SimCLR view (two per image)            cross-entropy / linear
@@ -78,6 +79,11 @@ CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
 JITTER_P = 0.8
 GRAYSCALE_P = 0.2
+# --small_views: the area range of the small crops. SwAV (0.05, 0.14) under full crops of (0.14, 1)
+# and DINO (0.05, 0.4) under (0.4, 1) both start at 5% and end where the full crops begin; the
+# same rule under the reference's (0.2, 1) gives (0.05, 0.2), so a small crop is never as large
+# as a full one.
+SMALL_CROP_SCALE = (0.05, CROP_SCALE[0])
 
 
 def _check(aug, names=AUG_NAMES):
@@ -90,9 +96,9 @@ def _check(aug, names=AUG_NAMES):
         raise UserError(f"unknown augmentation {aug!r}; expected one of {', '.join(names)}")
 
 
-def _crop_flip(size):
+def _crop_flip(size, scale=CROP_SCALE):
     return [
-        transforms.RandomResizedCrop(size=size, scale=CROP_SCALE, ratio=CROP_RATIO),
+        transforms.RandomResizedCrop(size=size, scale=scale, ratio=CROP_RATIO),
         transforms.RandomHorizontalFlip(),
     ]
 
@@ -126,12 +132,33 @@ def _finish(mean, std):
     return [transforms.ToTensor(), transforms.Normalize(mean=mean, std=std)]
 
 
-def supcon_transform(size, mean, std, aug='simclr'):
-    """Two augmented views of each image, for SupCon and SimCLR."""
+class MultiCropTransform:
+    """``views`` augmentations of one image by ``transform``, then ``small_views`` by
+    ``small_transform``: a list of ``views + small_views`` tensors, the full-size ones first."""
+
+    def __init__(self, transform, views, small_transform=None, small_views=0):
+        self.transform, self.views = transform, int(views)
+        self.small_transform, self.small_views = small_transform, int(small_views)
+
+    def __call__(self, x):
+        full = [self.transform(x) for _ in range(self.views)]
+        return full + [self.small_transform(x) for _ in range(self.small_views)]
+
+
+def supcon_transform(size, mean, std, aug='simclr', n_views=2, small_views=0, small_size=None):
+    """The augmented views of each image, for SupCon and SimCLR: two by default (the reference's
+    ``TwoCropTransform``); ``n_views`` full-size ones and ``small_views`` crops of
+    ``SMALL_CROP_SCALE`` resized to ``small_size`` otherwise."""
     _check(aug)
-    return TwoCropTransform(
-        transforms.Compose(_crop_flip(size) + _policy(aug, contrastive=True) + _finish(mean, std))
-    )
+
+    def pipeline(side, scale=CROP_SCALE):
+        crop = _crop_flip(side, scale)
+        return transforms.Compose(crop + _policy(aug, contrastive=True) + _finish(mean, std))
+
+    if n_views == 2 and not small_views:
+        return TwoCropTransform(pipeline(size))
+    small = pipeline(small_size, SMALL_CROP_SCALE) if small_views else None
+    return MultiCropTransform(pipeline(size), n_views, small, small_views)
 
 
 def train_transform(size, mean, std, aug='simclr'):

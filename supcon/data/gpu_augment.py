@@ -72,9 +72,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from supcon.data.augment import CROP_RATIO, CROP_SCALE, GRAYSCALE_P, JITTER, JITTER_P
+from supcon.data.augment import (
+    CROP_RATIO,
+    CROP_SCALE,
+    GRAYSCALE_P,
+    JITTER,
+    JITTER_P,
+    SMALL_CROP_SCALE,
+)
+from supcon.data.sampling import mix_seed
 
-__all__ = ['DeviceAugment', 'ToUint8Tensor', 'to_uint8_tensor', 'KINDS']
+__all__ = ['DeviceAugment', 'MultiCropAugment', 'ToUint8Tensor', 'to_uint8_tensor', 'KINDS']
 
 KINDS = ('supcon', 'ce')
 
@@ -156,13 +164,14 @@ class DeviceAugment(nn.Module):
             0 turns them off.
         cropping_mode: ``'resample'`` (default; one batched warp) or ``'slice'`` (torchvision's
             exact resize grid, a per-image loop inside kornia).
+        views: views per image (default: 2 for ``'supcon'``, 1 for ``'ce'``).
 
     Call: ``augment(images, seed)`` with ``images`` a uint8 tensor [B, 3, H, W] (RGB, 0..255)
     on any device, and ``seed`` an int (or None to draw from torch's global generator, which
     then advances). Returns float32 [V*B, 3, size, size] on the images' device, RGB,
-    normalised with ``mean``/``std``; for ``'supcon'`` V=2 and the views are stacked
-    view-major (rows 0..B-1 are view 0 of images 0..B-1, rows B..2B-1 view 1), the order of
-    ``torch.cat([view0, view1])``; for ``'ce'`` V=1. The same seed and input give the same
+    normalised with ``mean``/``std``; for ``'supcon'`` V=2 (or ``views``) and the views are
+    stacked view-major (rows 0..B-1 are view 0 of images 0..B-1, rows B..2B-1 view 1), the
+    order of ``torch.cat([view0, view1])``; for ``'ce'`` V=1. The same seed and input give the same
     output bit for bit, and a seeded call leaves torch's global RNG states unchanged. Runs
     without autograd and outside autocast. ``last_params`` holds the parameters drawn by the
     latest call, one dict per view (CPU tensors).
@@ -181,6 +190,7 @@ class DeviceAugment(nn.Module):
         jitter_p=JITTER_P,
         gray_p=GRAYSCALE_P,
         cropping_mode='resample',
+        views=None,
     ):
         super().__init__()
         import kornia.augmentation as K  # imported here: only --gpu_aug needs kornia
@@ -196,7 +206,9 @@ class DeviceAugment(nn.Module):
         if min(std) <= 0:
             raise ValueError(f'std must be positive, got {std}')
         self.size, self.kind = size, kind
-        self.views = 2 if kind == 'supcon' else 1
+        self.views = (2 if kind == 'supcon' else 1) if views is None else int(views)
+        if self.views < 1:
+            raise ValueError(f'views must be a positive integer, got {views}')
 
         steps = [
             # align_corners=False: in 'slice' mode that is torchvision's half-pixel grid; 'resample'
@@ -266,3 +278,31 @@ class DeviceAugment(nn.Module):
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
         # not in place: in 'slice' mode a whole-image crop can come back as a view of ``x``
         return (out - self.mean) / self.std
+
+
+class MultiCropAugment(nn.Module):
+    """``views`` full-size views and ``small_views`` small ones of every image, on the device
+    (``--gpu_aug`` with ``--n_views`` / ``--small_views``; ``supcon/data/views.py``).
+
+    The full views are ``DeviceAugment(size, ..., views=views)`` called with ``seed`` itself, so
+    the default two views are the plain ``--gpu_aug``'s, bit for bit; the small views are crops
+    of ``SMALL_CROP_SCALE`` resized to ``small_size``, with their own seed derived from
+    ``seed``. Returns a list, one view-major tensor per size, the full-size one first:
+    ``[full [views*B, 3, size, size], small [small_views*B, 3, small_size, small_size]]``
+    (the second only with ``small_views``).
+    """
+
+    def __init__(self, size, mean, std, views=2, small_views=0, small_size=None, **kwargs):
+        super().__init__()
+        self.full = DeviceAugment(size, mean, std, 'supcon', views=views, **kwargs)
+        self.small = None
+        if small_views:
+            kwargs['scale'] = SMALL_CROP_SCALE
+            self.small = DeviceAugment(small_size, mean, std, 'supcon', views=small_views, **kwargs)
+
+    def forward(self, images, seed=None):
+        out = [self.full(images, seed=seed)]
+        if self.small is not None:
+            small_seed = None if seed is None else mix_seed('small_views', int(seed))
+            out.append(self.small(images, seed=small_seed))
+        return out

@@ -276,7 +276,7 @@ class ClassifierHeads(nn.Module):
 
     def forward(self, encoded, labels):
         """The term to add to the step's loss: W * cross-entropy of the joint classifier on
-        ``encoded`` [2 * bsz, dim] (both views, view-major), or a zero without --ce_weight.
+        ``encoded`` [V * bsz, dim] (every view, view-major), or a zero without --ce_weight.
         Also computes the probe's loss for ``step``. ``labels`` are the batch's [bsz]."""
         labels = labels.repeat(len(encoded) // len(labels))  # every view of every image
         share = labelled_share(labels) if self.partial else None

@@ -19,6 +19,7 @@ import torch
 
 from supcon.data.labelling import is_multilabel
 from supcon.data.sampling import mix_seed
+from supcon.data.views import ViewLayout
 from supcon.objectives.grad_cache import GradCache
 from supcon.objectives.positives import PositiveCounter
 from supcon.system import runtime
@@ -28,9 +29,10 @@ from supcon.system import runtime
 class Batch:
     """The views of one step on the device and where the step stands.
 
-    ``images`` holds one tensor per view size, each view-major: [V * bsz, C, H, W] with rows
-    v * bsz + i = view v of image i; ``labels`` [bsz] (or multi-hot [bsz, C]); ``n_views`` the
-    views per image over all sizes.
+    ``images`` holds one tensor per view size, the full-size views first (then --small_views'),
+    each view-major: [V_s * bsz, C, H_s, W_s] with rows v * bsz + i = view v of image i;
+    ``labels`` [bsz] (or multi-hot [bsz, C]); ``n_views`` the views per image over all sizes
+    (the sum of the V_s).
     """
 
     images: list
@@ -72,7 +74,11 @@ class TrainingStep:
         # count describes them (0 and 1 are counted)
         self.labelled = opt.method != 'SimCLR'
         supervised = opt.method == 'SupCon' and not is_multilabel(train_set)
-        self.positives = PositiveCounter(len(train_set.classes), supervised, meters=meters)
+        # --n_views and --small_views (supcon/data/views.py); two full-size views by default
+        self.layout = ViewLayout.of(opt)
+        self.positives = PositiveCounter(
+            len(train_set.classes), supervised, n_views=self.layout.total, meters=meters
+        )
         self.scaler = runtime.make_scaler(rt)
         # --grad_cache: the batch forwarded and backpropagated in chunks (grad_cache.py)
         self.cache = GradCache.build(opt, rt)
@@ -80,19 +86,21 @@ class TrainingStep:
             moco.chunks = self.cache  # the keys per chunk too, in the same processes' order
 
     def views(self, images, labels, loop):
-        """The loader's batch as views on the device. With --gpu_aug the views are made here,
-        seeded by the step, so a resumed step draws the same crops; else the loader's workers
-        made them (``util.TwoCropTransform``)."""
-        rt = self.rt
+        """The loader's batch as views on the device, one view-major tensor per view size (the
+        full-size views, then --small_views'). With --gpu_aug the views are made here, seeded by
+        the step, so a resumed step draws the same crops; else the loader's workers made them
+        (``util.TwoCropTransform``, ``augment.MultiCropTransform``), one tensor per view."""
+        rt, layout = self.rt, self.layout
         if self.augment is not None:
             seed = mix_seed('gpu_aug', rt.seed, loop.epoch, loop.step, rt.rank)
             images = self.augment(images.to(rt.device, non_blocking=True), seed=seed)
+            images = [images] if torch.is_tensor(images) else images  # a plain DeviceAugment
         else:
-            images = torch.cat([images[0], images[1]], dim=0)
-        images = runtime.to_device(images, rt)
+            images = layout.group(images)
+        images = [runtime.to_device(x, rt) for x in images]
         labels = labels.to(rt.device, non_blocking=True)
-        loop.log_views(images, views=2)
-        return Batch([images], labels, 2, loop.epoch, loop.step, loop.steps)
+        loop.log_views(images, views=layout.counts)
+        return Batch(images, labels, layout.total, loop.epoch, loop.step, loop.steps)
 
     def forward(self, model, batch):
         """The projections and the encoder's features of every view, in one forward pass per

@@ -362,7 +362,8 @@ class Bookkeeper:
         self.logger.log_step_value(name, value, global_step, purge_step=first)
 
     def log_views(self, images, epoch, views=1):
-        """The grid of the run's first training batch under ``views`` (step 1), once per run:
+        """The grid of the run's first training batch under ``views`` (step 1), once per run
+        (``images`` and ``views`` as ``tb_logger.views_grid`` takes them):
         a run resumed in epoch 1 writes it again (its purge hid the first one), a later one
         does not."""
         if epoch != 1 or self._views_logged or not is_main_process():

@@ -134,25 +134,36 @@ def views_grid(images, mean, std, views=1, count=8, min_side=64):
     """A [3, H, W] grid in [0, 1] of the first ``count`` images of a batch, un-normalised.
 
     ``images`` holds ``views`` stacked view-major ([views * bsz, 3, h, w], as main_supcon.py
-    feeds the network): each image's views are shown side by side, two images to a row of
-    the grid. Tiles are enlarged (nearest neighbour) to at least ``min_side`` pixels, so
-    8x8 digits are visible in TensorBoard's image card.
+    feeds the network), or is a list of such tensors, one per view size (the full-size views,
+    then --small_views'), with ``views`` the list of their counts: each image's views are shown
+    side by side, two images to a row of the grid; a smaller view sits in the middle of a tile of
+    the full size, so its size shows. Tiles are enlarged (nearest neighbour) to at least
+    ``min_side`` pixels, so 8x8 digits are visible in TensorBoard's image card.
     """
     from torchvision.utils import make_grid
 
-    images = images.detach().float().cpu()
-    bsz = images.shape[0] // views
+    if torch.is_tensor(images):
+        images, views = [images], [views]
+    images = [x.detach().float().cpu() for x in images]
+    bsz = images[0].shape[0] // views[0]
     count = min(count, bsz)
     mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    # tiles: image 0 view 1, image 0 view 2, image 1 view 1, ...
-    tiles = torch.stack([images[v * bsz : v * bsz + count] for v in range(views)], dim=1)
-    tiles = (tiles.flatten(0, 1) * std + mean).clamp(0, 1)
-    side = tiles.shape[-1]
+    side = images[0].shape[-1]
+    per_size = []
+    for x, n in zip(images, views):
+        # [count, n, 3, h, w]: image 0's views, image 1's views, ...
+        tiles = torch.stack([x[v * bsz : v * bsz + count] for v in range(n)], dim=1)
+        tiles = (tiles * std.unsqueeze(0) + mean.unsqueeze(0)).clamp(0, 1)
+        left = (side - tiles.shape[-1]) // 2
+        right = side - tiles.shape[-1] - left
+        per_size.append(F.pad(tiles, (left, right, left, right), value=1.0))
+    tiles = torch.cat(per_size, dim=1).flatten(0, 1)
     if side < min_side:
         scale = math.ceil(min_side / side)
         tiles = F.interpolate(tiles, scale_factor=scale, mode='nearest')
-    per_row = views * (2 if views > 1 else count)
+    total = sum(views)
+    per_row = total * (2 if total > 1 else count)
     return make_grid(tiles, nrow=per_row, padding=2, pad_value=1.0)
 
 

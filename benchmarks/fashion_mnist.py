@@ -1,0 +1,158 @@
+"""Fashion-MNIST tables on the CPU protocol (docs/fashion-mnist.md, docs/results.md).
+
+    python benchmarks/fashion_mnist.py [--tables views finetune] [--seeds 0 1 2] [--jobs 2]
+
+The protocol (chosen with main_ce.py on --val_split 0.1, docs/results.md): ResNet-18 with the
+ImageNet stem, 28x28, ``--amp``, batch 128, cosine, all training images, 2 epochs of pretraining
+(about 7 minutes of the idle 2 cores); the linear stage 2 epochs on un-augmented images
+(``--aug none``, lr 0.1). SupCon's learning rate is chosen once, on seed 0 with ``--val_split 0.1``
+for both stages (the test split is never read), among ``--supcon_lrs``; every table then uses it.
+
+Tables (``--tables``, in this order):
+
+- ``views``: SupCon with 2 views, 4 views, and 2 + 4 small views of 14 px (--small_views 4
+  --small_size 14): linear top-1 on the test split and the time per pretraining epoch.
+- ``finetune``: main_linear.py --finetune --aug none (encoder lr 0.01, the default) on the 2-view
+  checkpoints, against their linear stage.
+
+Runs go seed by seed (every configuration of seed 0 first), so a sweep cut short still compares
+the configurations. One intra-op thread per run (``--threads``); ``--jobs 2`` fills the 2 cores.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+SIZE, BATCH, EPOCHS, TEMP = 28, 128, 2, 0.1
+LINEAR_LR, LINEAR_EPOCHS = 0.1, 2
+VIEWS = {  # name: main_supcon.py's extra arguments
+    '2 views': [],
+    '4 views': ['--n_views', 4],
+    '2 + 4 small views (14 px)': ['--small_views', 4, '--small_size', 14],
+}
+SLUGS = dict(zip(VIEWS, ['v2', 'v4', 'v2s4']))
+TABLES = ('views', 'finetune')
+
+
+def common(seed):
+    return ['--dataset', 'fashion_mnist', '--model', 'resnet18', '--stem', 'imagenet', '--size',
+            SIZE, '--amp', '--seed', seed, '--num_workers', 1, '--print_freq', 200]  # fmt: skip
+
+
+def pretrain_args(seed, lr, extra=(), epochs=EPOCHS):
+    return common(seed) + [
+        '--method', 'SupCon', '--batch_size', BATCH, '--learning_rate', lr, '--temp', TEMP,
+        '--cosine', '--epochs', epochs, '--save_freq', epochs, *extra,
+    ]  # fmt: skip
+
+
+def linear_args(seed, ckpt, extra=()):
+    return common(seed) + [
+        '--batch_size', BATCH, '--learning_rate', LINEAR_LR, '--cosine', '--aug', 'none',
+        '--epochs', LINEAR_EPOCHS, '--ckpt', ckpt, *extra,
+    ]  # fmt: skip
+
+
+def supcon(sweep, name, seed, lr, extra=(), linear_extra=()):
+    """Pretraining then the linear stage: (pretraining Result, linear Result)."""
+    pre = sweep.run(name, 'main_supcon.py', pretrain_args(seed, lr, extra))
+    linear = sweep.run(f'{name}_linear', 'main_linear.py', linear_args(seed, pre.checkpoint,
+                                                                       linear_extra))  # fmt: skip
+    return pre, linear
+
+
+def choose_lr(sweep, args):
+    """SupCon's rate: the best linear top-1 on the validation split, seed 0, 2 views."""
+
+    def score(lr):
+        val = ['--val_split', 0.1]
+        _, linear = supcon(sweep, f'val_supcon_lr{lr}', 0, lr, val, val)
+        return linear['final accuracy']
+
+    return sweep.choose_rate(score, args.supcon_lrs)
+
+
+def seed_jobs(sweep, args, lr, seed):
+    """Every configuration of one seed: {view config: (pre, linear)} and the fine-tuning."""
+    done = {}
+    if 'views' in args.tables or 'finetune' in args.tables:
+        names = list(VIEWS) if 'views' in args.tables else ['2 views']
+        runs = sweep.map(
+            lambda v: supcon(sweep, f'{SLUGS[v]}_s{seed}', seed, lr, VIEWS[v]), names
+        )
+        done.update(zip(names, runs))
+    if 'finetune' in args.tables and done.get('2 views'):
+        pre = done['2 views'][0]
+        done['finetune'] = sweep.run(
+            f'v2_s{seed}_finetune', 'main_linear.py', linear_args(seed, pre.checkpoint,
+                                                                  ['--finetune'])
+        )  # fmt: skip
+    return done
+
+
+def views_table(args, seeds):
+    rows, header = [], ['views', 'seed', 'linear final / best', 's per pretraining epoch']
+    for config in VIEWS:
+        finals, times = [], []
+        for seed, done in zip(args.seeds, seeds):
+            runs = (done or {}).get(config)
+            if not runs:
+                continue
+            pre, linear = runs
+            finals.append(linear['final accuracy'])
+            times.append(sum(pre.epoch_times) / len(pre.epoch_times))
+            best = linear['best accuracy']
+            rows.append([config, seed, f'{finals[-1]:.2f} / {best:.2f}', f'{times[-1]:.0f}'])
+        rows.append([config, 'mean ± std', f'**{harness.mean_std(finals)}**',
+                     harness.mean_std(times, 0)])  # fmt: skip
+    return harness.table(header, rows)
+
+
+def finetune_table(args, seeds):
+    rows, linears, tuned = [], [], []
+    for seed, done in zip(args.seeds, seeds):
+        if not done or 'finetune' not in done:
+            continue
+        linears.append(done['2 views'][1]['final accuracy'])
+        tuned.append(done['finetune']['final accuracy'])
+        rows.append([seed, f'{linears[-1]:.2f}', f'{tuned[-1]:.2f}',
+                     f'{done["finetune"].seconds:.0f}'])  # fmt: skip
+    rows.append(['mean ± std', harness.mean_std(linears), harness.mean_std(tuned), ''])
+    header = ['seed', 'linear stage', 'fine-tuned, `--aug none`', 'fine-tuning s']
+    return harness.table(header, rows)
+
+
+def run_sweep(args, sweep):
+    sections = []
+    lr, scores = None, {}
+    try:
+        lr, scores = choose_lr(sweep, args)
+    except harness.NotRun:
+        pass
+    rows = [[r, f'{s:.2f}'] for r, s in sorted(scores.items())]
+    title = f'SupCon learning rate (seed 0, validation split; chosen: {lr})'
+    sections.append((title, harness.table(['lr', 'linear top-1, validation'], rows)))
+    seeds = []
+    if lr is not None:
+        seeds = sweep.map(lambda s: seed_jobs(sweep, args, lr, s), args.seeds)
+    if 'views' in args.tables:
+        sections.append(('More views per image (test split)', views_table(args, seeds)))
+    if 'finetune' in args.tables:
+        sections.append(('Fine-tuning against the linear stage (test split)',
+                         finetune_table(args, seeds)))  # fmt: skip
+    sweep.report('Fashion-MNIST', sections)
+
+
+def build():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--tables', nargs='+', default=list(TABLES), choices=TABLES)
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--supcon_lrs', type=float, nargs='+', default=[0.03, 0.1, 0.3])
+    return harness.add_arguments(parser, out='save/bench/fashion_mnist', jobs=2)
+
+
+if __name__ == '__main__':
+    harness.main(build, run_sweep)
