@@ -80,9 +80,7 @@ def seed_jobs(sweep, args, lr, seed):
     done = {}
     if 'views' in args.tables or 'finetune' in args.tables:
         names = list(VIEWS) if 'views' in args.tables else ['2 views']
-        runs = sweep.map(
-            lambda v: supcon(sweep, f'{SLUGS[v]}_s{seed}', seed, lr, VIEWS[v]), names
-        )
+        runs = sweep.map(lambda v: supcon(sweep, f'{SLUGS[v]}_s{seed}', seed, lr, VIEWS[v]), names)
         done.update(zip(names, runs))
     if 'finetune' in args.tables and done.get('2 views'):
         pre = done['2 views'][0]
