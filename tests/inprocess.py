@@ -1,5 +1,5 @@
 """Running a script's ``main()`` in the test process (``call``), as ``python <script>.py``
-would, and what the tests that do so share: one intra-op thread, the one-line error check.
+would, and the one-line error check (conftest.py gives every module one intra-op thread).
 
 Importing torch again per run would cost most of the test time, so uninterrupted runs
 and resumes happen here; runs that must be killed or signalled are real subprocesses
@@ -15,22 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
-
 from supcon.system import runtime
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses get (OMP_NUM_THREADS=1): fast on shared
-    cores, and the same arithmetic in this process and in the scripts' own."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass

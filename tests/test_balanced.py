@@ -2,7 +2,6 @@
 resumed mid-epoch to the same weights, and the one-line refusals."""
 
 import collections
-import datetime
 import math
 import signal
 
@@ -10,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
-from helpers import free_port
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from inprocess import assert_one_line_error, call, save_folder
 from test_positives import plain_positives
-from test_resume import Runs, images, max_abs_diff, scalars, spawn, tb_folder  # noqa: F401
+from test_resume import Runs, max_abs_diff, scalars, spawn, tb_folder
 
 from supcon.data.balanced import BalancedSampler
 from supcon.data.sampling import SeededSampler, build_loader
@@ -151,30 +148,13 @@ def run_epoch(rank, world_size):
     return batches, [meters[tag].avg for tag in TAGS], per_class
 
 
-def _worker(rank, port, out_file):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        'gloo',
-        init_method=f'tcp://127.0.0.1:{port}',
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
-        result = run_epoch(rank, 2)
-        if rank == 0:
-            torch.save(result, out_file)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world):
+    return run_epoch(rank, world)
 
 
 @pytest.mark.filterwarnings('ignore:This process .* is multi-threaded:DeprecationWarning')
-def test_two_gloo_ranks_hold_the_one_process_batches_statistics_and_class_counts(tmp_path):
-    out_file = str(tmp_path / 'ranks.pt')
-    mp.start_processes(
-        _worker, args=(free_port(), out_file), nprocs=2, join=True, start_method='fork'
-    )
-    batches, means, per_class = torch.load(out_file, weights_only=True)
+def test_two_gloo_ranks_hold_the_one_process_batches_statistics_and_class_counts(gloo_ranks):
+    batches, means, per_class = gloo_ranks(_worker)[0]
     one_batches, one_means, one_per_class = run_epoch(0, 1)
     assert batches == one_batches and len(batches) == math.ceil(len(TAIL) / 8)
     for batch in batches:  # 4 classes x 2 images in every global batch

@@ -329,11 +329,13 @@ def test_a_failed_run_stops_the_sweep_and_runs_again_next_time(tmp_path, fakes):
     # job asked first (the earlier one then waits for it and must not hold it back)
     sweep, shared = sweep_of(tmp_path), []
 
-    def job(i):
+    def shared_job(i):
         time.sleep(0.5 if i == 0 else 0)
         return sweep.run('s', fakes['other'], ['--sleep', 0.2])
 
-    worker = threading.Thread(target=lambda: shared.extend(sweep.map(job, [0, 1])), daemon=True)
+    worker = threading.Thread(
+        target=lambda: shared.extend(sweep.map(shared_job, [0, 1])), daemon=True
+    )
     worker.start()
     worker.join(timeout=120)
     stuck = worker.is_alive()

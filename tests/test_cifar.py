@@ -79,6 +79,10 @@ def pixel(row_data, row, col, channel):
 
 @pytest.fixture
 def cifar10_root(tmp_path):
+    return write_cifar10(tmp_path)
+
+
+def write_cifar10(tmp_path):
     """5 train batches of 2 images and a test batch of 3, written like Python 2 did."""
     rng = np.random.default_rng(0)
     folder = tmp_path / 'cifar-10-batches-py'

@@ -3,7 +3,7 @@ the wrong type) are one ``error: ...`` line and exit code 2 in every script, as 
 input is; ``--help`` still prints the usage (supcon/system/cli.py)."""
 
 import pytest
-from inprocess import call, one_thread  # noqa: F401
+from inprocess import call
 
 SCRIPTS = (
     'main_supcon', 'main_ce', 'main_linear', 'main_tsne', 'main_retrieval', 'run_with_submitit',

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_image_folder
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from inprocess import assert_one_line_error, call, save_folder
 from PIL import Image
 from test_resume import max_abs_diff
 

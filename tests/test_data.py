@@ -4,12 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_cifar import (
-    MEAN,
-    STD,
-    assert_one_line,
-    cifar10_root,  # noqa: F401,F811  (a fixture)
-)
+from test_cifar import MEAN, STD, assert_one_line, write_cifar10
 
 from supcon.data.augment import supcon_transform, train_transform
 from supcon.data.augment import test_transform as make_test_transform  # not collected as a test
@@ -167,8 +162,8 @@ def test_check_same_classes_lists_the_differences(tmp_path):
     assert_one_line(info, 'only in train: dog', 'only in test: cow')
 
 
-def test_check_num_classes(cifar10_root):
-    root, _ = cifar10_root
+def test_check_num_classes(tmp_path):
+    root, _ = write_cifar10(tmp_path)
     train = build_dataset('cifar10', 'train', None, data_folder=root)
     test = build_dataset('cifar10', 'test', None, data_folder=root)
     assert check_num_classes(train, test) == check_num_classes(train, test, 10) == 10

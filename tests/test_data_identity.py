@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from helpers import folder_args, write_image_folder
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from inprocess import assert_one_line_error, call, save_folder
 from test_csv_dataset import write_csv, write_png
 
 from supcon.data import identity

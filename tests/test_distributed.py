@@ -5,7 +5,6 @@ SyncBatchNorm does not run on CPU); on a machine with one GPU both processes sha
 """
 
 import argparse
-import datetime
 import glob
 import math
 import os
@@ -17,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import free_port, runtime_opt
@@ -129,66 +127,41 @@ def moco_steps(model, view1, view2, labels, steps=3, queue_size=12):
     }
 
 
-def _init_gloo(rank, port):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        'gloo',
-        init_method=f'tcp://127.0.0.1:{port}',
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=120),
-    )
+def _worker(rank, world, names, device_name):
+    """One-step cases on ``device_name``, then (on CPU) distributed evaluation."""
+    device = torch.device(device_name)
+    results = {}
+    for name in names:
+        bn, supervised = CASES[name]
+        state, view1, view2 = make_case(name)
+        model = TinyNet(bn).double()
+        model.load_state_dict(state)
+        if bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(device)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None
+        )
+        half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        labels = LABELS[half].to(device) if supervised else None
+        steps = moco_steps if name.endswith('_moco') else sgd_steps
+        results[name] = steps(model, view1[half].to(device), view2[half].to(device), labels)
+        if name.endswith('_moco'):  # every rank's queue, to compare
+            queues = [None] * world
+            dist.all_gather_object(queues, (results[name]['queue'], results[name]['queue_labels']))
+            results[name]['queues'] = queues
+    if device.type == 'cpu':
+        result, indices = _validate(rank, world)
+        shares = [None] * world
+        dist.all_gather_object(shares, indices)
+        results['validate'] = {'result': result, 'shares': shares}
+    return results
 
 
-def _worker(rank, port, names, device_name, out_file):
-    """One-step cases on ``device_name``, then (on CPU) distributed evaluation; rank 0 saves."""
-    _init_gloo(rank, port)
-    try:
-        device = torch.device(device_name)
-        results = {}
-        for name in names:
-            bn, supervised = CASES[name]
-            state, view1, view2 = make_case(name)
-            model = TinyNet(bn).double()
-            model.load_state_dict(state)
-            if bn:
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = model.to(device)
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == 'cuda' else None
-            )
-            half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
-            labels = LABELS[half].to(device) if supervised else None
-            steps = moco_steps if name.endswith('_moco') else sgd_steps
-            results[name] = steps(model, view1[half].to(device), view2[half].to(device), labels)
-            if name.endswith('_moco'):  # every rank's queue, to compare
-                queues = [None] * WORLD_SIZE
-                dist.all_gather_object(
-                    queues, (results[name]['queue'], results[name]['queue_labels'])
-                )
-                results[name]['queues'] = queues
-        if device.type == 'cpu':
-            result, indices = _validate(rank, WORLD_SIZE)
-            shares = [None] * WORLD_SIZE
-            dist.all_gather_object(shares, indices)
-            results['validate'] = {'result': result, 'shares': shares}
-        if rank == 0:
-            torch.save(results, out_file)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_two_ranks(names, device, out_file):
+def run_two_ranks(gloo_ranks, names, device):
     # fork skips re-importing torch in the children (CPU only: a forked child cannot use CUDA)
     start_method = 'fork' if device == 'cpu' else 'spawn'
-    mp.start_processes(
-        _worker,
-        args=(free_port(), names, device, out_file),
-        nprocs=WORLD_SIZE,
-        join=True,
-        start_method=start_method,
-    )
-    return torch.load(out_file, weights_only=True)
+    return gloo_ranks(_worker, names, device, world=WORLD_SIZE, start_method=start_method)[0]
 
 
 def relative_error(got, want, start):
@@ -204,9 +177,8 @@ FORK_OK = pytest.mark.filterwarnings('ignore:This process .* is multi-threaded:D
 
 
 @pytest.fixture(scope='module')
-def cpu_ranks(tmp_path_factory):
-    out_file = str(tmp_path_factory.mktemp('ranks') / 'cpu.pt')
-    return run_two_ranks(['supcon', 'simclr', 'supcon_moco', 'simclr_moco'], 'cpu', out_file)
+def cpu_ranks(gloo_ranks):
+    return run_two_ranks(gloo_ranks, ['supcon', 'simclr', 'supcon_moco', 'simclr_moco'], 'cpu')
 
 
 def check_one_step_equivalence(ddp, names, device):
@@ -238,11 +210,9 @@ def test_one_step_ddp_equals_single_process_supcon_and_simclr(cpu_ranks):
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="PyTorch's SyncBatchNorm runs only on CUDA"
 )
-def test_one_step_ddp_syncbn_equals_single_process_batchnorm(tmp_path):
+def test_one_step_ddp_syncbn_equals_single_process_batchnorm(gloo_ranks):
     names = ['supcon_syncbn', 'simclr_syncbn']
-    check_one_step_equivalence(
-        run_two_ranks(names, 'cuda:0', str(tmp_path / 'cuda.pt')), names, 'cuda:0'
-    )
+    check_one_step_equivalence(run_two_ranks(gloo_ranks, names, 'cuda:0'), names, 'cuda:0')
 
 
 # ---------------------------------------------------------------- distributed evaluation

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torchvision
 from helpers import save_our_checkpoint
-from inprocess import assert_one_line_error, call, one_thread  # noqa: F401
+from inprocess import assert_one_line_error, call
 from torchvision import transforms
-from trained_models import DIGIT_CLASSES, copy_of, digits_checkpoints
+from trained_models import DIGIT_CLASSES, copy_of
 
 from networks.encoders import build_encoder
 from networks.resnet_big import SupConResNet
@@ -31,8 +31,8 @@ needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason='onnx, onnxscript, onnxrun
 
 
 @pytest.fixture(scope='module')
-def ckpts(tmp_path_factory):
-    return digits_checkpoints(tmp_path_factory)
+def ckpts(digits_checkpoints):
+    return digits_checkpoints
 
 
 def digits_images(size=8):

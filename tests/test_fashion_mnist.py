@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import describe, run_scripts_forked, saved_files
-from inprocess import call, one_thread  # noqa: F401
+from inprocess import call
 
 from supcon.data import datasets, fashion_mnist
 from supcon.data.normalization import MEAN_STD

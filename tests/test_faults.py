@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from inprocess import assert_one_line_error, call, save_folder
 from PIL import Image
 
 from supcon.system import checkpoint

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import folder_args, write_image_folder
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
-from trained_models import digits_checkpoints
+from inprocess import assert_one_line_error, call, save_folder
 
 import util
 from networks.resnet_big import LinearClassifier, resnet18
@@ -97,12 +96,12 @@ def test_one_step_moves_each_part_by_its_rate_times_its_gradient():
 
 
 @pytest.fixture(scope='module')
-def finetuned(tmp_path_factory):
+def finetuned(tmp_path_factory, digits_checkpoints):
     """One --finetune epoch on a 2-class image folder, from the shared encoder checkpoint."""
     root = tmp_path_factory.mktemp('finetune')
     write_image_folder(root / 'train', {'cat': 8, 'dog': 8}, size=8, seed=0)
     write_image_folder(root / 'test', {'cat': 3, 'dog': 4}, size=8, seed=1)
-    encoder = digits_checkpoints(tmp_path_factory)['encoder']
+    encoder = digits_checkpoints['encoder']
     args = folder_args(root, ckpt=encoder, finetune=True, encoder_lr=0.02, learning_rate=0.05)
     result = call('main_linear', args, root)
     assert result.code == 0, result.err

@@ -11,20 +11,17 @@ main_supcon.py --grad_cache against torchrun; kill and --resume auto.
 """
 
 import argparse
-import datetime
 import shutil
 import types
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import folder_args, free_port, write_image_folder
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from helpers import folder_args, write_image_folder
+from inprocess import assert_one_line_error, call, save_folder
 from test_distributed import torchrun
-from test_resume import Runs, images, max_abs_diff  # noqa: F401  (images: a fixture)
+from test_resume import Runs, max_abs_diff
 
 from losses import SupConLoss
 from networks.resnet_big import SupConResNet
@@ -387,28 +384,8 @@ def train(name, chunk=0, rank=0, world=1):
     return state
 
 
-def _worker(rank, world, port, chunk, out_file):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        'gloo',
-        init_method=f'tcp://127.0.0.1:{port}',
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
-        results = {name: train(name, chunk, rank, world) for name in CASES}
-        if rank == 0:
-            torch.save(results, out_file)
-    finally:
-        dist.destroy_process_group()
-
-
-def on_processes(world, chunk, out_file):
-    mp.start_processes(
-        _worker, args=(world, free_port(), chunk, out_file), nprocs=world, start_method='fork'
-    )
-    return torch.load(out_file, weights_only=True)
+def _worker(rank, world, chunk):
+    return {name: train(name, chunk, rank, world) for name in CASES}
 
 
 # DataLoader forks the same way; Python 3.12 warns about any fork of a threaded process
@@ -416,15 +393,14 @@ FORK_OK = pytest.mark.filterwarnings('ignore:This process .* is multi-threaded:D
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(gloo_ranks):
     """The same global batches of 8 on 4 processes of 2 images, on 1 process with
     --grad_cache 2 and on 2 processes with --grad_cache 2."""
-    folder = tmp_path_factory.mktemp('grad_cache')
     with torch.random.fork_rng():
         return {
-            'processes': on_processes(4, 0, str(folder / 'four.pt')),
+            'processes': gloo_ranks(_worker, 0, world=4)[0],
             'one': {name: train(name, chunk=2) for name in CASES},
-            'two': on_processes(2, 2, str(folder / 'two.pt')),
+            'two': gloo_ranks(_worker, 2, world=2)[0],
         }
 
 

@@ -2,20 +2,16 @@
 gloo;
 hybrid, keys and a labelled queue against a per-anchor loop."""
 
-import datetime
 import math
 import os
 import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from helpers import free_port  # noqa: E402
 
 from losses import (
     LeanSupConFunction,
@@ -660,48 +656,32 @@ def distributed_case_arguments(case, rows=slice(None)):
     return criterion, labels[rows] if use_labels else None, kwargs
 
 
-def _distributed_worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        'gloo',
-        init_method=f'tcp://127.0.0.1:{port}',
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        features, _ = distributed_batch()
-        results = {}
-        for case, (_, sizes, _, _) in DISTRIBUTED_CASES.items():
-            start = sum(sizes[:rank])
-            stop = start + sizes[rank]
-            local = features[start:stop].clone().requires_grad_()
-            criterion, local_labels, kwargs = distributed_case_arguments(case, slice(start, stop))
-            loss = criterion(local, local_labels, **kwargs)
-            # Weighting by anchor count makes DDP's average over ranks the mean over all anchors;
-            # with equal local batches the weight is 1, i.e. plain DDP.
-            (loss * WORLD_SIZE * sizes[rank] / sum(sizes)).backward()
-            results[case] = {'loss': loss.detach(), 'grad': local.grad}
+def _on_rank(rank, world):
+    features, _ = distributed_batch()
+    results = {}
+    for case, (_, sizes, _, _) in DISTRIBUTED_CASES.items():
+        start = sum(sizes[:rank])
+        stop = start + sizes[rank]
+        local = features[start:stop].clone().requires_grad_()
+        criterion, local_labels, kwargs = distributed_case_arguments(case, slice(start, stop))
+        loss = criterion(local, local_labels, **kwargs)
+        # Weighting by anchor count makes DDP's average over ranks the mean over all anchors;
+        # with equal local batches the weight is 1, i.e. plain DDP.
+        (loss * WORLD_SIZE * sizes[rank] / sum(sizes)).backward()
+        results[case] = {'loss': loss.detach(), 'grad': local.grad}
 
-        gathered = gather_with_grad(torch.full((rank + 1, 2), float(rank), requires_grad=True))
-        results['gathered'] = gathered.detach()
-        try:
-            SupConLoss()(features[:2], mask=torch.eye(2))
-        except ValueError as error:
-            results['mask_error'] = str(error)
-        torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
-    finally:
-        dist.destroy_process_group()
+    gathered = gather_with_grad(torch.full((rank + 1, 2), float(rank), requires_grad=True))
+    results['gathered'] = gathered.detach()
+    try:
+        SupConLoss()(features[:2], mask=torch.eye(2))
+    except ValueError as error:
+        results['mask_error'] = str(error)
+    return results
 
 
 @pytest.fixture(scope='module')
-def distributed_results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp('supcon_gloo'))
-    mp.spawn(_distributed_worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
-    return [
-        torch.load(os.path.join(out_dir, f'rank{rank}.pt'), weights_only=True)
-        for rank in range(WORLD_SIZE)
-    ]
+def distributed_results(gloo_ranks):
+    return gloo_ranks(_on_rank, world=WORLD_SIZE)
 
 
 @pytest.mark.parametrize('case', list(DISTRIBUTED_CASES))

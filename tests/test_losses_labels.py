@@ -1,16 +1,11 @@
 """SupConLoss with unlabelled samples (-1) and multi-hot labels, against a per-anchor loop written
 here in float64 (values and gradients), with keys, a queue, chunks, hybrid and 2 gloo ranks."""
 
-import datetime
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import free_port
 
 from losses import LabelSetPairs, LeanSupConFunction, PositivePairs, SupConLoss
 from supcon.objectives import contrastive
@@ -481,39 +476,23 @@ def distributed_case(case, rows=slice(None)):
     return criterion, features[rows], labels[rows], more
 
 
-def _distributed_worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        'gloo',
-        init_method=f'tcp://127.0.0.1:{port}',
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        results = {}
-        for case, (_, sizes, _, _) in DISTRIBUTED_CASES.items():
-            start = sum(sizes[:rank])
-            rows = slice(start, start + sizes[rank])
-            criterion, features, labels, more = distributed_case(case, rows)
-            features = features.clone().requires_grad_()
-            loss = criterion(features, labels, **more)
-            # weighted by anchor count, DDP's average over ranks is the mean over all anchors
-            (loss * WORLD_SIZE * sizes[rank] / sum(sizes)).backward()
-            results[case] = {'loss': loss.detach(), 'grad': features.grad}
-        torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
-    finally:
-        dist.destroy_process_group()
+def _on_rank(rank, world):
+    results = {}
+    for case, (_, sizes, _, _) in DISTRIBUTED_CASES.items():
+        start = sum(sizes[:rank])
+        rows = slice(start, start + sizes[rank])
+        criterion, features, labels, more = distributed_case(case, rows)
+        features = features.clone().requires_grad_()
+        loss = criterion(features, labels, **more)
+        # weighted by anchor count, DDP's average over ranks is the mean over all anchors
+        (loss * world * sizes[rank] / sum(sizes)).backward()
+        results[case] = {'loss': loss.detach(), 'grad': features.grad}
+    return results
 
 
 @pytest.fixture(scope='module')
-def distributed_results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp('labels_gloo'))
-    mp.spawn(_distributed_worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
-    return [
-        torch.load(os.path.join(out_dir, f'rank{rank}.pt'), weights_only=True)
-        for rank in range(WORLD_SIZE)
-    ]
+def distributed_results(gloo_ranks):
+    return gloo_ranks(_on_rank, world=WORLD_SIZE)
 
 
 @pytest.mark.parametrize('case', list(DISTRIBUTED_CASES))

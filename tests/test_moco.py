@@ -1,16 +1,11 @@
 """moco.py: EMA key encoder, label queue against a list model, and shuffle-BN / queue sync on 2 gloo
 ranks."""
 
-import datetime
-import os
 import random
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import free_port
 from torch import nn
 
 from supcon.objectives.moco import (
@@ -244,48 +239,32 @@ def distributed_data():
     return batches, images
 
 
-def _distributed_worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        'gloo',
-        init_method=f'tcp://127.0.0.1:{port}',
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        batches, images = distributed_data()
-        local = slice(rank * LOCAL, (rank + 1) * LOCAL)
-        results = {}
-        queue = LabelQueue(QUEUE_SIZE, 3)
-        for features, labels in batches:
-            queue.enqueue(features[local], labels[local])
-        results['queue'] = queue.state_dict()
-        results['gathered'] = gather_no_grad(images[local])
+def _on_rank(rank, world):
+    batches, images = distributed_data()
+    local = slice(rank * LOCAL, (rank + 1) * LOCAL)
+    results = {}
+    queue = LabelQueue(QUEUE_SIZE, 3)
+    for features, labels in batches:
+        queue.enqueue(features[local], labels[local])
+    results['queue'] = queue.state_dict()
+    results['gathered'] = gather_no_grad(images[local])
 
-        rng = torch.get_rng_state()
-        shuffled, index = shuffle_across_ranks(images[local], SEED)
-        results['rng_untouched'] = torch.equal(torch.get_rng_state(), rng)
-        results['shuffled'], results['index'] = shuffled, index
-        results['unshuffled'] = unshuffle_across_ranks(shuffled * 2 + 1, index)
-        results['shuffled_again'] = shuffle_across_ranks(images[local], SEED)[0]
-        results['shuffled_other_seed'] = shuffle_across_ranks(images[local], SEED + 1)[0]
+    rng = torch.get_rng_state()
+    shuffled, index = shuffle_across_ranks(images[local], SEED)
+    results['rng_untouched'] = torch.equal(torch.get_rng_state(), rng)
+    results['shuffled'], results['index'] = shuffled, index
+    results['unshuffled'] = unshuffle_across_ranks(shuffled * 2 + 1, index)
+    results['shuffled_again'] = shuffle_across_ranks(images[local], SEED)[0]
+    results['shuffled_other_seed'] = shuffle_across_ranks(images[local], SEED + 1)[0]
 
-        key = KeyEncoder(small_model()).train()
-        results['keys'] = key.encode(images[local], shuffle_seed=SEED)
-        torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
-    finally:
-        dist.destroy_process_group()
+    key = KeyEncoder(small_model()).train()
+    results['keys'] = key.encode(images[local], shuffle_seed=SEED)
+    return results
 
 
 @pytest.fixture(scope='module')
-def distributed_results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp('moco_gloo'))
-    mp.spawn(_distributed_worker, args=(free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
-    return [
-        torch.load(os.path.join(out_dir, f'rank{rank}.pt'), weights_only=True)
-        for rank in range(WORLD_SIZE)
-    ]
+def distributed_results(gloo_ranks):
+    return gloo_ranks(_on_rank, world=WORLD_SIZE)
 
 
 def test_ranks_hold_the_queue_of_one_process_fed_the_concatenated_batches(distributed_results):

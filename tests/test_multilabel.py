@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import read_scalars
-from inprocess import call, one_thread, save_folder  # noqa: F401
+from inprocess import call, save_folder
 from PIL import Image
 from sklearn.metrics import average_precision_score, f1_score
 
@@ -252,49 +252,27 @@ def two_rank_case():
     return ScoredRows(inputs, targets), torch.nn.Linear(3, 4)
 
 
-def _rank_validate(rank, port, out_file):
+def _rank_validate(rank, world):
     import argparse
-    import datetime
-
-    import torch.distributed as dist
 
     from supcon.data.sampling import build_loader
     from supcon.evaluation import classify
     from supcon.system import runtime
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        'gloo',
-        init_method=f'tcp://127.0.0.1:{port}',
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=120),
+    dataset, model = two_rank_case()
+    loader, _ = build_loader(
+        dataset, 2, shuffle=False, seed=0, rank=rank, world_size=world, pad=False
     )
-    try:
-        dataset, model = two_rank_case()
-        loader, _ = build_loader(
-            dataset, 2, shuffle=False, seed=0, rank=rank, world_size=2, pad=False
-        )
-        rt = runtime.Runtime(device=torch.device('cpu'), rank=rank, world_size=2)
-        opt = argparse.Namespace(print_freq=1000)
-        with torch.no_grad():
-            result = classify.validate(loader, model, torch.nn.BCEWithLogitsLoss(), opt, rt, 4)
-        if rank == 0:
-            torch.save(result, out_file)
-    finally:
-        dist.destroy_process_group()
+    rt = runtime.Runtime(device=torch.device('cpu'), rank=rank, world_size=world)
+    opt = argparse.Namespace(print_freq=1000)
+    with torch.no_grad():
+        return classify.validate(loader, model, torch.nn.BCEWithLogitsLoss(), opt, rt, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:This process .* is multi-threaded:DeprecationWarning')
-def test_two_ranks_measure_every_test_image_once(tmp_path):
-    import torch.multiprocessing as mp
-    from helpers import free_port
-
-    out_file = str(tmp_path / 'result.pt')
-    mp.start_processes(
-        _rank_validate, args=(free_port(), out_file), nprocs=2, join=True, start_method='fork'
-    )
-    loss, mean_ap, f1 = torch.load(out_file, weights_only=True)
+def test_two_ranks_measure_every_test_image_once(gloo_ranks):
+    loss, mean_ap, f1 = gloo_ranks(_rank_validate)[0]
     dataset, model = two_rank_case()
     inputs = dataset.inputs
     targets = torch.stack([torch.from_numpy(t.astype(np.float32)) for t in dataset.targets])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import folder_args
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
-from test_resume import Runs, images, max_abs_diff  # noqa: F401 (images: a fixture)
+from inprocess import assert_one_line_error, call, save_folder
+from test_resume import Runs, max_abs_diff
 
 import main_linear
 import main_supcon

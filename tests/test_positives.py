@@ -7,7 +7,7 @@ import statistics
 import numpy as np
 import pytest
 import torch
-from inprocess import call, one_thread, save_folder  # noqa: F401
+from inprocess import call, save_folder
 from PIL import Image
 from test_resume import scalars, tb_folder
 

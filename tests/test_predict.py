@@ -11,17 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import REPO, free_port, script_env
-from inprocess import assert_one_line_error, call, one_thread  # noqa: F401
+from inprocess import assert_one_line_error, call
 from PIL import Image
 from test_export import digits_images, plain_network
-from trained_models import DIGIT_CLASSES, DIGITS, digits_checkpoints
+from trained_models import DIGIT_CLASSES, DIGITS
 
 from supcon.system import checkpoint
 
 
 @pytest.fixture(scope='module')
-def ckpts(tmp_path_factory):
-    return digits_checkpoints(tmp_path_factory)
+def ckpts(digits_checkpoints):
+    return digits_checkpoints
 
 
 def read_csv(path):

@@ -6,7 +6,6 @@ checkpoints must work with main_linear.py and main_tsne.py.
 """
 
 import argparse
-import datetime
 import math
 import signal
 import time
@@ -14,11 +13,9 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import folder_args, free_port, read_scalars, write_image_folder
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from inprocess import assert_one_line_error, call, save_folder
 from test_resume import spawn, tb_folder
 
 from losses import SupConLoss
@@ -228,24 +225,11 @@ def test_with_val_split_the_probe_scores_the_held_out_images():
 # --------------------------------------------------------------------------- 2 processes
 
 
-def _two_rank_worker(rank, port, out_file, partial=False):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        'gloo',
-        init_method=f'tcp://127.0.0.1:{port}',
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=120),
+def _two_rank_worker(rank, world, partial=False):
+    rt = runtime.Runtime(
+        device=torch.device('cpu'), rank=rank, world_size=world, local_batch_size_val=64
     )
-    try:
-        rt = runtime.Runtime(
-            device=torch.device('cpu'), rank=rank, world_size=WORLD_SIZE, local_batch_size_val=64
-        )
-        results = run_heads(rt, rank, WORLD_SIZE, partial)
-        if rank == 0:
-            torch.save(results, out_file)
-    finally:
-        dist.destroy_process_group()
+    return run_heads(rt, rank, world, partial)
 
 
 def run_heads(rt, rank, world, partial=False):
@@ -286,16 +270,8 @@ def run_heads(rt, rank, world, partial=False):
 
 
 @pytest.mark.parametrize('partial', [False, True], ids=['labelled', 'partly_labelled'])
-def test_two_processes_step_and_evaluate_as_one(tmp_path, partial):
-    out_file = tmp_path / 'rank0.pt'
-    mp.start_processes(
-        _two_rank_worker,
-        args=(free_port(), str(out_file), partial),
-        nprocs=WORLD_SIZE,
-        join=True,
-        start_method='fork',
-    )
-    two = torch.load(out_file, weights_only=True)
+def test_two_processes_step_and_evaluate_as_one(gloo_ranks, partial):
+    two = gloo_ranks(_two_rank_worker, partial, world=WORLD_SIZE)[0]
     rt = runtime.Runtime(device=torch.device('cpu'), local_batch_size_val=64)
     one = run_heads(rt, 0, 1, partial)
     for name in ('weight', 'bias'):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from google.protobuf import text_format
 from helpers import save_our_checkpoint
-from inprocess import call, one_thread  # noqa: F401
+from inprocess import call
 from PIL import Image
 from tensorboard.plugins.projector import projector_plugin
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig

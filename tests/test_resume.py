@@ -19,12 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import folder_args
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
-from PIL import Image
+from inprocess import assert_one_line_error, call, save_folder
 
 import util
 from supcon.system import checkpoint
@@ -95,21 +93,6 @@ def scalars(folder, tag):
     accumulator = EventAccumulator(str(folder))
     accumulator.Reload()
     return [(event.step, event.value) for event in accumulator.Scalars(tag)]
-
-
-@pytest.fixture(scope='module')
-def images(tmp_path_factory):
-    """Two classes, 8 training and 2 test images each, 8x8 RGB."""
-    root = tmp_path_factory.mktemp('images')
-    rng = np.random.default_rng(0)
-    for split, count in (('train', 8), ('test', 2)):
-        for name in ('a', 'b'):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f'{i}.png')
-    return root
 
 
 class Runs:

@@ -24,7 +24,7 @@ from helpers import (
     script_env,
     write_image_folder,
 )
-from inprocess import assert_one_line_error, call, one_thread  # noqa: F401
+from inprocess import assert_one_line_error, call
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import save_our_checkpoint
-from inprocess import call, one_thread  # noqa: F401
+from inprocess import call
 from test_csv_dataset import write_csv, write_png
 from test_retrieval import SCRIPT_METRICS, assert_agree, exact_tied_embeddings, peer, plain_order
 

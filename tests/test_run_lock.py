@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers import free_port, script_env, write_image_folder
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from inprocess import assert_one_line_error, call, save_folder
 
 from supcon.errors import UserError
 from supcon.system import run_lock

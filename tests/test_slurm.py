@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from inprocess import one_thread  # noqa: F401
 
 import main_supcon
 import run_with_submitit

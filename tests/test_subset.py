@@ -4,7 +4,7 @@ checkpoint's; in the run name, fixed on resume, refused in one line where it can
 
 import numpy as np
 import pytest
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from inprocess import assert_one_line_error, call, save_folder
 
 import main_linear
 import main_supcon

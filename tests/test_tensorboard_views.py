@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import folder_args, write_image_folder
-from inprocess import call, one_thread, save_folder  # noqa: F401
+from inprocess import call, save_folder
 from test_resume import spawn, tb_folder
 
 from supcon.training import tb_logger

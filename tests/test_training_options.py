@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import folder_args
-from inprocess import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
+from inprocess import call
 from PIL import Image
 
 import main_ce

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_features import run_script, write_image_folder
+from test_knn_and_tsne import run_script, write_image_folder
 
 from networks.resnet_big import SupCEResNet, SupConResNet
 from supcon.system import runtime

@@ -4,18 +4,15 @@ the heads and the positives over every view, the TensorBoard grid, the options, 
 against one process, and kill + resume."""
 
 import argparse
-import datetime
 import signal
 import time
 import types
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import folder_args, free_port, write_image_folder
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from helpers import folder_args, write_image_folder
+from inprocess import assert_one_line_error, call, save_folder
 from PIL import Image
 
 import main_supcon
@@ -400,32 +397,17 @@ def sgd_steps(model, views, labels, steps=2):
     return {k: v.detach().clone() for k, v in bare.state_dict().items()}
 
 
-def _rank(rank, port, out_file):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        'gloo',
-        init_method=f'tcp://127.0.0.1:{port}',
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(tiny_model(bn=False))
-        half = slice(rank * 4, rank * 4 + 4)
-        views = [v[half] for v in loader_views(3, 2)]
-        weights = sgd_steps(model, views, LABELS[half])
-        if rank == 0:
-            torch.save(weights, out_file)
-    finally:
-        dist.destroy_process_group()
+def _rank(rank, world):
+    model = torch.nn.parallel.DistributedDataParallel(tiny_model(bn=False))
+    half = slice(rank * 4, rank * 4 + 4)
+    views = [v[half] for v in loader_views(3, 2)]
+    return sgd_steps(model, views, LABELS[half])
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:This process .* is multi-threaded:DeprecationWarning')
-def test_two_gloo_ranks_equal_one_process_with_multi_crop(tmp_path):
-    out_file = str(tmp_path / 'rank0.pt')
-    mp.start_processes(_rank, args=(free_port(), out_file), nprocs=2, start_method='fork')
-    two = torch.load(out_file, weights_only=True)
+def test_two_gloo_ranks_equal_one_process_with_multi_crop(gloo_ranks):
+    two = gloo_ranks(_rank)[0]
     start = tiny_model(bn=False).state_dict()
     one = sgd_steps(tiny_model(bn=False), loader_views(3, 2), LABELS)
     diff = torch.cat([(two[k] - one[k]).reshape(-1) for k in one]).norm()

@@ -1,4 +1,5 @@
-"""Tests for features.py (extraction, weighted kNN, KNNMonitor) and main_tsne.py."""
+"""Feature extraction and the weighted kNN (supcon/evaluation/extract.py, knn.py: KNNMonitor) and
+main_tsne.py."""
 
 import math
 import os

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 from helpers import FAST
-from inprocess import call, one_thread  # noqa: F401  (in-process runs; one intra-op thread)
+from inprocess import call
 
 import main_ce
 import main_linear

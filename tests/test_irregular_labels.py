@@ -9,7 +9,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from inprocess import assert_one_line_error, call, save_folder
 from test_csv_dataset import write_csv, write_png
 from test_tensorboard_views import accumulator, session_starts
 

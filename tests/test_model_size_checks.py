@@ -1,5 +1,6 @@
-"""Issue 21 (part A): timm checkpoints, too-small images, ViT sizes, --pretrained files, run
-names and main_tsne.py's defaults, each as a hostile tester ran it (tiny data, in process)."""
+"""Models against sizes and files: timm checkpoints, too-small images, ViT sizes, --pretrained
+files, run names and main_tsne.py's defaults, each as a hostile tester ran it (tiny data, in
+process)."""
 
 import glob
 import math
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import folder_args
-from inprocess import assert_one_line_error, call, one_thread  # noqa: F401
+from inprocess import assert_one_line_error, call
 from PIL import Image
 
 pytest.importorskip('timm')

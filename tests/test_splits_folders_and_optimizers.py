@@ -1,4 +1,5 @@
-"""Issue 21 (part B): data splits, test folders, LARS linear evaluation, notes, torchrun errors.
+"""Data splits (--val_split edges), test folders, every optimizer in every script, the notes, and
+torchrun errors printed once.
 
 Every case is the command a user typed, run in this process (``inprocess.call``) on tiny
 image folders at 8x8 (or digits where only the data set's size matters); the torchrun cases
@@ -13,7 +14,7 @@ import re
 import numpy as np
 import pytest
 from helpers import save_our_checkpoint, write_image_folder
-from inprocess import assert_one_line_error, call, one_thread, save_folder  # noqa: F401
+from inprocess import assert_one_line_error, call, save_folder
 from sklearn.model_selection import train_test_split
 from test_distributed import torchrun  # 2 gloo processes, as the README starts them
 

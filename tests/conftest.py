@@ -1,0 +1,95 @@
+"""What every test module shares (pytest finds this file itself; nothing imports it).
+
+- ``one_thread`` (every module): one intra-op thread, as the scripts' subprocesses get
+  (``OMP_NUM_THREADS=1``): fast on shared cores, and the same arithmetic here and there.
+- ``images`` (session): one tiny image folder, two classes of 8 training and 2 test 8x8 RGB images.
+- ``digits_checkpoints`` (session): trained digits checkpoints of each kind (``trained_models.py``).
+- ``gloo_ranks`` (session): ``gloo_ranks(fn, *args, world=2)`` runs ``fn(rank, world, *args)`` on
+  ``world`` processes joined in a gloo group and returns every rank's return value.
+
+The tiers: ``python -m pytest -q tests`` runs everything; ``-m "not slow"`` leaves out the tests
+that start processes (torchrun, gloo ranks, real subprocesses), the developer's quick loop.
+"""
+
+import datetime
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='session')
+def images(tmp_path_factory):
+    """Two classes, 8 training and 2 test images each, 8x8 RGB (read-only: copy to change)."""
+    root = tmp_path_factory.mktemp('images')
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 8), ('test', 2)):
+        for name in ('a', 'b'):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='session')
+def digits_checkpoints(tmp_path_factory):
+    """{'encoder', 'linear', 'ce': path, 'final': main_linear.py's printed final accuracy}."""
+    from trained_models import build_digits_checkpoints
+
+    return build_digits_checkpoints(tmp_path_factory.mktemp('trained_models'))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, world, port, fn, args, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        'gloo',
+        init_method=f'tcp://127.0.0.1:{port}',
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        torch.save(fn(rank, world, *args), f'{out_dir}/rank{rank}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope='session')
+def gloo_ranks(tmp_path_factory):
+    """``gloo_ranks(fn, *args, world=2, start_method='fork')``: ``[fn(r, world, *args) for r]``,
+    each on its own process of a gloo group (one intra-op thread each). ``fn`` is a module-level
+    function; its results must load with ``torch.load(weights_only=True)`` (tensors, numbers,
+    strings, lists, tuples, dicts). ``fork`` starts fast; ``spawn`` for CUDA."""
+
+    def run(fn, *args, world=2, start_method='fork'):
+        out_dir = tmp_path_factory.mktemp('gloo')
+        mp.start_processes(
+            _rank,
+            args=(world, _free_port(), fn, args, str(out_dir)),
+            nprocs=world,
+            join=True,
+            start_method=start_method,
+        )
+        return [torch.load(out_dir / f'rank{r}.pt', weights_only=True) for r in range(world)]
+
+    return run
