@@ -37,9 +37,11 @@ SLUGS = dict(zip(VIEWS, ['v2', 'v4', 'v2s4']))
 TABLES = ('views', 'finetune')
 
 
-def common(seed):
-    return ['--dataset', 'fashion_mnist', '--model', 'resnet18', '--stem', 'imagenet', '--size',
-            SIZE, '--amp', '--seed', seed, '--num_workers', 1, '--print_freq', 200]  # fmt: skip
+def common(seed, stem=True):
+    """The options of every script; main_linear.py takes the stem from the checkpoint."""
+    stem = ['--stem', 'imagenet'] if stem else []
+    return ['--dataset', 'fashion_mnist', '--model', 'resnet18', *stem, '--size', SIZE, '--amp',
+            '--seed', seed, '--num_workers', 1, '--print_freq', 200]  # fmt: skip
 
 
 def pretrain_args(seed, lr, extra=(), epochs=EPOCHS):
@@ -50,7 +52,7 @@ def pretrain_args(seed, lr, extra=(), epochs=EPOCHS):
 
 
 def linear_args(seed, ckpt, extra=()):
-    return common(seed) + [
+    return common(seed, stem=False) + [
         '--batch_size', BATCH, '--learning_rate', LINEAR_LR, '--cosine', '--aug', 'none',
         '--epochs', LINEAR_EPOCHS, '--ckpt', ckpt, *extra,
     ]  # fmt: skip

@@ -2,6 +2,9 @@
 
 - ``one_thread`` (every module): one intra-op thread, as the scripts' subprocesses get
   (``OMP_NUM_THREADS=1``): fast on shared cores, and the same arithmetic here and there.
+- ``remove_checkpoints`` (every test): a test's checkpoints (``*.pth`` under its ``tmp_path``, 45 to
+  90 MB each for a ResNet-18) are deleted when it ends; the suite once filled 20 GB of /tmp with
+  them. pyproject.toml keeps only failed tests' folders at the end (``tmp_path_retention_policy``).
 - ``images`` (session): one tiny image folder, two classes of 8 training and 2 test 8x8 RGB images.
 - ``digits_checkpoints`` (session): trained digits checkpoints of each kind (``trained_models.py``).
 - ``gloo_ranks`` (session): ``gloo_ranks(fn, *args, world=2)`` runs ``fn(rank, world, *args)`` on
@@ -28,6 +31,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def remove_checkpoints(request):
+    yield
+    if 'tmp_path' in request.fixturenames:
+        for path in request.getfixturevalue('tmp_path').rglob('*.pth'):
+            path.unlink()
 
 
 @pytest.fixture(scope='session')

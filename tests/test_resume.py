@@ -174,13 +174,6 @@ def runs(tmp_path_factory, images):
     shutil.rmtree(root, ignore_errors=True)  # ~90 MB a resnet18 checkpoint
 
 
-@pytest.fixture(autouse=True)
-def remove_checkpoints(tmp_path):
-    yield
-    for path in tmp_path.rglob('*.pth'):
-        path.unlink()
-
-
 # --------------------------------------------------------------------------- kill and resume
 
 
