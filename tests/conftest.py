@@ -34,11 +34,10 @@ def one_thread():
 
 
 @pytest.fixture(autouse=True)
-def remove_checkpoints(request):
+def remove_checkpoints(tmp_path):
     yield
-    if 'tmp_path' in request.fixturenames:
-        for path in request.getfixturevalue('tmp_path').rglob('*.pth'):
-            path.unlink()
+    for path in tmp_path.rglob('*.pth'):
+        path.unlink()
 
 
 @pytest.fixture(scope='session')
