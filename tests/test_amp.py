@@ -225,6 +225,7 @@ def compiled_step(model, opt, images):
     return model, out
 
 
+@pytest.mark.slow
 def test_compile_through_prepare_model_small_net():
     opt = runtime_options(['--amp', '--compile'])
     torch.manual_seed(0)
@@ -319,6 +320,7 @@ def last_checkpoint(cwd):
     return paths[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['main_supcon', 'main_ce', 'main_linear'])
 def test_script_runs_an_epoch_under_amp(amp_runs, script):
     result, cwd = amp_runs[script]

@@ -317,6 +317,7 @@ def assert_user_error(result, words, cwd):
     assert not list(cwd.rglob('*_tensorboard/*')), output  # no empty TensorBoard folder either
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(CASES))
 def test_bad_input_exits_2_with_one_error_line(name, results, prepared):
     if name == 'device_cuda_without_cuda' and torch.cuda.is_available():
@@ -327,6 +328,7 @@ def test_bad_input_exits_2_with_one_error_line(name, results, prepared):
     assert not prepared.marker.exists()
 
 
+@pytest.mark.slow
 def test_forked_run_matches_a_real_subprocess(results, prepared, tmp_path):
     forked, expected = results
     for name in ('missing_data_folder', 'unreadable_image_2_workers'):

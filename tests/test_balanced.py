@@ -198,6 +198,7 @@ def script_args(runs, script, **changes):
 BALANCED = dict(sampler='balanced', m_per_class=2, imbalance_ratio=4, moco=True, moco_k=6, epochs=2)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_and_resume_equal_the_uninterrupted_balanced_run(runs, tmp_path):
     """Two classes of 8 training images cut to 8 and 2 (--imbalance_ratio 4), batches of
     2 x 2, with --moco: the same weights, queue and logged statistics after a resume."""

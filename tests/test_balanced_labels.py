@@ -126,6 +126,7 @@ def test_balanced_batches_of_multi_hot_labels_are_refused_in_one_line(lists, scr
     )
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_and_resume_equal_the_uninterrupted_run(lists, tmp_path):
     """A partly labelled CSV, balanced batches of 1 class x 2 labelled images and 2 unlabelled
     ones (of 4): killed in epoch 2 and resumed, the same weights as without the kill."""

@@ -152,6 +152,7 @@ def script_calls(tmp_path_factory):
     return {keys[name]: result for name, result in done.items()}, tmp_path
 
 
+@pytest.mark.slow
 def test_every_benchmark_script_imports_and_answers_help(script_calls):
     assert 'bench_conv.py' in SCRIPTS and 'harness.py' in SCRIPTS and len(SWEEPS) >= 6
     helps = {script: result for (kind, script), result in script_calls[0].items() if kind == 'help'}
@@ -160,6 +161,7 @@ def test_every_benchmark_script_imports_and_answers_help(script_calls):
         assert code == 0 and out.startswith('usage: '), f'{script} exited {code}:\n{out}'
 
 
+@pytest.mark.slow
 def test_every_sweep_lists_its_runs_in_a_dry_run(script_calls):
     results, tmp_path = script_calls
     for script in SWEEPS:
@@ -423,6 +425,7 @@ def test_the_positives_table_agrees_with_the_exact_fraction():
         assert row[4].startswith('0.0000 (m=')
 
 
+@pytest.mark.slow
 def test_bench_train_runs_each_configuration_as_asked(tmp_path):
     out = tmp_path / 'bench.json'
     done = subprocess.run(

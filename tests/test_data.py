@@ -204,6 +204,7 @@ def test_unknown_dataset_name():
 # --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_digits_stratified_split_of_32x32_rgb_images():
     train = build_dataset('digits', 'train', None)
     test = build_dataset('digits', 'test', None)

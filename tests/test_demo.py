@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 
+import pytest
 from helpers import REPO, describe, script_env
 
 from supcon.system.checkpoint import load_checkpoint
@@ -34,6 +35,7 @@ def run_demo(root, **env):
     )
 
 
+@pytest.mark.slow
 def test_demo_fp32_other_seed_end_to_end(tmp_path):
     root = demo_copy(tmp_path)
     result = run_demo(root, EPOCHS='1', LINEAR_EPOCHS='1', PRECISION='fp32', SEED='1')

@@ -455,11 +455,13 @@ def supcon_run(tiny_data, tmp_path_factory):
     return proc, cwd
 
 
+@pytest.mark.slow
 def test_main_supcon_under_torchrun_rendezvous(supcon_run):
     proc, cwd = supcon_run
     check_run(proc, cwd, expect_best=False)
 
 
+@pytest.mark.slow
 def test_main_ce_under_torchrun(tiny_data, tmp_path):
     proc = torchrun('main_ce.py', data_args(tiny_data) + ['--model', 'resnet18'], tmp_path)
     check_run(proc, tmp_path, expect_best=True)
@@ -472,6 +474,7 @@ def _acc_line(out):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_main_linear_under_torchrun_matches_one_process(supcon_run, tiny_data, tmp_path):
     proc, cwd = supcon_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -498,6 +501,7 @@ def test_main_linear_under_torchrun_matches_one_process(supcon_run, tiny_data, t
     assert math.isclose(float(best[0]) * 11 / 100, round(float(best[0]) * 11 / 100), abs_tol=0.01)
 
 
+@pytest.mark.slow
 def test_odd_global_batch_under_torchrun_fails_with_one_line(tiny_data, tmp_path):
     # one script suffices: all three call runtime.setup_runtime, tested in-process above
     torch.save(

@@ -94,6 +94,7 @@ def test_torchscript_gives_pytorch_outputs_on_digits_at_two_batch_sizes(kind, ck
             torch.testing.assert_close(got, want(batch), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 @needs_onnx
 @pytest.mark.parametrize('kind', ['linear', 'encoder'])
 def test_onnxruntime_gives_pytorch_outputs_on_digits_at_two_batch_sizes(kind, ckpts, tmp_path):

@@ -326,6 +326,7 @@ def damaged_results(tmp_path_factory):
     return root, named, run_scripts_forked(cases, logs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', sorted(DAMAGED))
 def test_damaged_files_give_one_error_line_naming_the_file(damaged_results, case):
     root, named, results = damaged_results

@@ -128,6 +128,7 @@ def test_the_checkpoint_holds_the_trained_encoder_in_main_ces_layout(finetuned):
     assert [g['lr'] for g in saved['optimizer']['param_groups']][:2] == pytest.approx([0.05, 0.02])
 
 
+@pytest.mark.slow
 def test_every_reader_takes_a_finetuned_checkpoint(finetuned, tmp_path):
     root, _, last, _, final = finetuned
     result = call('main_predict', ['--ckpt', last, '--split', 'test', '--out', 'p.csv'], tmp_path)
@@ -168,6 +169,7 @@ def test_refusals_are_one_line(finetuned, tmp_path):
     assert not list(tmp_path.rglob('*.pth'))
 
 
+@pytest.mark.slow
 def test_a_vit_with_its_own_patch_size_is_fine_tuned_and_read_back(finetuned, tmp_path):
     """The encoder's --patch_size is the run's (its name says so), so the fine-tuned
     checkpoint rebuilds the same ViT wherever it is read."""

@@ -114,6 +114,7 @@ def test_projector_metadata_escapes_tabs_and_newlines_in_labels(lists, csv_check
 # --------------------------------------------------------------------------- notes
 
 
+@pytest.mark.slow
 def test_the_test_csv_is_noted_only_where_it_is_not_read(lists):
     """main_ce.py / main_linear.py on --dataset csv read --test_csv (once a note said they did
     not); main_supcon.py reads it for the probe (once: 'only for --knn_every')."""

@@ -257,6 +257,7 @@ DIST_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path):
     write_image_folder(tmp_path / 'train', 10, seed=0)
     write_image_folder(tmp_path / 'test', 11, seed=1)  # 33 images: the ranks' shares differ

@@ -149,6 +149,7 @@ def forward_ok(name, size, **kwargs):
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     'script, model, size, smallest, takes_img_size',
     [

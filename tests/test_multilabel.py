@@ -175,6 +175,7 @@ def pretrained(tiny, tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 def test_main_supcon_gives_the_loss_multi_hot_labels_and_the_rule(tiny, pretrained):
     dataset = datasets.build_dataset('csv', 'train', None, data_folder=tiny / 'train.csv')
     rows = sorted(map(tuple, np.asarray(dataset.targets).tolist()))
@@ -188,6 +189,7 @@ def test_main_supcon_gives_the_loss_multi_hot_labels_and_the_rule(tiny, pretrain
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the rules weigh pairs differently
 
 
+@pytest.mark.slow
 def test_main_linear_reports_scikit_learns_mean_average_precision(tiny, pretrained, tmp_path):
     ckpt = pretrained['jaccard'][0]
     args = script_args(tiny, model=None, ckpt=ckpt, epochs=2, learning_rate=0.1)
@@ -206,6 +208,7 @@ def test_main_linear_reports_scikit_learns_mean_average_precision(tiny, pretrain
     assert {'val_map', 'val_f1'} <= set(tags) and 'val_acc' not in tags
 
 
+@pytest.mark.slow
 def test_main_ce_reports_scikit_learns_mean_average_precision(tiny, tmp_path):
     args = script_args(tiny, epochs=2)
     result = call('main_ce', args, tmp_path)

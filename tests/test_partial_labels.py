@@ -223,6 +223,7 @@ def runs(tmp_path_factory, images):
     return PartialRuns(tmp_path_factory.mktemp('runs'), images)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['main_supcon', 'main_linear'])
 def test_kill_and_resume_auto_with_partial_labels_equals_the_uninterrupted_run(runs, script):
     _, reference = runs.reference(script)

@@ -55,6 +55,7 @@ def folder(tmp_path_factory):
 IMAGES = ['0.png', '1.png', '2.png', 'a/broken.png', 'b/GREY.JPG', 'b/deep/alpha.png']
 
 
+@pytest.mark.slow
 def test_accuracy_on_the_test_split_is_main_linears_final_accuracy(ckpts, tmp_path):
     """Also: every probability is the softmax of the plain network's logits, top-k sorted."""
     args = ['--ckpt', ckpts['linear'], '--split', 'test', '--out', 'p.csv', '--num_workers', '0']
@@ -122,6 +123,7 @@ def brute_force_knn(gallery, gallery_labels, queries, k=200, temperature=0.07):
     return np.array(predicted)
 
 
+@pytest.mark.slow
 def test_knn_with_an_encoder_checkpoint_votes_as_a_brute_force_knn(ckpts, tmp_path):
     from supcon.data import datasets
 
@@ -205,6 +207,7 @@ def test_multi_label_lists_every_class_at_the_threshold_and_measures_map(multi_l
         assert sorted(row['top_classes'].split(';')) == ['cat', 'dog', 'owl']
 
 
+@pytest.mark.slow
 def test_under_torchrun_every_image_is_predicted_once_as_in_one_process(ckpts, folder, tmp_path):
     """Two ranks of one image a batch (--batch_size_val 2 is the global batch) against one
     process of one image a batch: the same arithmetic, so the same bytes."""
@@ -257,6 +260,7 @@ def test_bad_input_is_one_line_and_writes_nothing(ckpts, folder, tmp_path):
     assert not (tmp_path / 'predictions.csv').exists() and not list(tmp_path.glob('.*.tmp'))
 
 
+@pytest.mark.slow
 def test_the_progress_is_shown_on_a_terminal_only(ckpts, folder, tmp_path):
     import os
     import pty

@@ -331,6 +331,7 @@ def assert_same_state(a, b, keys):
                 assert torch.equal(tensor, other), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
 def test_kill_and_resume_auto_equals_the_uninterrupted_run(images, tmp_path, variant):
     args = script_args(images, **VARIANTS[variant])
@@ -487,6 +488,7 @@ def test_rows_carry_their_own_view_labels():
     assert float(wrong.detach()) == pytest.approx(5 + math.log(1 + math.exp(-5)), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_main_supcon_with_both_heads_under_torchrun(images, tmp_path):
     """Two gloo processes: one line per evaluation, every test image scored once, both heads'
     state saved by rank 0."""

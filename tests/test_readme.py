@@ -19,7 +19,7 @@ PAGES = [README] + DOCS
 MAX_README_LINES = 300
 FIRST_COMMANDS = [
     'pip install -r requirements.txt && bash demo_digits.sh',
-    'pip install -r requirements-dev.txt && python -m pytest -q tests',
+    'pip install -r requirements-dev.txt && python -m pytest -q -n 2 tests',
 ]
 LAUNCHERS = re.compile(r'^(python(3(\.\d+)?)?|torchrun)$')
 ENTRY_SCRIPT = re.compile(r'^main_\w+\.py$')
@@ -243,6 +243,7 @@ def test_every_relative_link_reaches_a_file_and_its_heading(page):
     assert not broken, f'{page.relative_to(REPO)}: ' + '; '.join(broken)
 
 
+@pytest.mark.slow
 def test_every_command_flag_is_one_the_script_has():
     problems, seen = [], 0
     prefetch_help(

@@ -177,6 +177,7 @@ def runs(tmp_path_factory, images):
 # --------------------------------------------------------------------------- kill and resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', SCRIPTS + tuple(VARIANTS))
 def test_kill_after_epoch_1_and_resume_auto_equals_uninterrupted_run(runs, script):
     _, reference = runs.reference(script)
@@ -203,6 +204,7 @@ def test_tensorboard_after_kill_and_resume_has_one_event_per_epoch(runs, script)
     assert resumed == scalars(tb_folder(script, args, reference_cwd), LOSS_TAG[script])
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_the_position_and_resumes_exactly(runs, tmp_path):
     script = 'main_supcon'
     _, reference = runs.reference(script)
@@ -296,6 +298,7 @@ def test_checkpoints_are_readable_like_any_file_the_user_writes(tmp_path):
     assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
+@pytest.mark.slow
 def test_truncated_and_stale_files_are_skipped_and_a_named_one_is_refused(runs, tmp_path):
     script = 'main_supcon'
     args = runs.args(script, epochs=2, save_freq=1)
@@ -450,6 +453,7 @@ def test_resuming_a_finished_run_does_not_train_again(runs, tmp_path):
 # --------------------------------------------------------------------------- seeds
 
 
+@pytest.mark.slow
 def test_seed_makes_runs_repeatable_with_and_without_workers(runs, tmp_path):
     script = 'main_supcon'
     results = {}

@@ -248,6 +248,7 @@ print(status('VmHWM') - before, result['precision_at_1'], result['neighbours_sea
 """
 
 
+@pytest.mark.slow
 def test_memory_of_a_20k_by_20k_search_stays_far_below_the_full_matrix():
     done = subprocess.run(
         [sys.executable, '-c', MEMORY_PROBE],
@@ -486,6 +487,7 @@ def test_digits_with_val_split_queries_the_held_out_images(tmp_path):
     assert record['queries'] == 'held-out' and record['num_queries'] == 144
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_embed_shares_and_count_every_image_once(folders, tmp_path):
     path = tmp_path / 'supcon.pth'
     save_our_checkpoint(path)
@@ -516,6 +518,7 @@ def test_torchrun_ranks_embed_shares_and_count_every_image_once(folders, tmp_pat
     assert len(set(two_npz['query_paths'].tolist())) == 11
 
 
+@pytest.mark.slow
 def test_bench_table_over_checkpoints(folders, tmp_path):
     """benchmarks/bench_retrieval.py checkpoints: main_retrieval.py on each, one row each, and
     the mean and standard deviation over them."""

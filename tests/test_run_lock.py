@@ -116,6 +116,7 @@ def assert_refused(result, folder, pid):
     assert 'Train' not in result.stdout
 
 
+@pytest.mark.slow
 def test_a_live_run_keeps_its_folder_and_a_killed_ones_lock_is_taken_over(images, tmp_path):
     folder = save_folder('main_supcon', args(images), tmp_path)
     relative = os.path.join('.', os.path.relpath(folder, tmp_path))
@@ -141,6 +142,7 @@ def test_a_live_run_keeps_its_folder_and_a_killed_ones_lock_is_taken_over(images
     assert (folder / 'last.pth').exists() and not (folder / '.lock').exists()
 
 
+@pytest.mark.slow
 def test_workers_left_by_a_killed_torchrun_agent_keep_the_folder(images, tmp_path):
     folder = save_folder('main_supcon', args(images), tmp_path)
     relative = os.path.join('.', os.path.relpath(folder, tmp_path))

@@ -248,6 +248,7 @@ def seed_linear(seed_pretrain):
     return root, result
 
 
+@pytest.mark.slow
 def test_seed_pretrain_command_writes_the_reference_names(seed_pretrain):
     root, result = seed_pretrain
     assert_ok(result)
@@ -264,6 +265,7 @@ def test_seed_pretrain_command_writes_the_reference_names(seed_pretrain):
     assert re.search(r'Train: \[1\]\[2/2\]', result.stdout)  # 30 images, batches of 26
 
 
+@pytest.mark.slow
 def test_supcon_checkpoint_contents(seed_pretrain):
     root, result = seed_pretrain
     assert_ok(result)
@@ -287,6 +289,7 @@ def test_supcon_checkpoint_contents(seed_pretrain):
         assert all(torch.equal(other['model'][k], v) for k, v in last['model'].items())
 
 
+@pytest.mark.slow
 def test_supcon_tensorboard_scalars(seed_pretrain):
     root, result = seed_pretrain
     assert_ok(result)
@@ -307,6 +310,7 @@ def test_supcon_tensorboard_scalars(seed_pretrain):
     )
 
 
+@pytest.mark.slow
 def test_seed_classifier_command(seed_linear):
     root, result = seed_linear
     assert_ok(result)
@@ -364,6 +368,7 @@ def test_seed_classifier_command(seed_linear):
 # --------------------------------------------------------------------------- main_linear
 
 
+@pytest.mark.slow
 def test_linear_on_last_checkpoint_with_three_classes(seed_pretrain, tiny3, tmp_path):
     root, pretrain = seed_pretrain
     assert_ok(pretrain)
@@ -393,6 +398,7 @@ def test_linear_on_last_checkpoint_with_three_classes(seed_pretrain, tiny3, tmp_
     assert classifier['model']['fc.weight'].shape == (3, 512)
 
 
+@pytest.mark.slow
 def test_linear_loads_a_reference_checkpoint(tiny3, tmp_path):
     ckpt = tmp_path / 'reference_run' / 'ckpt_epoch_3.pth'
     state = save_reference_checkpoint(ckpt, model='resnet18', seed=7)
@@ -418,6 +424,7 @@ def test_linear_loads_a_reference_checkpoint(tiny3, tmp_path):
 # --------------------------------------------------------------------------- main_supcon
 
 
+@pytest.mark.slow
 def test_simclr_names_its_run_simclr(tiny3, tmp_path):
     result = run_script(
         'main_supcon',
@@ -455,6 +462,7 @@ def test_simclr_names_its_run_simclr(tiny3, tmp_path):
     assert 'epoch 1, total time' in result.stdout
 
 
+@pytest.mark.slow
 def test_cifar10_seed_command_with_forced_warmup(tmp_path):
     # 410 images: batch 400 fits, and the epoch has a second, 10-image step
     write_cifar10(tmp_path / 'datasets', n_train=410, n_test=10)
@@ -500,6 +508,7 @@ def test_cifar10_seed_command_with_forced_warmup(tmp_path):
 # --------------------------------------------------------------------------- main_ce
 
 
+@pytest.mark.slow
 def test_ce_on_an_image_folder_with_test_folder(tiny3, tmp_path):
     result = run_script(
         'main_ce',

@@ -405,6 +405,7 @@ def reference(tmp_path_factory):
     return cwd / RUN_FOLDER / 'last.pth', output
 
 
+@pytest.mark.slow
 @FORK_OK
 @needs_fork
 def test_two_tasks_with_slurm_variables_are_one_run_of_two_ranks(reference, tmp_path):
@@ -416,6 +417,7 @@ def test_two_tasks_with_slurm_variables_are_one_run_of_two_ranks(reference, tmp_
     assert max_abs_diff(reference[0], tmp_path / RUN_FOLDER / 'last.pth') == 0
 
 
+@pytest.mark.slow
 @FORK_OK
 @needs_fork
 def test_sigusr1_saves_requeues_and_the_restarted_job_ends_as_uninterrupted(reference, tmp_path):

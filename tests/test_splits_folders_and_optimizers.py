@@ -376,6 +376,7 @@ def test_moco_k_against_digits(moco_k, noted, capsys):
 # ------------------------------------------------------------- 18. errors under torchrun
 
 
+@pytest.mark.slow
 def test_torchrun_prints_an_error_once(folders, broken_test, tmp_path):
     """Every rank meets the bad option; rank 0 alone says so. The same for a broken test
     image, which each rank looks for in its own share of the test folder."""

@@ -41,6 +41,7 @@ def test_the_subset_comes_from_what_val_split_leaves_and_the_test_split_stays_wh
     )
 
 
+@pytest.mark.slow
 def test_the_run_name_and_main_linear_take_the_subset(tmp_path):
     args = FAST + ['--epochs', '1', '--batch_size', '32', '--train_subset', '200', '--seed', '0']
     opt = main_supcon.parse_option(args)
@@ -61,6 +62,7 @@ def test_the_run_name_and_main_linear_take_the_subset(tmp_path):
     assert other.train_subset == 0 and 'sub' not in other.model_name
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_subset_is_refused(tmp_path):
     args = FAST + ['--epochs', '1', '--batch_size', '64', '--train_subset', '300', '--trial', 'r']
     assert call('main_supcon', args + ['--seed', '0'], tmp_path).code == 0

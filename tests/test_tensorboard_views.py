@@ -131,6 +131,7 @@ def script_args(script, images, pretrained, **changes):
     return args_for(script, images, **extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', sorted(SCRIPTS))
 def test_each_script_writes_the_views_the_step_loss_and_the_hparams(
     images, pretrained, tmp_path, script
@@ -178,6 +179,7 @@ def test_each_script_writes_the_views_the_step_loss_and_the_hparams(
         assert sessions[0]['probe_every'].number_value == 2
 
 
+@pytest.mark.slow
 def test_after_a_sigterm_in_epoch_1_and_resume_every_tag_has_its_points_once(
     images, pretrained, tmp_path
 ):

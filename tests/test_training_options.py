@@ -73,6 +73,7 @@ def last_checkpoint(module, args, cwd):
 # --------------------------------------------------------------------------- --moco
 
 
+@pytest.mark.slow
 def test_moco_saves_key_encoder_and_queue_and_linear_reads_either(folder, tmp_path):
     args = path_args(folder, model='resnet18', size=16, epochs=2, moco=True, moco_k=20, moco_m=0.5)
     run_ok('main_supcon', args, tmp_path)
@@ -112,6 +113,7 @@ def test_moco_flags_without_moco_are_refused():
 # --------------------------------------------------------------------------- --gpu_aug
 
 
+@pytest.mark.slow
 def test_gpu_aug_runs_are_repeatable_with_a_seed(folder, tmp_path):
     args = path_args(folder, model='resnet18', size=16, gpu_aug=True)
     weights = []
@@ -126,6 +128,7 @@ def test_gpu_aug_runs_are_repeatable_with_a_seed(folder, tmp_path):
     assert 'final accuracy:' in result.out
 
 
+@pytest.mark.slow
 def test_gpu_aug_on_digits(tmp_path):
     """The in-memory 32x32 data sets go to the device as they are."""
     run_ok(
@@ -143,6 +146,7 @@ def test_gpu_aug_refuses_other_policies():
 # --------------------------------------------------------------------------- timm backbones
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     'model, extra',
     [
@@ -231,6 +235,7 @@ def test_aug_policies_train(folder, tmp_path, script, aug):
     assert last_checkpoint(module, args, tmp_path).parent.name.endswith(f'_aug_{aug}')
 
 
+@pytest.mark.slow
 def test_linear_evaluation_without_augmentation(tmp_path):
     """main_linear.py --aug none: the classifier trains on the test transform's tensors."""
     pretrain = DIGITS + ['--batch_size', '256', '--epochs', '1']
@@ -263,6 +268,7 @@ def test_linear_evaluation_without_augmentation(tmp_path):
 # --------------------------------------------------------------------------- --dataset imagenet
 
 
+@pytest.mark.slow
 def test_imagenet_layout_in_every_script(tmp_path):
     root = tmp_path / 'imagenet'
     write_folder(root / 'train', classes=('n01', 'n02'), count=6, size=40, ext='jpg')
@@ -326,6 +332,7 @@ def test_val_split_is_stratified_disjoint_and_fixed():
     )
 
 
+@pytest.mark.slow
 def test_val_split_names_runs_and_evaluates_on_held_out_training_images(tmp_path):
     args = DIGITS + ['--batch_size', '256', '--epochs', '1', '--val_split', '0.75']
     opt = main_ce.parse_option(args)

@@ -87,6 +87,7 @@ def supcon_run(tmp_path_factory):
     return SimpleNamespace(cwd=cwd, stdout=result.stdout, ckpt=ckpt, data_args=data_args)
 
 
+@pytest.mark.slow
 def test_main_supcon_logs_knn_accuracy(supcon_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -99,6 +100,7 @@ def test_main_supcon_logs_knn_accuracy(supcon_run):
     assert point.step == 1 and 0.0 <= point.value <= 100.0
 
 
+@pytest.mark.slow
 def test_main_tsne_on_a_supcon_checkpoint(supcon_run):
     result = run_script(
         'main_tsne.py',
