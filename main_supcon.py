@@ -61,7 +61,9 @@ def parse_option(argv=None):
     knn.add_arguments(parser)
 
     probe.add_arguments(parser)
-    datasets.add_arguments(parser, test_folder=True, knn_only=True, imbalance=True)
+    datasets.add_arguments(
+        parser, test_folder=True, imbalance=True, test_split_flags=capabilities.test_split_flags()
+    )
     balanced.add_arguments(parser)
     add_augmentation_arguments(parser)
     views.add_arguments(parser)
@@ -80,7 +82,9 @@ def parse_option(argv=None):
     datasets.resolve_defaults(opt)
     capabilities.check_options(opt, 'supcon')
     # the kNN monitor, the online probe and the joint classifier score the test split
-    datasets.check_test_folder(opt, reads_test=capabilities.reads_test_split(opt))
+    datasets.check_test_folder(
+        opt, capabilities.reads_test_split(opt), capabilities.test_split_flags()
+    )
     opt.model_path = './save/SupCon/{}_models'.format(opt.dataset)
     opt.tb_path = './save/SupCon/{}_tensorboard'.format(opt.dataset)
     opt.lr_decay_epochs = options.parse_decay_epochs(opt.lr_decay_epochs)
@@ -148,7 +152,7 @@ def set_model(opt, rt):
 
 def set_step(opt, rt, model, criterion, train_set, meters, device_augment=None):
     """The training step (supcon/objectives/step.py) with the capabilities it carries: the key
-    encoder and queue of --moco, the online probe and --ce_weight's classifier."""
+    encoder and queue of --moco, the online probe and the joint classifier."""
     moco = MomentumContrast.build(opt, rt, runtime.unwrap(model))
     heads = probe.build_heads(opt, rt, runtime.unwrap(model), train_set)
     return TrainingStep(opt, rt, model, criterion, train_set, meters, moco, heads, device_augment)

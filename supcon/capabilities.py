@@ -36,8 +36,8 @@ CAPABILITIES = (
     val_split,  # --val_split
     labelling,  # partial and multiple labels
     balanced,  # --sampler balanced
-    long_tail,  # --imbalance_ratio
-    probe,  # --online_probe, --ce_weight
+    long_tail,  # the long-tailed training split
+    probe,  # the online probe and the joint classifier
     subset,  # --train_subset
     finetune,  # main_linear.py --finetune (its part ends the run name, as it always has)
 )
@@ -77,6 +77,11 @@ def check_data(opt, train_set):
 def reads_test_split(opt):
     """Whether a capability in use scores the test split during pretraining."""
     return any(reads(opt) for reads in _each('reads_test_split'))
+
+
+def test_split_flags():
+    """'--knn_every, --online_probe, ...': the flags with which pretraining reads the test split."""
+    return ', '.join(flag for flags in _each('TEST_SPLIT_FLAGS') for flag in flags)
 
 
 def run_name_parts(opt, script):

@@ -43,16 +43,16 @@ DATASET_NAMES = ('cifar10', 'cifar100', 'path', 'digits', 'imagenet', 'csv', 'fa
 ARRAY_DATASETS = ('cifar10', 'cifar100', 'digits', 'fashion_mnist')
 
 
-def add_arguments(parser, test_folder=True, knn_only=False, imbalance=False):
+def add_arguments(parser, test_folder=True, imbalance=False, test_split_flags=None):
     """The data flags of the reference and of the fork that added ``--dataset path``.
 
-    ``knn_only=True`` (main_supcon.py) says in the help which flags only matter for
-    ``--knn_every``: pretraining itself never reads the test split. ``imbalance`` adds
+    ``test_split_flags`` (main_supcon.py: '--knn_every, ...') says in the help that the test-split
+    flags only matter with those: pretraining itself never reads the test split. ``imbalance`` adds
     --imbalance_ratio (the training scripts); ``'checkpoint'`` defaults it to the
     checkpoint's (main_linear.py).
     """
     group = parser.add_argument_group('data')
-    knn = ' (pretraining: only for --knn_every, --online_probe, --ce_weight)' if knn_only else ''
+    knn = f' (pretraining: only for {test_split_flags})' if test_split_flags else ''
     group.add_argument(
         '--dataset',
         type=str,
@@ -148,13 +148,13 @@ def resolve_defaults(opt):
         )
 
 
-def check_test_folder(opt, reads_test=True):
+def check_test_folder(opt, reads_test=True, test_split_flags=''):
     """Demand --test_folder only where a test folder is read; note a given one that is not.
 
     --dataset path reads it for the test split, imagenet instead of --data_folder/val, csv
     reads --test_csv (handed over as test_folder: csv_dataset.resolve_options); --val_split
     evaluates held-out training images instead, and pretraining (``reads_test=False``:
-    main_supcon.py without --knn_every, --online_probe and --ce_weight) evaluates nothing.
+    main_supcon.py without any of ``test_split_flags``) evaluates nothing.
     """
     read = reads_test and not opt.val_split and opt.dataset in ('path', 'imagenet', 'csv')
     if read and opt.dataset == 'path' and opt.test_folder is None:
@@ -166,7 +166,7 @@ def check_test_folder(opt, reads_test=True):
     if opt.test_folder is None or read:
         return
     if not reads_test:
-        why = 'pretraining reads the test split only for --knn_every, --online_probe, --ce_weight'
+        why = f'pretraining reads the test split only for {test_split_flags}'
     elif opt.val_split:
         why = f'--val_split {opt.val_split} evaluates on held-out training images instead'
     else:

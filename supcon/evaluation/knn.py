@@ -176,6 +176,10 @@ def check_options(opt, script):
         )
 
 
+#: The flags that make pretraining score the test split (the --test_folder note names them).
+TEST_SPLIT_FLAGS = ('--knn_every',)
+
+
 def reads_test_split(opt):
     return getattr(opt, 'knn_every', 0) > 0
 

@@ -9,7 +9,7 @@ chunk j is process r + world * j of world * W processes). A step then runs in tw
 1. every chunk through the model without autograd, the random generators' state noted before
    each; the projections and encoder features of the whole batch are put together in two leaf
    tensors, and the loss (SupCon, SimCLR, the hybrid, partial and multi-hot labels, --moco's keys
-   and queue, the probe's and --ce_weight's classifiers) is computed on them as on a plain batch;
+   and queue, the probe's and the joint classifier) is computed on them as on a plain batch;
 2. ``backward``: the loss's gradient with respect to those leaves, then every chunk through the
    model again, with autograd and the random state of its first pass (the same dropout and drop
    path), backpropagating its rows of the leaves' gradient. The encoder's parameters collect the

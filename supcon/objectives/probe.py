@@ -94,6 +94,10 @@ def run_name(opt, script):
     return [f'ce{opt.ce_weight}'] if getattr(opt, 'ce_weight', 0) else []
 
 
+#: The flags that make pretraining score the test split (the --test_folder note names them).
+TEST_SPLIT_FLAGS = ('--online_probe', '--ce_weight')
+
+
 def reads_test_split(opt):
     return bool(getattr(opt, 'online_probe', False) or getattr(opt, 'ce_weight', 0))
 
