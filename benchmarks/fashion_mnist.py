@@ -15,8 +15,9 @@ Tables (``--tables``, in this order):
 - ``finetune``: main_linear.py --finetune --aug none (encoder lr 0.01, the default) on the 2-view
   checkpoints, against their linear stage.
 
-Runs go seed by seed (every configuration of seed 0 first), so a sweep cut short still compares
-the configurations. One intra-op thread per run (``--threads``); ``--jobs 2`` fills the 2 cores.
+Runs go in this order: the 2-view pretraining, its linear stage and its fine-tuning for every
+seed, then the other views seed by seed. One intra-op thread per run (``--threads``); ``--jobs 2``
+fills the 2 cores.
 """
 
 import argparse
@@ -77,20 +78,31 @@ def choose_lr(sweep, args):
     return sweep.choose_rate(score, args.supcon_lrs)
 
 
-def seed_jobs(sweep, args, lr, seed):
-    """Every configuration of one seed: {view config: (pre, linear)} and the fine-tuning."""
-    done = {}
-    if 'views' in args.tables or 'finetune' in args.tables:
-        names = list(VIEWS) if 'views' in args.tables else ['2 views']
-        runs = sweep.map(lambda v: supcon(sweep, f'{SLUGS[v]}_s{seed}', seed, lr, VIEWS[v]), names)
-        done.update(zip(names, runs))
-    if 'finetune' in args.tables and done.get('2 views'):
-        pre = done['2 views'][0]
-        done['finetune'] = sweep.run(
-            f'v2_s{seed}_finetune', 'main_linear.py', linear_args(seed, pre.checkpoint,
-                                                                  ['--finetune'])
-        )  # fmt: skip
-    return done
+def config_job(sweep, args, lr, config, seed):
+    """One configuration of one seed: (pretraining, linear), and for 2 views with the
+    ``finetune`` table also the fine-tuning: (pretraining, linear, fine-tuned)."""
+    pre, linear = supcon(sweep, f'{SLUGS[config]}_s{seed}', seed, lr, VIEWS[config])
+    if config != '2 views' or 'finetune' not in args.tables:
+        return pre, linear
+    tuned = sweep.run(f'v2_s{seed}_finetune', 'main_linear.py',
+                      linear_args(seed, pre.checkpoint, ['--finetune']))  # fmt: skip
+    return pre, linear, tuned
+
+
+def seed_jobs(sweep, args, lr):
+    """{seed: {config: runs}}: the 2-view runs (and fine-tuning) of every seed first, then the
+    other views seed by seed, so that a sweep cut short has whole tables of the cheaper runs."""
+    configs = list(VIEWS) if 'views' in args.tables else ['2 views']
+    jobs = [('2 views', s) for s in args.seeds]
+    jobs += [(c, s) for s in args.seeds for c in configs if c != '2 views']
+    done = sweep.map(lambda c, s: config_job(sweep, args, lr, c, s), jobs)
+    seeds = {s: {} for s in args.seeds}
+    for (config, seed), runs in zip(jobs, done):
+        if runs is not None:
+            seeds[seed][config] = runs[:2]
+            if len(runs) == 3:
+                seeds[seed]['finetune'] = runs[2]
+    return [seeds[s] for s in args.seeds]
 
 
 def views_table(args, seeds):
@@ -137,7 +149,10 @@ def run_sweep(args, sweep):
     sections.append((title, harness.table(['lr', 'linear top-1, validation'], rows)))
     seeds = []
     if lr is not None:
-        seeds = sweep.map(lambda s: seed_jobs(sweep, args, lr, s), args.seeds)
+        try:
+            seeds = seed_jobs(sweep, args, lr)
+        except harness.NotRun:
+            pass
     if 'views' in args.tables:
         sections.append(('More views per image (test split)', views_table(args, seeds)))
     if 'finetune' in args.tables:
