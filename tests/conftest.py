@@ -15,13 +15,13 @@ that start processes (torchrun, gloo ranks, real subprocesses), the developer's 
 """
 
 import datetime
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from PIL import Image
 
 
@@ -63,12 +63,6 @@ def digits_checkpoints(tmp_path_factory):
     return build_digits_checkpoints(tmp_path_factory.mktemp('trained_models'))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank, world, port, fn, args, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -95,7 +89,7 @@ def gloo_ranks(tmp_path_factory):
         out_dir = tmp_path_factory.mktemp('gloo')
         mp.start_processes(
             _rank,
-            args=(world, _free_port(), fn, args, str(out_dir)),
+            args=(world, free_port(), fn, args, str(out_dir)),
             nprocs=world,
             join=True,
             start_method=start_method,
