@@ -80,10 +80,12 @@ def set_loader(opt, rt):
     loaders = datasets.classification_loaders(opt, rt, uint8_train=opt.gpu_aug)
     device_augment = None
     if opt.gpu_aug:
+        from supcon.data.augment import crop_scales
         from supcon.data.gpu_augment import DeviceAugment
 
         mean, std = datasets.resolve_mean_std(opt.dataset, opt.mean, opt.std)
-        device_augment = DeviceAugment(opt.size, mean, std, kind='ce').to(rt.device)
+        scale = crop_scales(opt.crop_scale)[0]
+        device_augment = DeviceAugment(opt.size, mean, std, kind='ce', scale=scale).to(rt.device)
     return (*loaders, device_augment)
 
 

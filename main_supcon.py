@@ -115,9 +115,9 @@ def set_loader(opt, rt):
         from supcon.data.gpu_augment import to_uint8_tensor
 
         train_transform = to_uint8_tensor(datasets.fixed_size(opt.dataset, opt.size))
-        device_augment = layout.device_augment(opt.size, mean, std).to(rt.device)
+        device_augment = layout.device_augment(opt.size, mean, std, opt.crop_scale).to(rt.device)
     else:
-        train_transform = layout.loader_transform(opt.size, mean, std, aug=opt.aug)
+        train_transform = layout.loader_transform(opt.size, mean, std, opt.aug, opt.crop_scale)
         device_augment = None
     with runtime.main_process_first():
         train_dataset = datasets.build_split(opt, 'train', train_transform, rt.seed)

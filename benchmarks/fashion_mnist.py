@@ -8,6 +8,12 @@ ImageNet stem, 28x28, ``--amp``, batch 128, cosine, all training images, 2 epoch
 (``--aug none``, lr 0.1). SupCon's learning rate is chosen once, on seed 0 with ``--val_split 0.1``
 for both stages (the test split is never read), among ``--supcon_lrs``; every table then uses it.
 
+The contrastive augmentation is chosen next, the same way (seed 0, validation split, SupCon at
+the chosen rate), among RandomResizedCrop's smallest area ``--crop_scale`` 0.2 (the reference's),
+0.5 and 0.8, each with the reference's colour distortion (``--aug simclr``) and without it
+(``--aug crop``); the tables after ``finetune`` use the winner (``views`` and ``finetune`` were
+measured first, on the reference's augmentation, and keep it).
+
 Tables (``--tables``, in this order):
 
 - ``views``: SupCon with 2 views, 4 views, and 2 + 4 small views of 14 px (--small_views 4
@@ -16,6 +22,9 @@ Tables (``--tables``, in this order):
   pretraining epoch.
 - ``finetune``: main_linear.py --finetune --aug none (encoder lr 0.01, the default) on the 2-view
   checkpoints, against their linear stage.
+- ``batch``: SupCon at batch 32 plain and with ``--moco`` (queue 4096), at 128, and at 512 with
+  ``--grad_cache 128``, the chosen augmentation; the learning rate scaled with the batch from the
+  one chosen at 128 (linear scaling): linear top-1 and the time per pretraining epoch.
 
 Runs go in this order: the 2-view pretraining, its linear stage and its fine-tuning for every
 seed, then the other views seed by seed. One intra-op thread per run (``--threads``); ``--jobs 2``
@@ -47,7 +56,19 @@ VIEWS = {  # name: main_supcon.py's extra arguments
     ],
 }
 SLUGS = dict(zip(VIEWS, ['v2', 'v4', 'v2s4']))
-TABLES = ('views', 'finetune')
+AUGS = {  # (--aug, --crop_scale): the candidates of the contrastive augmentation
+    f'{aug}, crop scale {scale}': (aug, scale)
+    for aug in ('simclr', 'crop')
+    for scale in (0.2, 0.5, 0.8)
+}
+BATCHES = {  # name: (batch, main_supcon.py's extra arguments)
+    'batch 32': (32, []),
+    'batch 32, --moco': (32, ['--moco']),
+    'batch 128': (128, []),
+    'batch 512, --grad_cache 128': (512, ['--grad_cache', 128]),
+}
+BATCH_SLUGS = dict(zip(BATCHES, ['b32', 'b32moco', 'b128', 'b512gc']))
+TABLES = ('views', 'finetune', 'batch')
 
 
 def common(seed, stem=True):
@@ -57,9 +78,9 @@ def common(seed, stem=True):
             '--seed', seed, '--num_workers', 1, '--print_freq', 200]  # fmt: skip
 
 
-def pretrain_args(seed, lr, extra=(), epochs=EPOCHS):
+def pretrain_args(seed, lr, extra=(), epochs=EPOCHS, batch=BATCH):
     return common(seed) + [
-        '--method', 'SupCon', '--batch_size', BATCH, '--learning_rate', lr, '--temp', TEMP,
+        '--method', 'SupCon', '--batch_size', batch, '--learning_rate', lr, '--temp', TEMP,
         '--cosine', '--epochs', epochs, '--save_freq', epochs, *extra,
     ]  # fmt: skip
 
@@ -71,9 +92,9 @@ def linear_args(seed, ckpt, extra=()):
     ]  # fmt: skip
 
 
-def supcon(sweep, name, seed, lr, extra=(), linear_extra=()):
+def supcon(sweep, name, seed, lr, extra=(), linear_extra=(), batch=BATCH):
     """Pretraining then the linear stage: (pretraining Result, linear Result)."""
-    pre = sweep.run(name, 'main_supcon.py', pretrain_args(seed, lr, extra))
+    pre = sweep.run(name, 'main_supcon.py', pretrain_args(seed, lr, extra, batch=batch))
     linear = sweep.run(f'{name}_linear', 'main_linear.py', linear_args(seed, pre.checkpoint,
                                                                        linear_extra))  # fmt: skip
     return pre, linear
@@ -88,6 +109,63 @@ def choose_lr(sweep, args):
         return linear['final accuracy']
 
     return sweep.choose_rate(score, args.supcon_lrs)
+
+
+def aug_args(aug, scale):
+    """main_supcon.py's arguments for one candidate: none for the reference's."""
+    return (['--aug', aug] if aug != 'simclr' else []) + (
+        ['--crop_scale', scale] if scale != 0.2 else []
+    )
+
+
+def aug_slug(aug, scale):
+    return f'{aug}_c{scale}'
+
+
+def choose_aug(sweep, lr):
+    """The candidate of the best linear top-1 on the validation split (seed 0), and the scores."""
+    val = ['--val_split', 0.1]
+
+    def score(name):
+        extra = aug_args(*AUGS[name])  # the reference's is the rate search's own run
+        slug = f'val_aug_{aug_slug(*AUGS[name])}' if extra else f'val_supcon_lr{lr}'
+        return supcon(sweep, slug, 0, lr, val + extra, val)[1]['final accuracy']
+
+    scores = dict(zip(AUGS, sweep.map(score, list(AUGS))))
+    if None in scores.values():
+        raise harness.NotRun('a validation run is missing')
+    return max(AUGS, key=lambda name: scores[name]), scores
+
+
+def batch_job(sweep, lr, aug, config, seed):
+    """One row of the batch table for one seed: (pretraining, linear)."""
+    batch, extra = BATCHES[config]
+    extra = aug_args(*aug) + extra
+    if batch == BATCH and not extra:  # the reference's augmentation: the 2-view runs
+        return supcon(sweep, f'v2_s{seed}', seed, lr)
+    name = f'{BATCH_SLUGS[config]}_{aug_slug(*aug)}_s{seed}'
+    return supcon(sweep, name, seed, lr * batch / BATCH, extra, batch=batch)
+
+
+def batch_table(args, runs):
+    """``runs``: {(config, seed): (pretraining, linear)}."""
+    rows = []
+    header = ['batch', 'lr', 'seed', 'linear final / best', 'pretraining s / epoch (wall)']
+    for config in BATCHES:
+        finals, times = [], []
+        for seed in args.seeds:
+            done = runs.get((config, seed))
+            if not done:
+                continue
+            pre, linear = done
+            finals.append(linear['final accuracy'])
+            times.append(pre.seconds / EPOCHS)
+            rate = pre.command[pre.command.index('--learning_rate') + 1]
+            best = linear['best accuracy']
+            rows.append([config, rate, seed, f'{finals[-1]:.2f} / {best:.2f}', f'{times[-1]:.0f}'])
+        rows.append([config, '', 'mean ± std', f'**{harness.mean_std(finals)}**',
+                     harness.mean_std(times, 0)])  # fmt: skip
+    return harness.table(header, rows)
 
 
 def config_job(sweep, args, lr, config, seed):
@@ -170,6 +248,23 @@ def run_sweep(args, sweep):
     if 'finetune' in args.tables:
         sections.append(('Fine-tuning against the linear stage (test split)',
                          finetune_table(args, seeds)))  # fmt: skip
+    aug, scores = None, {}
+    if lr is not None and 'batch' in args.tables:
+        try:
+            aug, scores = choose_aug(sweep, lr)
+        except harness.NotRun:
+            pass
+        rows = [[name, f'{score:.2f}'] for name, score in scores.items()]
+        title = f'Contrastive augmentation (seed 0, validation split, lr {lr}; chosen: {aug})'
+        sections.append((title, harness.table(['augmentation', 'linear top-1, validation'], rows)))
+    if aug is not None:
+        jobs = [(c, s) for s in args.seeds for c in BATCHES]
+        try:
+            done = sweep.map(lambda c, s: batch_job(sweep, lr, AUGS[aug], c, s), jobs)
+        except harness.NotRun:
+            done = [None] * len(jobs)
+        runs = {job: result for job, result in zip(jobs, done) if result is not None}
+        sections.append((f'Batch size ({aug}, test split)', batch_table(args, runs)))
     sweep.report('Fashion-MNIST', sections)
 
 

@@ -1,6 +1,7 @@
 """Training and test transforms, and the ``--aug`` choice.
 
 Every training pipeline starts with ``RandomResizedCrop(size, scale=(0.2, 1))``
+(``--crop_scale`` sets the 0.2: the smallest fraction of the image's area a crop keeps)
 and ``RandomHorizontalFlip()`` and ends with ``ToTensor()`` and
 ``Normalize(mean, std)``; ``--aug`` picks what happens in between. SupCon and
 SimCLR (``supcon_transform``) apply it twice per image (``TwoCropTransform``), or
@@ -18,6 +19,8 @@ SimCLR (``supcon_transform``) apply it twice per image (``TwoCropTransform``), o
                         9 of 10, in place of the jitter and grayscale
 ``stacked_randaugment`` ``RandAugment``, 2 ops, magnitude 10 of 10,     the same as for SupCon
                         then the ``simclr`` jitter and grayscale
+``crop``                crop + flip only: ``simclr`` without its        crop + flip only (the same
+                        colour distortion                               as ``simclr``)
 ``none``                refused (two identical views teach nothing)     no augmentation: the test
                                                                         transform (a probe on fixed
                                                                         features)
@@ -64,7 +67,7 @@ from torchvision import transforms
 from supcon.errors import UserError
 from util import TwoCropTransform
 
-AUG_NAMES = ('simclr', 'autoaugment', 'randaugment', 'stacked_randaugment')
+AUG_NAMES = ('simclr', 'autoaugment', 'randaugment', 'stacked_randaugment', 'crop')
 # main_ce.py and main_linear.py may also train on the plain test transform
 CLASSIFIER_AUG_NAMES = AUG_NAMES + ('none',)
 
@@ -121,6 +124,8 @@ def _policy(aug, contrastive):
     """The ops between crop+flip and ToTensor for ``aug``."""
     if aug == 'simclr':
         return _colour() if contrastive else []
+    if aug == 'crop':
+        return []
     if aug == 'autoaugment':
         return [transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET)]
     if aug == 'randaugment':
@@ -145,29 +150,47 @@ class MultiCropTransform:
         return full + [self.small_transform(x) for _ in range(self.small_views)]
 
 
-def supcon_transform(size, mean, std, aug='simclr', n_views=2, small_views=0, small_size=None):
+def crop_scales(crop_scale=CROP_SCALE[0]):
+    """The area ranges of the full and the small crops for ``--crop_scale``: ``(crop_scale, 1)``
+    and ``(0.05, crop_scale)``, the defaults ``CROP_SCALE`` and ``SMALL_CROP_SCALE``."""
+    return (float(crop_scale), CROP_SCALE[1]), (SMALL_CROP_SCALE[0], float(crop_scale))
+
+
+def supcon_transform(
+    size,
+    mean,
+    std,
+    aug='simclr',
+    n_views=2,
+    small_views=0,
+    small_size=None,
+    crop_scale=CROP_SCALE[0],
+):
     """The augmented views of each image, for SupCon and SimCLR: two by default (the reference's
     ``TwoCropTransform``); ``n_views`` full-size ones and ``small_views`` crops of
-    ``SMALL_CROP_SCALE`` resized to ``small_size`` otherwise."""
+    ``SMALL_CROP_SCALE`` resized to ``small_size`` otherwise; ``crop_scale`` is ``--crop_scale``
+    (``crop_scales``)."""
     _check(aug)
+    full_scale, small_scale = crop_scales(crop_scale)
 
-    def pipeline(side, scale=CROP_SCALE):
+    def pipeline(side, scale):
         crop = _crop_flip(side, scale)
         return transforms.Compose(crop + _policy(aug, contrastive=True) + _finish(mean, std))
 
     if n_views == 2 and not small_views:
-        return TwoCropTransform(pipeline(size))
-    small = pipeline(small_size, SMALL_CROP_SCALE) if small_views else None
-    return MultiCropTransform(pipeline(size), n_views, small, small_views)
+        return TwoCropTransform(pipeline(size, full_scale))
+    small = pipeline(small_size, small_scale) if small_views else None
+    return MultiCropTransform(pipeline(size, full_scale), n_views, small, small_views)
 
 
-def train_transform(size, mean, std, aug='simclr'):
+def train_transform(size, mean, std, aug='simclr', crop_scale=CROP_SCALE[0]):
     """Augmentation for cross-entropy and linear-classifier training."""
     _check(aug, CLASSIFIER_AUG_NAMES)
     if aug == 'none':
         return test_transform(size, mean, std)
+    scale = crop_scales(crop_scale)[0]
     return transforms.Compose(
-        _crop_flip(size) + _policy(aug, contrastive=False) + _finish(mean, std)
+        _crop_flip(size, scale) + _policy(aug, contrastive=False) + _finish(mean, std)
     )
 
 
@@ -178,7 +201,7 @@ def test_transform(size, mean, std):
 
 
 #: Options a resume may not change.
-FIXED = ('aug',)
+FIXED = ('aug', 'crop_scale')
 
 
 def check_options(opt, script):
@@ -187,10 +210,27 @@ def check_options(opt, script):
             f'--gpu_aug implements the simclr augmentation only; drop --gpu_aug or'
             f' use --aug simclr (not {opt.aug})'
         )
+    crop = getattr(opt, 'crop_scale', CROP_SCALE[0])
+    if crop == CROP_SCALE[0]:
+        return
+    if not 0 < crop <= 1:
+        raise UserError(
+            f'--crop_scale is the smallest fraction of the image a crop keeps: from above 0 to 1'
+            f' (the reference\'s is {CROP_SCALE[0]}), got {crop}'
+        )
+    if getattr(opt, 'aug', 'simclr') == 'none':
+        raise UserError('--aug none makes no crops, so --crop_scale has nothing to set; drop one')
+    if getattr(opt, 'small_views', 0) and crop <= SMALL_CROP_SCALE[0]:
+        raise UserError(
+            f'--small_views crops between {SMALL_CROP_SCALE[0]} of the image and --crop_scale,'
+            f' so --crop_scale must be above {SMALL_CROP_SCALE[0]} with them (got {crop})'
+        )
 
 
 def run_name(opt, script):
-    return [f'aug_{opt.aug}'] if getattr(opt, 'aug', 'simclr') != 'simclr' else []
+    parts = [f'aug_{opt.aug}'] if getattr(opt, 'aug', 'simclr') != 'simclr' else []
+    crop = getattr(opt, 'crop_scale', CROP_SCALE[0])
+    return parts + ([f'crop_scale_{crop:g}'] if crop != CROP_SCALE[0] else [])
 
 
 def add_augmentation_arguments(parser, classifier=False, gpu_aug=True):
@@ -205,6 +245,13 @@ def add_augmentation_arguments(parser, classifier=False, gpu_aug=True):
         default='simclr',
         choices=names,
         help='training augmentation (augment.py has the table); simclr is the reference\'s' + extra,
+    )
+    group.add_argument(
+        '--crop_scale',
+        type=float,
+        default=CROP_SCALE[0],
+        help='smallest fraction of the image\'s area a random crop keeps (RandomResizedCrop\'s'
+        ' scale=(crop_scale, 1)); the reference\'s 0.2',
     )
     if not gpu_aug:
         return group

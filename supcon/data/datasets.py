@@ -401,7 +401,7 @@ def classification_loaders(opt, rt: Runtime, uint8_train: bool = False):
 
         train_tf = to_uint8_tensor(fixed_size(opt.dataset, opt.size))
     else:
-        train_tf = train_transform(opt.size, mean, std, aug=opt.aug)
+        train_tf = train_transform(opt.size, mean, std, opt.aug, opt.crop_scale)
     with main_process_first():  # rank 0 downloads CIFAR while the others wait
         train_dataset = build_split(opt, 'train', train_tf, rt.seed)
         val_dataset = build_split(opt, 'test', test_transform(opt.size, mean, std))

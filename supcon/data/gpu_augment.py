@@ -78,7 +78,7 @@ from supcon.data.augment import (
     GRAYSCALE_P,
     JITTER,
     JITTER_P,
-    SMALL_CROP_SCALE,
+    crop_scales,
 )
 from supcon.data.sampling import mix_seed
 
@@ -292,12 +292,25 @@ class MultiCropAugment(nn.Module):
     (the second only with ``small_views``).
     """
 
-    def __init__(self, size, mean, std, views=2, small_views=0, small_size=None, **kwargs):
+    def __init__(
+        self,
+        size,
+        mean,
+        std,
+        views=2,
+        small_views=0,
+        small_size=None,
+        crop_scale=CROP_SCALE[0],
+        **kwargs,
+    ):
         super().__init__()
-        self.full = DeviceAugment(size, mean, std, 'supcon', views=views, **kwargs)
+        full_scale, small_scale = crop_scales(crop_scale)
+        self.full = DeviceAugment(
+            size, mean, std, 'supcon', views=views, scale=full_scale, **kwargs
+        )
         self.small = None
         if small_views:
-            kwargs['scale'] = SMALL_CROP_SCALE
+            kwargs['scale'] = small_scale
             self.small = DeviceAugment(small_size, mean, std, 'supcon', views=small_views, **kwargs)
 
     def forward(self, images, seed=None):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from supcon.data.augment import CROP_SCALE
 from supcon.errors import UserError
 
 DEFAULT_VIEWS = 2
@@ -188,14 +189,18 @@ class ViewLayout:
             groups.append(torch.cat(list(views[self.full :])))
         return groups
 
-    def loader_transform(self, size, mean, std, aug='simclr'):
+    def loader_transform(self, size, mean, std, aug='simclr', crop_scale=CROP_SCALE[0]):
         """The loader workers' transform that makes these views (``augment.supcon_transform``)."""
         from supcon.data.augment import supcon_transform
 
-        return supcon_transform(size, mean, std, aug, self.full, self.small, self.small_size)
+        return supcon_transform(
+            size, mean, std, aug, self.full, self.small, self.small_size, crop_scale
+        )
 
-    def device_augment(self, size, mean, std):
+    def device_augment(self, size, mean, std, crop_scale=CROP_SCALE[0]):
         """--gpu_aug's ``MultiCropAugment`` that makes these views on the device."""
         from supcon.data.gpu_augment import MultiCropAugment
 
-        return MultiCropAugment(size, mean, std, self.full, self.small, self.small_size)
+        return MultiCropAugment(
+            size, mean, std, self.full, self.small, self.small_size, crop_scale=crop_scale
+        )
