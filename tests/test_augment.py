@@ -10,6 +10,8 @@ from supcon.data.augment import (
     AUG_NAMES,
     RANDAUGMENT_MAGNITUDE,
     STACKED_RANDAUGMENT_MAGNITUDE,
+    check_options,
+    run_name,
     supcon_transform,
     train_transform,
 )
@@ -126,6 +128,7 @@ def test_pipelines_hold_the_named_ops():
         'autoaugment': (['AutoAugment'], ['AutoAugment']),
         'randaugment': (['RandAugment'], ['RandAugment']),
         'stacked_randaugment': (['RandAugment'] + colour, ['RandAugment'] + colour),
+        'crop': ([], []),
     }
     for aug, (supcon_ops, ce_ops) in expected.items():
         supcon = supcon_transform(SIZE, MEAN, STD, aug).transform
@@ -169,3 +172,57 @@ def test_aug_none_trains_classifiers_on_the_test_transform_and_is_refused_for_su
     with pytest.raises(UserError, match='two identical views') as info:
         supcon_transform(SIZE, MEAN, STD, aug='none')
     assert '\n' not in str(info.value) and 'main_linear.py' in str(info.value)
+
+
+def _crops(transform):
+    """The area ranges of the RandomResizedCrops of a (multi-view) transform, full size first."""
+    composes = [transform.transform] + [getattr(transform, 'small_transform', None)]
+    return [c.transforms[0].scale for c in composes if c is not None]
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_crop_scale_sets_the_smallest_area_of_every_crop(seed, image):
+    assert _crops(supcon_transform(SIZE, MEAN, STD, crop_scale=0.5)) == [(0.5, 1.0)]
+    multi = supcon_transform(SIZE, MEAN, STD, 'crop', 3, 2, 16, crop_scale=0.6)
+    assert _crops(multi) == [(0.6, 1.0), (0.05, 0.6)]  # small crops end where full ones begin
+    assert train_transform(SIZE, MEAN, STD, crop_scale=0.5).transforms[0].scale == (0.5, 1.0)
+    # --crop_scale 1 keeps the whole image: every crop is the image resized (the aspect ratio
+    # the crop may draw is 1 at the whole area), identical across draws; and 'crop' is
+    # simclr without its colour ops, so that view equals the test transform's image mirrored
+    # or not
+    torch.manual_seed(seed)
+    square = Image.fromarray(np.asarray(image)[:36, :36])
+    views = supcon_transform(SIZE, MEAN, STD, 'crop', crop_scale=1.0)(square)
+    whole = eval_transform(SIZE, MEAN, STD)(square)
+    for view in views:
+        assert torch.allclose(view, whole, atol=1e-6) or torch.allclose(
+            view, whole.flip(-1), atol=1e-6
+        )
+
+
+class _Opt:
+    def __init__(self, **kw):
+        self.aug, self.crop_scale, self.gpu_aug, self.small_views = 'simclr', 0.2, False, 0
+        self.__dict__.update(kw)
+
+
+@pytest.mark.parametrize(
+    'options,fragment',
+    [
+        ({'crop_scale': 0.0}, 'from above 0 to 1'),
+        ({'crop_scale': 1.5}, 'from above 0 to 1'),
+        ({'crop_scale': 0.5, 'aug': 'none'}, '--aug none makes no crops'),
+        ({'crop_scale': 0.05, 'small_views': 2}, 'must be above 0.05'),
+        ({'aug': 'crop', 'gpu_aug': True}, '--gpu_aug implements the simclr augmentation only'),
+    ],
+)
+def test_crop_scale_outside_its_range_is_a_one_line_error(options, fragment):
+    with pytest.raises(UserError, match=fragment) as info:
+        check_options(_Opt(**options), 'supcon')
+    assert '\n' not in str(info.value)
+
+
+def test_the_run_name_names_a_crop_scale_other_than_the_references():
+    assert run_name(_Opt(), 'supcon') == []
+    assert run_name(_Opt(crop_scale=0.5), 'ce') == ['crop_scale_0.5']
+    assert run_name(_Opt(aug='crop', crop_scale=0.8), 'supcon') == ['aug_crop', 'crop_scale_0.8']

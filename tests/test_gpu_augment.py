@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip('kornia')
 
-from supcon.data.gpu_augment import DeviceAugment, to_uint8_tensor  # noqa: E402
+from supcon.data.gpu_augment import DeviceAugment, MultiCropAugment, to_uint8_tensor  # noqa: E402
 from supcon.data.sampling import mix_seed  # noqa: E402
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -336,3 +336,17 @@ def test_to_uint8_tensor():
     # a batch from the loader goes straight into the augmentation
     batch = torch.stack([to_uint8_tensor(16)(Image.fromarray(array)) for _ in range(3)])
     assert DeviceAugment(16, MEAN, STD, 'supcon')(batch, seed=0).shape == (6, 3, 16, 16)
+
+
+def test_crop_scale_bounds_the_full_and_the_small_crops_areas():
+    n, side = 500, 32
+    aug = MultiCropAugment(side, MEAN, STD, views=2, small_views=2, small_size=16, crop_scale=0.6)
+    aug(torch.zeros(n, 3, side, side, dtype=torch.uint8), seed=9)
+    for part, low, high in ((aug.full, 0.6, 1.0), (aug.small, 0.05, 0.6)):
+        for params in part.last_params:
+            w, h = _boxes(params)
+            area = (w * h).double() / side**2
+            # integer boxes round each side by at most half a pixel
+            slack = (w + h).double() / side**2
+            assert (area >= low - slack).all() and (area <= high + slack).all()
+            assert area.min() < low + 0.1 and area.max() > high - 0.1  # the range is used

@@ -32,9 +32,16 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ('main_supcon', 'main_ce', 'main_linear')
 # more runs of the kill-and-resume test: 'script+name' adds these options to the script's
 VARIANTS = {
-    'main_supcon+moco': {'moco': True, 'moco_k': 12, 'moco_m': 0.9},  # the queue wraps each epoch
-    'main_supcon+gpu_aug': {'gpu_aug': True},
-    'main_ce+gpu_aug': {'gpu_aug': True},
+    # the queue wraps each epoch; the loader's crops keep at least 0.7 of the image, no colour
+    'main_supcon+moco': {
+        'moco': True,
+        'moco_k': 12,
+        'moco_m': 0.9,
+        'aug': 'crop',
+        'crop_scale': 0.7,
+    },
+    'main_supcon+gpu_aug': {'gpu_aug': True, 'crop_scale': 0.5},
+    'main_ce+gpu_aug': {'gpu_aug': True, 'crop_scale': 0.5},
     # the encoder trains too: its weights, BatchNorm statistics and momentum resume exactly
     'main_linear+finetune': {'finetune': True, 'encoder_lr': 0.005},
 }
@@ -427,7 +434,9 @@ def test_a_diverging_run_saves_only_finite_files_and_resume_auto_takes_the_furth
 # --------------------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize('change', [('batch_size', 8), ('method', 'SimCLR')])
+@pytest.mark.parametrize(
+    'change', [('batch_size', 8), ('method', 'SimCLR'), ('crop_scale', 0.5), ('aug', 'crop')]
+)
 def test_resuming_with_an_option_that_changes_the_run_is_refused(runs, tmp_path, change):
     script = 'main_supcon'
     _, reference = runs.reference(script)
