@@ -25,6 +25,11 @@ Tables (``--tables``, in this order):
 - ``batch``: SupCon at batch 32 plain and with ``--moco`` (queue 4096), at 128, and at 512 with
   ``--grad_cache 128``, the chosen augmentation; the learning rate scaled with the batch from the
   one chosen at 128 (linear scaling): linear top-1 and the time per pretraining epoch.
+- ``methods``: SupCon (the batch table's 128 row), SimCLR (the chosen augmentation, its rate
+  chosen on the validation split among ``--supcon_lrs``) and cross-entropy (``--aug none``, the
+  protocol's, its rate chosen the same way), each followed by the same linear stage; every
+  encoder's retrieval metrics (main_retrieval.py, test queries against the training images); and
+  SupCon with ``--online_probe``: the probe's last value next to its run's linear stage.
 
 Runs go in this order: the 2-view pretraining, its linear stage and its fine-tuning for every
 seed, then the other views seed by seed. One intra-op thread per run (``--threads``); ``--jobs 2``
@@ -68,7 +73,7 @@ BATCHES = {  # name: (batch, main_supcon.py's extra arguments)
     'batch 512, --grad_cache 128': (512, ['--grad_cache', 128]),
 }
 BATCH_SLUGS = dict(zip(BATCHES, ['b32', 'b32moco', 'b128', 'b512gc']))
-TABLES = ('views', 'finetune', 'batch')
+TABLES = ('views', 'finetune', 'batch', 'methods')
 
 
 def common(seed, stem=True):
@@ -78,9 +83,9 @@ def common(seed, stem=True):
             '--seed', seed, '--num_workers', 1, '--print_freq', 200]  # fmt: skip
 
 
-def pretrain_args(seed, lr, extra=(), epochs=EPOCHS, batch=BATCH):
+def pretrain_args(seed, lr, extra=(), epochs=EPOCHS, batch=BATCH, method='SupCon'):
     return common(seed) + [
-        '--method', 'SupCon', '--batch_size', batch, '--learning_rate', lr, '--temp', TEMP,
+        '--method', method, '--batch_size', batch, '--learning_rate', lr, '--temp', TEMP,
         '--cosine', '--epochs', epochs, '--save_freq', epochs, *extra,
     ]  # fmt: skip
 
@@ -92,9 +97,11 @@ def linear_args(seed, ckpt, extra=()):
     ]  # fmt: skip
 
 
-def supcon(sweep, name, seed, lr, extra=(), linear_extra=(), batch=BATCH):
+def supcon(sweep, name, seed, lr, extra=(), linear_extra=(), batch=BATCH, method='SupCon'):
     """Pretraining then the linear stage: (pretraining Result, linear Result)."""
-    pre = sweep.run(name, 'main_supcon.py', pretrain_args(seed, lr, extra, batch=batch))
+    pre = sweep.run(
+        name, 'main_supcon.py', pretrain_args(seed, lr, extra, batch=batch, method=method)
+    )
     linear = sweep.run(f'{name}_linear', 'main_linear.py', linear_args(seed, pre.checkpoint,
                                                                        linear_extra))  # fmt: skip
     return pre, linear
@@ -166,6 +173,85 @@ def batch_table(args, runs):
         rows.append([config, '', 'mean ± std', f'**{harness.mean_std(finals)}**',
                      harness.mean_std(times, 0)])  # fmt: skip
     return harness.table(header, rows)
+
+
+def ce_args(seed, lr, extra=()):
+    """main_ce.py on the protocol: un-augmented images (docs/results.md, the CPU protocol)."""
+    return common(seed) + [
+        '--batch_size', BATCH, '--learning_rate', lr, '--cosine', '--aug', 'none',
+        '--epochs', EPOCHS, '--save_freq', EPOCHS, *extra,
+    ]  # fmt: skip
+
+
+def retrieval(sweep, name, pre):
+    args = ['--ckpt', pre.checkpoint, '--dataset', 'fashion_mnist', '--amp', '--num_workers', 1]
+    return sweep.run(f'{name}_retrieval', 'main_retrieval.py', args)
+
+
+def choose_method_rates(sweep, args, aug):
+    """{'SimCLR': (lr, scores), 'cross-entropy': (lr, scores)}, chosen on the validation split
+    (seed 0) as SupCon's was."""
+    val = ['--val_split', 0.1]
+
+    def simclr(lr):
+        name = f'val_simclr_{aug_slug(*aug)}_lr{lr}'
+        run = supcon(sweep, name, 0, lr, val + aug_args(*aug), val, method='SimCLR')
+        return run[1]['final accuracy']
+
+    def ce(lr):
+        return sweep.run(f'val_ce_lr{lr}', 'main_ce.py', ce_args(0, lr, val))['final accuracy']
+
+    kinds = {'SimCLR': simclr, 'cross-entropy': ce}
+    chosen = sweep.map(lambda kind: sweep.choose_rate(kinds[kind], args.supcon_lrs), list(kinds))
+    if None in chosen:
+        raise harness.NotRun('a validation run is missing')
+    return dict(zip(kinds, chosen))
+
+
+def methods_job(sweep, lr, aug, rates, seed):
+    """{row: (encoder's run, linear run, retrieval run)} of one seed, and the probe's runs."""
+    sup = batch_job(sweep, lr, aug, 'batch 128', seed)
+    rows = {'SupCon': sup}
+    sim = supcon(sweep, f'simclr_{aug_slug(*aug)}_s{seed}', seed, rates['SimCLR'][0],
+                 aug_args(*aug), method='SimCLR')  # fmt: skip
+    rows['SimCLR'] = sim
+    ce = sweep.run(f'ce_s{seed}', 'main_ce.py', ce_args(seed, rates['cross-entropy'][0]))
+    rows['cross-entropy'] = (ce, sweep.run(f'ce_s{seed}_linear', 'main_linear.py',
+                                           linear_args(seed, ce.checkpoint)))  # fmt: skip
+    rows = {row: (*runs, retrieval(sweep, runs[0].name, runs[0])) for row, runs in rows.items()}
+    probe = supcon(sweep, f'probe_{aug_slug(*aug)}_s{seed}', seed, lr,
+                   aug_args(*aug) + ['--online_probe'])  # fmt: skip
+    return rows, probe
+
+
+def methods_table(args, done):
+    """``done``: {seed: methods_job's result}."""
+    header = ['method', 'seed', 'linear final', 'encoder top-1 (cross-entropy)', 'P@1', 'MAP@R']
+    rows = []
+    for row in ('SupCon', 'SimCLR', 'cross-entropy'):
+        cols = {k: [] for k in header[2:]}
+        for seed in args.seeds:
+            if seed not in done:
+                continue
+            pre, linear, found = done[seed][0][row]
+            own = pre['final accuracy'] if row == 'cross-entropy' else None
+            values = [linear['final accuracy'], own, 100 * found['precision_at_1'],
+                      100 * found['mean_average_precision_at_r']]  # fmt: skip
+            for key, value in zip(header[2:], values):
+                if value is not None:
+                    cols[key].append(value)
+            rows.append([row, seed] + ['' if v is None else f'{v:.2f}' for v in values])
+        rows.append([row, 'mean ± std'] + [harness.mean_std(v) if v else '' for v in cols.values()])
+    probe_rows, probes, linears = [], [], []
+    for seed in args.seeds:
+        if seed in done:
+            pre, linear = done[seed][1]
+            probes.append(pre['probe accuracy'])
+            linears.append(linear['final accuracy'])
+            probe_rows.append([seed, f'{probes[-1]:.2f}', f'{linears[-1]:.2f}'])
+    probe_rows.append(['mean ± std', harness.mean_std(probes), harness.mean_std(linears)])
+    probe_header = ['seed', 'online probe, last epoch', 'linear stage of the same run']
+    return harness.table(header, rows) + '\n\n' + harness.table(probe_header, probe_rows)
 
 
 def config_job(sweep, args, lr, config, seed):
@@ -249,7 +335,7 @@ def run_sweep(args, sweep):
         sections.append(('Fine-tuning against the linear stage (test split)',
                          finetune_table(args, seeds)))  # fmt: skip
     aug, scores = None, {}
-    if lr is not None and 'batch' in args.tables:
+    if lr is not None and {'batch', 'methods'} & set(args.tables):
         try:
             aug, scores = choose_aug(sweep, lr)
         except harness.NotRun:
@@ -265,7 +351,29 @@ def run_sweep(args, sweep):
             done = [None] * len(jobs)
         runs = {job: result for job, result in zip(jobs, done) if result is not None}
         sections.append((f'Batch size ({aug}, test split)', batch_table(args, runs)))
+    if aug is not None and 'methods' in args.tables:
+        sections += methods_sections(sweep, args, lr, AUGS[aug])
     sweep.report('Fashion-MNIST', sections)
+
+
+def methods_sections(sweep, args, lr, aug):
+    rates, sections = {}, []
+    try:
+        rates = choose_method_rates(sweep, args, aug)
+    except harness.NotRun:
+        pass
+    for kind, (rate, scores) in rates.items():
+        rows = [[r, f'{s:.2f}'] for r, s in sorted(scores.items())]
+        title = f'{kind} learning rate (seed 0, validation split; chosen: {rate})'
+        sections.append((title, harness.table(['lr', 'top-1, validation'], rows)))
+    if len(rates) == 2:
+        try:
+            done = sweep.map(lambda s: methods_job(sweep, lr, aug, rates, s), args.seeds)
+        except harness.NotRun:
+            done = [None] * len(args.seeds)
+        done = {seed: runs for seed, runs in zip(args.seeds, done) if runs is not None}
+        sections.append(('Methods (test split)', methods_table(args, done)))
+    return sections
 
 
 def build():
