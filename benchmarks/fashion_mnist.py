@@ -30,6 +30,18 @@ Tables (``--tables``, in this order):
   protocol's, its rate chosen the same way), each followed by the same linear stage; every
   encoder's retrieval metrics (main_retrieval.py, test queries against the training images); and
   SupCon with ``--online_probe``: the probe's last value next to its run's linear stage.
+- ``labels``: ``--labelled_fraction`` 0.01 and 0.1: SupCon on partial labels, SupCon on the
+  labelled images only (``--labelled_only``), SimCLR (no labels) and cross-entropy on a
+  class-balanced subset of as many images (``main_ce.py --train_subset``); every linear stage on
+  the same labelled images (``main_linear.py --labelled_fraction``); runs on F of the images take
+  2 / F epochs, at most 50 (F = 0.1: 20 epochs, as many images as 2 epochs of all; F = 0.01: 50,
+  a quarter of them: main_ce.py and main_linear.py score the test split after every epoch); the
+  rates of ``methods``.
+- ``long_tail``: ``--imbalance_ratio 100`` (CIFAR-10-LT's ratio; 14,891 training images): SupCon
+  with random batches, balanced batches (``--sampler balanced --m_per_class 16``: 8 classes of 16)
+  and ``--moco``, 8 epochs and the linear stage 8 epochs on the same long tail (as many images
+  as 2 epochs of all): overall, mean per-class and few-shot linear top-1, and pretraining's last
+  ``anchors_without_positive``.
 
 Runs go in this order: the 2-view pretraining, its linear stage and its fine-tuning for every
 seed, then the other views seed by seed. One intra-op thread per run (``--threads``); ``--jobs 2``
@@ -42,38 +54,31 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-
-SIZE, BATCH, EPOCHS, TEMP = 28, 128, 2, 0.1
-LINEAR_LR, LINEAR_EPOCHS = 0.1, 2
-VIEWS = {  # name: main_supcon.py's extra arguments
-    '2 views': [],
-    '4 views': ['--n_views', 4],
-    # 14 px crops reach a stride-2 convolution on a 1x1 map in the ImageNet stem's ResNet-18, whose
-    # bfloat16 weight gradient oneDNN computes wrongly on the CPU (docs/views.md): the matrix
-    # product computes those gradients instead
-    '2 + 4 small views (14 px)': [
-        '--small_views',
-        4,
-        '--small_size',
-        14,
-        '--cpu_bf16_wgrad',
-        'matmul',
-    ],
-}
-SLUGS = dict(zip(VIEWS, ['v2', 'v4', 'v2s4']))
-AUGS = {  # (--aug, --crop_scale): the candidates of the contrastive augmentation
-    f'{aug}, crop scale {scale}': (aug, scale)
-    for aug in ('simclr', 'crop')
-    for scale in (0.2, 0.5, 0.8)
-}
-BATCHES = {  # name: (batch, main_supcon.py's extra arguments)
-    'batch 32': (32, []),
-    'batch 32, --moco': (32, ['--moco']),
-    'batch 128': (128, []),
-    'batch 512, --grad_cache 128': (512, ['--grad_cache', 128]),
-}
-BATCH_SLUGS = dict(zip(BATCHES, ['b32', 'b32moco', 'b128', 'b512gc']))
-TABLES = ('views', 'finetune', 'batch', 'methods')
+from fashion_mnist_tables import (  # noqa: E402
+    AUGS,
+    BATCH,
+    BATCH_SLUGS,
+    BATCHES,
+    EPOCHS,
+    FEW_LABEL_EPOCHS,
+    FRACTIONS,
+    LABEL_ROWS,
+    LINEAR_EPOCHS,
+    LINEAR_LR,
+    LONG_TAIL,
+    LONG_TAIL_EPOCHS,
+    SIZE,
+    SLUGS,
+    TABLES,
+    TEMP,
+    VIEWS,
+    batch_table,
+    finetune_table,
+    labels_table,
+    long_tail_table,
+    methods_table,
+    views_table,
+)
 
 
 def common(seed, stem=True):
@@ -90,10 +95,10 @@ def pretrain_args(seed, lr, extra=(), epochs=EPOCHS, batch=BATCH, method='SupCon
     ]  # fmt: skip
 
 
-def linear_args(seed, ckpt, extra=()):
+def linear_args(seed, ckpt, extra=(), epochs=LINEAR_EPOCHS):
     return common(seed, stem=False) + [
         '--batch_size', BATCH, '--learning_rate', LINEAR_LR, '--cosine', '--aug', 'none',
-        '--epochs', LINEAR_EPOCHS, '--ckpt', ckpt, *extra,
+        '--epochs', epochs, '--ckpt', ckpt, *extra,
     ]  # fmt: skip
 
 
@@ -154,32 +159,11 @@ def batch_job(sweep, lr, aug, config, seed):
     return supcon(sweep, name, seed, lr * batch / BATCH, extra, batch=batch)
 
 
-def batch_table(args, runs):
-    """``runs``: {(config, seed): (pretraining, linear)}."""
-    rows = []
-    header = ['batch', 'lr', 'seed', 'linear final / best', 'pretraining s / epoch (wall)']
-    for config in BATCHES:
-        finals, times = [], []
-        for seed in args.seeds:
-            done = runs.get((config, seed))
-            if not done:
-                continue
-            pre, linear = done
-            finals.append(linear['final accuracy'])
-            times.append(pre.seconds / EPOCHS)
-            rate = pre.command[pre.command.index('--learning_rate') + 1]
-            best = linear['best accuracy']
-            rows.append([config, rate, seed, f'{finals[-1]:.2f} / {best:.2f}', f'{times[-1]:.0f}'])
-        rows.append([config, '', 'mean ± std', f'**{harness.mean_std(finals)}**',
-                     harness.mean_std(times, 0)])  # fmt: skip
-    return harness.table(header, rows)
-
-
-def ce_args(seed, lr, extra=()):
+def ce_args(seed, lr, extra=(), epochs=EPOCHS):
     """main_ce.py on the protocol: un-augmented images (docs/results.md, the CPU protocol)."""
     return common(seed) + [
         '--batch_size', BATCH, '--learning_rate', lr, '--cosine', '--aug', 'none',
-        '--epochs', EPOCHS, '--save_freq', EPOCHS, *extra,
+        '--epochs', epochs, '--save_freq', epochs, *extra,
     ]  # fmt: skip
 
 
@@ -224,34 +208,42 @@ def methods_job(sweep, lr, aug, rates, seed):
     return rows, probe
 
 
-def methods_table(args, done):
-    """``done``: {seed: methods_job's result}."""
-    header = ['method', 'seed', 'linear final', 'encoder top-1 (cross-entropy)', 'P@1', 'MAP@R']
-    rows = []
-    for row in ('SupCon', 'SimCLR', 'cross-entropy'):
-        cols = {k: [] for k in header[2:]}
-        for seed in args.seeds:
-            if seed not in done:
-                continue
-            pre, linear, found = done[seed][0][row]
-            own = pre['final accuracy'] if row == 'cross-entropy' else None
-            values = [linear['final accuracy'], own, 100 * found['precision_at_1'],
-                      100 * found['mean_average_precision_at_r']]  # fmt: skip
-            for key, value in zip(header[2:], values):
-                if value is not None:
-                    cols[key].append(value)
-            rows.append([row, seed] + ['' if v is None else f'{v:.2f}' for v in values])
-        rows.append([row, 'mean ± std'] + [harness.mean_std(v) if v else '' for v in cols.values()])
-    probe_rows, probes, linears = [], [], []
-    for seed in args.seeds:
-        if seed in done:
-            pre, linear = done[seed][1]
-            probes.append(pre['probe accuracy'])
-            linears.append(linear['final accuracy'])
-            probe_rows.append([seed, f'{probes[-1]:.2f}', f'{linears[-1]:.2f}'])
-    probe_rows.append(['mean ± std', harness.mean_std(probes), harness.mean_std(linears)])
-    probe_header = ['seed', 'online probe, last epoch', 'linear stage of the same run']
-    return harness.table(header, rows) + '\n\n' + harness.table(probe_header, probe_rows)
+def labels_job(sweep, aug, rates, fraction, row, seed):
+    """(pretraining, linear) of one row of the labels table, for one fraction and seed."""
+    more = min(round(EPOCHS / fraction), FEW_LABEL_EPOCHS)  # epochs on F of the images
+    linear_more = ['--labelled_fraction', fraction]
+    slug, lr = aug_slug(*aug), rates['SupCon']
+
+    def linear(name, pre, extra=()):
+        args = linear_args(seed, pre.checkpoint, linear_more + list(extra), epochs=more)
+        return pre, sweep.run(f'{name}_linear', 'main_linear.py', args)
+
+    if row == 'cross-entropy, labelled images':
+        subset = ['--train_subset', round(fraction * 60000)]
+        name = f'ce_F{fraction}_s{seed}'
+        pre = sweep.run(name, 'main_ce.py', ce_args(seed, rates['cross-entropy'], subset, more))
+        return linear(name, pre, ['--train_subset', 0])
+    if row == 'SimCLR':  # its pretraining reads no labels: the methods table's
+        pre = sweep.run(f'simclr_{slug}_s{seed}', 'main_supcon.py', pretrain_args(
+            seed, rates['SimCLR'], aug_args(*aug), method='SimCLR'))  # fmt: skip
+        return linear(f'simclr_{slug}_F{fraction}_s{seed}', pre)
+    extra = aug_args(*aug) + ['--labelled_fraction', fraction]
+    if row == 'SupCon, labelled images only':
+        name = f'labonly_{slug}_F{fraction}_s{seed}'
+        pre = sweep.run(name, 'main_supcon.py', pretrain_args(
+            seed, lr, extra + ['--labelled_only'], epochs=more))  # fmt: skip
+        return linear(name, pre)
+    name = f'partial_{slug}_F{fraction}_s{seed}'
+    return linear(name, sweep.run(name, 'main_supcon.py', pretrain_args(seed, lr, extra)))
+
+
+def long_tail_job(sweep, lr, aug, config, seed):
+    extra = aug_args(*aug) + ['--imbalance_ratio', 100] + LONG_TAIL[config]
+    slug = {'random batches': 'random', 'balanced batches': 'balanced', '--moco': 'moco'}[config]
+    name = f'lt_{slug}_{aug_slug(*aug)}_s{seed}'
+    pre = sweep.run(name, 'main_supcon.py', pretrain_args(seed, lr, extra, epochs=LONG_TAIL_EPOCHS))
+    linear = linear_args(seed, pre.checkpoint, epochs=LONG_TAIL_EPOCHS)
+    return pre, sweep.run(f'{name}_linear', 'main_linear.py', linear)
 
 
 def config_job(sweep, args, lr, config, seed):
@@ -281,38 +273,6 @@ def seed_jobs(sweep, args, lr):
     return [seeds[s] for s in args.seeds]
 
 
-def views_table(args, seeds):
-    rows, header = [], ['views', 'seed', 'linear final / best', 'pretraining s / epoch (wall)']
-    for config in VIEWS:
-        finals, times = [], []
-        for seed, done in zip(args.seeds, seeds):
-            runs = (done or {}).get(config)
-            if not runs:
-                continue
-            pre, linear = runs
-            finals.append(linear['final accuracy'])
-            times.append(pre.seconds / EPOCHS)  # every attempt's wall time: resumes included
-            best = linear['best accuracy']
-            rows.append([config, seed, f'{finals[-1]:.2f} / {best:.2f}', f'{times[-1]:.0f}'])
-        rows.append([config, 'mean ± std', f'**{harness.mean_std(finals)}**',
-                     harness.mean_std(times, 0)])  # fmt: skip
-    return harness.table(header, rows)
-
-
-def finetune_table(args, seeds):
-    rows, linears, tuned = [], [], []
-    for seed, done in zip(args.seeds, seeds):
-        if not done or 'finetune' not in done:
-            continue
-        linears.append(done['2 views'][1]['final accuracy'])
-        tuned.append(done['finetune']['final accuracy'])
-        rows.append([seed, f'{linears[-1]:.2f}', f'{tuned[-1]:.2f}',
-                     f'{done["finetune"].seconds:.0f}'])  # fmt: skip
-    rows.append(['mean ± std', harness.mean_std(linears), harness.mean_std(tuned), ''])
-    header = ['seed', 'linear stage', 'fine-tuned, `--aug none`', 'fine-tuning s']
-    return harness.table(header, rows)
-
-
 def run_sweep(args, sweep):
     sections = []
     lr, scores = None, {}
@@ -335,7 +295,7 @@ def run_sweep(args, sweep):
         sections.append(('Fine-tuning against the linear stage (test split)',
                          finetune_table(args, seeds)))  # fmt: skip
     aug, scores = None, {}
-    if lr is not None and {'batch', 'methods'} & set(args.tables):
+    if lr is not None and {'batch', 'methods', 'labels', 'long_tail'} & set(args.tables):
         try:
             aug, scores = choose_aug(sweep, lr)
         except harness.NotRun:
@@ -351,7 +311,7 @@ def run_sweep(args, sweep):
             done = [None] * len(jobs)
         runs = {job: result for job, result in zip(jobs, done) if result is not None}
         sections.append((f'Batch size ({aug}, test split)', batch_table(args, runs)))
-    if aug is not None and 'methods' in args.tables:
+    if aug is not None and {'methods', 'labels', 'long_tail'} & set(args.tables):
         sections += methods_sections(sweep, args, lr, AUGS[aug])
     sweep.report('Fashion-MNIST', sections)
 
@@ -366,14 +326,33 @@ def methods_sections(sweep, args, lr, aug):
         rows = [[r, f'{s:.2f}'] for r, s in sorted(scores.items())]
         title = f'{kind} learning rate (seed 0, validation split; chosen: {rate})'
         sections.append((title, harness.table(['lr', 'top-1, validation'], rows)))
-    if len(rates) == 2:
+    if len(rates) == 2 and 'methods' in args.tables:
         try:
             done = sweep.map(lambda s: methods_job(sweep, lr, aug, rates, s), args.seeds)
         except harness.NotRun:
             done = [None] * len(args.seeds)
         done = {seed: runs for seed, runs in zip(args.seeds, done) if runs is not None}
         sections.append(('Methods (test split)', methods_table(args, done)))
+    rates = {'SupCon': lr, **{kind: rate for kind, (rate, _) in rates.items()}}
+    if len(rates) == 3 and 'labels' in args.tables:
+        jobs = [(f, r, s) for s in args.seeds for f in FRACTIONS for r in LABEL_ROWS]
+        done = mapped(sweep, lambda f, r, s: labels_job(sweep, aug, rates, f, r, s), jobs)
+        sections.append(('Few labels (test split)', labels_table(args, done)))
+    if 'long_tail' in args.tables:
+        jobs = [(c, s) for s in args.seeds for c in LONG_TAIL]
+        done = mapped(sweep, lambda c, s: long_tail_job(sweep, lr, aug, c, s), jobs)
+        sections.append(('Long tail, --imbalance_ratio 100 (test split)',
+                         long_tail_table(args, done)))  # fmt: skip
     return sections
+
+
+def mapped(sweep, job, jobs):
+    """{item: job(*item)} of the items whose runs finished."""
+    try:
+        done = sweep.map(job, jobs)
+    except harness.NotRun:
+        done = [None] * len(jobs)
+    return {item: result for item, result in zip(jobs, done) if result is not None}
 
 
 def build():

@@ -23,6 +23,8 @@ import digits_demo  # noqa: E402
 import harness  # noqa: E402
 
 SCRIPTS = sorted(p.name for p in (REPO / 'benchmarks').glob('*.py'))
+# imported by the scripts, not run
+MODULES = ('harness.py', 'fashion_mnist_tables.py')
 SWEEPS = [s for s in SCRIPTS if 'harness.main(' in (REPO / 'benchmarks' / s).read_text()]
 
 # A training script stand-in: "trains" --epochs epochs, one line each, its position saved in
@@ -145,7 +147,7 @@ def run_scripts(calls, tmp_path):
 def script_calls(tmp_path_factory):
     """Every script's ``--help`` and every sweep's ``--dry_run``, in one driver."""
     tmp_path = tmp_path_factory.mktemp('benchmark_calls')
-    calls = {('help', s): (s, ['--help']) for s in SCRIPTS if s != 'harness.py'}  # a module
+    calls = {('help', s): (s, ['--help']) for s in SCRIPTS if s not in MODULES}
     calls.update({('dry', s): (s, ['--dry_run', '--out', tmp_path / s]) for s in SWEEPS})
     keys = {f'{kind}_{script}': (kind, script) for kind, script in calls}
     done = run_scripts({name: calls[key] for name, key in keys.items()}, tmp_path)
@@ -156,7 +158,7 @@ def script_calls(tmp_path_factory):
 def test_every_benchmark_script_imports_and_answers_help(script_calls):
     assert 'bench_conv.py' in SCRIPTS and 'harness.py' in SCRIPTS and len(SWEEPS) >= 6
     helps = {script: result for (kind, script), result in script_calls[0].items() if kind == 'help'}
-    assert len(helps) == len(SCRIPTS) - 1
+    assert len(helps) == len(SCRIPTS) - len(MODULES)
     for script, (code, out) in helps.items():
         assert code == 0 and out.startswith('usage: '), f'{script} exited {code}:\n{out}'
 
@@ -478,3 +480,95 @@ def test_bench_train_runs_each_configuration_as_asked(tmp_path):
     # one table row per configuration, with its speed relative to fp32
     rows = [line for line in done.stdout.splitlines() if line.startswith('| amp')]
     assert len(rows) == 2 and all('x |' in row for row in rows)
+
+
+def test_the_fashion_mnist_sweep_asks_each_table_its_runs_at_the_chosen_settings(tmp_path):
+    """fashion_mnist.py with stand-in runs (their printed values drawn from the run's name): the
+    settings chosen on the validation split are the best ones, the commands carry them, and the
+    tables' means are those of the runs."""
+    import random
+
+    import fashion_mnist as fm
+
+    args = fm.build().parse_args(['--out', str(tmp_path)])
+    sweep = harness.Sweep(args)
+    printed = {}
+
+    def run(name, script, argv, resume=None):
+        draw = random.Random(name)
+        values = {'final accuracy': draw.uniform(60, 90), 'best accuracy': 91.0,
+                  'probe accuracy': draw.uniform(60, 90), 'precision_at_1': draw.uniform(0.6, 0.9),
+                  'mean per-class accuracy': 50.0,
+                  'mean_average_precision_at_r': draw.uniform(0.4, 0.7)}  # fmt: skip
+        values = {key: round(value, 4) for key, value in values.items()}  # as printed
+        printed[name] = (['python', script] + [str(a) for a in argv], values)
+        text = ''.join(f'{key}: {value:.4f}\n' for key, value in values.items())
+        text += f'many / medium / few-shot accuracy: 90 / 60 / {draw.uniform(0, 40):.4f}\n'
+        text += f'epoch 2, total time 1.0, anchors_without_positive {draw.uniform(0, 1):.4f}\n'
+        text += f'saved ./save/{name}/last.pth\n# exit 0 after 10.0 s\n'
+        result = harness.Result(name, printed[name][0], tmp_path / name, text)
+        sweep.results.append(result)
+        return result
+
+    sweep.run = run
+    fm.run_sweep(args, sweep)
+    report = (tmp_path / 'fashion_mnist.md').read_text()
+
+    def command(name):
+        return ' '.join(printed[name][0])
+
+    def score(name):
+        return printed[name][1]['final accuracy']
+
+    lr = max([0.03, 0.1, 0.3], key=lambda r: score(f'val_supcon_lr{r}_linear'))
+    candidates = {
+        (a, c): f'val_aug_{a}_c{c}_linear' for a in ('simclr', 'crop') for c in (0.2, 0.5, 0.8)
+    }
+    candidates[('simclr', 0.2)] = (
+        f'val_supcon_lr{lr}_linear'  # the reference's is the rate search's
+    )
+    aug, scale = max(candidates, key=lambda k: score(candidates[k]))
+    slug = f'{aug}_c{scale}'
+    assert f'chosen: {aug}, crop scale {scale})' in report
+    assert '--aug' not in command('v2_s1') and '--crop_scale' not in command('v2_s1')
+    flags = (
+        '--aug crop' in command(f'b32_{slug}_s0'),
+        f'--crop_scale {scale}' in command(f'b32_{slug}_s0'),
+    )
+    assert flags == (aug == 'crop', scale != 0.2)
+    # the rate scales with the batch; the large batch goes in chunks of 128
+    assert f'--batch_size 32 --learning_rate {lr / 4}' in command(f'b32moco_{slug}_s2')
+    assert command(f'b32moco_{slug}_s2').endswith('--moco')
+    assert f'--batch_size 512 --learning_rate {lr * 4}' in command(f'b512gc_{slug}_s1')
+    assert '--grad_cache 128' in command(f'b512gc_{slug}_s1')
+    simclr_lr = max([0.03, 0.1, 0.3], key=lambda r: score(f'val_simclr_{slug}_lr{r}_linear'))
+    assert f'--method SimCLR --batch_size 128 --learning_rate {simclr_lr} ' in command(
+        f'simclr_{slug}_s0'
+    )
+    ce_lr = max([0.03, 0.1, 0.3], key=lambda r: score(f'val_ce_lr{r}'))
+    assert f'--learning_rate {ce_lr} --cosine --aug none' in command('ce_s2')
+    # the methods table: the mean of the three cross-entropy encoders' linear stages and retrieval
+    linear = [score(f'ce_s{s}_linear') for s in (0, 1, 2)]
+    map_r = [
+        100 * printed[f'ce_s{s}_retrieval'][1]['mean_average_precision_at_r'] for s in (0, 1, 2)
+    ]
+    row = next(r for r in report.splitlines() if r.startswith('| cross-entropy | mean ± std |'))
+    assert row.split(' | ')[2] == harness.mean_std(linear)
+    assert row.split(' | ')[5].rstrip(' |') == harness.mean_std(map_r)
+    assert command('ce_s0_retrieval').startswith('python main_retrieval.py --ckpt ')
+    # few labels: 2 / F epochs, at most 50, on F of the images; the linear stages on the same F
+    assert '--epochs 50 --save_freq 50' in command(f'labonly_{slug}_F0.01_s0')
+    assert '--epochs 20 --save_freq 20' in command(f'labonly_{slug}_F0.1_s0')
+    assert '--train_subset 600' in command('ce_F0.01_s1')
+    assert command(f'simclr_{slug}_F0.01_s0_linear').endswith('--labelled_fraction 0.01')
+    assert '--labelled_only' not in command(f'partial_{slug}_F0.1_s2')
+    # long tail: 8 epochs of pretraining and of the linear stage on the tail
+    assert '--epochs 8 --save_freq 8' in command(f'lt_balanced_{slug}_s0')
+    assert '--imbalance_ratio 100 --sampler balanced --m_per_class 16' in command(
+        f'lt_balanced_{slug}_s0'
+    )
+    assert '--epochs 8 ' in command(f'lt_moco_{slug}_s0_linear')
+    # every run asked for once: rates 6, views and fine-tuning 21, augmentation 10, batch 24 (of
+    # which the 128 row's 6 are the 2-view runs with the reference's augmentation), the rates of
+    # SimCLR and cross-entropy 9, methods 27, few labels 42, long tail 18
+    assert len(printed) == 6 + 21 + 10 + 24 + 9 + 27 + 42 + 18 - 6 * (slug == 'simclr_c0.2')
