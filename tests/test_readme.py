@@ -4,6 +4,9 @@ command line in their code blocks uses only flags its script really has.
 No training: the only processes started are one ``python main_X.py --help`` per script.
 """
 
+import contextlib
+import importlib
+import io
 import re
 import shlex
 import subprocess
@@ -191,6 +194,15 @@ def help_options(script):
     return options_in_help(help_text(Path(script).name))
 
 
+def inprocess_help_options(script):
+    """The options of ``<script> --help`` printed by its parser in this process (no torch start)."""
+    module = importlib.import_module(Path(script).stem)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        module.parse_option(['--help'])
+    return options_in_help(out.getvalue())
+
+
 def flag_problems(text, where, options_of=help_options):
     """One line per flag of a command in ``text`` that its script's --help does not list."""
     problems = []
@@ -279,13 +291,14 @@ def test_the_flag_check_catches_a_misspelt_flag():
         (6, 'main_supcon.py'),
         (7, 'main_ce.py'),
     ]
-    assert flag_problems(text, 'example') == [
+    assert flag_problems(text, 'example', inprocess_help_options) == [
         'example:3: main_supcon.py has no --batch_sizee',
         'example:4: main_linear.py has no --learning-rate',
         'example:6: main_supcon.py has no --ckpt',  # main_linear.py's flag, not main_supcon.py's
     ]
 
 
+@pytest.mark.slow
 def test_the_help_parser_reads_argparse_option_lines():
     options = help_options('main_supcon.py')
     assert {
@@ -295,6 +308,9 @@ def test_the_help_parser_reads_argparse_option_lines():
         '--no-channels_last',
         '--moco_k',
     } <= options
+    # the parser in this process lists what the script's --help prints
+    for script in ('main_supcon.py', 'main_linear.py', 'main_ce.py'):
+        assert inprocess_help_options(script) == help_options(script)
     # a flag named only in another flag's help text is not an option of its own
     assert options_in_help('  --a A       see --b\n                        --c or --d\n') == {'--a'}
 

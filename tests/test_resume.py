@@ -201,6 +201,7 @@ def test_kill_after_epoch_1_and_resume_auto_equals_uninterrupted_run(runs, scrip
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_tensorboard_after_kill_and_resume_has_one_event_per_epoch(runs, script):
     reference_cwd, _ = runs.reference(script)
