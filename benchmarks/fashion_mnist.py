@@ -10,9 +10,10 @@ for both stages (the test split is never read), among ``--supcon_lrs``; every ta
 
 The contrastive augmentation is chosen next, the same way (seed 0, validation split, SupCon at
 the chosen rate), among RandomResizedCrop's smallest area ``--crop_scale`` 0.2 (the reference's),
-0.5 and 0.8, each with the reference's colour distortion (``--aug simclr``) and without it
-(``--aug crop``); the tables after ``finetune`` use the winner (``views`` and ``finetune`` were
-measured first, on the reference's augmentation, and keep it).
+0.5, 0.8 and 1 (no crop: the whole image, flipped or not), each with the reference's colour
+distortion (``--aug simclr``) and without it (``--aug crop``); the tables after ``finetune`` use
+the winner (``views`` and ``finetune`` were measured first, on the reference's augmentation, and
+keep it).
 
 Tables (``--tables``, in this order):
 

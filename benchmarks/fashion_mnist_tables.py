@@ -23,7 +23,7 @@ SLUGS = dict(zip(VIEWS, ['v2', 'v4', 'v2s4']))
 AUGS = {  # (--aug, --crop_scale): the candidates of the contrastive augmentation
     f'{aug}, crop scale {scale}': (aug, scale)
     for aug in ('simclr', 'crop')
-    for scale in (0.2, 0.5, 0.8)
+    for scale in (0.2, 0.5, 0.8, 1.0)
 }
 BATCHES = {  # name: (batch, main_supcon.py's extra arguments)
     'batch 32': (32, []),

@@ -522,7 +522,7 @@ def test_the_fashion_mnist_sweep_asks_each_table_its_runs_at_the_chosen_settings
 
     lr = max([0.03, 0.1, 0.3], key=lambda r: score(f'val_supcon_lr{r}_linear'))
     candidates = {
-        (a, c): f'val_aug_{a}_c{c}_linear' for a in ('simclr', 'crop') for c in (0.2, 0.5, 0.8)
+        (a, c): f'val_aug_{a}_c{c}_linear' for a in ('simclr', 'crop') for c in (0.2, 0.5, 0.8, 1.0)
     }
     candidates[('simclr', 0.2)] = (
         f'val_supcon_lr{lr}_linear'  # the reference's is the rate search's
@@ -568,7 +568,7 @@ def test_the_fashion_mnist_sweep_asks_each_table_its_runs_at_the_chosen_settings
         f'lt_balanced_{slug}_s0'
     )
     assert '--epochs 8 ' in command(f'lt_moco_{slug}_s0_linear')
-    # every run asked for once: rates 6, views and fine-tuning 21, augmentation 10, batch 24 (of
+    # every run asked for once: rates 6, views and fine-tuning 21, augmentation 14, batch 24 (of
     # which the 128 row's 6 are the 2-view runs with the reference's augmentation), the rates of
     # SimCLR and cross-entropy 9, methods 27, few labels 42, long tail 18
-    assert len(printed) == 6 + 21 + 10 + 24 + 9 + 27 + 42 + 18 - 6 * (slug == 'simclr_c0.2')
+    assert len(printed) == 6 + 21 + 14 + 24 + 9 + 27 + 42 + 18 - 6 * (slug == 'simclr_c0.2')
