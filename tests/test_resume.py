@@ -3,7 +3,8 @@
 Every script runs on a 16-image folder at 8x8 with resnet18 on one CPU thread.
 Uninterrupted runs and resumes call the script's ``main()`` in this process
 (importing torch again per run would cost most of the test time); the runs that
-are killed or signalled are real subprocesses started with the script's path.
+are killed or signalled are processes of their own, forked from this one (one
+SIGTERM test starts a fresh interpreter with the script's path).
 """
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import folder_args
-from inprocess import assert_one_line_error, call, save_folder
+from inprocess import Forked, assert_one_line_error, call, save_folder
 
 import util
 from supcon.system import checkpoint
@@ -54,8 +55,11 @@ SUBPROCESS_TIMEOUT_S = 240
 # --------------------------------------------------------------------------- helpers
 
 
-def spawn(script, args, cwd):
-    """The script as a subprocess, stdout and stderr merged, line-buffered text."""
+def spawn(script, args, cwd, fork=True):
+    """The script as a process of its own, stdout and stderr merged, line-buffered text: forked
+    from this one (``inprocess.Forked``), or with ``fork=False`` a fresh interpreter."""
+    if fork:
+        return Forked(script, args, cwd)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     proc = subprocess.Popen(
         [sys.executable, str(REPO / f'{script}.py')] + [str(a) for a in args],
@@ -217,7 +221,7 @@ def test_sigterm_mid_epoch_saves_the_position_and_resumes_exactly(runs, tmp_path
     script = 'main_supcon'
     _, reference = runs.reference(script)
     args = runs.args(script, print_freq=1)
-    proc = spawn(script, args, tmp_path)
+    proc = spawn(script, args, tmp_path, fork=False)  # a user's SIGTERM reaches a fresh one
     output = []
     for line in proc.stdout:
         output.append(line)
