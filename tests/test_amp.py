@@ -2,10 +2,10 @@
 --amp.
 
 The scripts run for one epoch on a 16-image folder at 8x8 with resnet18 on one CPU thread (2 steps
-of 8), as real subprocesses. Compiling resnet18 on CPU took about 1.5 minutes here (cold inductor
-cache), so the test that does it is marked slow and runs only with RUN_SLOW=1; by default a small
-conv net goes through the same prepare_model path (about 30 s cold, a few seconds once inductor's
-cache is warm).
+of 8), in the test process (``inprocess.call``). Compiling resnet18 on CPU took about 1.5 minutes
+here (cold inductor cache), so the test that does it is marked slow and runs only with RUN_SLOW=1;
+by default a small conv net goes through the same prepare_model path (about 30 s cold, a few
+seconds once inductor's cache is warm).
 """
 
 import argparse
@@ -18,7 +18,8 @@ import re
 import pytest
 import torch
 import torch.nn as nn
-from helpers import describe, run_script, write_image_folder
+from helpers import write_image_folder
+from inprocess import call
 
 import util
 from losses import SupConLoss
@@ -310,7 +311,7 @@ def amp_runs(tmp_path_factory):
             if script == 'main_linear'
             else ['--model', 'resnet18']
         )
-        runs[script] = run_script(script, common + extra, cwd), cwd
+        runs[script] = call(script, common + extra, cwd), cwd
     return runs
 
 
@@ -324,9 +325,9 @@ def last_checkpoint(cwd):
 @pytest.mark.parametrize('script', ['main_supcon', 'main_ce', 'main_linear'])
 def test_script_runs_an_epoch_under_amp(amp_runs, script):
     result, cwd = amp_runs[script]
-    assert result.returncode == 0, describe(result)
-    losses = [float(value) for value in LOSS_VALUE.findall(result.stdout)]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), result.stdout
+    assert result.code == 0, result.out + result.err
+    losses = [float(value) for value in LOSS_VALUE.findall(result.out)]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), result.out
     ckpt = checkpoint.load_checkpoint(last_checkpoint(cwd), flag='--ckpt')
     assert ckpt['opt']['amp'] is True and ckpt['opt']['amp_dtype'] == 'bfloat16'
     assert ckpt['opt']['channels_last'] is True
