@@ -5,6 +5,7 @@ No training: the only processes started are one ``python main_X.py --help`` per 
 """
 
 import contextlib
+import functools
 import importlib
 import io
 import re
@@ -194,8 +195,10 @@ def help_options(script):
     return options_in_help(help_text(Path(script).name))
 
 
+@functools.cache
 def inprocess_help_options(script):
-    """The options of ``<script> --help`` printed by its parser in this process (no torch start)."""
+    """The options of ``<script> --help`` printed by its parser in this process (no torch start;
+    ``test_the_help_parser_reads_argparse_option_lines`` holds them against the scripts')."""
     module = importlib.import_module(Path(script).stem)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
@@ -255,16 +258,12 @@ def test_every_relative_link_reaches_a_file_and_its_heading(page):
     assert not broken, f'{page.relative_to(REPO)}: ' + '; '.join(broken)
 
 
-@pytest.mark.slow
 def test_every_command_flag_is_one_the_script_has():
     problems, seen = [], 0
-    prefetch_help(
-        script for page in PAGES for _, script, _, _ in entry_commands(page.read_text()) if script
-    )
     for page in PAGES:
         text = page.read_text()
         seen += len(entry_commands(text))
-        problems += flag_problems(text, page.relative_to(REPO))
+        problems += flag_problems(text, page.relative_to(REPO), inprocess_help_options)
     # the seed document's commands alone are more than this: the parser must find them
     assert seen >= 16, f'only {seen} commands found in README.md and docs/'
     assert not problems, '\n'.join(problems)
@@ -308,7 +307,8 @@ def test_the_help_parser_reads_argparse_option_lines():
         '--no-channels_last',
         '--moco_k',
     } <= options
-    # the parser in this process lists what the script's --help prints
+    # the parser in this process lists what the script's --help prints (the training scripts:
+    # every main_*.py prints its --help from the same parse_option)
     for script in ('main_supcon.py', 'main_linear.py', 'main_ce.py'):
         assert inprocess_help_options(script) == help_options(script)
     # a flag named only in another flag's help text is not an option of its own
