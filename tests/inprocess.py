@@ -11,6 +11,7 @@ import importlib
 import io
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,14 @@ def call(script, args, cwd):
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def run(script, args, cwd):
+    """``call`` with ``subprocess.run``'s result: ``returncode``, ``stdout``, ``stderr``."""
+    result = call(script, args, cwd)
+    return subprocess.CompletedProcess(
+        [script, *map(str, args)], result.code, result.out, result.err
+    )
 
 
 def save_folder(script, args, cwd):

@@ -1,6 +1,8 @@
 """The three scripts end to end on tiny data, run as ``python main_*.py`` in a temporary
 directory: output names as the reference composes them, checkpoint contents, TensorBoard
-scalars, and the commands of the seed README with fewer epochs and smaller images."""
+scalars, and the commands of the seed README with fewer epochs and smaller images. The seed
+README's pretraining command starts a fresh interpreter; the other runs call the script's main in
+this process (``inprocess.run``), which gives the same exit code and output."""
 
 import argparse
 import re
@@ -20,6 +22,7 @@ from helpers import (
     write_cifar10,
     write_image_folder,
 )
+from inprocess import run as run_inprocess
 
 import main_ce
 import main_linear
@@ -208,7 +211,7 @@ def seed_linear(seed_pretrain):
     """The README's classifier command on the checkpoint of the pretraining above."""
     root, pretrain = seed_pretrain
     assert_ok(pretrain)
-    result = run_script(
+    result = run_inprocess(
         'main_linear',
         [
             '--batch_size',
@@ -374,7 +377,7 @@ def test_linear_on_last_checkpoint_with_three_classes(seed_pretrain, tiny3, tmp_
     assert_ok(pretrain)
     ckpt = root / 'save/SupCon/path_models' / SEED_RUN / 'last.pth'
     # no --model: the checkpoint says resnet18
-    result = run_script(
+    result = run_inprocess(
         'main_linear',
         tiny3_args(tiny3) + ['--batch_size', '4', '--epochs', '1', '--ckpt', ckpt],
         cwd=tmp_path,
@@ -405,7 +408,7 @@ def test_linear_loads_a_reference_checkpoint(tiny3, tmp_path):
     assert any(
         k.startswith('encoder.module.') for k in torch.load(ckpt, weights_only=False)['model']
     )
-    result = run_script(
+    result = run_inprocess(
         'main_linear',
         tiny3_args(tiny3)
         + ['--model', 'resnet18', '--batch_size', '4', '--epochs', '1', '--ckpt', ckpt],
@@ -426,7 +429,7 @@ def test_linear_loads_a_reference_checkpoint(tiny3, tmp_path):
 
 @pytest.mark.slow
 def test_simclr_names_its_run_simclr(tiny3, tmp_path):
-    result = run_script(
+    result = run_inprocess(
         'main_supcon',
         tiny3_args(tiny3, test=False)
         + [
@@ -466,7 +469,7 @@ def test_simclr_names_its_run_simclr(tiny3, tmp_path):
 def test_cifar10_seed_command_with_forced_warmup(tmp_path):
     # 410 images: batch 400 fits, and the epoch has a second, 10-image step
     write_cifar10(tmp_path / 'datasets', n_train=410, n_test=10)
-    result = run_script(
+    result = run_inprocess(
         'main_supcon',
         [
             '--dataset',
@@ -510,7 +513,7 @@ def test_cifar10_seed_command_with_forced_warmup(tmp_path):
 
 @pytest.mark.slow
 def test_ce_on_an_image_folder_with_test_folder(tiny3, tmp_path):
-    result = run_script(
+    result = run_inprocess(
         'main_ce',
         tiny3_args(tiny3)
         + [
