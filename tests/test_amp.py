@@ -226,8 +226,25 @@ def compiled_step(model, opt, images):
     return model, out
 
 
+def in_a_fresh_interpreter(check):
+    """Run ``check`` (a module-level function) in a spawned interpreter, its assertion errors
+    raised here. A compiled backward starts autograd's device threads, after which no child
+    forked from this process can run a backward pass ("Unable to handle autograd's threading in
+    combination with fork-based multiprocessing"), and the suite forks: conftest's
+    ``gloo_ranks``, ``inprocess.Forked``."""
+    import multiprocessing
+
+    with multiprocessing.get_context('spawn').Pool(1) as pool:
+        pool.apply(check)
+
+
 @pytest.mark.slow
 def test_compile_through_prepare_model_small_net():
+    in_a_fresh_interpreter(compile_small_net)
+
+
+def compile_small_net():
+    torch.set_num_threads(1)
     opt = runtime_options(['--amp', '--compile'])
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -247,6 +264,11 @@ def test_compile_through_prepare_model_small_net():
     reason='compiling resnet18 on CPU takes ~1.5 min; set RUN_SLOW=1',
 )
 def test_compile_through_prepare_model_resnet18():
+    in_a_fresh_interpreter(compile_resnet18)
+
+
+def compile_resnet18():
+    torch.set_num_threads(1)
     opt = runtime_options(['--compile'])
     torch.manual_seed(0)
     net = SupConResNet('resnet18')
