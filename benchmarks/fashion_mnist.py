@@ -306,11 +306,7 @@ def run_sweep(args, sweep):
         sections.append((title, harness.table(['augmentation', 'linear top-1, validation'], rows)))
     if aug is not None:
         jobs = [(c, s) for s in args.seeds for c in BATCHES]
-        try:
-            done = sweep.map(lambda c, s: batch_job(sweep, lr, AUGS[aug], c, s), jobs)
-        except harness.NotRun:
-            done = [None] * len(jobs)
-        runs = {job: result for job, result in zip(jobs, done) if result is not None}
+        runs = mapped(sweep, lambda c, s: batch_job(sweep, lr, AUGS[aug], c, s), jobs)
         sections.append((f'Batch size ({aug}, test split)', batch_table(args, runs)))
     if aug is not None and {'methods', 'labels', 'long_tail'} & set(args.tables):
         sections += methods_sections(sweep, args, lr, AUGS[aug])
@@ -328,11 +324,7 @@ def methods_sections(sweep, args, lr, aug):
         title = f'{kind} learning rate (seed 0, validation split; chosen: {rate})'
         sections.append((title, harness.table(['lr', 'top-1, validation'], rows)))
     if len(rates) == 2 and 'methods' in args.tables:
-        try:
-            done = sweep.map(lambda s: methods_job(sweep, lr, aug, rates, s), args.seeds)
-        except harness.NotRun:
-            done = [None] * len(args.seeds)
-        done = {seed: runs for seed, runs in zip(args.seeds, done) if runs is not None}
+        done = mapped(sweep, lambda s: methods_job(sweep, lr, aug, rates, s), args.seeds)
         sections.append(('Methods (test split)', methods_table(args, done)))
     rates = {'SupCon': lr, **{kind: rate for kind, (rate, _) in rates.items()}}
     if len(rates) == 3 and 'labels' in args.tables:
