@@ -90,6 +90,7 @@ def check_common_options(opt):
         'batch_size',
         'epochs',
         'save_freq',
+        'eval_freq',
         'print_freq',
         'size',
         'batch_size_val',
@@ -147,6 +148,13 @@ def add_training_arguments(
             type=int,
             default=8,
             help='data loading workers for the test split (the fork\'s flag)',
+        )
+        parser.add_argument(
+            '--eval_freq',
+            type=int,
+            default=1,
+            help='score the test split every N epochs and after the last (the reference: every'
+            ' epoch); training is the same whatever N',
         )
     parser.add_argument('--epochs', type=int, default=epochs, help='number of training epochs')
 

@@ -114,7 +114,8 @@ def print_results(best, final, final_f1, multilabel):
 class EpochEvaluation:
     """The end of every epoch of main_ce.py and main_linear.py, and of their runs.
 
-    Each call evaluates ``model`` on the test split, keeps the best top-1 (multi-label: mean
+    Each call (every ``--eval_freq`` epochs and the last; the other epochs log the training
+    side only) evaluates ``model`` on the test split, keeps the best top-1 (multi-label: mean
     average precision), logs the epoch to TensorBoard (train and test loss and accuracy, the
     learning rate, per-class and many/medium/few-shot accuracy) and stores what a resumed run
     needs in ``book.extra``; ``finish`` prints the reference's last lines and writes the
@@ -134,32 +135,41 @@ class EpochEvaluation:
         self.best_acc = extra.get('best_acc', 0)
         self.val_acc, self.val_f1 = extra.get('val_acc'), extra.get('val_f1')
         self.class_counts = extra.get('class_counts')  # the last epoch's (correct, total)
+        # the class names, for main_predict.py and main_export.py: in every checkpoint, also
+        # one written at an epoch --eval_freq does not score
+        extra['classes'] = list(self.classes)
+
+    def due(self, epoch):
+        """Whether ``epoch`` scores the test split: every ``--eval_freq`` epochs and the last."""
+        every = getattr(self.opt, 'eval_freq', 1)
+        return epoch % every == 0 or epoch == self.opt.epochs
 
     def __call__(self, model, epoch, train_loss, train_acc, lr):
+        logger = self.book.logger
+        logger.log_value('train_loss', train_loss, epoch)
+        logger.log_value('train_acc', train_acc, epoch)
+        if self.due(epoch):
+            self.evaluate(model, epoch)
+        logger.log_value('learning_rate', lr, epoch)
+        if self.due(epoch) and self.class_counts is not None:
+            summary = class_accuracy.summarize(*self.class_counts, self.train_counts)
+            class_accuracy.log_summary(logger, summary, epoch)
+        logger.flush()
+
+    def evaluate(self, model, epoch):
+        """Score the test split, keep the best, log it and remember it for a resume."""
         model.eval()
         val_loss, self.val_acc, top5_or_f1, self.class_counts = validate(
             self.val_loader, model, self.criterion, self.opt, self.rt, self.num_classes, True
         )
         self.val_f1 = top5_or_f1 if self.multi_label else None
         self.best_acc = max(self.best_acc, self.val_acc)
-
         logger = self.book.logger
-        logger.log_value('train_loss', train_loss, epoch)
-        logger.log_value('train_acc', train_acc, epoch)
         logger.log_value('val_loss', val_loss, epoch)
         logger.log_value('val_map' if self.multi_label else 'val_acc', self.val_acc, epoch)
         if self.multi_label:
             logger.log_value('val_f1', self.val_f1, epoch)
-        logger.log_value('learning_rate', lr, epoch)
-        if self.class_counts is not None:
-            summary = class_accuracy.summarize(*self.class_counts, self.train_counts)
-            class_accuracy.log_summary(logger, summary, epoch)
-        logger.flush()
-
-        # the class names too, for main_predict.py and main_export.py
-        self.book.extra.update(
-            best_acc=self.best_acc, val_acc=self.val_acc, classes=list(self.classes)
-        )
+        self.book.extra.update(best_acc=self.best_acc, val_acc=self.val_acc)
         if self.multi_label:
             self.book.extra['val_f1'] = self.val_f1
         else:
