@@ -35,9 +35,8 @@ Tables (``--tables``, in this order):
   labelled images only (``--labelled_only``), SimCLR (no labels) and cross-entropy on a
   class-balanced subset of as many images (``main_ce.py --train_subset``); every linear stage on
   the same labelled images (``main_linear.py --labelled_fraction``); runs on F of the images take
-  2 / F epochs, at most 50 (F = 0.1: 20 epochs, as many images as 2 epochs of all; F = 0.01: 50,
-  a quarter of them: main_ce.py and main_linear.py score the test split after every epoch); the
-  rates of ``methods``.
+  2 / F epochs (200 and 20: as many images as 2 epochs of all), main_ce.py and main_linear.py
+  scoring the test split after the last one only (``--eval_freq``); the rates of ``methods``.
 - ``long_tail``: ``--imbalance_ratio 100`` (CIFAR-10-LT's ratio; 14,891 training images): SupCon
   with random batches, balanced batches (``--sampler balanced --m_per_class 16``: 8 classes of 16)
   and ``--moco``, 8 epochs and the linear stage 8 epochs on the same long tail (as many images
@@ -61,7 +60,6 @@ from fashion_mnist_tables import (  # noqa: E402
     BATCH_SLUGS,
     BATCHES,
     EPOCHS,
-    FEW_LABEL_EPOCHS,
     FRACTIONS,
     LABEL_ROWS,
     LINEAR_EPOCHS,
@@ -211,8 +209,11 @@ def methods_job(sweep, lr, aug, rates, seed):
 
 def labels_job(sweep, aug, rates, fraction, row, seed):
     """(pretraining, linear) of one row of the labels table, for one fraction and seed."""
-    more = min(round(EPOCHS / fraction), FEW_LABEL_EPOCHS)  # epochs on F of the images
-    linear_more = ['--labelled_fraction', fraction]
+    # runs on F of the images: 2 / F epochs, as many images as 2 epochs of all; main_ce.py and
+    # main_linear.py score the test split after the last epoch only (--eval_freq)
+    more = round(EPOCHS / fraction)
+    once = ['--eval_freq', more]
+    linear_more = ['--labelled_fraction', fraction, '--save_freq', more] + once
     slug, lr = aug_slug(*aug), rates['SupCon']
 
     def linear(name, pre, extra=()):
@@ -222,7 +223,8 @@ def labels_job(sweep, aug, rates, fraction, row, seed):
     if row == 'cross-entropy, labelled images':
         subset = ['--train_subset', round(fraction * 60000)]
         name = f'ce_F{fraction}_s{seed}'
-        pre = sweep.run(name, 'main_ce.py', ce_args(seed, rates['cross-entropy'], subset, more))
+        pre = sweep.run(name, 'main_ce.py', ce_args(seed, rates['cross-entropy'], subset + once,
+                                                    more))  # fmt: skip
         return linear(name, pre, ['--train_subset', 0])
     if row == 'SimCLR':  # its pretraining reads no labels: the methods table's
         pre = sweep.run(f'simclr_{slug}_s{seed}', 'main_supcon.py', pretrain_args(

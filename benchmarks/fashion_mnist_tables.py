@@ -34,9 +34,6 @@ BATCHES = {  # name: (batch, main_supcon.py's extra arguments)
 BATCH_SLUGS = dict(zip(BATCHES, ['b32', 'b32moco', 'b128', 'b512gc']))
 TABLES = ('views', 'finetune', 'batch', 'methods', 'labels', 'long_tail')
 FRACTIONS = (0.01, 0.1)
-# runs on F of the images (labelled images only; the linear stages): 2 / F epochs, at most 50
-# (main_ce.py and main_linear.py score the test split after every epoch)
-FEW_LABEL_EPOCHS = 50
 LABEL_ROWS = ('SupCon, partial labels', 'SupCon, labelled images only', 'SimCLR',
               'cross-entropy, labelled images')  # fmt: skip
 LONG_TAIL = {  # name: main_supcon.py's extra arguments, with --imbalance_ratio 100

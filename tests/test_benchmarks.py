@@ -556,11 +556,15 @@ def test_the_fashion_mnist_sweep_asks_each_table_its_runs_at_the_chosen_settings
     assert row.split(' | ')[2] == harness.mean_std(linear)
     assert row.split(' | ')[5].rstrip(' |') == harness.mean_std(map_r)
     assert command('ce_s0_retrieval').startswith('python main_retrieval.py --ckpt ')
-    # few labels: 2 / F epochs, at most 50, on F of the images; the linear stages on the same F
-    assert '--epochs 50 --save_freq 50' in command(f'labonly_{slug}_F0.01_s0')
+    # few labels: 2 / F epochs on F of the images, the test split scored after the last one;
+    # the linear stages on the same F
+    assert '--epochs 200 --save_freq 200' in command(f'labonly_{slug}_F0.01_s0')
     assert '--epochs 20 --save_freq 20' in command(f'labonly_{slug}_F0.1_s0')
-    assert '--train_subset 600' in command('ce_F0.01_s1')
-    assert command(f'simclr_{slug}_F0.01_s0_linear').endswith('--labelled_fraction 0.01')
+    assert '--train_subset 600 --eval_freq 200' in command('ce_F0.01_s1')
+    assert '--epochs 200 --save_freq 200 --train_subset 600' in command('ce_F0.01_s1')
+    linear = command(f'simclr_{slug}_F0.01_s0_linear')
+    assert '--epochs 200 --ckpt ' in linear
+    assert linear.endswith('--labelled_fraction 0.01 --save_freq 200 --eval_freq 200')
     assert '--labelled_only' not in command(f'partial_{slug}_F0.1_s2')
     # long tail: 8 epochs of pretraining and of the linear stage on the tail
     assert '--epochs 8 --save_freq 8' in command(f'lt_balanced_{slug}_s0')
