@@ -429,32 +429,12 @@ def test_the_positives_table_agrees_with_the_exact_fraction():
 
 @pytest.mark.slow
 def test_bench_train_runs_each_configuration_as_asked(tmp_path):
+    """One round of three configurations, each in its own real worker process."""
     out = tmp_path / 'bench.json'
+    argv = ['--size', 8, '--batch_size', 4, '--steps', 2, '--warmup', 1, '--num_workers', 0]
+    argv += ['--threads', 1, '--configs', 'fp32', 'amp', 'amp-matmul-wgrad', '--json', out]
     done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / 'benchmarks/bench_train.py'),
-            '--size',
-            '8',
-            '--batch_size',
-            '4',
-            '--steps',
-            '2',
-            '--warmup',
-            '1',
-            '--num_workers',
-            '0',
-            '--threads',
-            '1',
-            '--configs',
-            'fp32',
-            'amp',
-            'amp-matmul-wgrad',
-            '--rounds',
-            '2',
-            '--json',
-            str(out),
-        ],
+        [sys.executable, str(REPO / 'benchmarks/bench_train.py')] + [str(a) for a in argv],
         cwd=str(tmp_path),
         env=script_env(),
         capture_output=True,
@@ -471,15 +451,43 @@ def test_bench_train_runs_each_configuration_as_asked(tmp_path):
     assert results['amp-matmul-wgrad']['conv_wgrad'] == 'matmul'
     for result in results.values():
         assert result['step_s'] > 0 and 0 <= result['data_share'] <= 1
-        assert result['batch_size'] == 4
-        # two interleaved rounds, the reported run is the lower median of them
-        assert len(result['rounds']) == 2 and result['step_s'] == min(result['rounds'])
-    assert [
-        line.split(':')[0] for line in done.stdout.splitlines() if line.startswith('round ')
-    ] == [f'round {r}/2 {c}' for r in (1, 2) for c in ('fp32', 'amp', 'amp-matmul-wgrad')]
+        assert result['batch_size'] == 4 and result['rounds'] == [result['step_s']]
     # one table row per configuration, with its speed relative to fp32
     rows = [line for line in done.stdout.splitlines() if line.startswith('| amp')]
     assert len(rows) == 2 and all('x |' in row for row in rows)
+
+
+@pytest.mark.parametrize('rounds', [2, 3])
+def test_bench_train_interleaves_the_rounds_and_reports_each_lower_median(
+    rounds, monkeypatch, capsys
+):
+    """The driver, its workers replaced by stand-ins whose step times are drawn per call."""
+    import random
+
+    import bench_train
+
+    draw, calls = random.Random(rounds), []
+
+    def worker(args, config, model):
+        calls.append(config)
+        return dict(amp_dtype='float32', channels_last=False, compile=False, batch_size=4,
+                    step_s=draw.uniform(0.1, 1.0), data_share=0.1, warmup_s=0.5,
+                    peak_gib=None), ''  # fmt: skip
+
+    monkeypatch.setattr(bench_train, 'run_config_in_subprocess', worker)
+    configs = ['fp32', 'amp', 'amp-matmul-wgrad']
+    args = bench_train.parse_option(['--rounds', str(rounds), '--configs', *configs])
+    results = bench_train.bench_steps(args)
+    assert calls == configs * rounds  # fp32, amp, ..., fp32, amp, ...
+    out = capsys.readouterr().out
+    lines = [line.split(':')[0] for line in out.splitlines() if line.startswith('round ')]
+    assert lines == [f'round {r}/{rounds} {c}' for r in range(1, rounds + 1) for c in configs]
+    for config in configs:
+        times = results[config]['rounds']
+        assert len(times) == rounds
+        assert results[config]['step_s'] == sorted(times)[(rounds - 1) // 2]
+    speed = 2 * 4 / results['amp']['step_s'] / (2 * 4 / results['fp32']['step_s'])
+    assert f'| {speed:.2f}x |' in next(r for r in out.splitlines() if r.startswith('| amp |'))
 
 
 def test_the_fashion_mnist_sweep_asks_each_table_its_runs_at_the_chosen_settings(tmp_path):
