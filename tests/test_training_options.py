@@ -236,12 +236,10 @@ def test_aug_policies_train(folder, tmp_path, script, aug):
 
 
 @pytest.mark.slow
-def test_linear_evaluation_without_augmentation(tmp_path):
+def test_linear_evaluation_without_augmentation(digits_checkpoints, tmp_path):
     """main_linear.py --aug none: the classifier trains on the test transform's tensors."""
-    pretrain = DIGITS + ['--batch_size', '256', '--epochs', '1']
-    run_ok('main_supcon', pretrain, tmp_path)
-    ckpt = last_checkpoint(main_supcon, pretrain, tmp_path)
-    linear = pretrain + ['--ckpt', str(ckpt)]
+    ckpt = digits_checkpoints['encoder']  # a main_supcon.py checkpoint of digits at --size 8
+    linear = DIGITS + ['--batch_size', '256', '--epochs', '1', '--ckpt', str(ckpt)]
     args = linear + ['--aug', 'none']
     opt = main_linear.parse_option(args)
     rt = runtime.setup_runtime(opt)  # one process, CPU: nothing to clean up
