@@ -317,6 +317,22 @@ def test_jobs_run_at_once_in_their_order_each_chain_first(tmp_path, fakes):
     assert [r['met'] for r in both] == [1, 1]
 
 
+def test_a_job_reading_a_run_another_job_made_keeps_its_place(tmp_path, fakes):
+    """Jobs first read a run that an earlier map ran (as the methods table reads the batch
+    table's); the first job, slower to ask for its next run, still runs it first."""
+    sweep = sweep_of(tmp_path)
+    made = sweep.map(lambda i: sweep.run(f'pre{i}', fakes['other'], ['--epochs', 1]), [0, 1, 2])
+
+    def job(i):
+        assert sweep.run(f'pre{i}', fakes['other'], ['--epochs', 1]) is made[i]
+        time.sleep(0.5 if i == 0 else 0)
+        return sweep.run(f'next{i}', fakes['other'], ['--epochs', 1])
+
+    sweep.map(job, [0, 1, 2])
+    started = {p.parent.name: p.stat().st_mtime for p in tmp_path.glob('runs/next*/started')}
+    assert sorted(started, key=started.get) == ['next0', 'next1', 'next2']
+
+
 def test_a_failed_run_stops_the_sweep_and_runs_again_next_time(tmp_path, fakes):
     def job(sweep, i):
         return sweep.run(f'j{i}', fakes['other'], ['--exit', 3 if i == 0 else 0])
