@@ -10,6 +10,10 @@
 - ``gloo_ranks`` (session): ``gloo_ranks(fn, *args, world=2)`` runs ``fn(rank, world, *args)`` on
   ``world`` processes joined in a gloo group and returns every rank's return value.
 
+Modules with ``slow`` tests are collected first (``pytest_collection_modifyitems``), each module's
+tests kept together and in order: pytest-xdist hands tests out in collection order, so the long
+ones start early and the quick ones fill the end on both processes.
+
 The tiers: ``python -m pytest -q tests`` runs everything; ``-m "not slow"`` leaves out the tests
 that start processes (torchrun, gloo ranks, real subprocesses), the developer's quick loop.
 """
@@ -97,3 +101,16 @@ def gloo_ranks(tmp_path_factory):
         return [torch.load(out_dir / f'rank{r}.pt', weights_only=True) for r in range(world)]
 
     return run
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with ``slow`` tests first; tests of a module together, in their order."""
+    modules = {}
+    for item in items:
+        modules.setdefault(item.module.__name__, []).append(item)
+
+    def quick(name):
+        return not any(item.get_closest_marker('slow') for item in modules[name])
+
+    order = sorted(modules, key=quick)  # stable: alphabetical within each group
+    items[:] = [item for name in order for item in modules[name]]

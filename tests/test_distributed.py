@@ -501,25 +501,6 @@ def test_main_linear_under_torchrun_matches_one_process(supcon_run, tiny_data, t
     assert math.isclose(float(best[0]) * 11 / 100, round(float(best[0]) * 11 / 100), abs_tol=0.01)
 
 
-@pytest.mark.slow
-def test_odd_global_batch_under_torchrun_fails_with_one_line(tiny_data, tmp_path):
-    # one script suffices: all three call runtime.setup_runtime, tested in-process above
-    torch.save(
-        {'model': {'encoder.w': torch.zeros(1)}, 'opt': {'model': 'resnet18'}},
-        str(tmp_path / 'encoder.pth'),
-    )  # read while parsing, before the batch check
-    proc = torchrun(
-        'main_linear.py', data_args(tiny_data, batch=7) + ['--ckpt', 'encoder.pth'], tmp_path
-    )
-    assert proc.returncode != 0
-    message = (
-        'error: --batch_size 7 does not divide by the 2 processes; --batch_size is the'
-        ' global batch, pick a multiple of 2'
-    )
-    assert message + '\n' in proc.stderr, proc.stderr[-3000:]
-    assert not glob.glob(os.path.join(str(tmp_path), 'save', '**', '*.pth'), recursive=True)
-
-
 @FORK_OK
 @pytest.mark.parametrize('name', ['supcon_moco', 'simclr_moco'])
 def test_moco_steps_on_two_ranks_equal_one_process(cpu_ranks, name):

@@ -391,6 +391,7 @@ def test_torchrun_prints_an_error_once(folders, broken_test, tmp_path):
     ], bad_batch.stderr[-3000:]
     # torchrun's own summary names the exit code of the first failed rank: ours
     assert 'exitcode  : 2' in bad_batch.stderr
+    assert 'epoch 1' not in bad_batch.stdout and not checkpoints(tmp_path)  # refused at parse time
 
     broken = torchrun(
         'main_ce.py', path_args(broken_test / 'train', broken_test / 'test'), tmp_path
