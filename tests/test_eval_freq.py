@@ -20,14 +20,14 @@ EPOCHS = 3
 def encoder(images, tmp_path_factory):
     """A main_supcon.py checkpoint of one epoch on the tiny folder, for main_linear.py."""
     cwd = tmp_path_factory.mktemp('pretrain')
-    args = folder_args(images)
+    args = folder_args(images, model='resnet18')
     result = call('main_supcon', args, cwd)
     assert result.code == 0, result.err
     return save_folder('main_supcon', args, cwd) / 'last.pth'
 
 
 def script_args(script, images, encoder, **changes):
-    extra = {'ckpt': encoder} if script == 'main_linear' else {}
+    extra = {'ckpt': encoder} if script == 'main_linear' else {'model': 'resnet18'}
     return folder_args(images, epochs=EPOCHS, learning_rate=0.05, **extra, **changes)
 
 
