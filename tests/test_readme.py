@@ -8,6 +8,7 @@ import contextlib
 import functools
 import importlib
 import io
+import json
 import re
 import shlex
 import subprocess
@@ -154,26 +155,42 @@ def relative_links(path):
 _HELP = {}
 
 
+# Runs each script given as ``python <script> --help`` would (argv, ``__main__``), one after the
+# other in one interpreter: torch is imported once instead of once per script
+HELP_DRIVER = """
+import contextlib, io, json, runpy, sys
+out = {}
+for path in sys.argv[1:]:
+    text = io.StringIO()
+    sys.argv = [path, '--help']
+    with contextlib.redirect_stdout(text):
+        try:
+            runpy.run_path(path, run_name='__main__')
+        except SystemExit as exit:
+            assert exit.code in (0, None), (path, exit.code)
+    out[path] = text.getvalue()
+print(json.dumps(out))
+"""
+
+
 def prefetch_help(scripts):
-    """Run ``python <script> --help`` once per script not yet seen, all at the same time (each
-    start imports torch: seconds), and keep the output."""
+    """The output of ``python <script> --help`` of every script not yet seen, from one process
+    (each interpreter start imports torch: seconds), kept for the session."""
     todo = sorted({Path(script).name for script in scripts} - _HELP.keys())
-    running = {
-        name: subprocess.Popen(
-            [sys.executable, str(REPO / name), '--help'],
-            cwd=str(REPO),
-            env=script_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in todo
-        if (REPO / name).is_file()
-    }
-    for name, process in running.items():
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, f'{name} --help: rc={process.returncode}\n{err[-2000:]}'
-        _HELP[name] = out
+    paths = [str(REPO / name) for name in todo if (REPO / name).is_file()]
+    if not paths:
+        return
+    done = subprocess.run(
+        [sys.executable, '-c', HELP_DRIVER, *paths],
+        cwd=str(REPO),
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f'--help of {todo}: rc={done.returncode}\n{done.stderr[-2000:]}'
+    for path, out in json.loads(done.stdout.splitlines()[-1]).items():
+        _HELP[Path(path).name] = out
 
 
 def help_text(script):
@@ -299,6 +316,7 @@ def test_the_flag_check_catches_a_misspelt_flag():
 
 @pytest.mark.slow
 def test_the_help_parser_reads_argparse_option_lines():
+    prefetch_help(['main_supcon.py', 'main_linear.py', 'main_ce.py'])  # one process for the three
     options = help_options('main_supcon.py')
     assert {
         '--help',
