@@ -97,6 +97,7 @@ def same_images(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['main_supcon', 'main_ce'])
 def test_a_single_label_csv_trains_exactly_as_the_image_folder(same_images, tmp_path, script):
     common = NORM + FAST + ['--model', 'resnet18', '--batch_size', '4', '--epochs', '1']

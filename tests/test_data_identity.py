@@ -35,6 +35,7 @@ def csv_run(lists, cwd, data_csv, epochs, *extra):
     return call('main_supcon', [*args, *extra], cwd), args
 
 
+@pytest.mark.slow
 def test_a_csv_run_resumes_on_its_data_only(lists, tmp_path):
     first, args = csv_run(lists, tmp_path, 'a.csv', 1)
     assert first.code == 0, first.err
@@ -80,6 +81,7 @@ def test_an_image_folder_run_resumes_on_its_file_list_only(tmp_path):
     assert resumed.code == 0 and 'continuing at epoch 2' in resumed.out
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_fingerprint_resumes_as_before(lists, tmp_path):
     first, args = csv_run(lists, tmp_path, 'a.csv', 1)
     assert first.code == 0, first.err

@@ -344,6 +344,7 @@ def test_damaged_files_give_one_error_line_naming_the_file(damaged_results, case
 # ---------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_supcon_then_linear_tsne_and_retrieval_on_a_written_set(tmp_path):
     """The test images are copies of the first training images, so each query's nearest
     gallery image is its own copy; the linear stage's per-class report counts the written

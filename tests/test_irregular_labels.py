@@ -159,6 +159,7 @@ def test_held_out_images_without_a_label_are_left_out_of_the_evaluation(lists, s
 # --------------------------------------------------------------------------- multi-label runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['main_ce', 'main_linear'])
 def test_the_hparams_record_of_a_multi_label_run_names_its_logged_metrics(lists, tmp_path, script):
     """Once the record named val_acc, which a multi-label run never logs."""

@@ -200,6 +200,7 @@ def check_report(result, folder, train_counts):
     return report
 
 
+@pytest.mark.slow
 def test_main_ce_long_tail_prints_and_writes_what_each_class_gets(folder, tmp_path):
     args = args_of(folder, model='resnet18', imbalance_ratio=4, epochs=1)
     result = call('main_ce', args, tmp_path)
@@ -219,6 +220,7 @@ def test_main_ce_long_tail_prints_and_writes_what_each_class_gets(folder, tmp_pa
     assert_one_line_error(result, '--imbalance_ratio 2.0 differs from the run\'s 4.0')
 
 
+@pytest.mark.slow
 def test_main_linear_takes_the_checkpoint_tail_and_its_seed(folder, tmp_path):
     pretrain = args_of(folder, model='resnet18', imbalance_ratio=4, epochs=1, seed=5)
     assert call('main_supcon', pretrain, tmp_path).code == 0

@@ -91,6 +91,7 @@ def equal_weights(module, state, prefix='encoder.'):
 # --------------------------------------------------------------------------- item 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', ['main_supcon', 'main_ce'])
 def test_timm_resnet_checkpoints_evaluate_with_linear_and_tsne(script, folder, tmp_path):
     """timm's ResNets name their projections `downsample`, as torchvision does: their
@@ -236,6 +237,7 @@ def digits_ckpt(tmp_path_factory):
     return path, query, key
 
 
+@pytest.mark.slow
 def test_tsne_val_split_embeds_the_held_out_training_images(digits_ckpt, tmp_path):
     from sklearn.model_selection import train_test_split
 
@@ -279,6 +281,7 @@ def test_tsne_key_encoder_has_its_own_file_and_title(digits_ckpt, tmp_path):
     assert defaults[True].endswith('last_tsne_key_encoder.png')
 
 
+@pytest.mark.slow
 def test_tsne_takes_the_data_options_from_the_checkpoint(digits_ckpt, folder, tmp_path):
     path, _, _ = digits_ckpt
     opt = main_tsne.parse_option([str(a) for a in ['--ckpt', path, *CPU]])

@@ -173,6 +173,7 @@ def expected_epochs(root, epochs, batch_size, queue_size=0):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('moco', [False, True])
 def test_the_epoch_line_and_tensorboard_hold_the_plain_count(three_classes, tmp_path, moco):
     # with --moco two epochs: the queue carries the first epoch's labels into the second

@@ -411,6 +411,7 @@ def check_ce_checkpoint_is_usable(folder, images, tmp_path):
     assert out.is_file()
 
 
+@pytest.mark.slow
 def test_the_probe_trains_the_same_encoder_as_a_run_without_it(images, tmp_path):
     """Whole runs with and without --online_probe: bit-identical encoder, head and optimizer."""
     results = {}

@@ -8,6 +8,7 @@ checkpoint's encoder run by hand on the same test images.
 import math
 
 import numpy as np
+import pytest
 import torch
 from google.protobuf import text_format
 from helpers import save_our_checkpoint
@@ -31,6 +32,7 @@ def read_config(folder):
     return config, str(path)
 
 
+@pytest.mark.slow
 def test_projector_files_load_as_tensorboard_expects(tmp_path):
     ckpt = tmp_path / 'supcon.pth'
     save_our_checkpoint(ckpt)

@@ -43,6 +43,7 @@ def test_hybrid_method_names_its_run_as_the_fork():
     assert main_supcon.parse_option(['--method', 'SupConHybrid']).method == 'SupCon_hybrid'
 
 
+@pytest.mark.slow
 def test_hybrid_trains_on_digits(tmp_path):
     args = SMALL + ['--method', 'SupCon_hybrid']
     result = call('main_supcon', args, tmp_path)
@@ -200,6 +201,7 @@ def test_a_bare_torchvision_state_dict_loads_too(tmp_path):
         torch.testing.assert_close(encoder(images), net(images), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_linear_and_tsne_run_on_a_torchvision_layout_checkpoint(tmp_path):
     ckpt, _, _ = torchvision_checkpoint('resnet18', seed=2)
     torch.save(ckpt, tmp_path / 'supcon.pth')
@@ -247,6 +249,7 @@ def test_linear_and_tsne_run_on_a_torchvision_layout_checkpoint(tmp_path):
     assert (tmp_path / 'supcon_tsne_encoder.png').stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_checkpoint_options_stay_a_namespace_for_users_tools(tmp_path):
     result = call('main_ce', SMALL, tmp_path)
     assert result.code == 0, describe(result)

@@ -397,6 +397,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert sorted(os.listdir(ckpt_path.parent)) == ['checkpoint.pth']
 
 
+@pytest.mark.slow
 def test_a_diverging_run_saves_only_finite_files_and_resume_auto_takes_the_furthest(runs, tmp_path):
     """At lr 1e6 the weights become infinite in an epoch's last step, after its loss was
     checked: that state must never be written (an older version saved it as epoch 4)."""

@@ -180,6 +180,7 @@ def test_a_multi_label_csv_counts_a_shared_label_as_relevant(csvs, tmp_path, gal
         assert record[name] == pytest.approx(theirs[name], abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_the_default_result_file_is_named_for_what_was_measured(csvs, tmp_path):
     """Another data set or size writes another file (once both were retrieval_last.json)."""
     common = ['--ckpt', csvs / 'run' / 'last.pth', *NORM, '--num_workers', '0', '--device', 'cpu']

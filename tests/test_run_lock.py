@@ -230,6 +230,7 @@ def _take_over_slowly(folder, results):
         results.put(('refused', os.getpid(), str(error)))
 
 
+@pytest.mark.slow
 def test_two_runs_taking_over_one_dead_lock_at_once_leave_one_holder(tmp_path):
     """Once, both read the dead lock, then each removed what was there, the second removing the
     first's fresh lock: two runs in one folder. Now the takeovers queue on a flock."""

@@ -475,6 +475,7 @@ def stops(output):
 # --------------------------------------------------------------------------- run_with_submitit
 
 
+@pytest.mark.slow
 def test_submitit_help_needs_no_slurm(tmp_path):
     env = clean_env(PATH=str(tmp_path))  # no sbatch, no scontrol
     done = subprocess.run(

@@ -255,6 +255,7 @@ def test_a_broken_held_out_image_is_found_before_training(broken_test):
 # ------------------------------------------------------------- 11. --test_folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_val_split_needs_no_test_folder_and_notes_an_unused_one(
     script, folders, encoder_ckpt, tmp_path

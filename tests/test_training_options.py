@@ -195,6 +195,7 @@ def test_timm_backbone_pretrains_then_linear_and_tsne(folder, tmp_path, model, e
     assert (tmp_path / 'tsne.png').exists()
 
 
+@pytest.mark.slow
 def test_timm_backbone_in_cross_entropy_with_amp_and_resume(folder, tmp_path):
     run_ok('main_ce', path_args(folder, model='convnext_atto', amp=True), tmp_path)
     result = run_ok(
