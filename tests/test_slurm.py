@@ -309,6 +309,26 @@ def test_requeue_runs_scontrol_or_says_what_to_run(tmp_path):
     assert message.startswith('`scontrol requeue 42` failed (scontrol: error: Invalid job id)')
 
 
+def test_requeue_survives_the_sigterm_slurm_sends_the_job(tmp_path):
+    """SLURM answers a requeue with SIGTERM to every process of the job, scontrol included; a
+    fake scontrol that gets it before it exits 0 still reports its success."""
+    folder = tmp_path / 'bin'
+    folder.mkdir()
+    script = folder / 'scontrol'
+    script.write_text(
+        f'#!{sys.executable}\nimport os, signal, sys, time\n'
+        'os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.2)\nsys.exit(0)\n'
+    )
+    script.chmod(0o755)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    message = slurm.requeue(signal.SIGUSR1, {'SLURM_JOB_ID': '42', 'PATH': str(folder)})
+    assert message == 'requeued SLURM job 42: it continues from here by itself (--resume auto)'
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before  # the caller's mask kept
+    # the same process without the blocked signal: killed by it, as scontrol was under SLURM
+    done = subprocess.run([str(script)], capture_output=True)
+    assert done.returncode == -signal.SIGTERM
+
+
 def test_sigusr1_asks_for_a_stop_and_a_later_signal_keeps_the_first(capsys):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:

@@ -236,6 +236,27 @@ def launcher(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
+def _run_through_sigterm(argv, environ):
+    """``subprocess.run`` of ``argv`` with SIGTERM blocked in the child. Requeueing a job
+    makes SLURM send SIGTERM to every process of the job, ``scontrol requeue`` itself included:
+    unblocked, it could be killed before it reported its success (exit code -15). A blocked
+    signal stays blocked through exec; the caller's own mask is restored at once."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, process.returncode, out, err)
+
+
 def requeue(signum: int, environ: Mapping[str, str] | None = None) -> str | None:
     """After a requeue signal in a SLURM job, ``scontrol requeue`` it; returns what happened.
 
@@ -256,9 +277,7 @@ def requeue(signum: int, environ: Mapping[str, str] | None = None) -> str | None
             f' with --resume auto)'
         )
     try:
-        done = subprocess.run(
-            [scontrol] + command[1:], capture_output=True, text=True, timeout=60, env=environ
-        )
+        done = _run_through_sigterm([scontrol] + command[1:], environ)
     except (OSError, subprocess.TimeoutExpired) as exc:
         why = f'{type(exc).__name__}: {exc}'
     else:
