@@ -236,15 +236,15 @@ class Sweep:
             shared = self.runs.setdefault(name, {'command': command, 'done': threading.Event()})
         if shared['command'] != command:
             raise ValueError(f'run name {name!r} asked for with two commands in one sweep')
-        if not first and not shared['done'].is_set():
-            # the run of another job, not ended: wait for it holding no place in the queue (that
-            # job may be a later one), then take the place back for this job's next runs
-            priority = getattr(self.local, 'priority', ())
-            self.slots.expect(arrived=priority)
-            shared['done'].wait()
-            if priority:
-                self.slots.expect([priority])
-        if not first:
+        if not first:  # the run of another job
+            if not shared['done'].is_set():
+                # wait for it holding no place in the queue (that job may be a later one), then
+                # take the place back for this job's next runs
+                priority = getattr(self.local, 'priority', ())
+                self.slots.expect(arrived=priority)
+                shared['done'].wait()
+                if priority:
+                    self.slots.expect([priority])
             if 'error' in shared:
                 raise shared['error']
             return shared['result']

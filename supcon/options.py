@@ -125,7 +125,8 @@ def add_training_arguments(
     num_workers_val=True,
 ):  # fmt: skip
     """The reference's printing, saving, loader and optimisation flags, each script's defaults
-    given (``num_workers_val``: the fork's flag, in the scripts that read a test split)."""
+    given (``num_workers_val``: the scripts that score a test split every epoch get the fork's
+    --num_workers_val and --eval_freq)."""
     parser.add_argument('--print_freq', type=int, default=10, help='print every N steps')
     parser.add_argument(
         '--save_freq', type=int, default=50, help='keep ckpt_epoch_N.pth every N epochs'

@@ -141,19 +141,15 @@ class EpochEvaluation:
 
     def due(self, epoch):
         """Whether ``epoch`` scores the test split: every ``--eval_freq`` epochs and the last."""
-        every = getattr(self.opt, 'eval_freq', 1)
-        return epoch % every == 0 or epoch == self.opt.epochs
+        return epoch % self.opt.eval_freq == 0 or epoch == self.opt.epochs
 
     def __call__(self, model, epoch, train_loss, train_acc, lr):
         logger = self.book.logger
         logger.log_value('train_loss', train_loss, epoch)
         logger.log_value('train_acc', train_acc, epoch)
+        logger.log_value('learning_rate', lr, epoch)
         if self.due(epoch):
             self.evaluate(model, epoch)
-        logger.log_value('learning_rate', lr, epoch)
-        if self.due(epoch) and self.class_counts is not None:
-            summary = class_accuracy.summarize(*self.class_counts, self.train_counts)
-            class_accuracy.log_summary(logger, summary, epoch)
         logger.flush()
 
     def evaluate(self, model, epoch):
@@ -169,6 +165,9 @@ class EpochEvaluation:
         logger.log_value('val_map' if self.multi_label else 'val_acc', self.val_acc, epoch)
         if self.multi_label:
             logger.log_value('val_f1', self.val_f1, epoch)
+        if self.class_counts is not None:
+            summary = class_accuracy.summarize(*self.class_counts, self.train_counts)
+            class_accuracy.log_summary(logger, summary, epoch)
         self.book.extra.update(best_acc=self.best_acc, val_acc=self.val_acc)
         if self.multi_label:
             self.book.extra['val_f1'] = self.val_f1

@@ -236,27 +236,6 @@ def launcher(environ: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-def _run_through_sigterm(argv, environ):
-    """``subprocess.run`` of ``argv`` with SIGTERM blocked in the child. Requeueing a job
-    makes SLURM send SIGTERM to every process of the job, ``scontrol requeue`` itself included:
-    unblocked, it could be killed before it reported its success (exit code -15). A blocked
-    signal stays blocked through exec; the caller's own mask is restored at once."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    try:
-        process = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ
-        )
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    try:
-        out, err = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(argv, process.returncode, out, err)
-
-
 def requeue(signum: int, environ: Mapping[str, str] | None = None) -> str | None:
     """After a requeue signal in a SLURM job, ``scontrol requeue`` it; returns what happened.
 
@@ -276,8 +255,14 @@ def requeue(signum: int, environ: Mapping[str, str] | None = None) -> str | None
             f' `{shlex.join(command)}` where SLURM\'s commands are (the job then continues'
             f' with --resume auto)'
         )
+    # SLURM answers a requeue with SIGTERM to every process of the job, scontrol included:
+    # blocked (the mask survives exec; this thread's is restored after), it cannot kill scontrol
+    # before it reports its success (it did, exit code -15)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        done = _run_through_sigterm([scontrol] + command[1:], environ)
+        done = subprocess.run(
+            [scontrol] + command[1:], capture_output=True, text=True, timeout=60, env=environ
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         why = f'{type(exc).__name__}: {exc}'
     else:
@@ -285,6 +270,8 @@ def requeue(signum: int, environ: Mapping[str, str] | None = None) -> str | None
             return f'requeued SLURM job {job_id}: it continues from here by itself (--resume auto)'
         lines = (done.stderr or done.stdout).strip().splitlines()
         why = lines[-1] if lines else f'exit code {done.returncode}'
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return (
         f'`{shlex.join(command)}` failed ({why}), so the job was not requeued: run it by hand,'
         f' or submit the job again with --resume auto'
