@@ -41,7 +41,7 @@ RESUMABLE = ('main_supcon.py', 'main_ce.py', 'main_linear.py')
 TORCHRUN_VARIABLES = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR')
 
 NUMBER = r'-?(?:[0-9]+\.?[0-9]*(?:e[-+]?[0-9]+)?|nan|inf)|-'
-VALUE_LINE = re.compile(rf'^([A-Za-z][\w@ ./-]*?): ((?:{NUMBER})(?: / (?:{NUMBER}))*)\s*$')
+VALUE_LINE = re.compile(rf'^([A-Za-z][\w@ ./()-]*?): ((?:{NUMBER})(?: / (?:{NUMBER}))*)\s*$')
 EPOCH_LINE = re.compile(r'^(?:Train )?epoch (\d+), total time ([0-9.]+)(.*)$')
 EPOCH_PAIR = re.compile(r'([A-Za-z_@]+)[: ]\s*(-?[0-9.]+)')
 SAVED_LINE = re.compile(r'^saved (\S+last\.pth)\s*$', re.M)

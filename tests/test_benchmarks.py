@@ -235,6 +235,7 @@ def test_log_lines_are_parsed_as_the_scripts_print_them():
         final accuracy: 99.44
         mean per-class accuracy: 99.43
         many / medium / few-shot accuracy: 99.50 / - / 70.25
+        thirds by training count (many / medium / few): 99.10 / 98.00 / 88.25
         final mean average precision: 84.24
         final F1@0.5: 70.30
         precision_at_1: 0.9917
@@ -252,6 +253,7 @@ def test_log_lines_are_parsed_as_the_scripts_print_them():
         'final accuracy': 99.44,  # a resumed run's later line wins
         'mean per-class accuracy': 99.43,
         'many / medium / few-shot accuracy': (99.5, None, 70.25),
+        'thirds by training count (many / medium / few)': (99.1, 98.0, 88.25),
         'final mean average precision': 84.24,
         'final F1@0.5': 70.3,
         'precision_at_1': 0.9917,
@@ -516,7 +518,7 @@ def test_the_fashion_mnist_sweep_asks_each_table_its_runs_at_the_chosen_settings
 
     args = fm.build().parse_args(['--out', str(tmp_path)])
     sweep = harness.Sweep(args)
-    printed = {}
+    printed, rarest = {}, {}
 
     def run(name, script, argv, resume=None):
         draw = random.Random(name)
@@ -527,7 +529,12 @@ def test_the_fashion_mnist_sweep_asks_each_table_its_runs_at_the_chosen_settings
         values = {key: round(value, 4) for key, value in values.items()}  # as printed
         printed[name] = (['python', script] + [str(a) for a in argv], values)
         text = ''.join(f'{key}: {value:.4f}\n' for key, value in values.items())
-        text += f'many / medium / few-shot accuracy: 90 / 60 / {draw.uniform(0, 40):.4f}\n'
+        if name.startswith('lt_'):  # the long tail's few-shot group is empty: the thirds printed
+            text += 'many / medium / few-shot accuracy: 90 / 60 / -\n'
+            rarest[name] = round(draw.uniform(0, 40), 4)
+            text += f'thirds by training count (many / medium / few): 90 / 60 / {rarest[name]}\n'
+        else:
+            text += f'many / medium / few-shot accuracy: 90 / 60 / {draw.uniform(0, 40):.4f}\n'
         text += f'epoch 2, total time 1.0, anchors_without_positive {draw.uniform(0, 1):.4f}\n'
         text += f'saved ./save/{name}/last.pth\n# exit 0 after 10.0 s\n'
         result = harness.Result(name, printed[name][0], tmp_path / name, text)
@@ -596,6 +603,10 @@ def test_the_fashion_mnist_sweep_asks_each_table_its_runs_at_the_chosen_settings
         f'lt_balanced_{slug}_s0'
     )
     assert '--epochs 8 ' in command(f'lt_moco_{slug}_s0_linear')
+    # its table: the rarest third of each seed's linear stage, the empty standard group a dash
+    rare = [rarest[f'lt_moco_{slug}_s{s}_linear'] for s in (0, 1, 2)]
+    row = next(r for r in report.splitlines() if r.startswith('| --moco |')).split(' | ')
+    assert row[3:5] == [harness.mean_std(rare), '-']
     # every run asked for once: rates 6, views and fine-tuning 21, augmentation 14, batch 24 (of
     # which the 128 row's 6 are the 2-view runs with the reference's augmentation), the rates of
     # SimCLR and cross-entropy 9, methods 27, few labels 42, long tail 18
