@@ -626,20 +626,10 @@ def sbatch(folder, log):
 
 
 @needs_slurm
-def test_sbatch_job_of_two_tasks_trains_as_two_ranks(reference, tmp_path):
-    log = tmp_path / 'job.out'
-    job_id = sbatch(tmp_path, log)
-    assert wait_for(lambda: finished(job_id), f'job {job_id}') == 'COMPLETED', text_of(log)
-    output = log.read_text()
-    print(f'sbatch job {job_id}:\n' + '\n'.join(output.splitlines()[-4:]))
-    assert output.count('epoch 2, total time') == 1 and '  world_size: 2\n' in output
-    assert max_abs_diff(reference[0], tmp_path / RUN_FOLDER / 'last.pth') == 0
-
-
-@needs_slurm
 def test_sbatch_job_signalled_and_requeued_ends_as_uninterrupted(reference, tmp_path):
-    """SIGUSR1: the job requeues itself; then ``scontrol requeue``: SLURM requeues it; each
-    time the job starts again and continues from the position it saved."""
+    """An sbatch job of two tasks trains as two ranks. SIGUSR1: the job requeues itself; then
+    ``scontrol requeue``: SLURM requeues it; each time the job starts again and continues from
+    the position it saved, and it ends as torchrun's uninterrupted two ranks did."""
     log = tmp_path / 'job.out'
     job_id = sbatch(tmp_path, log)
     wait_for(lambda: first_step(text_of(log)), 'step 1')
@@ -656,6 +646,8 @@ def test_sbatch_job_signalled_and_requeued_ends_as_uninterrupted(reference, tmp_
     ]
     print(f'sbatch job {job_id}:\n' + '\n'.join(events))
     assert len(events) == 5, events
+    # every start (the first and two requeued ones) was one run of two ranks
+    assert log.read_text().count('  world_size: 2\n') == 3, text_of(log)
     first = re.match(
         r'stopped by SIGUSR1 at epoch (\d), step (\d+); saved (\S+)\. (.*)$', events[0]
     )
