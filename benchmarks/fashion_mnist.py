@@ -37,7 +37,7 @@ Tables (``--tables``, in this order):
   the same labelled images (``main_linear.py --labelled_fraction``); runs on F of the images take
   2 / F epochs (200 and 20: as many images as 2 epochs of all), main_ce.py and main_linear.py
   scoring the test split after the last one only (``--eval_freq``); the rates of ``methods``.
-- ``long_tail``: ``--imbalance_ratio 100`` (CIFAR-10-LT's ratio; 14,891 training images): SupCon
+- ``long_tail``: ``--imbalance_ratio 100`` (CIFAR-10-LT's ratio; 14,886 training images): SupCon
   with random batches, balanced batches (``--sampler balanced --m_per_class 16``: 8 classes of 16)
   and ``--moco``, 8 epochs and the linear stage 8 epochs on the same long tail (as many images
   as 2 epochs of all): overall, mean per-class and few-shot linear top-1, and pretraining's last

@@ -41,7 +41,7 @@ LONG_TAIL = {  # name: main_supcon.py's extra arguments, with --imbalance_ratio 
     'balanced batches': ['--sampler', 'balanced', '--m_per_class', 16],
     '--moco': ['--moco'],
 }
-LONG_TAIL_EPOCHS = 8  # 14,891 images x 8 = 119k, as 2 epochs of the 60,000
+LONG_TAIL_EPOCHS = 8  # 14,886 images x 8 = 119k, as 2 epochs of the 60,000
 FEW = 'many / medium / few-shot accuracy'
 THIRDS = 'thirds by training count (many / medium / few)'
 
