@@ -124,6 +124,7 @@ def test_a_live_run_keeps_its_folder_and_a_killed_ones_lock_is_taken_over(images
     try:
         holder = wait_for_lock(folder / '.lock', first)
         assert (holder['host'], holder['pid']) == (HOST, first.pid)
+        os.killpg(first.pid, signal.SIGSTOP)  # alive, holding its lock, leaving the CPU
         refused = second_run(images, tmp_path)
         assert first.poll() is None  # refused while the first run was still running
         assert_refused(refused, relative, first.pid)
@@ -158,9 +159,12 @@ def test_workers_left_by_a_killed_torchrun_agent_keep_the_folder(images, tmp_pat
         agent.wait()
         time.sleep(1)
         assert all(alive(pid) for pid in workers)  # the workers run on without their agent
+        for pid in workers:  # paused, not ended, while the second run starts
+            os.kill(pid, signal.SIGSTOP)
         assert_refused(second_run(images, tmp_path), relative, holder['pid'])
         # stopped politely, rank 0 saves and removes its lock on the way out
         for pid in workers:
+            os.kill(pid, signal.SIGCONT)
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 120
         while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
