@@ -34,7 +34,8 @@ Tables (``--tables``, in this order):
 - ``labels``: ``--labelled_fraction`` 0.01 and 0.1: SupCon on partial labels, SupCon on the
   labelled images only (``--labelled_only``), SimCLR (no labels) and cross-entropy on a
   class-balanced subset of as many images (``main_ce.py --train_subset``); every linear stage on
-  the same labelled images (``main_linear.py --labelled_fraction``); runs on F of the images take
+  the labelled images its encoder's row learnt from (``main_linear.py --labelled_fraction``;
+  cross-entropy's on its subset, the checkpoint's); runs on F of the images take
   2 / F epochs (200 and 20: as many images as 2 epochs of all), main_ce.py and main_linear.py
   scoring the test split after the last one only (``--eval_freq``); the rates of ``methods``.
 - ``long_tail``: ``--imbalance_ratio 100`` (CIFAR-10-LT's ratio; 14,886 training images): SupCon
@@ -216,16 +217,19 @@ def labels_job(sweep, aug, rates, fraction, row, seed):
     linear_more = ['--labelled_fraction', fraction, '--save_freq', more] + once
     slug, lr = aug_slug(*aug), rates['SupCon']
 
-    def linear(name, pre, extra=()):
-        args = linear_args(seed, pre.checkpoint, linear_more + list(extra), epochs=more)
+    def linear(name, pre, labelled=linear_more):
+        args = linear_args(seed, pre.checkpoint, labelled, epochs=more)
         return pre, sweep.run(f'{name}_linear', 'main_linear.py', args)
 
     if row == 'cross-entropy, labelled images':
+        # main_ce.py has no --labelled_fraction: it trains on a class-balanced subset of as many
+        # images, and its linear stage on that subset (the checkpoint's), so that this row too
+        # learns from F of the labels, not from two different sets of them
         subset = ['--train_subset', round(fraction * 60000)]
         name = f'ce_F{fraction}_s{seed}'
         pre = sweep.run(name, 'main_ce.py', ce_args(seed, rates['cross-entropy'], subset + once,
                                                     more))  # fmt: skip
-        return linear(name, pre, ['--train_subset', 0])
+        return linear(name, pre, ['--save_freq', more] + once)
     if row == 'SimCLR':  # its pretraining reads no labels: the methods table's
         pre = sweep.run(f'simclr_{slug}_s{seed}', 'main_supcon.py', pretrain_args(
             seed, rates['SimCLR'], aug_args(*aug), method='SimCLR'))  # fmt: skip

@@ -593,6 +593,10 @@ def test_the_fashion_mnist_sweep_asks_each_table_its_runs_at_the_chosen_settings
     assert '--epochs 20 --save_freq 20' in command(f'labonly_{slug}_F0.1_s0')
     assert '--train_subset 600 --eval_freq 200' in command('ce_F0.01_s1')
     assert '--epochs 200 --save_freq 200 --train_subset 600' in command('ce_F0.01_s1')
+    # its linear stage on the same 600 (the checkpoint's subset), not on another F of the labels
+    ce_linear = command('ce_F0.01_s1_linear')
+    assert ce_linear.endswith('/last.pth --save_freq 200 --eval_freq 200')
+    assert '--labelled_fraction' not in ce_linear and '--train_subset' not in ce_linear
     linear = command(f'simclr_{slug}_F0.01_s0_linear')
     assert '--epochs 200 --ckpt ' in linear
     assert linear.endswith('--labelled_fraction 0.01 --save_freq 200 --eval_freq 200')
