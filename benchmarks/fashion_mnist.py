@@ -217,8 +217,8 @@ def labels_job(sweep, aug, rates, fraction, row, seed):
     linear_more = ['--labelled_fraction', fraction, '--save_freq', more] + once
     slug, lr = aug_slug(*aug), rates['SupCon']
 
-    def linear(name, pre, labelled=linear_more):
-        args = linear_args(seed, pre.checkpoint, labelled, epochs=more)
+    def linear(name, pre, options=linear_more):  # main_linear.py's options after --ckpt
+        args = linear_args(seed, pre.checkpoint, options, epochs=more)
         return pre, sweep.run(f'{name}_linear', 'main_linear.py', args)
 
     if row == 'cross-entropy, labelled images':
