@@ -1,4 +1,5 @@
-"""demo_digits.sh: the README's first command, shortened to one epoch each."""
+"""demo_digits.sh: the README's first command, shortened to one epoch each on 200 of the
+training images (``SUBSET``)."""
 
 import os
 import re
@@ -38,7 +39,9 @@ def run_demo(root, **env):
 @pytest.mark.slow
 def test_demo_fp32_other_seed_end_to_end(tmp_path):
     root = demo_copy(tmp_path)
-    result = run_demo(root, EPOCHS='1', LINEAR_EPOCHS='1', PRECISION='fp32', SEED='1')
+    result = run_demo(
+        root, EPOCHS='1', LINEAR_EPOCHS='1', PRECISION='fp32', SEED='1', SUBSET='200'
+    )
     assert result.returncode == 0, describe(result)
     for which in ('best', 'final'):
         accuracy = re.findall(rf'^{which} accuracy: ([0-9.]+)$', result.stdout, flags=re.M)
@@ -49,15 +52,17 @@ def test_demo_fp32_other_seed_end_to_end(tmp_path):
         flags=re.M,
     ), describe(result)
 
-    run = root / 'save/SupCon/digits_models' / RUN.format('fp32_seed1')
-    ckpt = load_checkpoint(str(run / 'last.pth'))
+    name = RUN.format('fp32_seed1') + '_sub200'
+    ckpt = load_checkpoint(str(root / 'save/SupCon/digits_models' / name / 'last.pth'))
     assert ckpt['opt']['amp'] is False and ckpt['opt']['seed'] == 1
     assert ckpt['opt']['trial'] == 'fp32_seed1' and ckpt['epoch'] == 1
-    assert ckpt['opt']['size'] == 12
-    # the linear run is filed under the pretraining run it evaluated, trained without augmentation
+    assert ckpt['opt']['size'] == 12 and ckpt['opt']['train_subset'] == 200
+    # the linear run is filed under the pretraining run it evaluated, trained without
+    # augmentation on the same 200 images
     linear = list((root / 'save/SupCon/digits_linear_models').rglob('*.pth'))
-    assert linear and all(RUN.format('fp32_seed1') in str(p) for p in linear)
-    assert all(p.parent.name.endswith('_aug_none') for p in linear)
+    assert linear and all(name in str(p) for p in linear)
+    assert all(p.parent.name.endswith('_aug_none_sub200') for p in linear)
+    assert load_checkpoint(str(linear[0]))['opt']['train_subset'] == 200
 
 
 def test_demo_rejects_an_unknown_precision(tmp_path):
@@ -74,4 +79,14 @@ def test_demo_rejects_a_bad_thread_count(tmp_path):
         result = run_demo(root, THREADS=bad)
         assert result.returncode == 2, describe(result)
         assert f"THREADS must be a number of threads, 1 or more, not '{bad}'" in result.stderr
+    assert not (root / 'save').exists()
+
+
+def test_demo_rejects_a_bad_subset(tmp_path):
+    root = demo_copy(tmp_path)
+    for bad in ('many', '-5', '1e3'):
+        result = run_demo(root, SUBSET=bad)
+        assert result.returncode == 2, describe(result)
+        want = f"SUBSET must be a number of training images (0 = all), not '{bad}'"
+        assert want in result.stderr, describe(result)
     assert not (root / 'save').exists()
