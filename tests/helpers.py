@@ -379,3 +379,17 @@ def folder_args(root, **options):
         elif value is not None and value is not False:
             args += [f'--{key}', str(value)]
     return args
+
+
+def relative_error(got, want, start=None):
+    """|got - want| / |want - start| over all floating tensors (start: zero), e.g. the error of
+    the weights relative to the training's change of them."""
+    import torch
+
+    got, want = ({k: v.detach().double() for k, v in d.items()} for d in (got, want))
+    keys = [k for k in want if want[k].is_floating_point()]
+    diff = torch.cat([(got[k] - want[k]).reshape(-1) for k in keys]).norm()
+    base = [want[k] - (start[k].detach().double() if start else 0) for k in keys]
+    scale = torch.cat([b.reshape(-1) for b in base]).norm()
+    assert scale > 0
+    return float(diff / scale)

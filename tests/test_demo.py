@@ -39,9 +39,7 @@ def run_demo(root, **env):
 @pytest.mark.slow
 def test_demo_fp32_other_seed_end_to_end(tmp_path):
     root = demo_copy(tmp_path)
-    result = run_demo(
-        root, EPOCHS='1', LINEAR_EPOCHS='1', PRECISION='fp32', SEED='1', SUBSET='200'
-    )
+    result = run_demo(root, EPOCHS='1', LINEAR_EPOCHS='1', PRECISION='fp32', SEED='1', SUBSET='200')
     assert result.returncode == 0, describe(result)
     for which in ('best', 'final'):
         accuracy = re.findall(rf'^{which} accuracy: ([0-9.]+)$', result.stdout, flags=re.M)

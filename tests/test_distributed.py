@@ -1,4 +1,6 @@
-"""torchrun / DDP: exact equivalence with one process, and the three scripts under torchrun.
+"""torchrun / DDP: exact equivalence with one process, and the three scripts under torchrun
+(main_supcon.py's one run there also serves the online probe's and the joint classifier's
+checks and the comparison with --grad_cache).
 
 Two gloo processes on CPU stand in for GPUs. The SyncBatchNorm case needs CUDA (PyTorch's
 SyncBatchNorm does not run on CPU); on a machine with one GPU both processes share it.
@@ -18,7 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import free_port, runtime_opt
+from helpers import folder_args, free_port, relative_error, runtime_opt, write_image_folder
+from inprocess import call, run, save_folder
 from PIL import Image
 
 import util
@@ -162,14 +165,6 @@ def run_two_ranks(gloo_ranks, names, device):
     # fork skips re-importing torch in the children (CPU only: a forked child cannot use CUDA)
     start_method = 'fork' if device == 'cpu' else 'spawn'
     return gloo_ranks(_worker, names, device, world=WORLD_SIZE, start_method=start_method)[0]
-
-
-def relative_error(got, want, start):
-    """|got - want| / |want - start| over all tensors: the error relative to the update itself."""
-    keys = [k for k in want if want[k].is_floating_point()]
-    diff = torch.cat([(got[k] - want[k]).reshape(-1) for k in keys]).norm()
-    update = torch.cat([(want[k] - start[k]).reshape(-1) for k in keys]).norm()
-    return float(diff / update)
 
 
 # DataLoader forks the same way; Python 3.12 warns about any fork of a threaded process
@@ -416,17 +411,6 @@ def torchrun(script, args, cwd, rdzv=False):
     )
 
 
-def single(script, args, cwd):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, script)] + args,
-        cwd=str(cwd),
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def check_run(proc, cwd, expect_best):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -447,11 +431,29 @@ def check_run(proc, cwd, expect_best):
 
 
 @pytest.fixture(scope='module')
-def supcon_run(tiny_data, tmp_path_factory):
+def twenty(tmp_path_factory):
+    """Two classes of 10 training images (batches of 8, 8 and a shorter 4) and 4 test images
+    each."""
+    root = tmp_path_factory.mktemp('twenty')
+    write_image_folder(root / 'train', {'a': 10, 'b': 10}, size=8, seed=0)
+    write_image_folder(root / 'test', {'a': 4, 'b': 4}, size=8, seed=1)
+    return root
+
+
+def supcon_args(root):
+    """main_supcon.py with both classifier heads: the online probe and the joint term."""
+    options = dict(batch_size=8, learning_rate=0.05, online_probe=True, ce_weight=0.5)
+    return folder_args(root, model='resnet18', **options)
+
+
+@pytest.fixture(scope='module')
+def supcon_run(twenty, tmp_path_factory):
+    """main_supcon.py under torchrun's multi-machine (rendezvous) form, one run for the tests
+    below: what the run prints and saves, both heads, --grad_cache against it, main_linear.py on
+    its encoder (starting torchrun costs as much as the run)."""
     cwd = tmp_path_factory.mktemp('supcon')
-    proc = torchrun(
-        'main_supcon.py', data_args(tiny_data) + ['--model', 'resnet18'], cwd, rdzv=True
-    )
+    proc = torchrun('main_supcon.py', supcon_args(twenty), cwd, rdzv=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, cwd
 
 
@@ -459,6 +461,46 @@ def supcon_run(tiny_data, tmp_path_factory):
 def test_main_supcon_under_torchrun_rendezvous(supcon_run):
     proc, cwd = supcon_run
     check_run(proc, cwd, expect_best=False)
+
+
+@pytest.mark.slow
+def test_main_supcon_with_both_heads_under_torchrun(supcon_run):
+    """One line per evaluation, every test image scored once, both heads' state saved by
+    rank 0."""
+    proc, cwd = supcon_run
+    assert proc.stdout.count('probe accuracy: ') == 1 and proc.stdout.count('ce accuracy: ') == 1
+    assert '(classifiers on 8 test images' in proc.stdout  # 2 classes x 4, over 2 ranks
+    (path,) = glob.glob(os.path.join(str(cwd), 'save', '**', 'last.pth'), recursive=True)
+    ckpt = checkpoint.load_checkpoint(path)
+    assert ckpt['opt']['world_size'] == 2
+    assert set(ckpt['probe']) == {'classifier', 'optimizer'} and 'weight' in ckpt['ce_classifier']
+    assert not torch.equal(ckpt['probe']['classifier']['weight'], torch.zeros(1))
+
+
+@pytest.mark.slow
+def test_the_script_with_grad_cache_equals_torchrun_on_batch_over_m_processes(
+    supcon_run, twenty, tmp_path
+):
+    """main_supcon.py --batch_size 8 --grad_cache 4 against torchrun's 2 processes of 4 images,
+    on the real sampler, the last, shorter batch (4 images) included; the error is measured
+    against the difference from one process without --grad_cache (BatchNorm over 8)."""
+    args = supcon_args(twenty)
+    weights = {}
+    for name, extra in (('chunks', ['--grad_cache', '4']), ('plain', [])):
+        (tmp_path / name).mkdir()
+        result = call('main_supcon', args + extra, tmp_path / name)
+        assert result.code == 0, result.err
+        assert 'epoch 1, total time' in result.out
+        weights[name] = save_folder('main_supcon', args + extra, tmp_path / name) / 'last.pth'
+    weights['processes'] = save_folder('main_supcon', args, supcon_run[1]) / 'last.pth'
+    weights = {k: checkpoint.load_checkpoint(str(v))['model'] for k, v in weights.items()}
+    # BatchNorm's running statistics are rank 0's alone
+    names = [k for k, v in weights['processes'].items() if v.is_floating_point()]
+    weights = {k: {n: w[n] for n in names if 'running' not in n} for k, w in weights.items()}
+    error = relative_error(weights['chunks'], weights['processes'])
+    without = relative_error(weights['plain'], weights['processes'])
+    print(f'relative to torchrun: --grad_cache {error:.3g}, without it {without:.3g}')
+    assert error < 1e-2 * without, (error, without)
 
 
 @pytest.mark.slow
@@ -484,7 +526,7 @@ def test_main_linear_under_torchrun_matches_one_process(supcon_run, tiny_data, t
     (tmp_path / 'one').mkdir()
     ddp = torchrun('main_linear.py', args, tmp_path / 'ddp')
     saved = check_run(ddp, tmp_path / 'ddp', expect_best=True)
-    one = single('main_linear.py', args, tmp_path / 'one')
+    one = run('main_linear', args, tmp_path / 'one')  # in this process: one thread, as a rank
     assert one.returncode == 0, one.stderr[-3000:]
     # same global batch, seeded sampler, exact gradient averaging: the same classifier...
     want = checkpoint.load_checkpoint(

@@ -7,7 +7,8 @@ of dropout replayed in the second pass, BatchNorm's running statistics moved onc
 sampler's shards, the refusals and the run name. On gloo processes (slow): the weights after a
 few steps equal those of batch / M processes, for SupCon, SimCLR, the hybrid, partial and
 multi-hot labels and --moco (the key encoder and the queue too), in one process and on two;
-main_supcon.py --grad_cache against torchrun; kill and --resume auto.
+kill and --resume auto. main_supcon.py --grad_cache against torchrun is in test_distributed.py,
+on the run of the script under torchrun that its other tests share.
 """
 
 import argparse
@@ -18,9 +19,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import folder_args, write_image_folder
+from helpers import relative_error
 from inprocess import assert_one_line_error, call, save_folder
-from test_distributed import torchrun
 from test_resume import Runs, max_abs_diff
 
 from losses import SupConLoss
@@ -127,18 +127,6 @@ def loop_at(index, steps=3):
 def mine(tensor, rank, world):
     """This process's images of the global batch: the sampler's shard, every world-th."""
     return tensor[rank::world]
-
-
-def relative_error(got, want, start=None):
-    """|got - want| / |want - start| over all floating tensors (start: zero), e.g. the error of
-    the weights relative to the training's change of them."""
-    got, want = ({k: v.detach().double() for k, v in d.items()} for d in (got, want))
-    keys = [k for k in want if want[k].is_floating_point()]
-    diff = torch.cat([(got[k] - want[k]).reshape(-1) for k in keys]).norm()
-    base = [want[k] - (start[k].detach().double() if start else 0) for k in keys]
-    scale = torch.cat([b.reshape(-1) for b in base]).norm()
-    assert scale > 0
-    return float(diff / scale)
 
 
 # --------------------------------------------------------------------------- in this process
@@ -425,50 +413,7 @@ def test_chunks_train_as_batch_over_m_processes(trained, name, where):
                 torch.testing.assert_close(got[head][key], want[head][key], rtol=1e-5, atol=1e-6)
 
 
-# --------------------------------------------------------------------------- the script
-
-
-@pytest.fixture(scope='module')
-def twenty_images(tmp_path_factory):
-    """Two classes of 10 training images (batches of 8, 8 and 4) and 2 test images each."""
-    root = tmp_path_factory.mktemp('twenty')
-    write_image_folder(root / 'train', {'a': 10, 'b': 10}, size=8, seed=0)
-    write_image_folder(root / 'test', {'a': 2, 'b': 2}, size=8, seed=1)
-    return root
-
-
-def last_weights(script_args, cwd):
-    path = save_folder('main_supcon', script_args, cwd) / 'last.pth'
-    return checkpoint.load_checkpoint(str(path))['model']
-
-
-@pytest.mark.slow
-def test_the_script_with_grad_cache_equals_torchrun_on_batch_over_m_processes(
-    twenty_images, tmp_path
-):
-    """main_supcon.py --batch_size 8 --grad_cache 4 against torchrun with 2 processes of 4
-    images, on the real sampler, the last, shorter batch (4 images) included; the error is
-    measured against the difference from one process without --grad_cache (BatchNorm over 8)."""
-    args = folder_args(
-        twenty_images, model='resnet18', batch_size=8, learning_rate=0.05, test_folder=None
-    )
-    runs = {}
-    for name, extra in (('chunks', ['--grad_cache', '4']), ('plain', [])):
-        (tmp_path / name).mkdir()
-        result = call('main_supcon', args + extra, tmp_path / name)
-        assert result.code == 0, result.err
-        assert 'epoch 1, total time' in result.out
-        runs[name] = last_weights(args + extra, tmp_path / name)
-    (tmp_path / 'torchrun').mkdir()
-    proc = torchrun('main_supcon.py', args, tmp_path / 'torchrun')
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    processes = last_weights(args, tmp_path / 'torchrun')
-    weights = [k for k, v in processes.items() if v.is_floating_point() and 'running' not in k]
-    processes = {k: processes[k] for k in weights}  # BatchNorm's statistics: rank 0's alone
-    chunks, plain = ({k: runs[name][k] for k in weights} for name in ('chunks', 'plain'))
-    error, without = relative_error(chunks, processes), relative_error(plain, processes)
-    print(f'relative to torchrun: --grad_cache {error:.3g}, without it {without:.3g}')
-    assert error < 1e-2 * without, (error, without)
+# ----------------------------------------------------------------- the script: kill and resume
 
 
 class GradCacheRuns(Runs):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import folder_args, free_port, read_scalars, write_image_folder
+from helpers import folder_args, read_scalars, write_image_folder
 from inprocess import assert_one_line_error, call, save_folder
 from test_resume import spawn, tb_folder
 
@@ -487,27 +487,3 @@ def test_rows_carry_their_own_view_labels():
     wrong = heads(encoded, torch.tensor([1, 0]))
     assert float(right.detach()) == pytest.approx(math.log(1 + math.exp(-5)), rel=1e-5)
     assert float(wrong.detach()) == pytest.approx(5 + math.log(1 + math.exp(-5)), rel=1e-5)
-
-
-@pytest.mark.slow
-def test_main_supcon_with_both_heads_under_torchrun(images, tmp_path):
-    """Two gloo processes: one line per evaluation, every test image scored once, both heads'
-    state saved by rank 0."""
-    import subprocess
-    import sys
-
-    from helpers import REPO, script_env
-
-    args = script_args(images, epochs=1, online_probe=True, ce_weight=0.5, print_freq=1)
-    done = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-         '--master_port', str(free_port()), str(REPO / 'main_supcon.py')] + [str(a) for a in args],
-        cwd=tmp_path, env=script_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count('probe accuracy: ') == 1 and done.stdout.count('ce accuracy: ') == 1
-    assert '(classifiers on 8 test images' in done.stdout  # 2 classes x 4, over 2 ranks
-    ckpt = load(save_folder('main_supcon', args, tmp_path) / 'last.pth')
-    assert ckpt['opt']['world_size'] == 2
-    assert set(ckpt['probe']) == {'classifier', 'optimizer'} and 'weight' in ckpt['ce_classifier']
-    assert not torch.equal(ckpt['probe']['classifier']['weight'], torch.zeros(1))

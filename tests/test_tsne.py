@@ -1,4 +1,5 @@
-"""Tests for main_tsne.py: the subset, the figure, its errors."""
+"""Tests for main_tsne.py: the subset, the figure, its errors. The scripts run in this process
+(``inprocess.run``: the exit code and output of ``python main_*.py``)."""
 
 import argparse
 import glob
@@ -9,8 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from inprocess import run as run_script
 from PIL import Image
-from test_knn_and_tsne import run_script, write_image_folder
+from test_knn_and_tsne import write_image_folder
 
 from networks.resnet_big import SupCEResNet, SupConResNet
 from supcon.system import runtime
@@ -33,7 +35,7 @@ def test_stratified_subset_is_fixed_and_balanced():
 
 @pytest.fixture(scope='module')
 def supcon_run(tmp_path_factory):
-    """One real epoch of main_supcon.py with the kNN monitor on.
+    """One epoch of main_supcon.py with the kNN monitor on.
 
     A tiny image folder (1 step of 24) rather than digits (23 steps of 64): a
     resnet18 step costs seconds on a small shared CPU whatever the image size.
@@ -56,7 +58,7 @@ def supcon_run(tmp_path_factory):
         '8',
     ]
     result = run_script(
-        'main_supcon.py',
+        'main_supcon',
         [
             *data_args,
             '--model',
@@ -103,7 +105,7 @@ def test_main_supcon_logs_knn_accuracy(supcon_run):
 @pytest.mark.slow
 def test_main_tsne_on_a_supcon_checkpoint(supcon_run):
     result = run_script(
-        'main_tsne.py',
+        'main_tsne',
         [
             '--ckpt',
             supcon_run.ckpt,
