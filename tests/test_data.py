@@ -1,5 +1,8 @@
 """Tests for data.py: image folders, digits, class checks, --mean/--std parsing."""
 
+import math
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +22,7 @@ from supcon.data.datasets import (
     resolve_mean_std,
 )
 from supcon.data.sampling import build_loader
+from supcon.data.val_split import stratified_split
 from util import UserError
 
 # --------------------------------------------------------------------------
@@ -217,6 +221,59 @@ def test_digits_stratified_split_of_32x32_rgb_images():
     image, label = test[0]
     assert image.size == (32, 32) and image.mode == 'RGB' and 0 <= label <= 9
     assert build_dataset('digits', 'train', None).images is train.images  # cached once
+
+
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from supcon.data import datasets
+
+    digits = load_digits()
+    for name in ('sklearn.datasets', 'sklearn.model_selection'):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of them would fail
+    images, labels = datasets._load_digits()
+    np.testing.assert_array_equal(images, digits.images)
+    np.testing.assert_array_equal(labels, digits.target)
+    train, test = stratified_split(labels, 1437, 360)
+    monkeypatch.undo()
+    want = train_test_split(np.arange(1797), test_size=0.2, stratify=labels, random_state=0)
+    np.testing.assert_array_equal(train, want[0])  # in scikit-learn's order, not only the sets
+    np.testing.assert_array_equal(test, want[1])
+
+
+@pytest.mark.parametrize('labels', ['one_label', 'multi_hot'])
+def test_stratified_split_draws_scikit_learns_split(labels):
+    """--val_split's fraction and --train_subset's count, on 60 random label sets each."""
+    from sklearn.model_selection import train_test_split
+
+    rng = np.random.default_rng(0 if labels == 'one_label' else 1)
+    drawn = refused = 0
+    for _ in range(60):
+        n = int(rng.integers(10, 300))
+        if labels == 'one_label':
+            targets = rng.integers(0, int(rng.integers(2, 12)), n)
+        else:
+            targets = rng.integers(0, 2, (n, 3))
+        if rng.random() < 0.5:
+            fraction = float(rng.uniform(0.05, 0.9))
+            n_test = math.ceil(fraction * n)
+            sizes, asked = (n - n_test, n_test), dict(test_size=fraction)
+        else:
+            n_train = int(rng.integers(1, n))
+            sizes, asked = (n_train, n - n_train), dict(train_size=n_train)
+        try:
+            want = train_test_split(np.arange(n), stratify=targets, random_state=0, **asked)
+        except ValueError:  # a class of one image, or fewer images than classes on a side
+            with pytest.raises(ValueError):
+                stratified_split(targets, *sizes)
+            refused += 1
+            continue
+        got = stratified_split(targets, *sizes)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        drawn += 1
+    assert drawn >= 40 and refused >= 1
 
 
 def test_digits_mean_std_constants_match_the_images():

@@ -1,15 +1,16 @@
 """``--train_subset N``: train on a fixed, class-balanced part of the training images.
 
 For short benchmarks (docs/fashion-mnist.md's CPU protocol): every seed, method and script trains
-on the same N images, drawn once, stratified by class (scikit-learn's ``train_test_split``,
-``random_state=0``, as ``--val_split``'s hold-out), from the training images that
-``--val_split`` leaves; the evaluation split stays whole. main_linear.py trains its classifier on
-the subset its checkpoint was pretrained on unless told otherwise. A capability of
-``supcon/capabilities.py``.
+on the same N images, drawn once, stratified by class (scikit-learn's ``train_test_split`` with
+``random_state=0``, drawn by ``val_split.stratified_split`` as ``--val_split``'s hold-out), from
+the training images that ``--val_split`` leaves; the evaluation split stays whole. main_linear.py
+trains its classifier on the subset its checkpoint was pretrained on unless told otherwise. A
+capability of ``supcon/capabilities.py``.
 """
 
 import numpy as np
 
+from supcon.data.val_split import stratified_split
 from supcon.errors import UserError
 
 #: Options a resume may not change.
@@ -48,8 +49,6 @@ def run_name(opt, script):
 
 def subset_indices(targets, n, classes=None):
     """Sorted indices of ``n`` of the images, stratified by class, fixed (random_state=0)."""
-    from sklearn.model_selection import train_test_split
-
     targets = np.asarray(targets)
     total = len(targets)
     if n >= total:
@@ -64,7 +63,7 @@ def subset_indices(targets, n, classes=None):
             f' subset holds one image of each at least; use --train_subset {len(labels)} or more'
         )
     try:
-        kept, _ = train_test_split(np.arange(total), train_size=n, stratify=targets, random_state=0)
+        kept, _ = stratified_split(targets, n, total - n)
     except ValueError as exc:  # a class with a single image cannot be stratified
         raise UserError(f'--train_subset {n} cannot be drawn class by class: {exc}') from None
     return np.sort(kept)
