@@ -1,17 +1,17 @@
 """Feature extraction and the weighted kNN (supcon/evaluation/extract.py, knn.py: KNNMonitor) and
 main_tsne.py."""
 
+import contextlib
+import io
 import math
 import os
 import socket
-import subprocess
-import sys
-import textwrap
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn as nn
 from PIL import Image
 
@@ -21,21 +21,8 @@ from supcon.evaluation.knn import KNNMonitor, knn_accuracy, knn_predict
 from supcon.system import runtime
 from util import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what setup_runtime gives one CPU process without --amp (evaluation batches of 512)
 CPU_RT = runtime.Runtime(device=torch.device('cpu'), local_batch_size_val=512)
-
-
-def run_script(script, args, cwd, timeout=120):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, script), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def tiny_encoder(seed=0):
@@ -228,69 +215,52 @@ def test_knn_monitor_refuses_test_classes_other_than_the_training_ones(tmp_path)
     assert 'only in train: class_2; only in test: class_9' in message and '\n' not in message
 
 
-DIST_SCRIPT = textwrap.dedent('''
-    import argparse, sys, torch
-    import torch.nn as nn
-    from supcon.data import augment, datasets, sampling
-    from supcon.system import runtime
-    from supcon.evaluation.extract import extract_features
-    from supcon.evaluation.knn import KNNMonitor
-
-    opt = argparse.Namespace(batch_size=2, batch_size_val=8, num_workers=0, amp=False,
-                             amp_dtype='auto', channels_last=False, compile=False, seed=0,
-                             device='cpu', dataset='path', data_folder='train',
-                             test_folder='test', mean='0.5,0.5,0.5', std='0.3,0.3,0.3', size=8,
-                             val_split=0.0)
-    rt = runtime.setup_runtime(opt)
-    transform = augment.test_transform(8, (0.5,) * 3, (0.3,) * 3)
-    dataset = datasets.build_dataset('path', 'test', transform, 'train', 'test')
-    loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, rank=rt.rank,
-                                  world_size=rt.world_size, pad=False)
-    torch.manual_seed(0)
-    encoder = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    feats, labels = extract_features(encoder, loader, rt, progress=False)
-    acc = KNNMonitor(opt, rt)(encoder, 1)
-    torch.save({'feats': feats, 'labels': labels, 'acc': acc, 'share': len(loader.sampler)},
-               f'rank{rt.rank}.pt')
-    runtime.cleanup_runtime()
-''')
+def _extract_on_rank(rank, world, port, folder):
+    """Rank ``rank`` of ``world``, forked, with torchrun's variables: the runtime joins the gloo
+    group as a script's does, gathers the test images' features and scores the kNN monitor.
+    Saves them and what it printed in rank<rank>.pt."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(port),
+    )
+    os.chdir(folder)
+    torch.set_num_threads(1)
+    opt = SimpleNamespace(batch_size=2, batch_size_val=8, num_workers=0, amp=False,
+                          amp_dtype='auto', channels_last=False, compile=False, seed=0,
+                          device='cpu', dataset='path', data_folder='train',
+                          test_folder='test', mean='0.5,0.5,0.5', std='0.3,0.3,0.3', size=8,
+                          val_split=0.0)  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rt = runtime.setup_runtime(opt)
+        transform = augment.test_transform(8, (0.5,) * 3, (0.3,) * 3)
+        dataset = datasets.build_dataset('path', 'test', transform, 'train', 'test')
+        loader, _ = sampling.build_loader(dataset, 4, shuffle=False, seed=0, rank=rt.rank,
+                                          world_size=rt.world_size, pad=False)  # fmt: skip
+        encoder = tiny_encoder()
+        feats, labels = extract_features(encoder, loader, rt, progress=False)
+        acc = KNNMonitor(opt, rt)(encoder, 1)
+        runtime.cleanup_runtime()
+    torch.save({'feats': feats, 'labels': labels, 'acc': acc, 'share': len(loader.sampler),
+                'printed': printed.getvalue()}, f'rank{rank}.pt')  # fmt: skip
 
 
 @pytest.mark.slow
 def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path):
     write_image_folder(tmp_path / 'train', 10, seed=0)
     write_image_folder(tmp_path / 'test', 11, seed=1)  # 33 images: the ranks' shares differ
-    script = tmp_path / 'dist_extract.py'
-    script.write_text(DIST_SCRIPT)
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            PYTHONPATH=REPO,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE='2',
-            LOCAL_WORLD_SIZE='2',
-            MASTER_ADDR='127.0.0.1',
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS='1',
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script)],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    mp.start_processes(
+        _extract_on_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method='fork'
+    )
+    results = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    outputs = [result['printed'] for result in results]
     assert outputs[0].count('knn_acc epoch 1:') == 1 and 'knn_acc' not in outputs[1]
 
     # the same in one process
@@ -315,7 +285,6 @@ def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path)
         runtime.Runtime(device=torch.device('cpu'), local_batch_size_val=8),
     )(encoder, 1)
 
-    results = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     assert sorted(r['share'] for r in results) == [16, 17]
     for result in results:
         assert result['labels'].tolist() == labels.tolist()

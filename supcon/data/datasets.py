@@ -241,9 +241,8 @@ def check_num_classes(train_set, test_set, num_classes=None):
 
 
 def _load_digits():
-    """(images, labels): scikit-learn's ``load_digits()``'s ``images`` (1797 x 8 x 8, float, 0 to
-    16) and ``target``, read from the file it reads without importing scikit-learn (0.85 s of
-    CPU); ``load_digits`` itself where the file is not found."""
+    """scikit-learn's ``load_digits()``'s ``images`` (1797 x 8 x 8, 0 to 16) and ``target``, read
+    from its file without importing it (0.85 s of CPU); ``load_digits`` where there is none."""
     spec = importlib.util.find_spec('sklearn')  # finds the package without running it
     folders = (spec and spec.submodule_search_locations) or []
     for folder in folders:
@@ -267,8 +266,7 @@ def _digits_arrays():
     large = np.stack([np.asarray(Image.fromarray(g).resize((32, 32), Image.BICUBIC)) for g in gray])
     rgb = np.ascontiguousarray(np.repeat(large[..., None], 3, axis=3))
     labels = target.astype(np.int64)
-    # scikit-learn's train_test_split(test_size=0.2, stratify=labels, random_state=0)
-    n_test = math.ceil(0.2 * len(labels))
+    n_test = math.ceil(0.2 * len(labels))  # train_test_split(test_size=0.2, stratify=labels)
     train_idx, test_idx = stratified_split(labels, len(labels) - n_test, n_test)
     arrays = (rgb[train_idx], labels[train_idx], rgb[test_idx], labels[test_idx])
     for array in arrays:
