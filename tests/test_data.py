@@ -1,5 +1,6 @@
 """Tests for data.py: image folders, digits, class checks, --mean/--std parsing."""
 
+import gc
 import math
 import sys
 
@@ -193,9 +194,14 @@ def test_corrupt_image_in_worker_keeps_one_line_message(tmp_path):
     broken.write_bytes(b'not a png')
     dataset = build_dataset('path', 'train', make_test_transform(8, MEAN, STD), data_folder=root)
     loader, _ = build_loader(dataset, 1, shuffle=False, seed=0, num_workers=1)
+    batches = iter(loader)
     with pytest.raises(DataError) as info:
-        next(iter(loader))
+        next(batches)
     assert_one_line(info, str(broken), 'remove or replace')
+    # end the loader's worker here: left to the garbage collector, it ended in a later test,
+    # after a 5 s wait for the worker (DataLoader's shutdown of an iterator that raised)
+    del info, batches
+    gc.collect()
 
 
 def test_unknown_dataset_name():
