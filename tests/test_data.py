@@ -246,6 +246,11 @@ def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
     want = train_test_split(np.arange(1797), test_size=0.2, stratify=labels, random_state=0)
     np.testing.assert_array_equal(train, want[0])  # in scikit-learn's order, not only the sets
     np.testing.assert_array_equal(test, want[1])
+    # where scikit-learn's file is not found, load_digits() itself
+    monkeypatch.setattr(datasets.importlib.util, 'find_spec', lambda name: None)
+    images, labels = datasets._load_digits()
+    np.testing.assert_array_equal(images, digits.images)
+    np.testing.assert_array_equal(labels, digits.target)
 
 
 @pytest.mark.parametrize('labels', ['one_label', 'multi_hot'])
