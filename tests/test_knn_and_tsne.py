@@ -259,6 +259,8 @@ def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path)
     mp.start_processes(
         _extract_on_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method='fork'
     )
+    # start_processes raises if a rank fails; both ranks finished and saved their part
+    assert sorted(path.name for path in tmp_path.glob('rank*.pt')) == ['rank0.pt', 'rank1.pt']
     results = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     outputs = [result['printed'] for result in results]
     assert outputs[0].count('knn_acc epoch 1:') == 1 and 'knn_acc' not in outputs[1]
