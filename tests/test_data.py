@@ -275,9 +275,10 @@ def test_stratified_split_draws_scikit_learns_split(labels):
             sizes, asked = (n_train, n - n_train), dict(train_size=n_train)
         try:
             want = train_test_split(np.arange(n), stratify=targets, random_state=0, **asked)
-        except ValueError:  # a class of one image, or fewer images than classes on a side
-            with pytest.raises(ValueError):
+        except ValueError as refusal:  # a class of one image, or fewer images than classes
+            with pytest.raises(ValueError) as ours:  # in scikit-learn's words
                 stratified_split(targets, *sizes)
+            assert str(ours.value) == str(refusal)
             refused += 1
             continue
         got = stratified_split(targets, *sizes)

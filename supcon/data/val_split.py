@@ -70,13 +70,21 @@ def stratified_split(targets, n_train, n_test, seed=0):
     if targets.ndim == 2:  # scikit-learn's key for a row of labels
         targets = np.array([' '.join(row.astype('str')) for row in targets])
     classes, inverse, counts = np.unique(targets, return_inverse=True, return_counts=True)
+    # scikit-learn's messages, which the one-line errors of --train_subset quote
     if counts.min() < 2:
-        raise ValueError(f'the least populated classes have only 1 member: {classes[counts < 2]}')
-    if min(n_train, n_test) < len(classes) or n_train + n_test > len(targets):
         raise ValueError(
-            f'cannot draw {n_train} + {n_test} of {len(targets)} images stratified by'
-            f' {len(classes)} classes'
+            'The least populated classes in y have only 1 member, which is too few. The minimum'
+            ' number of groups for any class cannot be less than 2. Classes with too few members'
+            f' are: {classes[counts < 2].tolist()}'
         )
+    for name, size in (('train_size', n_train), ('test_size', n_test)):
+        if size < len(classes):
+            raise ValueError(
+                f'The {name} = {size} should be greater or equal to the number of classes ='
+                f' {len(classes)}'
+            )
+    if n_train + n_test > len(targets):
+        raise ValueError(f'{n_train} + {n_test} images asked of {len(targets)}')
     members = np.split(np.argsort(inverse, kind='stable'), np.cumsum(counts)[:-1])
     rng = np.random.RandomState(seed)
     train_counts = _approximate_mode(counts, n_train, rng)
