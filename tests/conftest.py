@@ -4,7 +4,8 @@
   (``OMP_NUM_THREADS=1``): fast on shared cores, and the same arithmetic here and there.
 - ``remove_checkpoints`` (every test): a test's checkpoints (``*.pth`` under its ``tmp_path``, 45 to
   90 MB each for a ResNet-18) are deleted when it ends; the suite once filled 20 GB of /tmp with
-  them. pyproject.toml keeps only failed tests' folders at the end (``tmp_path_retention_policy``).
+  them. Those of a module's fixtures go when the module ends, the rest when the session ends.
+  pyproject.toml keeps only failed tests' folders at the end (``tmp_path_retention_policy``).
 - ``images`` (session): one tiny image folder, two classes of 8 training and 2 test 8x8 RGB images.
 - ``digits_checkpoints`` (session): trained digits checkpoints of each kind (``trained_models.py``).
 - ``gloo_ranks`` (session): ``gloo_ranks(fn, *args, world=2)`` runs ``fn(rank, world, *args)`` on
@@ -54,6 +55,31 @@ def one_thread():
 def remove_checkpoints(tmp_path):
     yield
     for path in tmp_path.rglob('*.pth'):
+        path.unlink()
+
+
+SESSION_FOLDERS = ('trained_models',)  # tmp_path_factory folders of session fixtures with .pth
+
+
+@pytest.fixture(scope='module', autouse=True)
+def remove_module_checkpoints(tmp_path_factory):
+    """The checkpoints in the folders a module's fixtures made are deleted when the module ends
+    (the session's trained models are kept): they held 5 GB of /dev/shm at once otherwise."""
+    root = tmp_path_factory.getbasetemp()
+    before = set(root.iterdir())
+    yield
+    for folder in set(root.iterdir()) - before:
+        if folder.is_dir() and not folder.name.startswith(SESSION_FOLDERS):
+            for path in folder.rglob('*.pth'):
+                path.unlink()
+
+
+@pytest.fixture(scope='session', autouse=True)
+def remove_session_checkpoints(tmp_path_factory):
+    """And every checkpoint left when the session ends: pytest keeps the folders of a session
+    with a failed test (three sessions' worth), which in /dev/shm is memory."""
+    yield
+    for path in tmp_path_factory.getbasetemp().rglob('*.pth'):
         path.unlink()
 
 
@@ -132,7 +158,7 @@ def pytest_collection_modifyitems(session, config, items):
 MEMORY_TEMP_ROOT = '/dev/shm'
 # no mmap for blocks under 32 MiB (glibc's largest threshold), and no trimming of the heap
 MALLOC_TUNING = 'glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967295'
-MEMORY_TEMP_FREE_GIB = 8  # the suite's folders peak at about 2 GiB at a time
+MEMORY_TEMP_FREE_GIB = 8  # the suite's folders peaked at 3.2 GiB at a time
 
 
 def pytest_configure(config):
