@@ -5,7 +5,6 @@ import contextlib
 import io
 import math
 import os
-import socket
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
+from helpers import free_port
 from PIL import Image
 
 from supcon.data import augment, datasets, sampling
@@ -253,11 +253,8 @@ def _extract_on_rank(rank, world, port, folder):
 def test_extract_features_gathers_every_sample_once_over_two_processes(tmp_path):
     write_image_folder(tmp_path / 'train', 10, seed=0)
     write_image_folder(tmp_path / 'test', 11, seed=1)  # 33 images: the ranks' shares differ
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     mp.start_processes(
-        _extract_on_rank, args=(2, port, str(tmp_path)), nprocs=2, start_method='fork'
+        _extract_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method='fork'
     )
     # start_processes raises if a rank fails; both ranks finished and saved their part
     assert sorted(path.name for path in tmp_path.glob('rank*.pt')) == ['rank0.pt', 'rank1.pt']

@@ -13,7 +13,6 @@ Transforms live in ``augment.py``, seeded samplers in ``sampling.py``.
 
 import gzip
 import importlib.util
-import math
 import os
 from functools import lru_cache
 
@@ -35,7 +34,7 @@ from supcon.data.labelling import classifier_training_set, labelled_part, note_l
 from supcon.data.long_tail import long_tail_indices
 from supcon.data.normalization import MEAN_STD, parse_triple, resolve_mean_std  # noqa: F401
 from supcon.data.sampling import build_loader
-from supcon.data.val_split import SplitSubset, stratified_split, validation_indices
+from supcon.data.val_split import SplitSubset, split_off, validation_indices
 from supcon.errors import UserError
 from supcon.system.distributed import all_gather_objects, get_rank, get_world_size, note
 from supcon.system.runtime import Runtime, main_process_first
@@ -266,8 +265,7 @@ def _digits_arrays():
     large = np.stack([np.asarray(Image.fromarray(g).resize((32, 32), Image.BICUBIC)) for g in gray])
     rgb = np.ascontiguousarray(np.repeat(large[..., None], 3, axis=3))
     labels = target.astype(np.int64)
-    n_test = math.ceil(0.2 * len(labels))  # train_test_split(test_size=0.2, stratify=labels)
-    train_idx, test_idx = stratified_split(labels, len(labels) - n_test, n_test)
+    train_idx, test_idx = split_off(labels, 0.2)
     arrays = (rgb[train_idx], labels[train_idx], rgb[test_idx], labels[test_idx])
     for array in arrays:
         array.setflags(write=False)  # shared by every data set built from the cache

@@ -84,7 +84,10 @@ def stratified_split(targets, n_train, n_test, seed=0):
                 f' {len(classes)}'
             )
     if n_train + n_test > len(targets):
-        raise ValueError(f'{n_train} + {n_test} images asked of {len(targets)}')
+        raise ValueError(
+            f'The sum of train_size and test_size = {n_train + n_test}, should be smaller than the'
+            f' number of samples {len(targets)}. Reduce test_size and/or train_size.'
+        )
     members = np.split(np.argsort(inverse, kind='stable'), np.cumsum(counts)[:-1])
     rng = np.random.RandomState(seed)
     train_counts = _approximate_mode(counts, n_train, rng)
@@ -114,10 +117,16 @@ def _approximate_mode(counts, draws, rng):
     return taken.astype(int)
 
 
-def _held_out(targets, fraction):
+def split_off(targets, fraction):
+    """(train, test) indices with ``fraction`` of ``targets`` in test: scikit-learn's
+    ``train_test_split(test_size=fraction, stratify=targets, random_state=0)``, which holds out
+    ``ceil(fraction * n)``."""
     n_test = math.ceil(fraction * len(targets))
-    _, held_out = stratified_split(targets, len(targets) - n_test, n_test)
-    return np.sort(held_out)
+    return stratified_split(targets, len(targets) - n_test, n_test)
+
+
+def _held_out(targets, fraction):
+    return np.sort(split_off(targets, fraction)[1])
 
 
 def _split(targets, fraction, classes):
